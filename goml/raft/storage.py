@@ -1,0 +1,93 @@
+"""The storage contract between a runtime and its store, and an in-memory store.
+
+A store persists exactly what a `Ready` asks for, in one transaction:
+
+    persist(snapshot, entries, hard_state, sync)
+
+- `snapshot`: a snapshot received from the leader. It replaces the whole log: every
+  stored entry is dropped (the core only hands one over when its log disagrees with
+  it), and only the `entries` of the same call follow it.
+- `entries`: the first entry's index may overwrite a suffix: every stored entry
+  with index >= entries[0].index is deleted first (conflict truncation).
+- `hard_state`: replaces the stored one.
+
+`compact(snapshot)` is the local log compaction: it stores the snapshot and drops
+the entries up to and including its index, keeping the ones after it.
+
+`load()` returns a `PersistedState`. `MemoryStorage` serves tests and the
+in-process harness: "crash" means dropping the core and keeping the store.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from goml.raft.types import Entry, HardState, PersistedState, Snapshot
+
+
+class Storage(Protocol):
+    def load(self) -> PersistedState: ...
+
+    def persist(
+        self,
+        snapshot: Snapshot | None,
+        entries: tuple[Entry, ...],
+        hard_state: HardState | None,
+        sync: bool,
+    ) -> None: ...
+
+    def compact(self, snapshot: Snapshot) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryStorage:
+    """Everything persisted is kept; nothing else is. Deterministic, no I/O."""
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self.snapshot: Snapshot | None = None
+        self.entries: list[Entry] = []
+        self.persist_calls = 0
+
+    def load(self) -> PersistedState:
+        return PersistedState(
+            hard_state=self.hard_state, snapshot=self.snapshot, entries=tuple(self.entries)
+        )
+
+    def persist(
+        self,
+        snapshot: Snapshot | None,
+        entries: tuple[Entry, ...],
+        hard_state: HardState | None,
+        sync: bool,
+    ) -> None:
+        self.persist_calls += 1
+        if snapshot is not None:
+            if self.snapshot is not None:
+                assert snapshot.index >= self.snapshot.index, "snapshots never go back"
+            self.snapshot = snapshot
+            self.entries = []
+        if entries:
+            first = entries[0].index
+            self.entries = [e for e in self.entries if e.index < first]
+            self.entries.extend(entries)
+        if hard_state is not None:
+            self.hard_state = hard_state
+        self._check()
+
+    def compact(self, snapshot: Snapshot) -> None:
+        if self.snapshot is not None:
+            assert snapshot.index > self.snapshot.index, "compaction moves forward"
+        assert any(e.index == snapshot.index and e.term == snapshot.term for e in self.entries)
+        self.snapshot = snapshot
+        self.entries = [e for e in self.entries if e.index > snapshot.index]
+        self._check()
+
+    def _check(self) -> None:
+        base = self.snapshot.index if self.snapshot else 0
+        for offset, entry in enumerate(self.entries):
+            assert entry.index == base + 1 + offset, "stored log must stay contiguous"
+
+    def close(self) -> None:
+        pass
