@@ -1,0 +1,767 @@
+"""goml's sans-IO Raft core.
+
+Inputs are method calls (`tick`, `step`, `propose`, `read_index`,
+`transfer_leadership`, `compact`); outputs are taken with `ready()` and
+acknowledged with `advance()`. No sockets, files, clocks or global randomness:
+time arrives as `now_ms`, randomness from the `random.Random` passed in.
+
+The rules are the Raft paper's (Figure 2 and chapter 9 of the dissertation for
+PreVote and CheckQuorum), shaped after etcd's raft package. Between `ready()` and
+`advance()` no other input may be given (asserted): the runtime persists, sends,
+applies, then advances.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from dataclasses import dataclass, field
+
+from goml.raft.log import RaftLog
+from goml.raft.types import (
+    NO_NODE,
+    Config,
+    Entry,
+    EntryKind,
+    HardState,
+    Message,
+    MessageType,
+    NodeId,
+    NotLeader,
+    PersistedState,
+    ProposalDropped,
+    ReadState,
+    Ready,
+    Role,
+    Snapshot,
+)
+
+_FROM_LEADER = (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT)
+_VOTE_REQUESTS = (MessageType.PRE_VOTE, MessageType.VOTE)
+
+
+class ProgressState(enum.Enum):
+    PROBE = "probe"  # one append per heartbeat until the match point is found
+    REPLICATE = "replicate"  # pipelined appends, next index advanced optimistically
+    SNAPSHOT = "snapshot"  # a snapshot is on its way; wait for its acknowledgement
+
+
+@dataclass(slots=True)
+class Progress:
+    """The leader's view of one follower."""
+
+    match: int
+    next: int
+    state: ProgressState = ProgressState.PROBE
+    probe_sent: bool = False
+    inflight_last_indexes: list[int] = field(default_factory=list)
+    last_heard_ms: int = 0
+    pending_snapshot_index: int = 0
+
+    def is_paused(self, inflight_max: int) -> bool:
+        if self.state is ProgressState.PROBE:
+            return self.probe_sent
+        if self.state is ProgressState.REPLICATE:
+            return len(self.inflight_last_indexes) >= inflight_max
+        return True
+
+
+@dataclass(slots=True)
+class _PendingRead:
+    context: bytes
+    index: int
+    acks: set[NodeId]
+
+
+class RaftCore:
+    def __init__(
+        self, config: Config, persisted: PersistedState, rng: random.Random, now_ms: int
+    ) -> None:
+        self.config = config
+        self.id = config.node_id
+        self.peers = tuple(v for v in config.voters if v != config.node_id)
+        self.quorum = len(config.voters) // 2 + 1
+        self._rng = rng
+        self.now_ms = now_ms
+
+        self.log = RaftLog(persisted.snapshot, persisted.entries)
+        self.snapshot: Snapshot | None = persisted.snapshot
+        hard = persisted.hard_state
+        assert hard.commit <= self.log.last_index, "store holds a commit beyond its log"
+        self.term = hard.term
+        self.vote = hard.vote
+        self.commit = max(hard.commit, self.log.snapshot_index)
+        # The runtime restores the state machine from `persisted.snapshot`; every
+        # committed entry after it is applied again through `ready()`.
+        self.applied = self.log.snapshot_index
+        self._persisted_hard_state = hard
+
+        self.role = Role.FOLLOWER
+        self.leader: NodeId = NO_NODE
+        self.leader_heard_ms: int | None = None
+        self.votes: dict[NodeId, bool] = {}
+        self.election_deadline_ms = 0
+        self.heartbeat_deadline_ms = 0
+        self.progress: dict[NodeId, Progress] = {}
+        self.transfer_target: NodeId = NO_NODE
+        self.transfer_deadline_ms = 0
+
+        self._messages: list[Message] = []
+        self._pending_snapshot: Snapshot | None = None
+        self._broadcast_pending = False
+        self._read_states: list[ReadState] = []
+        self._reads_waiting_for_commit: list[bytes] = []
+        self._reads_pending: list[_PendingRead] = []
+        self._ready_outstanding = False
+        self._reset_election_deadline()
+
+    # ------------------------------------------------------------------ inputs
+
+    def tick(self, now_ms: int) -> None:
+        """Let time pass. Safe to call at any time; acts only when a deadline is due."""
+        self._advance_clock(now_ms)
+        if self.role is Role.LEADER:
+            if now_ms >= self.transfer_deadline_ms and self.transfer_target != NO_NODE:
+                self.transfer_target = NO_NODE  # the transfer took too long: abort it
+            if now_ms >= self.heartbeat_deadline_ms:
+                self.heartbeat_deadline_ms = now_ms + self.config.heartbeat_interval_ms
+                if self.config.check_quorum and not self._quorum_active():
+                    # CheckQuorum: a leader cut off from a majority stops serving,
+                    # so clients go to the side that can commit.
+                    self._become_follower(self.term, NO_NODE)
+                    return
+                # Piggyback the newest pending read: its acknowledgement releases it
+                # and every read before it, so a lost heartbeat does not strand reads.
+                context = self._reads_pending[-1].context if self._reads_pending else b""
+                self._broadcast_heartbeat(context)
+        elif now_ms >= self.election_deadline_ms:
+            self._campaign(pre_vote=self.config.pre_vote, force=False)
+
+    def next_deadline_ms(self) -> int:
+        """When `tick` has something to do next: the runtime may sleep until then."""
+        if self.role is Role.LEADER:
+            deadline = self.heartbeat_deadline_ms
+            if self.transfer_target != NO_NODE:
+                deadline = min(deadline, self.transfer_deadline_ms)
+            return deadline
+        return self.election_deadline_ms
+
+    def step(self, message: Message, now_ms: int) -> None:
+        """Handle one message from a peer."""
+        self._advance_clock(now_ms)
+        assert message.target == self.id, message
+        assert message.source in self.config.voters and message.source != self.id, message
+        if message.term > self.term:
+            if message.type in _VOTE_REQUESTS and self._in_leader_lease() and not message.force:
+                # Leader lease (with CheckQuorum): we heard from a live leader less than
+                # an election timeout ago, so a disruptive candidate is ignored.
+                return
+            if message.type is MessageType.PRE_VOTE:
+                pass  # a pre-vote never changes our term
+            elif message.type is MessageType.PRE_VOTE_RESPONSE and not message.reject:
+                pass  # the granted pre-vote carries the term we would campaign for
+            else:
+                leader = message.source if message.type in _FROM_LEADER else NO_NODE
+                self._become_follower(message.term, leader)
+        elif message.term < self.term:
+            if message.type in (MessageType.APPEND, MessageType.HEARTBEAT):
+                # A stale leader: tell it our term so it steps down (it may have been
+                # partitioned away while we moved on).
+                self._send(Message(MessageType.APPEND_RESPONSE, self.id, message.source, self.term))
+            elif message.type is MessageType.PRE_VOTE:
+                self._send(
+                    Message(
+                        MessageType.PRE_VOTE_RESPONSE,
+                        self.id,
+                        message.source,
+                        self.term,
+                        reject=True,
+                    )
+                )
+            return
+
+        if message.type in _VOTE_REQUESTS:
+            self._handle_vote_request(message)
+        elif self.role is Role.LEADER:
+            self._step_leader(message)
+        elif self.role in (Role.CANDIDATE, Role.PRE_CANDIDATE):
+            self._step_candidate(message)
+        else:
+            self._step_follower(message)
+
+    def propose(self, data: bytes) -> tuple[int, int]:
+        """Append a command; returns its (index, term). It is acknowledged once an
+        entry with that index *and term* is applied; another term there means lost."""
+        self._assert_no_ready_outstanding()
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if self.transfer_target != NO_NODE:
+            raise ProposalDropped("leadership transfer under way")
+        if self.log.last_index - self.commit >= self.config.uncommitted_entries_max:
+            raise ProposalDropped(
+                f"{self.config.uncommitted_entries_max} entries already wait for commit"
+            )
+        entry = Entry(self.log.last_index + 1, self.term, EntryKind.NORMAL, data)
+        self.log.append((entry,))
+        # Sent at the next ready(): proposals that arrive before it share one append.
+        self._broadcast_pending = True
+        return entry.index, entry.term
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read point; answered by a ReadState in a later Ready."""
+        self._assert_no_ready_outstanding()
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        assert context, "read contexts must be non-empty and unique"
+        if self.log.term_at(self.commit) != self.term:
+            # Until an entry of its own term commits, a new leader does not know the
+            # latest commit index (dissertation 6.4): hold the read until then.
+            self._reads_waiting_for_commit.append(context)
+            return
+        self._start_read(context)
+
+    def transfer_leadership(self, target: NodeId, now_ms: int) -> None:
+        self._advance_clock(now_ms)
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if target not in self.peers:
+            raise ValueError(f"unknown transfer target {target!r}: voters are {self.peers}")
+        self.transfer_target = target
+        self.transfer_deadline_ms = now_ms + self.config.election_timeout_ms_min
+        progress = self.progress[target]
+        if progress.match == self.log.last_index:
+            self._send(Message(MessageType.TIMEOUT_NOW, self.id, target, self.term))
+        else:
+            self._send_append(target, allow_empty=True)
+
+    def campaign(self, now_ms: int) -> None:
+        """Start an election now (tests and demos; production waits for the timer)."""
+        self._advance_clock(now_ms)
+        if self.role is not Role.LEADER:
+            self._campaign(pre_vote=self.config.pre_vote, force=False)
+
+    def compact(self, index: int, data: bytes) -> Snapshot:
+        """Take a local snapshot at `index` (<= applied) holding the state machine `data`.
+
+        The runtime stores it with `Storage.compact`, which drops the log up to it."""
+        self._assert_no_ready_outstanding()
+        assert self.log.snapshot_index < index <= self.applied, (index, self.applied)
+        term = self.log.compact(index)
+        self.snapshot = Snapshot(index, term, data)
+        return self.snapshot
+
+    # ----------------------------------------------------------------- outputs
+
+    def has_ready(self) -> bool:
+        return bool(
+            self._broadcast_pending
+            or self._messages
+            or self._pending_snapshot
+            or self._read_states
+            or self.log.unstable_from <= self.log.last_index
+            or self.commit > self.applied
+            or self._hard_state() != self._persisted_hard_state
+        )
+
+    def ready(self) -> Ready:
+        self._assert_no_ready_outstanding()
+        if self._broadcast_pending:
+            self._broadcast_pending = False
+            self._broadcast_append(allow_empty=False)
+        hard_state = self._hard_state()
+        changed = hard_state != self._persisted_hard_state
+        entries = self.log.unstable()
+        apply_from = max(self.applied, self.log.snapshot_index) + 1
+        # Apply only what is committed and stored here (the commit index can run ahead
+        # of this node's log only transiently and never past its last entry).
+        apply_to = min(self.commit, self.log.last_index)
+        ready = Ready(
+            snapshot=self._pending_snapshot,
+            entries=entries,
+            hard_state=hard_state if changed else None,
+            messages=tuple(self._messages),
+            committed=self.log.slice(apply_from, apply_to + 1) if apply_to >= apply_from else (),
+            read_states=tuple(self._read_states),
+            must_sync=bool(
+                entries
+                or self._pending_snapshot
+                or hard_state.term != self._persisted_hard_state.term
+                or hard_state.vote != self._persisted_hard_state.vote
+            ),
+        )
+        self._messages.clear()
+        self._read_states.clear()
+        self._ready_outstanding = True
+        return ready
+
+    def advance(self, ready: Ready) -> None:
+        assert self._ready_outstanding, "advance without ready"
+        self._ready_outstanding = False
+        if ready.snapshot is not None:
+            assert self._pending_snapshot is ready.snapshot
+            self._pending_snapshot = None
+            self.snapshot = ready.snapshot
+            self.applied = max(self.applied, ready.snapshot.index)
+        if ready.entries:
+            self.log.stable_to(ready.entries[-1].index)
+        if ready.hard_state is not None:
+            self._persisted_hard_state = ready.hard_state
+        if ready.committed:
+            assert ready.committed[0].index == self.applied + 1, "apply in order, no gaps"
+            self.applied = ready.committed[-1].index
+        assert self.applied <= self.commit
+        if self.role is Role.LEADER and self._maybe_commit():
+            # The leader counts itself only for what it has stored (STYLE.md: persist,
+            # then send; commit needs a durable majority).
+            self._broadcast_append(allow_empty=True)
+
+    # ---------------------------------------------------------------- queries
+
+    def status(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "role": self.role.value,
+            "term": self.term,
+            "leader": self.leader,
+            "commit": self.commit,
+            "applied": self.applied,
+            "last_index": self.log.last_index,
+            "snapshot_index": self.log.snapshot_index,
+        }
+
+    # ------------------------------------------------------------ role changes
+
+    def _become_follower(self, term: int, leader: NodeId) -> None:
+        assert term >= self.term, "terms never go back"
+        if term > self.term:
+            self.term = term
+            self.vote = NO_NODE
+        self.role = Role.FOLLOWER
+        self.leader = leader
+        self.leader_heard_ms = self.now_ms if leader != NO_NODE else None
+        self.progress = {}
+        self.transfer_target = NO_NODE
+        self._drop_reads()
+        self._reset_election_deadline()
+
+    def _campaign(self, pre_vote: bool, force: bool) -> None:
+        self._reset_election_deadline()
+        self.leader = NO_NODE
+        self.leader_heard_ms = None
+        self.votes = {self.id: True}
+        if pre_vote:
+            # PreVote: ask first whether we could win, without raising our term, so a
+            # node that was cut off cannot disrupt the cluster when it comes back.
+            self.role = Role.PRE_CANDIDATE
+            campaign_term = self.term + 1
+            kind = MessageType.PRE_VOTE
+        else:
+            self.role = Role.CANDIDATE
+            self.term += 1
+            self.vote = self.id
+            campaign_term = self.term
+            kind = MessageType.VOTE
+        if self._tally() == "won":
+            self._on_election_won()
+            return
+        for peer in self.peers:
+            self._send(
+                Message(
+                    kind,
+                    self.id,
+                    peer,
+                    campaign_term,
+                    log_index=self.log.last_index,
+                    log_term=self.log.last_term,
+                    force=force,
+                )
+            )
+
+    def _on_election_won(self) -> None:
+        if self.role is Role.PRE_CANDIDATE:
+            self._campaign(pre_vote=False, force=False)
+        else:
+            self._become_leader()
+
+    def _become_leader(self) -> None:
+        assert self.role is Role.CANDIDATE
+        assert self.vote == self.id
+        self.role = Role.LEADER
+        self.leader = self.id
+        self.leader_heard_ms = None
+        self.transfer_target = NO_NODE
+        self.progress = {
+            peer: Progress(match=0, next=self.log.last_index + 1, last_heard_ms=self.now_ms)
+            for peer in self.peers
+        }
+        self.heartbeat_deadline_ms = self.now_ms + self.config.heartbeat_interval_ms
+        # Only entries of the current term commit by counting (Figure 8): an empty
+        # entry of our own term lets the predecessors' entries commit with it.
+        self.log.append((Entry(self.log.last_index + 1, self.term, EntryKind.NOOP),))
+        self._broadcast_append(allow_empty=True)
+
+    # -------------------------------------------------------------- elections
+
+    def _handle_vote_request(self, message: Message) -> None:
+        is_pre_vote = message.type is MessageType.PRE_VOTE
+        log_ok = message.log_term > self.log.last_term or (
+            message.log_term == self.log.last_term and message.log_index >= self.log.last_index
+        )
+        can_vote = (
+            self.vote == message.source
+            or (self.vote == NO_NODE and self.leader == NO_NODE)
+            or (is_pre_vote and message.term > self.term)
+        )
+        granted = log_ok and can_vote
+        response = MessageType.PRE_VOTE_RESPONSE if is_pre_vote else MessageType.VOTE_RESPONSE
+        if granted and not is_pre_vote:
+            assert message.term == self.term
+            self.vote = message.source
+            self._reset_election_deadline()
+        self._send(
+            Message(
+                response,
+                self.id,
+                message.source,
+                message.term if granted else self.term,
+                reject=not granted,
+            )
+        )
+
+    def _tally(self) -> str:
+        granted = sum(1 for ok in self.votes.values() if ok)
+        rejected = len(self.votes) - granted
+        if granted >= self.quorum:
+            return "won"
+        if rejected >= self.quorum:
+            return "lost"
+        return "pending"
+
+    def _step_candidate(self, message: Message) -> None:
+        expected = (
+            MessageType.PRE_VOTE_RESPONSE
+            if self.role is Role.PRE_CANDIDATE
+            else MessageType.VOTE_RESPONSE
+        )
+        if message.type in _FROM_LEADER:
+            # A leader exists in our term (a pre-candidate has not raised its term).
+            self._become_follower(message.term, message.source)
+            self._step_follower(message)
+        elif message.type is expected:
+            self.votes.setdefault(message.source, not message.reject)
+            outcome = self._tally()
+            if outcome == "won":
+                self._on_election_won()
+            elif outcome == "lost":
+                self._become_follower(self.term, NO_NODE)
+
+    # ---------------------------------------------------------------- follower
+
+    def _step_follower(self, message: Message) -> None:
+        if message.type in _FROM_LEADER:
+            self.leader = message.source
+            self.leader_heard_ms = self.now_ms
+            self._reset_election_deadline()
+        if message.type is MessageType.APPEND:
+            self._handle_append(message)
+        elif message.type is MessageType.HEARTBEAT:
+            self.commit = max(self.commit, min(message.commit, self.log.last_index))
+            self._send(
+                Message(
+                    MessageType.HEARTBEAT_RESPONSE,
+                    self.id,
+                    message.source,
+                    self.term,
+                    context=message.context,
+                )
+            )
+        elif message.type is MessageType.SNAPSHOT:
+            self._handle_snapshot(message)
+        elif message.type is MessageType.TIMEOUT_NOW:
+            # Leadership transfer: campaign at once, skipping PreVote and the lease.
+            self._campaign(pre_vote=False, force=True)
+
+    def _handle_append(self, message: Message) -> None:
+        respond_index: int
+        if message.log_index < self.commit:
+            # Everything up to our commit index already matches the leader.
+            respond_index = self.commit
+        elif self.log.matches(message.log_index, message.log_term):
+            for entry in message.entries:
+                existing = self.log.term_at(entry.index)
+                if existing is None:
+                    self.log.append(self._entries_from(message.entries, entry.index))
+                    break
+                if existing != entry.term:
+                    # Figure 2, AppendEntries rule 3: delete the conflicting entry and
+                    # all that follow it. Committed entries never conflict.
+                    assert entry.index > self.commit, "a committed entry conflicts"
+                    self.log.truncate_from(entry.index)
+                    self.log.append(self._entries_from(message.entries, entry.index))
+                    break
+            last_new = message.log_index + len(message.entries)
+            self.commit = max(self.commit, min(message.commit, last_new))
+            respond_index = last_new
+        else:
+            hint_index, hint_term = self.log.conflict_hint(
+                min(message.log_index, self.log.last_index), message.log_term
+            )
+            self._send(
+                Message(
+                    MessageType.APPEND_RESPONSE,
+                    self.id,
+                    message.source,
+                    self.term,
+                    index=message.log_index,
+                    reject=True,
+                    hint_index=hint_index,
+                    hint_term=hint_term,
+                )
+            )
+            return
+        self._send(
+            Message(
+                MessageType.APPEND_RESPONSE, self.id, message.source, self.term, index=respond_index
+            )
+        )
+
+    @staticmethod
+    def _entries_from(entries: tuple[Entry, ...], index: int) -> tuple[Entry, ...]:
+        return tuple(e for e in entries if e.index >= index)
+
+    def _handle_snapshot(self, message: Message) -> None:
+        snapshot = message.snapshot
+        assert snapshot is not None
+        if snapshot.index <= self.commit:
+            respond_index = self.commit
+        elif self.log.matches(snapshot.index, snapshot.term):
+            # Our log already holds the snapshot's last entry: by log matching it holds
+            # everything before it too, so only the commit index moves.
+            self.commit = snapshot.index
+            respond_index = snapshot.index
+        else:
+            # Our log disagrees with the snapshot, so nothing in it can be trusted: it is
+            # dropped entirely, and we acknowledge the snapshot's index and no more. (The
+            # PySyncObj bug was to keep and acknowledge entries beyond it.)
+            self.log.restore(snapshot)
+            self.commit = snapshot.index
+            self._pending_snapshot = snapshot
+            respond_index = snapshot.index
+        self._send(
+            Message(
+                MessageType.APPEND_RESPONSE, self.id, message.source, self.term, index=respond_index
+            )
+        )
+
+    # ------------------------------------------------------------------ leader
+
+    def _step_leader(self, message: Message) -> None:
+        progress = self.progress[message.source]
+        progress.last_heard_ms = self.now_ms
+        if message.type is MessageType.APPEND_RESPONSE:
+            if message.reject:
+                self._handle_append_rejection(message.source, progress, message)
+            else:
+                self._handle_append_success(message.source, progress, message.index)
+        elif message.type is MessageType.HEARTBEAT_RESPONSE:
+            progress.probe_sent = False
+            if len(progress.inflight_last_indexes) >= self.config.inflight_messages_max:
+                # The window is full and the follower is alive: some append was lost.
+                # Free one slot so the next append goes out; the follower's rejection of
+                # it (a gap) sends this progress back to probing from its real match.
+                progress.inflight_last_indexes.pop(0)
+            if progress.match < self.log.last_index:
+                self._send_append(message.source, allow_empty=True)
+            if message.context:
+                self._ack_read(message.context, message.source)
+
+    def _handle_append_success(self, peer: NodeId, progress: Progress, index: int) -> None:
+        progress.inflight_last_indexes = [i for i in progress.inflight_last_indexes if i > index]
+        if index <= progress.match:
+            return  # a stale or duplicate acknowledgement
+        assert index <= self.log.last_index, "a follower acknowledged entries we never had"
+        progress.match = index
+        progress.next = max(progress.next, index + 1)
+        progress.probe_sent = False
+        if progress.state is ProgressState.SNAPSHOT:
+            if index >= progress.pending_snapshot_index:
+                progress.state = ProgressState.PROBE
+        elif progress.state is ProgressState.PROBE:
+            progress.state = ProgressState.REPLICATE
+            progress.inflight_last_indexes = []
+        if self._maybe_commit():
+            self._broadcast_append(allow_empty=True)
+        elif progress.next <= self.log.last_index:
+            self._send_append(peer, allow_empty=False)
+        if peer == self.transfer_target and progress.match == self.log.last_index:
+            self._send(Message(MessageType.TIMEOUT_NOW, self.id, peer, self.term))
+
+    def _handle_append_rejection(self, peer: NodeId, progress: Progress, message: Message) -> None:
+        rejected = message.index
+        if progress.state is ProgressState.REPLICATE:
+            if rejected <= progress.match:
+                return  # stale: sent before a later success
+            progress.next = progress.match + 1
+        elif progress.next - 1 != rejected:
+            return  # stale: answers a probe we have moved past
+        else:
+            probe = message.hint_index
+            if message.hint_term > 0:
+                # Skip over the follower's whole conflicting term in one step.
+                probe, _ = self.log.conflict_hint(message.hint_index, message.hint_term)
+            progress.next = max(min(rejected, probe + 1), progress.match + 1)
+        progress.state = ProgressState.PROBE
+        progress.probe_sent = False
+        progress.inflight_last_indexes = []
+        self._send_append(peer, allow_empty=True)
+
+    def _maybe_commit(self) -> bool:
+        if not self.peers:
+            return self._maybe_commit_single()
+        matches = sorted(
+            [self.log.unstable_from - 1] + [p.match for p in self.progress.values()],
+            reverse=True,
+        )
+        candidate = matches[self.quorum - 1]
+        # Figure 2 leader rule: commit by counting only entries of the current term.
+        if candidate > self.commit and self.log.term_at(candidate) == self.term:
+            self.commit = candidate
+            self._on_commit_advanced()
+            return True
+        return False
+
+    def _maybe_commit_single(self) -> bool:
+        stored = self.log.unstable_from - 1
+        if stored > self.commit and self.log.term_at(stored) == self.term:
+            self.commit = stored
+            self._on_commit_advanced()
+            return True
+        return False
+
+    def _on_commit_advanced(self) -> None:
+        if self.log.term_at(self.commit) == self.term and self._reads_waiting_for_commit:
+            waiting, self._reads_waiting_for_commit = self._reads_waiting_for_commit, []
+            for context in waiting:
+                self._start_read(context)
+
+    def _broadcast_append(self, allow_empty: bool) -> None:
+        for peer in self.peers:
+            self._send_append(peer, allow_empty)
+
+    def _send_append(self, peer: NodeId, allow_empty: bool) -> None:
+        progress = self.progress[peer]
+        if progress.is_paused(self.config.inflight_messages_max):
+            return
+        previous = progress.next - 1
+        previous_term = self.log.term_at(previous)
+        if previous_term is None:
+            self._send_snapshot(peer, progress)
+            return
+        last = min(self.log.last_index, previous + self.config.entries_per_message_max)
+        entries = self.log.slice(progress.next, last + 1)
+        if not entries and not allow_empty:
+            return
+        self._send(
+            Message(
+                MessageType.APPEND,
+                self.id,
+                peer,
+                self.term,
+                log_index=previous,
+                log_term=previous_term,
+                entries=entries,
+                commit=self.commit,
+            )
+        )
+        if progress.state is ProgressState.REPLICATE:
+            if entries:
+                # Pipelining: assume success and move on; a rejection resets `next`.
+                progress.next = entries[-1].index + 1
+                progress.inflight_last_indexes.append(entries[-1].index)
+        else:
+            progress.probe_sent = True
+
+    def _send_snapshot(self, peer: NodeId, progress: Progress) -> None:
+        assert self.snapshot is not None, "entries were compacted, so a snapshot exists"
+        progress.state = ProgressState.SNAPSHOT
+        progress.pending_snapshot_index = self.snapshot.index
+        progress.inflight_last_indexes = []
+        self._send(Message(MessageType.SNAPSHOT, self.id, peer, self.term, snapshot=self.snapshot))
+
+    def _broadcast_heartbeat(self, context: bytes) -> None:
+        for peer, progress in self.progress.items():
+            progress.probe_sent = False
+            if progress.state is ProgressState.SNAPSHOT:
+                # Snapshot lost in flight? Offer it again with the next probe.
+                progress.state = ProgressState.PROBE
+            self._send(
+                Message(
+                    MessageType.HEARTBEAT,
+                    self.id,
+                    peer,
+                    self.term,
+                    commit=min(progress.match, self.commit),
+                    context=context,
+                )
+            )
+
+    def _quorum_active(self) -> bool:
+        window_start = self.now_ms - self.config.election_timeout_ms_min
+        active = 1 + sum(1 for p in self.progress.values() if p.last_heard_ms >= window_start)
+        return active >= self.quorum
+
+    # ------------------------------------------------------------- read index
+
+    def _start_read(self, context: bytes) -> None:
+        if not self.peers:
+            self._read_states.append(ReadState(context, self.commit))
+            return
+        self._reads_pending.append(_PendingRead(context, self.commit, {self.id}))
+        self._broadcast_heartbeat(context)
+
+    def _ack_read(self, context: bytes, peer: NodeId) -> None:
+        for position, read in enumerate(self._reads_pending):
+            if read.context != context:
+                continue
+            read.acks.add(peer)
+            if len(read.acks) >= self.quorum:
+                # A quorum confirmed we were still leader after this read arrived, so it
+                # and every read queued before it are safe at their recorded index.
+                done = self._reads_pending[: position + 1]
+                self._reads_pending = self._reads_pending[position + 1 :]
+                self._read_states.extend(ReadState(r.context, r.index) for r in done)
+            return
+
+    def _drop_reads(self) -> None:
+        # Callers wait with a deadline and retry on the new leader.
+        self._reads_pending = []
+        self._reads_waiting_for_commit = []
+
+    # ----------------------------------------------------------------- helpers
+
+    def _send(self, message: Message) -> None:
+        assert message.source == self.id
+        assert message.target != self.id
+        self._messages.append(message)
+
+    def _hard_state(self) -> HardState:
+        return HardState(self.term, self.vote, self.commit)
+
+    def _in_leader_lease(self) -> bool:
+        if not self.config.check_quorum or self.leader_heard_ms is None:
+            return False
+        return self.now_ms - self.leader_heard_ms < self.config.election_timeout_ms_min
+
+    def _reset_election_deadline(self) -> None:
+        timeout = self._rng.randint(
+            self.config.election_timeout_ms_min, self.config.election_timeout_ms_max
+        )
+        self.election_deadline_ms = self.now_ms + timeout
+
+    def _advance_clock(self, now_ms: int) -> None:
+        self._assert_no_ready_outstanding()
+        assert now_ms >= self.now_ms, "time never goes back"
+        self.now_ms = now_ms
+
+    def _assert_no_ready_outstanding(self) -> None:
+        assert not self._ready_outstanding, "input between ready() and advance()"
