@@ -1,0 +1,373 @@
+"""Control-plane commands: the bytes the Raft log carries to the manifest.
+
+Commands are JSON with sorted keys and no spaces, so equal commands are equal bytes,
+and nothing read from the log or the network is ever unpickled (DESIGN.md). Every
+replica decodes a committed entry with `decode_command`; the leader runs the same
+checks in `encode_command`, so an entry that every replica would refuse is caught
+before it is proposed.
+
+Checks here are the ones that need no configuration (types, signs, JSON validity).
+Size and count limits live in `ManifestLimits` and are checked by the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# protobuf int64: the gRPC layer must be able to carry every integer we accept.
+INT_MAX = 2**63 - 1
+
+
+class CommandError(ValueError):
+    """Bytes or fields that do not form a valid command: the proposer's fault."""
+
+
+def dumps(value: object) -> str:
+    """The one JSON spelling used for commands, digests and snapshots."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _refuse_constant(name: str) -> object:
+    raise CommandError(f"{name} is not a JSON number")
+
+
+def loads(text: str, where: str) -> object:
+    """Parse JSON, refusing NaN/Infinity (Python's json accepts them by default)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise CommandError(f"{where}: not valid JSON: {exc}") from exc
+
+
+def canonical_json(text: str, where: str) -> str:
+    """Re-spell a JSON document canonically, so equal values give equal digests."""
+    value = loads(text, where)
+    try:
+        return dumps(value)
+    except (ValueError, RecursionError) as exc:  # e.g. 1e999 parses to inf
+        raise CommandError(f"{where}: not representable as JSON: {exc}") from exc
+
+
+class Fields:
+    """Typed, strict reading of one JSON object; unknown keys are an error.
+
+    Strictness catches a proposer and replica that disagree on the format instead of
+    letting them silently apply different things.
+    """
+
+    def __init__(self, raw: object, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise CommandError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        self._raw: dict[str, Any] = raw
+        self._where = where
+        self._used: set[str] = set()
+
+    def _take(self, key: str) -> object:
+        if key not in self._raw:
+            raise CommandError(f"{self._where}.{key}: missing")
+        self._used.add(key)
+        return self._raw[key]
+
+    def _fail(self, key: str, expected: str, value: object) -> CommandError:
+        return CommandError(f"{self._where}.{key}: expected {expected}, got {value!r:.80}")
+
+    def integer(self, key: str, minimum: int = 0) -> int:
+        value = self._take(key)
+        # bool is a subclass of int: `true` must not pass as 1.
+        if type(value) is not int or not minimum <= value <= INT_MAX:
+            raise self._fail(key, f"an integer in [{minimum}, {INT_MAX}]", value)
+        return value
+
+    def optional_integer(self, key: str) -> int | None:
+        if self._take(key) is None:
+            return None
+        return self.integer(key)
+
+    def number(self, key: str) -> float:
+        value = self._take(key)
+        if type(value) not in (int, float):
+            raise self._fail(key, "a number", value)
+        assert isinstance(value, int | float)
+        if not math.isfinite(value) or value < 0 or value > INT_MAX:
+            raise self._fail(key, "a finite number >= 0", value)
+        return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self._take(key)
+        if type(value) is not bool:
+            raise self._fail(key, "true or false", value)
+        return value
+
+    def text(self, key: str, empty: bool = False) -> str:
+        value = self._take(key)
+        if not isinstance(value, str) or (not empty and value == ""):
+            raise self._fail(key, "a string" if empty else "a non-empty string", value)
+        return value
+
+    def optional_text(self, key: str, empty: bool = True) -> str | None:
+        if self._take(key) is None:
+            return None
+        return self.text(key, empty=empty)
+
+    def items(self, key: str) -> list[object]:
+        value = self._take(key)
+        if not isinstance(value, list):
+            raise self._fail(key, "a list", value)
+        return value
+
+    def sub(self, key: str) -> Fields:
+        return Fields(self._take(key), f"{self._where}.{key}")
+
+    def optional_sub(self, key: str) -> Fields | None:
+        return None if self._take(key) is None else self.sub(key)
+
+    def close(self) -> None:
+        unknown = sorted(set(self._raw) - self._used)
+        if unknown:
+            raise CommandError(f"{self._where}: unknown field(s) {unknown}")
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpu: float  # cores
+    memory_mb: int
+    gpu: int
+
+    # No asserts here: the gRPC layer builds these from client input, and the ranges
+    # are checked where every replica checks them, in decode_command.
+
+    def fits_in(self, free: Resources) -> bool:
+        # Tolerance: 0.1 + 0.2 cores must fit in 0.3. Same arithmetic on every replica.
+        return (
+            self.cpu <= free.cpu + 1e-9 and self.memory_mb <= free.memory_mb
+            and self.gpu <= free.gpu
+        )
+
+    def minus(self, other: Resources) -> Resources:
+        return Resources(
+            max(0.0, self.cpu - other.cpu), max(0, self.memory_mb - other.memory_mb),
+            max(0, self.gpu - other.gpu),
+        )
+
+    def plus(self, other: Resources) -> Resources:
+        return Resources(
+            self.cpu + other.cpu, self.memory_mb + other.memory_mb, self.gpu + other.gpu
+        )
+
+    def least(self, other: Resources) -> Resources:
+        return Resources(
+            min(self.cpu, other.cpu), min(self.memory_mb, other.memory_mb),
+            min(self.gpu, other.gpu),
+        )
+
+
+def read_resources(f: Fields) -> Resources:
+    resources = Resources(cpu=f.number("cpu"), memory_mb=f.integer("memory_mb"),
+                          gpu=f.integer("gpu"))
+    f.close()
+    return resources
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task of a submit. `cloud`/`region`, when set, restrict it to such agents."""
+
+    idempotency_key: str
+    function: str
+    args_json: str  # canonical after decoding
+    resources: Resources
+    priority: int  # higher leases first
+    max_attempts: int
+    timeout_ms: int
+    cloud: str | None
+    region: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitTasks:
+    now_ms: int
+    tasks: tuple[TaskSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTask:
+    now_ms: int
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterAgent:
+    now_ms: int
+    agent_id: str
+    cloud: str
+    region: str
+    arch: str
+    capacity: Resources
+
+
+@dataclass(frozen=True, slots=True)
+class MarkAgentDown:
+    now_ms: int
+    agent_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTasks:
+    """`free` is what the leader believes the agent has free (from its heartbeats)."""
+
+    now_ms: int
+    agent_id: str
+    lease_ms: int
+    max_count: int
+    free: Resources
+
+
+@dataclass(frozen=True, slots=True)
+class StartTask:
+    now_ms: int
+    agent_id: str
+    task_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """Exactly one of `result_json` (success) and `error` (failure) is set."""
+
+    now_ms: int
+    agent_id: str
+    task_id: str
+    epoch: int
+    success: bool
+    result_json: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireLeases:
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RenewLeases:
+    now_ms: int
+    agent_id: str
+    task_ids: tuple[str, ...]
+    deadline_ms: int
+
+
+Command = (
+    SubmitTasks | CancelTask | RegisterAgent | MarkAgentDown | LeaseTasks | StartTask
+    | ReportResult | ExpireLeases | RenewLeases
+)
+
+
+def _task_spec(f: Fields) -> TaskSpec:
+    spec = TaskSpec(
+        idempotency_key=f.text("idempotency_key"),
+        function=f.text("function"),
+        args_json=canonical_json(f.text("args_json"), "args_json"),
+        resources=read_resources(f.sub("resources")),
+        priority=f.integer("priority", minimum=-INT_MAX),
+        max_attempts=f.integer("max_attempts", minimum=1),
+        timeout_ms=f.integer("timeout_ms", minimum=1),
+        cloud=f.optional_text("cloud", empty=False),
+        region=f.optional_text("region", empty=False),
+    )
+    f.close()
+    return spec
+
+
+def _submit(f: Fields) -> SubmitTasks:
+    now_ms = f.integer("now_ms")
+    items = f.items("tasks")
+    if not items:
+        raise CommandError("SubmitTasks.tasks: empty batch")
+    specs = tuple(_task_spec(Fields(x, f"SubmitTasks.tasks[{i}]")) for i, x in enumerate(items))
+    return SubmitTasks(now_ms, specs)
+
+
+def _report(f: Fields) -> ReportResult:
+    now_ms, agent_id = f.integer("now_ms"), f.text("agent_id")
+    task_id, epoch, success = f.text("task_id"), f.integer("epoch", 1), f.flag("success")
+    result_json, error = f.optional_text("result_json"), f.optional_text("error")
+    if success and (result_json is None or error is not None):
+        raise CommandError("ReportResult: success needs result_json and no error")
+    if not success and (error is None or result_json is not None):
+        raise CommandError("ReportResult: failure needs error and no result_json")
+    if result_json is not None:
+        result_json = canonical_json(result_json, "result_json")
+    return ReportResult(now_ms, agent_id, task_id, epoch, success, result_json, error)
+
+
+def _renew(f: Fields) -> RenewLeases:
+    now_ms, agent_id = f.integer("now_ms"), f.text("agent_id")
+    task_ids = f.items("task_ids")
+    if not task_ids or not all(isinstance(t, str) and t for t in task_ids):
+        raise CommandError("RenewLeases.task_ids: expected a non-empty list of task ids")
+    if len(set(task_ids)) != len(task_ids):
+        raise CommandError("RenewLeases.task_ids: duplicate task id")
+    deadline_ms = f.integer("deadline_ms")
+    if deadline_ms <= now_ms:
+        raise CommandError("RenewLeases: deadline_ms must be after now_ms")
+    return RenewLeases(now_ms, agent_id, tuple(str(t) for t in task_ids), deadline_ms)
+
+
+_PARSERS: dict[str, Any] = {
+    "SubmitTasks": _submit,
+    "CancelTask": lambda f: CancelTask(f.integer("now_ms"), f.text("task_id")),
+    "RegisterAgent": lambda f: RegisterAgent(
+        f.integer("now_ms"), f.text("agent_id"), f.text("cloud"), f.text("region"),
+        f.text("arch"), read_resources(f.sub("capacity")),
+    ),
+    "MarkAgentDown": lambda f: MarkAgentDown(f.integer("now_ms"), f.text("agent_id")),
+    "LeaseTasks": lambda f: LeaseTasks(
+        f.integer("now_ms"), f.text("agent_id"), f.integer("lease_ms", 1),
+        f.integer("max_count", 1), read_resources(f.sub("free")),
+    ),
+    "StartTask": lambda f: StartTask(
+        f.integer("now_ms"), f.text("agent_id"), f.text("task_id"), f.integer("epoch", 1)
+    ),
+    "ReportResult": _report,
+    "ExpireLeases": lambda f: ExpireLeases(f.integer("now_ms")),
+    "RenewLeases": _renew,
+}
+_COMMAND_TYPES = (
+    SubmitTasks, CancelTask, RegisterAgent, MarkAgentDown, LeaseTasks, StartTask,
+    ReportResult, ExpireLeases, RenewLeases,
+)
+assert {t.__name__ for t in _COMMAND_TYPES} == set(_PARSERS)
+
+
+def decode_command(data: bytes) -> Command:
+    """Bytes from the log to a command; raises CommandError on anything malformed."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"command is not UTF-8: {exc}") from exc
+    f = Fields(loads(text, "command"), "command")
+    kind = f.text("type")
+    parser = _PARSERS.get(kind)
+    if parser is None:
+        raise CommandError(f"command: unknown type {kind!r}")
+    command: Command = parser(f)
+    f.close()
+    assert isinstance(command, _COMMAND_TYPES)
+    return command
+
+
+def encode_command(command: Command) -> bytes:
+    """A command to log bytes; raises CommandError if replicas would refuse to decode it."""
+    assert isinstance(command, _COMMAND_TYPES), type(command)
+    body = asdict(command)
+    assert "type" not in body
+    body["type"] = type(command).__name__
+    try:
+        data = dumps(body).encode("ascii")  # dumps escapes non-ASCII: always ASCII
+    except ValueError as exc:  # NaN or infinity in a float field
+        raise CommandError(f"{body['type']}: {exc}") from exc
+    decode_command(data)  # the same checks every replica runs at apply
+    return data

@@ -1,0 +1,672 @@
+"""The task manifest: the replicated state machine that committed Raft entries drive.
+
+Sans-IO and deterministic: `apply(index, data)` depends only on the entry and the
+current state. Time comes inside each command (`now_ms`, stamped by the leader), task
+ids come from the Raft index, and nothing iterates in hash order: tasks live in a dict
+whose insertion order is submit order, agents are always walked sorted by id.
+
+Refusals (bad input, stale epochs, illegal transitions, limits) are operating errors:
+they come back as `ApplyResult(ok=False, code=...)` and change nothing except the
+applied index (and the stale-report counter). Broken invariants are bugs and assert.
+
+FAILED is an event here, not a resting state: a failed attempt sends the task straight
+back to PENDING while attempts remain, else to DEAD (DESIGN.md "FAILED -> retry | DEAD").
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TypeVar
+
+from goml.cluster.commands import (
+    INT_MAX,
+    CancelTask,
+    Command,
+    CommandError,
+    ExpireLeases,
+    Fields,
+    LeaseTasks,
+    MarkAgentDown,
+    RegisterAgent,
+    RenewLeases,
+    ReportResult,
+    Resources,
+    StartTask,
+    SubmitTasks,
+    TaskSpec,
+    decode_command,
+    dumps,
+    loads,
+    read_resources,
+)
+
+SNAPSHOT_FORMAT = 1
+
+
+class TaskState(enum.StrEnum):
+    PENDING = "PENDING"
+    LEASED = "LEASED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    DEAD = "DEAD"
+    CANCELLED = "CANCELLED"
+
+
+class TaskEvent(enum.StrEnum):
+    LEASE = "LEASE"
+    START = "START"
+    SUCCEED = "SUCCEED"
+    FAIL = "FAIL"
+    EXPIRE = "EXPIRE"  # lease deadline passed, or the holder was marked down
+    CANCEL = "CANCEL"
+    RENEW = "RENEW"
+
+
+_S, _E = TaskState, TaskEvent
+# Every legal (state, event) pair; anything absent is refused. A PENDING target of FAIL
+# or EXPIRE becomes DEAD once the attempts are used up (see `_target`).
+TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
+    (_S.PENDING, _E.LEASE): _S.LEASED,
+    (_S.PENDING, _E.CANCEL): _S.CANCELLED,
+    (_S.LEASED, _E.START): _S.RUNNING,
+    # A fast task may report before its StartTask is committed.
+    (_S.LEASED, _E.SUCCEED): _S.SUCCEEDED,
+    (_S.LEASED, _E.FAIL): _S.PENDING,
+    (_S.LEASED, _E.EXPIRE): _S.PENDING,
+    (_S.LEASED, _E.CANCEL): _S.CANCELLED,
+    (_S.LEASED, _E.RENEW): _S.LEASED,
+    (_S.RUNNING, _E.SUCCEED): _S.SUCCEEDED,
+    (_S.RUNNING, _E.FAIL): _S.PENDING,
+    (_S.RUNNING, _E.EXPIRE): _S.PENDING,
+    (_S.RUNNING, _E.CANCEL): _S.CANCELLED,
+    (_S.RUNNING, _E.RENEW): _S.RUNNING,
+}
+LEASE_HOLDING = frozenset({TaskState.LEASED, TaskState.RUNNING})
+TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED})
+
+
+class AgentState(enum.StrEnum):
+    ALIVE = "ALIVE"
+    DOWN = "DOWN"
+
+
+class AgentEvent(enum.StrEnum):
+    REGISTER = "REGISTER"
+    DOWN = "DOWN"
+    LEASE = "LEASE"
+
+
+AGENT_TRANSITIONS: dict[tuple[AgentState, AgentEvent], AgentState] = {
+    (AgentState.ALIVE, AgentEvent.REGISTER): AgentState.ALIVE,
+    (AgentState.DOWN, AgentEvent.REGISTER): AgentState.ALIVE,
+    (AgentState.ALIVE, AgentEvent.DOWN): AgentState.DOWN,
+    (AgentState.ALIVE, AgentEvent.LEASE): AgentState.ALIVE,
+}
+
+
+class Code(enum.StrEnum):
+    OK = "OK"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    STALE_EPOCH = "STALE_EPOCH"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+
+
+class SnapshotError(ValueError):
+    """Snapshot bytes that do not describe a manifest (or not in canonical form)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestLimits:
+    """Must be identical on every replica (it is carried inside snapshots)."""
+
+    command_bytes_max: int
+    batch_tasks_max: int
+    tasks_max: int  # tasks kept in the manifest, terminal ones included
+    agents_max: int
+    args_bytes_max: int
+    result_bytes_max: int
+    error_bytes_max: int
+    name_bytes_max: int  # ids, idempotency keys, function names, labels
+    lease_tasks_max: int  # per LeaseTasks
+    renew_tasks_max: int  # per RenewLeases
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            assert type(value) is int, name
+            assert value >= 1, name
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    agent_id: str
+    leased_ms: int
+    deadline_ms: int
+
+    def __post_init__(self) -> None:
+        assert self.agent_id, self
+        assert self.leased_ms >= 0, self
+        assert self.deadline_ms >= 0, self
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    seq: int  # submit order, the tie-break after priority
+    idempotency_key: str
+    content_digest: str  # sha256 of the canonical TaskSpec
+    function: str
+    args_json: str
+    resources: Resources
+    cloud: str | None
+    region: str | None
+    priority: int
+    max_attempts: int
+    timeout_ms: int
+    state: TaskState
+    attempts: int  # leases granted so far
+    epoch: int  # bumped on every lease and every lease taken away; fences late reports
+    lease: Lease | None
+    submitted_ms: int
+    finished_ms: int | None
+    result_json: str | None
+    error: str | None  # the latest failure, kept across retries
+    results_recorded: int
+
+    def __post_init__(self) -> None:
+        # Invariants, checked on every change since every change builds a new Task.
+        assert (self.lease is not None) == (self.state in LEASE_HOLDING), self
+        assert 0 <= self.attempts <= self.max_attempts, self
+        assert self.state is not TaskState.PENDING or self.attempts < self.max_attempts, self
+        assert self.results_recorded == (1 if self.state is TaskState.SUCCEEDED else 0), self
+        assert (self.result_json is not None) == (self.state is TaskState.SUCCEEDED), self
+        assert (self.finished_ms is not None) == (self.state in TERMINAL), self
+        assert self.epoch >= self.attempts, self
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    id: str
+    cloud: str
+    region: str
+    arch: str
+    capacity: Resources
+    state: AgentState
+    registered_ms: int  # latest registration
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    index: int
+    ok: bool
+    code: Code
+    message: str
+    task_ids: tuple[str, ...] = ()  # submit: one per spec, in order; others: tasks touched
+    tasks: tuple[Task, ...] = ()  # LeaseTasks: the leased tasks as leased
+
+
+class _Refusal(Exception):
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        assert code is not Code.OK
+        self.code = code
+        self.message = message
+
+
+def content_digest(spec: TaskSpec) -> str:
+    """Digest of everything a submit says, so a retry can be told from a key collision."""
+    return hashlib.sha256(dumps(asdict(spec)).encode("ascii")).hexdigest()
+
+
+def _target(task: Task, event: TaskEvent) -> TaskState | None:
+    target = TASK_TRANSITIONS.get((task.state, event))
+    if target is TaskState.PENDING and task.attempts >= task.max_attempts:
+        return TaskState.DEAD
+    return target
+
+
+def _illegal(task: Task, event: TaskEvent) -> _Refusal:
+    legal = sorted(s for (s, e) in TASK_TRANSITIONS if e is event)
+    return _Refusal(Code.FAILED_PRECONDITION,
+                    f"task {task.id} is {task.state}; {event} is legal only from {legal}")
+
+
+class Manifest:
+    def __init__(self, limits: ManifestLimits) -> None:
+        self._limits = limits
+        self._applied_index = 0
+        self._next_seq = 0
+        self._tasks: dict[str, Task] = {}  # insertion order == seq order
+        self._by_key: dict[str, str] = {}  # idempotency key -> task id
+        self._agents: dict[str, Agent] = {}  # iterate sorted only
+        self._stale_reports_refused = 0
+
+    # ---- applying entries
+
+    def apply(self, index: int, data: bytes) -> ApplyResult:
+        assert index > self._applied_index, (index, self._applied_index)
+        result = self._apply(index, data)
+        self._applied_index = index
+        assert result.index == index
+        assert result.ok == (result.code is Code.OK), result
+        assert len(self._tasks) <= self._limits.tasks_max
+        return result
+
+    def _apply(self, index: int, data: bytes) -> ApplyResult:
+        # A malformed entry is committed on every replica alike: refuse it the same way
+        # everywhere rather than crash the whole cluster on it.
+        if len(data) > self._limits.command_bytes_max:
+            return ApplyResult(index, False, Code.RESOURCE_EXHAUSTED,
+                               f"command is {len(data)} bytes; limit command_bytes_max="
+                               f"{self._limits.command_bytes_max}")
+        try:
+            command = decode_command(data)
+        except CommandError as exc:
+            return ApplyResult(index, False, Code.INVALID_ARGUMENT, str(exc))
+        try:
+            return self._dispatch(index, command)
+        except _Refusal as refusal:
+            return ApplyResult(index, False, refusal.code, refusal.message)
+
+    def _dispatch(self, index: int, command: Command) -> ApplyResult:
+        # Every handler checks everything before changing anything: all-or-nothing.
+        match command:
+            case SubmitTasks():
+                return self._submit(index, command)
+            case CancelTask():
+                return self._cancel(index, command)
+            case RegisterAgent():
+                return self._register(index, command)
+            case MarkAgentDown():
+                return self._mark_down(index, command)
+            case LeaseTasks():
+                return self._lease(index, command)
+            case StartTask():
+                return self._start(index, command)
+            case ReportResult():
+                return self._report(index, command)
+            case ExpireLeases():
+                return self._expire(index, command)
+            case RenewLeases():
+                return self._renew(index, command)
+
+    def _check_size(self, what: str, value: str | None, limit_name: str) -> None:
+        limit: int = getattr(self._limits, limit_name)
+        size = 0 if value is None else len(value.encode("utf-8"))
+        if size > limit:
+            raise _Refusal(Code.RESOURCE_EXHAUSTED,
+                           f"{what} is {size} bytes; limit {limit_name}={limit}")
+
+    def _task(self, task_id: str) -> Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise _Refusal(Code.NOT_FOUND, f"no task {task_id!r}")
+        return task
+
+    def _agent(self, agent_id: str, event: AgentEvent) -> Agent:
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise _Refusal(Code.NOT_FOUND, f"no agent {agent_id!r}")
+        if (agent.state, event) not in AGENT_TRANSITIONS:
+            raise _Refusal(Code.FAILED_PRECONDITION, f"agent {agent_id} is {agent.state}")
+        return agent
+
+    def _submit(self, index: int, cmd: SubmitTasks) -> ApplyResult:
+        lim = self._limits
+        if len(cmd.tasks) > lim.batch_tasks_max:
+            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"batch of {len(cmd.tasks)} tasks; "
+                           f"limit batch_tasks_max={lim.batch_tasks_max}")
+        created: list[Task] = []
+        in_batch: dict[str, Task] = {}
+        ids: list[str] = []
+        for n, spec in enumerate(cmd.tasks):
+            where = f"tasks[{n}]"
+            for name in (spec.idempotency_key, spec.function, spec.cloud, spec.region):
+                self._check_size(f"{where}: name {name!r:.40}", name, "name_bytes_max")
+            self._check_size(f"{where}: args_json", spec.args_json, "args_bytes_max")
+            digest = content_digest(spec)
+            existing_id = self._by_key.get(spec.idempotency_key)
+            existing = (self._tasks[existing_id] if existing_id is not None
+                        else in_batch.get(spec.idempotency_key))
+            if existing is not None:
+                if existing.content_digest != digest:
+                    raise _Refusal(Code.ALREADY_EXISTS,
+                                   f"{where}: idempotency key {spec.idempotency_key!r} already "
+                                   f"names task {existing.id} with different content")
+                ids.append(existing.id)  # a retry: same task, never a second one
+                continue
+            task = Task(
+                id=f"t-{index}-{n}", seq=self._next_seq + len(created),
+                idempotency_key=spec.idempotency_key, content_digest=digest,
+                function=spec.function, args_json=spec.args_json, resources=spec.resources,
+                cloud=spec.cloud, region=spec.region, priority=spec.priority,
+                max_attempts=spec.max_attempts, timeout_ms=spec.timeout_ms,
+                state=TaskState.PENDING, attempts=0, epoch=0, lease=None,
+                submitted_ms=cmd.now_ms, finished_ms=None, result_json=None, error=None,
+                results_recorded=0,
+            )
+            created.append(task)
+            in_batch[spec.idempotency_key] = task
+            ids.append(task.id)
+        if len(self._tasks) + len(created) > lim.tasks_max:
+            raise _Refusal(Code.RESOURCE_EXHAUSTED,
+                           f"manifest holds {len(self._tasks)} tasks, batch adds {len(created)}; "
+                           f"limit tasks_max={lim.tasks_max}")
+        for task in created:
+            assert task.id not in self._tasks
+            self._tasks[task.id] = task
+            self._by_key[task.idempotency_key] = task.id
+        self._next_seq += len(created)
+        return ApplyResult(index, True, Code.OK,
+                           f"{len(created)} created, {len(ids) - len(created)} already present",
+                           task_ids=tuple(ids))
+
+    def _cancel(self, index: int, cmd: CancelTask) -> ApplyResult:
+        task = self._task(cmd.task_id)
+        target = _target(task, TaskEvent.CANCEL)
+        if target is None:
+            raise _illegal(task, TaskEvent.CANCEL)
+        # Taking a lease away bumps the epoch, so the holder's late report is stale.
+        epoch = task.epoch + 1 if task.lease is not None else task.epoch
+        self._tasks[task.id] = replace(task, state=target, lease=None, epoch=epoch,
+                                       finished_ms=cmd.now_ms)
+        return ApplyResult(index, True, Code.OK, f"task {task.id} cancelled",
+                           task_ids=(task.id,))
+
+    def _register(self, index: int, cmd: RegisterAgent) -> ApplyResult:
+        for name in (cmd.agent_id, cmd.cloud, cmd.region, cmd.arch):
+            self._check_size(f"name {name!r:.40}", name, "name_bytes_max")
+        old = self._agents.get(cmd.agent_id)
+        if old is None and len(self._agents) >= self._limits.agents_max:
+            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"{len(self._agents)} agents registered; "
+                           f"limit agents_max={self._limits.agents_max}")
+        state = AgentState.ALIVE
+        if old is not None:
+            state = AGENT_TRANSITIONS[(old.state, AgentEvent.REGISTER)]
+        # Tasks still leased to a re-registering agent keep their leases: they either
+        # get reported or expire. Only MarkAgentDown takes them away.
+        self._agents[cmd.agent_id] = Agent(cmd.agent_id, cmd.cloud, cmd.region, cmd.arch,
+                                           cmd.capacity, state, cmd.now_ms)
+        verb = "registered" if old is None else "re-registered"
+        return ApplyResult(index, True, Code.OK, f"agent {cmd.agent_id} {verb}")
+
+    def _requeue(self, task: Task, now_ms: int, reason: str) -> Task:
+        target = _target(task, TaskEvent.EXPIRE)
+        assert target in (TaskState.PENDING, TaskState.DEAD), task
+        return replace(task, state=target, lease=None, epoch=task.epoch + 1, error=reason,
+                       finished_ms=now_ms if target is TaskState.DEAD else None)
+
+    def _mark_down(self, index: int, cmd: MarkAgentDown) -> ApplyResult:
+        agent = self._agent(cmd.agent_id, AgentEvent.DOWN)
+        self._agents[agent.id] = replace(agent, state=AgentState.DOWN)
+        requeued = []
+        for task in list(self._tasks.values()):
+            if task.lease is not None and task.lease.agent_id == agent.id:
+                self._tasks[task.id] = self._requeue(task, cmd.now_ms,
+                                                     f"agent {agent.id} marked down")
+                requeued.append(task.id)
+        return ApplyResult(index, True, Code.OK,
+                           f"agent {agent.id} down, {len(requeued)} task(s) requeued",
+                           task_ids=tuple(requeued))
+
+    def _in_use(self, agent_id: str) -> Resources:
+        total = Resources(0.0, 0, 0)
+        for task in self._tasks.values():  # seq order: float sums add up alike everywhere
+            if task.lease is not None and task.lease.agent_id == agent_id:
+                total = total.plus(task.resources)
+        return total
+
+    def _lease(self, index: int, cmd: LeaseTasks) -> ApplyResult:
+        agent = self._agent(cmd.agent_id, AgentEvent.LEASE)
+        if cmd.max_count > self._limits.lease_tasks_max:
+            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"max_count={cmd.max_count}; limit "
+                           f"lease_tasks_max={self._limits.lease_tasks_max}")
+        # Never trust the proposed free capacity beyond what the log itself knows is free.
+        free = cmd.free.least(agent.capacity.minus(self._in_use(agent.id)))
+        pending = sorted((t for t in self._tasks.values() if t.state is TaskState.PENDING),
+                         key=lambda t: (-t.priority, t.seq))
+        # Clamped so every stored integer still fits the int64 the snapshot reader accepts.
+        deadline_ms = min(INT_MAX, cmd.now_ms + cmd.lease_ms)
+        leased: list[Task] = []
+        for task in pending:
+            if len(leased) == cmd.max_count:
+                break
+            if task.cloud is not None and task.cloud != agent.cloud:
+                continue
+            if task.region is not None and task.region != agent.region:
+                continue
+            if not task.resources.fits_in(free):
+                continue  # smaller tasks behind it may still fit (backfill)
+            assert _target(task, TaskEvent.LEASE) is TaskState.LEASED
+            new = replace(task, state=TaskState.LEASED, attempts=task.attempts + 1,
+                          epoch=task.epoch + 1,
+                          lease=Lease(agent.id, cmd.now_ms, deadline_ms))
+            self._tasks[task.id] = new
+            leased.append(new)
+            free = free.minus(task.resources)
+        return ApplyResult(index, True, Code.OK, f"{len(leased)} task(s) leased to {agent.id}",
+                           task_ids=tuple(t.id for t in leased), tasks=tuple(leased))
+
+    def _holds(self, task: Task, agent_id: str, epoch: int) -> bool:
+        return (task.state in LEASE_HOLDING and task.lease is not None
+                and task.lease.agent_id == agent_id and task.epoch == epoch)
+
+    def _stale(self, task: Task, agent_id: str, epoch: int) -> _Refusal:
+        holder = task.lease.agent_id if task.lease is not None else None
+        return _Refusal(Code.STALE_EPOCH,
+                        f"task {task.id} is {task.state} at epoch {task.epoch} held by "
+                        f"{holder}; report from {agent_id} at epoch {epoch} refused")
+
+    def _start(self, index: int, cmd: StartTask) -> ApplyResult:
+        task = self._task(cmd.task_id)
+        if not self._holds(task, cmd.agent_id, cmd.epoch):
+            raise self._stale(task, cmd.agent_id, cmd.epoch)
+        target = _target(task, TaskEvent.START)
+        if target is None:
+            raise _illegal(task, TaskEvent.START)
+        self._tasks[task.id] = replace(task, state=target)
+        return ApplyResult(index, True, Code.OK, f"task {task.id} running", task_ids=(task.id,))
+
+    def _report(self, index: int, cmd: ReportResult) -> ApplyResult:
+        task = self._task(cmd.task_id)
+        if not self._holds(task, cmd.agent_id, cmd.epoch):
+            # The fence behind "no result recorded twice"; counted so checkers can see it.
+            self._stale_reports_refused += 1
+            raise self._stale(task, cmd.agent_id, cmd.epoch)
+        self._check_size("result_json", cmd.result_json, "result_bytes_max")
+        self._check_size("error", cmd.error, "error_bytes_max")
+        event = TaskEvent.SUCCEED if cmd.success else TaskEvent.FAIL
+        target = _target(task, event)
+        assert target is not None, task  # _holds means LEASED or RUNNING: both legal
+        if cmd.success:
+            new = replace(task, state=target, lease=None, result_json=cmd.result_json,
+                          error=None, finished_ms=cmd.now_ms,
+                          results_recorded=task.results_recorded + 1)
+        else:
+            new = replace(task, state=target, lease=None, error=cmd.error,
+                          finished_ms=cmd.now_ms if target is TaskState.DEAD else None)
+        self._tasks[task.id] = new
+        return ApplyResult(index, True, Code.OK, f"task {task.id} {new.state}",
+                           task_ids=(task.id,))
+
+    def _expire(self, index: int, cmd: ExpireLeases) -> ApplyResult:
+        expired = []
+        for task in list(self._tasks.values()):
+            if task.lease is not None and cmd.now_ms >= task.lease.deadline_ms:
+                self._tasks[task.id] = self._requeue(task, cmd.now_ms, "lease expired")
+                expired.append(task.id)
+        return ApplyResult(index, True, Code.OK, f"{len(expired)} lease(s) expired",
+                           task_ids=tuple(expired))
+
+    def _renew(self, index: int, cmd: RenewLeases) -> ApplyResult:
+        if len(cmd.task_ids) > self._limits.renew_tasks_max:
+            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"{len(cmd.task_ids)} task ids; "
+                           f"limit renew_tasks_max={self._limits.renew_tasks_max}")
+        renewed, skipped = [], []
+        for task_id in cmd.task_ids:
+            task = self._tasks.get(task_id)
+            # A lease already past its deadline is not revived: ExpireLeases may be
+            # on its way and the leader has stopped counting on this agent.
+            if (task is None or task.lease is None or task.lease.agent_id != cmd.agent_id
+                    or cmd.now_ms >= task.lease.deadline_ms
+                    or _target(task, TaskEvent.RENEW) is None):
+                skipped.append(task_id)
+                continue
+            self._tasks[task_id] = replace(task, lease=replace(task.lease,
+                                                               deadline_ms=cmd.deadline_ms))
+            renewed.append(task_id)
+        return ApplyResult(index, True, Code.OK,
+                           f"{len(renewed)} renewed; not renewed: {skipped}",
+                           task_ids=tuple(renewed))
+
+    # ---- read-only queries
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied_index
+
+    @property
+    def limits(self) -> ManifestLimits:
+        return self._limits
+
+    @property
+    def stale_reports_refused(self) -> int:
+        return self._stale_reports_refused
+
+    def get_task(self, task_id: str) -> Task | None:
+        return self._tasks.get(task_id)
+
+    def task_id_for_key(self, idempotency_key: str) -> str | None:
+        return self._by_key.get(idempotency_key)
+
+    def list_tasks(self, *, limit: int, state: TaskState | None = None,
+                   function: str | None = None, agent_id: str | None = None,
+                   after_seq: int = -1) -> tuple[Task, ...]:
+        """Tasks in submit order, seq > after_seq, at most `limit` (page with the last seq)."""
+        assert limit >= 1
+        found: list[Task] = []
+        for task in self._tasks.values():
+            if len(found) == limit:
+                break
+            if (task.seq <= after_seq or (state is not None and task.state is not state)
+                    or (function is not None and task.function != function)):
+                continue
+            if agent_id is not None and (task.lease is None or task.lease.agent_id != agent_id):
+                continue
+            found.append(task)
+        return tuple(found)
+
+    def get_agent(self, agent_id: str) -> Agent | None:
+        return self._agents.get(agent_id)
+
+    def list_agents(self) -> tuple[Agent, ...]:
+        return tuple(self._agents[a] for a in sorted(self._agents))
+
+    def counts_by_state(self) -> dict[TaskState, int]:
+        counts = dict.fromkeys(TaskState, 0)
+        for task in self._tasks.values():
+            counts[task.state] += 1
+        return counts
+
+    # ---- snapshots
+
+    def snapshot(self) -> bytes:
+        body = {
+            "format": SNAPSHOT_FORMAT,
+            "applied_index": self._applied_index,
+            "next_seq": self._next_seq,
+            "stale_reports_refused": self._stale_reports_refused,
+            "limits": asdict(self._limits),
+            "agents": [asdict(a) for a in self.list_agents()],
+            "tasks": [asdict(t) for t in self._tasks.values()],
+        }
+        return dumps(body).encode("ascii")
+
+    @classmethod
+    def restore(cls, data: bytes) -> Manifest:
+        """Inverse of `snapshot`. Bytes that parse but break an invariant assert (a bug)."""
+        try:
+            manifest = cls._restore(data)
+        except CommandError as exc:
+            raise SnapshotError(f"bad snapshot: {exc}") from exc
+        # Pair assertion (STYLE.md): what we load must be exactly what we would write.
+        if manifest.snapshot() != data:
+            raise SnapshotError("bad snapshot: bytes are not the canonical form of its state")
+        return manifest
+
+    @classmethod
+    def _restore(cls, data: bytes) -> Manifest:
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise CommandError(f"not ASCII: {exc}") from exc
+        f = Fields(loads(text, "snapshot"), "snapshot")
+        if f.integer("format") != SNAPSHOT_FORMAT:
+            raise CommandError(f"unsupported format; this code reads {SNAPSHOT_FORMAT}")
+        lf = f.sub("limits")
+        limits = ManifestLimits(**{x.name: lf.integer(x.name, 1) for x in fields(ManifestLimits)})
+        lf.close()
+        manifest = cls(limits)
+        manifest._applied_index = f.integer("applied_index")
+        manifest._next_seq = f.integer("next_seq")
+        manifest._stale_reports_refused = f.integer("stale_reports_refused")
+        for i, raw in enumerate(f.items("agents")):
+            agent = _read_agent(Fields(raw, f"snapshot.agents[{i}]"))
+            manifest._agents[agent.id] = agent
+        for i, raw in enumerate(f.items("tasks")):
+            task = _read_task(Fields(raw, f"snapshot.tasks[{i}]"))
+            if task.id in manifest._tasks or task.idempotency_key in manifest._by_key:
+                raise CommandError(f"task {task.id}: duplicate id or idempotency key")
+            if not task.seq < manifest._next_seq:
+                raise CommandError(f"task {task.id}: seq {task.seq} >= next_seq")
+            manifest._tasks[task.id] = task
+            manifest._by_key[task.idempotency_key] = task.id
+        f.close()
+        return manifest
+
+
+_E_co = TypeVar("_E_co", bound=enum.StrEnum)
+
+
+def _enum(kind: type[_E_co], f: Fields, key: str) -> _E_co:
+    value = f.text(key)
+    try:
+        return kind(value)
+    except ValueError as exc:
+        raise CommandError(f"{key}: unknown {kind.__name__} {value!r}") from exc
+
+
+def _read_agent(f: Fields) -> Agent:
+    agent = Agent(id=f.text("id"), cloud=f.text("cloud"), region=f.text("region"),
+                  arch=f.text("arch"), capacity=read_resources(f.sub("capacity")),
+                  state=_enum(AgentState, f, "state"), registered_ms=f.integer("registered_ms"))
+    f.close()
+    return agent
+
+
+def _read_task(f: Fields) -> Task:
+    lease = None
+    lf = f.optional_sub("lease")
+    if lf is not None:
+        lease = Lease(lf.text("agent_id"), lf.integer("leased_ms"), lf.integer("deadline_ms"))
+        lf.close()
+    task = Task(
+        id=f.text("id"), seq=f.integer("seq"), idempotency_key=f.text("idempotency_key"),
+        content_digest=f.text("content_digest"), function=f.text("function"),
+        args_json=f.text("args_json"), resources=read_resources(f.sub("resources")),
+        cloud=f.optional_text("cloud", empty=False),
+        region=f.optional_text("region", empty=False),
+        priority=f.integer("priority", minimum=-INT_MAX),
+        max_attempts=f.integer("max_attempts", 1), timeout_ms=f.integer("timeout_ms", 1),
+        state=_enum(TaskState, f, "state"), attempts=f.integer("attempts"),
+        epoch=f.integer("epoch"), lease=lease, submitted_ms=f.integer("submitted_ms"),
+        finished_ms=f.optional_integer("finished_ms"),
+        result_json=f.optional_text("result_json"), error=f.optional_text("error"),
+        results_recorded=f.integer("results_recorded"),
+    )
+    f.close()
+    return task
