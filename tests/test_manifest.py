@@ -46,18 +46,33 @@ from goml.cluster.manifest import (
 )
 
 LIMITS = ManifestLimits(
-    command_bytes_max=64_000, batch_tasks_max=8, tasks_max=60, agents_max=6,
-    args_bytes_max=200, result_bytes_max=200, error_bytes_max=200, name_bytes_max=40,
-    lease_tasks_max=8, renew_tasks_max=8,
+    command_bytes_max=64_000,
+    batch_tasks_max=8,
+    tasks_max=60,
+    agents_max=6,
+    args_bytes_max=200,
+    result_bytes_max=200,
+    error_bytes_max=200,
+    name_bytes_max=40,
+    lease_tasks_max=8,
+    renew_tasks_max=8,
 )
 BIG = Resources(cpu=16.0, memory_mb=65536, gpu=4)
 SMALL = Resources(cpu=1.0, memory_mb=512, gpu=0)
 
 
 def spec(key: str, **changes: object) -> TaskSpec:
-    base = TaskSpec(idempotency_key=key, function="matmul", args_json='{"n":4}',
-                    resources=SMALL, priority=0, max_attempts=3, timeout_ms=10_000,
-                    cloud=None, region=None)
+    base = TaskSpec(
+        idempotency_key=key,
+        function="matmul",
+        args_json='{"n":4}',
+        resources=SMALL,
+        priority=0,
+        max_attempts=3,
+        timeout_ms=10_000,
+        cloud=None,
+        region=None,
+    )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -82,20 +97,30 @@ class Harness:
         assert task is not None
         return task
 
-    def agent(self, agent_id: str = "a1", capacity: Resources = BIG, cloud: str = "aws",
-              region: str = "us-east-1") -> None:
+    def agent(
+        self,
+        agent_id: str = "a1",
+        capacity: Resources = BIG,
+        cloud: str = "aws",
+        region: str = "us-east-1",
+    ) -> None:
         self.ok(RegisterAgent(0, agent_id, cloud, region, "amd64", capacity))
 
     def submit(self, *specs: TaskSpec, now_ms: int = 0) -> list[str]:
         return list(self.ok(SubmitTasks(now_ms, specs)).task_ids)
 
-    def lease(self, agent_id: str = "a1", now_ms: int = 0, max_count: int = 8,
-              free: Resources = BIG, lease_ms: int = 1000) -> list[str]:
+    def lease(
+        self,
+        agent_id: str = "a1",
+        now_ms: int = 0,
+        max_count: int = 8,
+        free: Resources = BIG,
+        lease_ms: int = 1000,
+    ) -> list[str]:
         return list(self.ok(LeaseTasks(now_ms, agent_id, lease_ms, max_count, free)).task_ids)
 
     def state(self) -> tuple[tuple[Task, ...], tuple[object, ...], int]:
-        return (self.m.list_tasks(limit=10_000), self.m.list_agents(),
-                self.m.stale_reports_refused)
+        return (self.m.list_tasks(limit=10_000), self.m.list_agents(), self.m.stale_reports_refused)
 
 
 def succeed(task: Task, agent_id: str = "a1", now_ms: int = 5) -> ReportResult:
@@ -142,38 +167,49 @@ def test_codec_canonicalises_json_payloads() -> None:
 GOOD = json.loads(encode_command(StartTask(6, "a1", "t-1-0", 1)))
 
 
-@pytest.mark.parametrize("data", [
-    b"\xff\xfe", b"not json", b"[]", b"null", b'{"type":"Nope"}', b"{}",
-    pickle.dumps(StartTask(6, "a1", "t-1-0", 1)),
-    json.dumps({**GOOD, "extra": 1}).encode(),
-    json.dumps({**GOOD, "epoch": True}).encode(),
-    json.dumps({**GOOD, "epoch": 0}).encode(),
-    json.dumps({**GOOD, "epoch": 1.0}).encode(),
-    json.dumps({**GOOD, "epoch": 2**64}).encode(),
-    json.dumps({**GOOD, "now_ms": -1}).encode(),
-    json.dumps({**GOOD, "task_id": ""}).encode(),
-    json.dumps({k: v for k, v in GOOD.items() if k != "agent_id"}).encode(),
-    b'{"type":"ExpireLeases","now_ms":NaN}',
-    b'{"type":"SubmitTasks","now_ms":0,"tasks":[]}',
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xfe",
+        b"not json",
+        b"[]",
+        b"null",
+        b'{"type":"Nope"}',
+        b"{}",
+        pickle.dumps(StartTask(6, "a1", "t-1-0", 1)),
+        json.dumps({**GOOD, "extra": 1}).encode(),
+        json.dumps({**GOOD, "epoch": True}).encode(),
+        json.dumps({**GOOD, "epoch": 0}).encode(),
+        json.dumps({**GOOD, "epoch": 1.0}).encode(),
+        json.dumps({**GOOD, "epoch": 2**64}).encode(),
+        json.dumps({**GOOD, "now_ms": -1}).encode(),
+        json.dumps({**GOOD, "task_id": ""}).encode(),
+        json.dumps({k: v for k, v in GOOD.items() if k != "agent_id"}).encode(),
+        b'{"type":"ExpireLeases","now_ms":NaN}',
+        b'{"type":"SubmitTasks","now_ms":0,"tasks":[]}',
+    ],
+)
 def test_decode_refuses_bad_bytes(data: bytes) -> None:
     with pytest.raises(CommandError):
         decode_command(data)
 
 
-@pytest.mark.parametrize("command", [
-    SubmitTasks(0, (spec("k", args_json="{not json"),)),
-    SubmitTasks(0, (spec("k", args_json="NaN"),)),
-    SubmitTasks(0, (spec("k", resources=Resources(float("nan"), 1, 0)),)),
-    SubmitTasks(0, (spec("k", max_attempts=0),)),
-    SubmitTasks(0, (spec("k", cloud=""),)),
-    ReportResult(1, "a1", "t", 1, True, None, None),
-    ReportResult(1, "a1", "t", 1, True, "1", "also an error"),
-    ReportResult(1, "a1", "t", 1, False, None, None),
-    RenewLeases(5, "a1", ("t", "t"), 10),
-    RenewLeases(5, "a1", ("t",), 5),
-    LeaseTasks(0, "a1", 0, 1, BIG),
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        SubmitTasks(0, (spec("k", args_json="{not json"),)),
+        SubmitTasks(0, (spec("k", args_json="NaN"),)),
+        SubmitTasks(0, (spec("k", resources=Resources(float("nan"), 1, 0)),)),
+        SubmitTasks(0, (spec("k", max_attempts=0),)),
+        SubmitTasks(0, (spec("k", cloud=""),)),
+        ReportResult(1, "a1", "t", 1, True, None, None),
+        ReportResult(1, "a1", "t", 1, True, "1", "also an error"),
+        ReportResult(1, "a1", "t", 1, False, None, None),
+        RenewLeases(5, "a1", ("t", "t"), 10),
+        RenewLeases(5, "a1", ("t",), 5),
+        LeaseTasks(0, "a1", 0, 1, BIG),
+    ],
+)
 def test_encode_refuses_what_replicas_would_refuse(command: Command) -> None:
     with pytest.raises(CommandError):
         encode_command(command)
@@ -199,16 +235,30 @@ def test_apply_asserts_increasing_index() -> None:
 
 
 def test_core_modules_import_only_allowed_stdlib() -> None:
-    forbidden = {"asyncio", "grpc", "simpy", "time", "os", "socket", "random", "pickle",
-                 "datetime", "threading"}
-    allowed = {"__future__", "enum", "hashlib", "dataclasses", "typing", "json", "math",
-               "goml"}
+    forbidden = {
+        "asyncio",
+        "grpc",
+        "simpy",
+        "time",
+        "os",
+        "socket",
+        "random",
+        "pickle",
+        "datetime",
+        "threading",
+    }
+    allowed = {"__future__", "enum", "hashlib", "dataclasses", "typing", "json", "math", "goml"}
     for module in (commands_module, manifest_module):
         assert module.__file__ is not None
         tree = ast.parse(Path(module.__file__).read_text())
         for node in ast.walk(tree):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 root = name.split(".")[0]
                 assert root not in forbidden, (module.__name__, name)
@@ -356,7 +406,12 @@ def test_re_register_updates_labels_and_capacity() -> None:
     agent = h.m.get_agent("a1")
     assert agent is not None
     assert (agent.cloud, agent.arch, agent.capacity, agent.state, agent.registered_ms) == (
-        "gcp", "arm64", SMALL, AgentState.ALIVE, 7)
+        "gcp",
+        "arm64",
+        SMALL,
+        AgentState.ALIVE,
+        7,
+    )
     assert len(h.m.list_agents()) == 1
 
 
@@ -412,7 +467,10 @@ def test_old_epoch_report_refused_after_requeue_and_re_lease() -> None:
     assert h.run(succeed(new, "a2")).code is Code.STALE_EPOCH
     final = h.task(tid)
     assert (final.state, final.results_recorded, final.result_json) == (
-        TaskState.SUCCEEDED, 1, '{"v":1}')
+        TaskState.SUCCEEDED,
+        1,
+        '{"v":1}',
+    )
     assert h.m.stale_reports_refused == 3
 
 
@@ -455,7 +513,11 @@ def test_failure_retries_until_attempts_exhausted() -> None:
         h.ok(fail(h.task(tid), now_ms=attempt))
     task = h.task(tid)
     assert (task.state, task.attempts, task.error, task.finished_ms) == (
-        TaskState.DEAD, 3, "boom", 3)
+        TaskState.DEAD,
+        3,
+        "boom",
+        3,
+    )
     assert h.lease() == []
 
 
@@ -497,12 +559,15 @@ def test_same_key_twice_in_one_batch() -> None:
     assert len(h.m.list_tasks(limit=100)) == 1
 
 
-@pytest.mark.parametrize(("specs", "needle"), [
-    ([spec(f"k{i}") for i in range(9)], "batch_tasks_max=8"),
-    ([spec("k"), spec("big", args_json=json.dumps("x" * 300))], "args_bytes_max=200"),
-    ([spec("k"), spec("n" * 41)], "name_bytes_max=40"),
-    ([spec("k"), spec("f", function="f" * 41)], "name_bytes_max=40"),
-])
+@pytest.mark.parametrize(
+    ("specs", "needle"),
+    [
+        ([spec(f"k{i}") for i in range(9)], "batch_tasks_max=8"),
+        ([spec("k"), spec("big", args_json=json.dumps("x" * 300))], "args_bytes_max=200"),
+        ([spec("k"), spec("n" * 41)], "name_bytes_max=40"),
+        ([spec("k"), spec("f", function="f" * 41)], "name_bytes_max=40"),
+    ],
+)
 def test_batch_limits_all_or_nothing(specs: list[TaskSpec], needle: str) -> None:
     h = Harness()
     h.submit(spec("first"))
@@ -533,7 +598,8 @@ def test_result_and_lease_limits() -> None:
     assert h.task(tid) == task
     assert h.run(LeaseTasks(0, "a1", 10, 9, BIG)).code is Code.RESOURCE_EXHAUSTED
     assert h.run(RenewLeases(0, "a1", tuple(f"t{i}" for i in range(9)), 9)).code is (
-        Code.RESOURCE_EXHAUSTED)
+        Code.RESOURCE_EXHAUSTED
+    )
 
 
 def test_task_ids_come_from_the_raft_index() -> None:
@@ -548,8 +614,7 @@ def test_task_ids_come_from_the_raft_index() -> None:
 def test_priority_then_submit_order() -> None:
     h = Harness()
     h.agent()
-    ids = h.submit(spec("low", priority=-1), spec("mid1"), spec("high", priority=5),
-                   spec("mid2"))
+    ids = h.submit(spec("low", priority=-1), spec("mid1"), spec("high", priority=5), spec("mid2"))
     assert h.lease(max_count=3) == [ids[2], ids[1], ids[3]]
     assert h.lease() == [ids[0]]
 
@@ -579,8 +644,12 @@ def test_affinity() -> None:
     h = Harness()
     h.agent("aws1", cloud="aws", region="us-east-1")
     h.agent("gcp1", cloud="gcp", region="us-central1")
-    ids = h.submit(spec("g", cloud="gcp"), spec("r", region="us-east-1"),
-                   spec("gr", cloud="gcp", region="europe-west1"), spec("any"))
+    ids = h.submit(
+        spec("g", cloud="gcp"),
+        spec("r", region="us-east-1"),
+        spec("gr", cloud="gcp", region="europe-west1"),
+        spec("any"),
+    )
     assert h.lease("aws1") == [ids[1], ids[3]]
     assert h.lease("gcp1") == [ids[0]]
     assert h.task(ids[2]).state is TaskState.PENDING
@@ -614,11 +683,16 @@ def random_command(rng: random.Random, m: Manifest, now_ms: int) -> Command:
     roll = rng.random()
     if roll < 0.18 or not tasks:
         batch = tuple(
-            spec(f"k{rng.randrange(80)}", priority=rng.randrange(3),
-                 max_attempts=rng.randrange(1, 4), cloud=rng.choice([None, None, "aws", "gcp"]),
-                 resources=Resources(rng.choice([0.5, 1.0, 2.0]), 256, rng.choice([0, 0, 1])),
-                 args_json=json.dumps({"n": rng.randrange(2)}))
-            for _ in range(rng.randrange(1, 4)))
+            spec(
+                f"k{rng.randrange(80)}",
+                priority=rng.randrange(3),
+                max_attempts=rng.randrange(1, 4),
+                cloud=rng.choice([None, None, "aws", "gcp"]),
+                resources=Resources(rng.choice([0.5, 1.0, 2.0]), 256, rng.choice([0, 0, 1])),
+                args_json=json.dumps({"n": rng.randrange(2)}),
+            )
+            for _ in range(rng.randrange(1, 4))
+        )
         return SubmitTasks(now_ms, batch)
     held = [t for t in tasks if t.lease is not None]
     # Mostly aim at held tasks, or reports would almost never be current.
@@ -626,19 +700,31 @@ def random_command(rng: random.Random, m: Manifest, now_ms: int) -> Command:
     agent = task.lease.agent_id if task.lease and rng.random() < 0.8 else rng.choice(agents)
     epoch = max(1, task.epoch - (1 if rng.random() < 0.15 else 0))
     if roll < 0.26:
-        return RegisterAgent(now_ms, rng.choice(agents), rng.choice(["aws", "gcp"]), "r1",
-                             "amd64", Resources(rng.choice([2.0, 4.0]), 2048, rng.randrange(2)))
+        return RegisterAgent(
+            now_ms,
+            rng.choice(agents),
+            rng.choice(["aws", "gcp"]),
+            "r1",
+            "amd64",
+            Resources(rng.choice([2.0, 4.0]), 2048, rng.randrange(2)),
+        )
     if roll < 0.30:
         return MarkAgentDown(now_ms, rng.choice(agents))
     if roll < 0.48:
-        return LeaseTasks(now_ms, rng.choice(agents), rng.randrange(50, 500),
-                          rng.randrange(1, 4), Resources(4.0, 4096, 1))
+        return LeaseTasks(
+            now_ms,
+            rng.choice(agents),
+            rng.randrange(50, 500),
+            rng.randrange(1, 4),
+            Resources(4.0, 4096, 1),
+        )
     if roll < 0.58:
         return StartTask(now_ms, agent, task.id, epoch)
     if roll < 0.78:
         ok = rng.random() < 0.6
-        return ReportResult(now_ms, agent, task.id, epoch, ok, "1" if ok else None,
-                            None if ok else "err")
+        return ReportResult(
+            now_ms, agent, task.id, epoch, ok, "1" if ok else None, None if ok else "err"
+        )
     if roll < 0.86:
         return ExpireLeases(now_ms)
     if roll < 0.93:
@@ -732,9 +818,15 @@ def test_restore_refuses_bad_snapshots() -> None:
     _, m = run_stream(5, 80)
     data = m.snapshot()
     body = json.loads(data)
-    for bad in [b"", b"[]", b"\xff", data + b" ", json.dumps(body, indent=1).encode(),
-                json.dumps({**body, "format": 99}, sort_keys=True, separators=(",", ":")).encode(),
-                json.dumps({**body, "extra": 1}, sort_keys=True, separators=(",", ":")).encode()]:
+    for bad in [
+        b"",
+        b"[]",
+        b"\xff",
+        data + b" ",
+        json.dumps(body, indent=1).encode(),
+        json.dumps({**body, "format": 99}, sort_keys=True, separators=(",", ":")).encode(),
+        json.dumps({**body, "extra": 1}, sort_keys=True, separators=(",", ":")).encode(),
+    ]:
         with pytest.raises(SnapshotError):
             Manifest.restore(bad)
 

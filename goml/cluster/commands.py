@@ -142,13 +142,15 @@ class Resources:
     def fits_in(self, free: Resources) -> bool:
         # Tolerance: 0.1 + 0.2 cores must fit in 0.3. Same arithmetic on every replica.
         return (
-            self.cpu <= free.cpu + 1e-9 and self.memory_mb <= free.memory_mb
+            self.cpu <= free.cpu + 1e-9
+            and self.memory_mb <= free.memory_mb
             and self.gpu <= free.gpu
         )
 
     def minus(self, other: Resources) -> Resources:
         return Resources(
-            max(0.0, self.cpu - other.cpu), max(0, self.memory_mb - other.memory_mb),
+            max(0.0, self.cpu - other.cpu),
+            max(0, self.memory_mb - other.memory_mb),
             max(0, self.gpu - other.gpu),
         )
 
@@ -159,14 +161,16 @@ class Resources:
 
     def least(self, other: Resources) -> Resources:
         return Resources(
-            min(self.cpu, other.cpu), min(self.memory_mb, other.memory_mb),
+            min(self.cpu, other.cpu),
+            min(self.memory_mb, other.memory_mb),
             min(self.gpu, other.gpu),
         )
 
 
 def read_resources(f: Fields) -> Resources:
-    resources = Resources(cpu=f.number("cpu"), memory_mb=f.integer("memory_mb"),
-                          gpu=f.integer("gpu"))
+    resources = Resources(
+        cpu=f.number("cpu"), memory_mb=f.integer("memory_mb"), gpu=f.integer("gpu")
+    )
     f.close()
     return resources
 
@@ -260,8 +264,15 @@ class RenewLeases:
 
 
 Command = (
-    SubmitTasks | CancelTask | RegisterAgent | MarkAgentDown | LeaseTasks | StartTask
-    | ReportResult | ExpireLeases | RenewLeases
+    SubmitTasks
+    | CancelTask
+    | RegisterAgent
+    | MarkAgentDown
+    | LeaseTasks
+    | StartTask
+    | ReportResult
+    | ExpireLeases
+    | RenewLeases
 )
 
 
@@ -320,13 +331,20 @@ _PARSERS: dict[str, Any] = {
     "SubmitTasks": _submit,
     "CancelTask": lambda f: CancelTask(f.integer("now_ms"), f.text("task_id")),
     "RegisterAgent": lambda f: RegisterAgent(
-        f.integer("now_ms"), f.text("agent_id"), f.text("cloud"), f.text("region"),
-        f.text("arch"), read_resources(f.sub("capacity")),
+        f.integer("now_ms"),
+        f.text("agent_id"),
+        f.text("cloud"),
+        f.text("region"),
+        f.text("arch"),
+        read_resources(f.sub("capacity")),
     ),
     "MarkAgentDown": lambda f: MarkAgentDown(f.integer("now_ms"), f.text("agent_id")),
     "LeaseTasks": lambda f: LeaseTasks(
-        f.integer("now_ms"), f.text("agent_id"), f.integer("lease_ms", 1),
-        f.integer("max_count", 1), read_resources(f.sub("free")),
+        f.integer("now_ms"),
+        f.text("agent_id"),
+        f.integer("lease_ms", 1),
+        f.integer("max_count", 1),
+        read_resources(f.sub("free")),
     ),
     "StartTask": lambda f: StartTask(
         f.integer("now_ms"), f.text("agent_id"), f.text("task_id"), f.integer("epoch", 1)
@@ -336,8 +354,15 @@ _PARSERS: dict[str, Any] = {
     "RenewLeases": _renew,
 }
 _COMMAND_TYPES = (
-    SubmitTasks, CancelTask, RegisterAgent, MarkAgentDown, LeaseTasks, StartTask,
-    ReportResult, ExpireLeases, RenewLeases,
+    SubmitTasks,
+    CancelTask,
+    RegisterAgent,
+    MarkAgentDown,
+    LeaseTasks,
+    StartTask,
+    ReportResult,
+    ExpireLeases,
+    RenewLeases,
 )
 assert {t.__name__ for t in _COMMAND_TYPES} == set(_PARSERS)
 

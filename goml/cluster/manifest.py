@@ -231,8 +231,10 @@ def _target(task: Task, event: TaskEvent) -> TaskState | None:
 
 def _illegal(task: Task, event: TaskEvent) -> _Refusal:
     legal = sorted(s for (s, e) in TASK_TRANSITIONS if e is event)
-    return _Refusal(Code.FAILED_PRECONDITION,
-                    f"task {task.id} is {task.state}; {event} is legal only from {legal}")
+    return _Refusal(
+        Code.FAILED_PRECONDITION,
+        f"task {task.id} is {task.state}; {event} is legal only from {legal}",
+    )
 
 
 class Manifest:
@@ -260,9 +262,13 @@ class Manifest:
         # A malformed entry is committed on every replica alike: refuse it the same way
         # everywhere rather than crash the whole cluster on it.
         if len(data) > self._limits.command_bytes_max:
-            return ApplyResult(index, False, Code.RESOURCE_EXHAUSTED,
-                               f"command is {len(data)} bytes; limit command_bytes_max="
-                               f"{self._limits.command_bytes_max}")
+            return ApplyResult(
+                index,
+                False,
+                Code.RESOURCE_EXHAUSTED,
+                f"command is {len(data)} bytes; limit command_bytes_max="
+                f"{self._limits.command_bytes_max}",
+            )
         try:
             command = decode_command(data)
         except CommandError as exc:
@@ -298,8 +304,9 @@ class Manifest:
         limit: int = getattr(self._limits, limit_name)
         size = 0 if value is None else len(value.encode("utf-8"))
         if size > limit:
-            raise _Refusal(Code.RESOURCE_EXHAUSTED,
-                           f"{what} is {size} bytes; limit {limit_name}={limit}")
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED, f"{what} is {size} bytes; limit {limit_name}={limit}"
+            )
 
     def _task(self, task_id: str) -> Task:
         task = self._tasks.get(task_id)
@@ -318,8 +325,10 @@ class Manifest:
     def _submit(self, index: int, cmd: SubmitTasks) -> ApplyResult:
         lim = self._limits
         if len(cmd.tasks) > lim.batch_tasks_max:
-            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"batch of {len(cmd.tasks)} tasks; "
-                           f"limit batch_tasks_max={lim.batch_tasks_max}")
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"batch of {len(cmd.tasks)} tasks; limit batch_tasks_max={lim.batch_tasks_max}",
+            )
         created: list[Task] = []
         in_batch: dict[str, Task] = {}
         ids: list[str] = []
@@ -330,40 +339,64 @@ class Manifest:
             self._check_size(f"{where}: args_json", spec.args_json, "args_bytes_max")
             digest = content_digest(spec)
             existing_id = self._by_key.get(spec.idempotency_key)
-            existing = (self._tasks[existing_id] if existing_id is not None
-                        else in_batch.get(spec.idempotency_key))
+            existing = (
+                self._tasks[existing_id]
+                if existing_id is not None
+                else in_batch.get(spec.idempotency_key)
+            )
             if existing is not None:
                 if existing.content_digest != digest:
-                    raise _Refusal(Code.ALREADY_EXISTS,
-                                   f"{where}: idempotency key {spec.idempotency_key!r} already "
-                                   f"names task {existing.id} with different content")
+                    raise _Refusal(
+                        Code.ALREADY_EXISTS,
+                        f"{where}: idempotency key {spec.idempotency_key!r} already "
+                        f"names task {existing.id} with different content",
+                    )
                 ids.append(existing.id)  # a retry: same task, never a second one
                 continue
             task = Task(
-                id=f"t-{index}-{n}", seq=self._next_seq + len(created),
-                idempotency_key=spec.idempotency_key, content_digest=digest,
-                function=spec.function, args_json=spec.args_json, resources=spec.resources,
-                cloud=spec.cloud, region=spec.region, priority=spec.priority,
-                max_attempts=spec.max_attempts, timeout_ms=spec.timeout_ms,
-                state=TaskState.PENDING, attempts=0, epoch=0, lease=None,
-                submitted_ms=cmd.now_ms, finished_ms=None, result_json=None, error=None,
+                id=f"t-{index}-{n}",
+                seq=self._next_seq + len(created),
+                idempotency_key=spec.idempotency_key,
+                content_digest=digest,
+                function=spec.function,
+                args_json=spec.args_json,
+                resources=spec.resources,
+                cloud=spec.cloud,
+                region=spec.region,
+                priority=spec.priority,
+                max_attempts=spec.max_attempts,
+                timeout_ms=spec.timeout_ms,
+                state=TaskState.PENDING,
+                attempts=0,
+                epoch=0,
+                lease=None,
+                submitted_ms=cmd.now_ms,
+                finished_ms=None,
+                result_json=None,
+                error=None,
                 results_recorded=0,
             )
             created.append(task)
             in_batch[spec.idempotency_key] = task
             ids.append(task.id)
         if len(self._tasks) + len(created) > lim.tasks_max:
-            raise _Refusal(Code.RESOURCE_EXHAUSTED,
-                           f"manifest holds {len(self._tasks)} tasks, batch adds {len(created)}; "
-                           f"limit tasks_max={lim.tasks_max}")
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"manifest holds {len(self._tasks)} tasks, batch adds {len(created)}; "
+                f"limit tasks_max={lim.tasks_max}",
+            )
         for task in created:
             assert task.id not in self._tasks
             self._tasks[task.id] = task
             self._by_key[task.idempotency_key] = task.id
         self._next_seq += len(created)
-        return ApplyResult(index, True, Code.OK,
-                           f"{len(created)} created, {len(ids) - len(created)} already present",
-                           task_ids=tuple(ids))
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"{len(created)} created, {len(ids) - len(created)} already present",
+            task_ids=tuple(ids),
+        )
 
     def _cancel(self, index: int, cmd: CancelTask) -> ApplyResult:
         task = self._task(cmd.task_id)
@@ -372,33 +405,43 @@ class Manifest:
             raise _illegal(task, TaskEvent.CANCEL)
         # Taking a lease away bumps the epoch, so the holder's late report is stale.
         epoch = task.epoch + 1 if task.lease is not None else task.epoch
-        self._tasks[task.id] = replace(task, state=target, lease=None, epoch=epoch,
-                                       finished_ms=cmd.now_ms)
-        return ApplyResult(index, True, Code.OK, f"task {task.id} cancelled",
-                           task_ids=(task.id,))
+        self._tasks[task.id] = replace(
+            task, state=target, lease=None, epoch=epoch, finished_ms=cmd.now_ms
+        )
+        return ApplyResult(index, True, Code.OK, f"task {task.id} cancelled", task_ids=(task.id,))
 
     def _register(self, index: int, cmd: RegisterAgent) -> ApplyResult:
         for name in (cmd.agent_id, cmd.cloud, cmd.region, cmd.arch):
             self._check_size(f"name {name!r:.40}", name, "name_bytes_max")
         old = self._agents.get(cmd.agent_id)
         if old is None and len(self._agents) >= self._limits.agents_max:
-            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"{len(self._agents)} agents registered; "
-                           f"limit agents_max={self._limits.agents_max}")
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"{len(self._agents)} agents registered; "
+                f"limit agents_max={self._limits.agents_max}",
+            )
         state = AgentState.ALIVE
         if old is not None:
             state = AGENT_TRANSITIONS[(old.state, AgentEvent.REGISTER)]
         # Tasks still leased to a re-registering agent keep their leases: they either
         # get reported or expire. Only MarkAgentDown takes them away.
-        self._agents[cmd.agent_id] = Agent(cmd.agent_id, cmd.cloud, cmd.region, cmd.arch,
-                                           cmd.capacity, state, cmd.now_ms)
+        self._agents[cmd.agent_id] = Agent(
+            cmd.agent_id, cmd.cloud, cmd.region, cmd.arch, cmd.capacity, state, cmd.now_ms
+        )
         verb = "registered" if old is None else "re-registered"
         return ApplyResult(index, True, Code.OK, f"agent {cmd.agent_id} {verb}")
 
     def _requeue(self, task: Task, now_ms: int, reason: str) -> Task:
         target = _target(task, TaskEvent.EXPIRE)
         assert target in (TaskState.PENDING, TaskState.DEAD), task
-        return replace(task, state=target, lease=None, epoch=task.epoch + 1, error=reason,
-                       finished_ms=now_ms if target is TaskState.DEAD else None)
+        return replace(
+            task,
+            state=target,
+            lease=None,
+            epoch=task.epoch + 1,
+            error=reason,
+            finished_ms=now_ms if target is TaskState.DEAD else None,
+        )
 
     def _mark_down(self, index: int, cmd: MarkAgentDown) -> ApplyResult:
         agent = self._agent(cmd.agent_id, AgentEvent.DOWN)
@@ -406,12 +449,17 @@ class Manifest:
         requeued = []
         for task in list(self._tasks.values()):
             if task.lease is not None and task.lease.agent_id == agent.id:
-                self._tasks[task.id] = self._requeue(task, cmd.now_ms,
-                                                     f"agent {agent.id} marked down")
+                self._tasks[task.id] = self._requeue(
+                    task, cmd.now_ms, f"agent {agent.id} marked down"
+                )
                 requeued.append(task.id)
-        return ApplyResult(index, True, Code.OK,
-                           f"agent {agent.id} down, {len(requeued)} task(s) requeued",
-                           task_ids=tuple(requeued))
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"agent {agent.id} down, {len(requeued)} task(s) requeued",
+            task_ids=tuple(requeued),
+        )
 
     def _in_use(self, agent_id: str) -> Resources:
         total = Resources(0.0, 0, 0)
@@ -423,12 +471,16 @@ class Manifest:
     def _lease(self, index: int, cmd: LeaseTasks) -> ApplyResult:
         agent = self._agent(cmd.agent_id, AgentEvent.LEASE)
         if cmd.max_count > self._limits.lease_tasks_max:
-            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"max_count={cmd.max_count}; limit "
-                           f"lease_tasks_max={self._limits.lease_tasks_max}")
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"max_count={cmd.max_count}; limit lease_tasks_max={self._limits.lease_tasks_max}",
+            )
         # Never trust the proposed free capacity beyond what the log itself knows is free.
         free = cmd.free.least(agent.capacity.minus(self._in_use(agent.id)))
-        pending = sorted((t for t in self._tasks.values() if t.state is TaskState.PENDING),
-                         key=lambda t: (-t.priority, t.seq))
+        pending = sorted(
+            (t for t in self._tasks.values() if t.state is TaskState.PENDING),
+            key=lambda t: (-t.priority, t.seq),
+        )
         # Clamped so every stored integer still fits the int64 the snapshot reader accepts.
         deadline_ms = min(INT_MAX, cmd.now_ms + cmd.lease_ms)
         leased: list[Task] = []
@@ -442,24 +494,40 @@ class Manifest:
             if not task.resources.fits_in(free):
                 continue  # smaller tasks behind it may still fit (backfill)
             assert _target(task, TaskEvent.LEASE) is TaskState.LEASED
-            new = replace(task, state=TaskState.LEASED, attempts=task.attempts + 1,
-                          epoch=task.epoch + 1,
-                          lease=Lease(agent.id, cmd.now_ms, deadline_ms))
+            new = replace(
+                task,
+                state=TaskState.LEASED,
+                attempts=task.attempts + 1,
+                epoch=task.epoch + 1,
+                lease=Lease(agent.id, cmd.now_ms, deadline_ms),
+            )
             self._tasks[task.id] = new
             leased.append(new)
             free = free.minus(task.resources)
-        return ApplyResult(index, True, Code.OK, f"{len(leased)} task(s) leased to {agent.id}",
-                           task_ids=tuple(t.id for t in leased), tasks=tuple(leased))
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"{len(leased)} task(s) leased to {agent.id}",
+            task_ids=tuple(t.id for t in leased),
+            tasks=tuple(leased),
+        )
 
     def _holds(self, task: Task, agent_id: str, epoch: int) -> bool:
-        return (task.state in LEASE_HOLDING and task.lease is not None
-                and task.lease.agent_id == agent_id and task.epoch == epoch)
+        return (
+            task.state in LEASE_HOLDING
+            and task.lease is not None
+            and task.lease.agent_id == agent_id
+            and task.epoch == epoch
+        )
 
     def _stale(self, task: Task, agent_id: str, epoch: int) -> _Refusal:
         holder = task.lease.agent_id if task.lease is not None else None
-        return _Refusal(Code.STALE_EPOCH,
-                        f"task {task.id} is {task.state} at epoch {task.epoch} held by "
-                        f"{holder}; report from {agent_id} at epoch {epoch} refused")
+        return _Refusal(
+            Code.STALE_EPOCH,
+            f"task {task.id} is {task.state} at epoch {task.epoch} held by "
+            f"{holder}; report from {agent_id} at epoch {epoch} refused",
+        )
 
     def _start(self, index: int, cmd: StartTask) -> ApplyResult:
         task = self._task(cmd.task_id)
@@ -483,15 +551,25 @@ class Manifest:
         target = _target(task, event)
         assert target is not None, task  # _holds means LEASED or RUNNING: both legal
         if cmd.success:
-            new = replace(task, state=target, lease=None, result_json=cmd.result_json,
-                          error=None, finished_ms=cmd.now_ms,
-                          results_recorded=task.results_recorded + 1)
+            new = replace(
+                task,
+                state=target,
+                lease=None,
+                result_json=cmd.result_json,
+                error=None,
+                finished_ms=cmd.now_ms,
+                results_recorded=task.results_recorded + 1,
+            )
         else:
-            new = replace(task, state=target, lease=None, error=cmd.error,
-                          finished_ms=cmd.now_ms if target is TaskState.DEAD else None)
+            new = replace(
+                task,
+                state=target,
+                lease=None,
+                error=cmd.error,
+                finished_ms=cmd.now_ms if target is TaskState.DEAD else None,
+            )
         self._tasks[task.id] = new
-        return ApplyResult(index, True, Code.OK, f"task {task.id} {new.state}",
-                           task_ids=(task.id,))
+        return ApplyResult(index, True, Code.OK, f"task {task.id} {new.state}", task_ids=(task.id,))
 
     def _expire(self, index: int, cmd: ExpireLeases) -> ApplyResult:
         expired = []
@@ -499,29 +577,42 @@ class Manifest:
             if task.lease is not None and cmd.now_ms >= task.lease.deadline_ms:
                 self._tasks[task.id] = self._requeue(task, cmd.now_ms, "lease expired")
                 expired.append(task.id)
-        return ApplyResult(index, True, Code.OK, f"{len(expired)} lease(s) expired",
-                           task_ids=tuple(expired))
+        return ApplyResult(
+            index, True, Code.OK, f"{len(expired)} lease(s) expired", task_ids=tuple(expired)
+        )
 
     def _renew(self, index: int, cmd: RenewLeases) -> ApplyResult:
         if len(cmd.task_ids) > self._limits.renew_tasks_max:
-            raise _Refusal(Code.RESOURCE_EXHAUSTED, f"{len(cmd.task_ids)} task ids; "
-                           f"limit renew_tasks_max={self._limits.renew_tasks_max}")
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"{len(cmd.task_ids)} task ids; "
+                f"limit renew_tasks_max={self._limits.renew_tasks_max}",
+            )
         renewed, skipped = [], []
         for task_id in cmd.task_ids:
             task = self._tasks.get(task_id)
             # A lease already past its deadline is not revived: ExpireLeases may be
             # on its way and the leader has stopped counting on this agent.
-            if (task is None or task.lease is None or task.lease.agent_id != cmd.agent_id
-                    or cmd.now_ms >= task.lease.deadline_ms
-                    or _target(task, TaskEvent.RENEW) is None):
+            if (
+                task is None
+                or task.lease is None
+                or task.lease.agent_id != cmd.agent_id
+                or cmd.now_ms >= task.lease.deadline_ms
+                or _target(task, TaskEvent.RENEW) is None
+            ):
                 skipped.append(task_id)
                 continue
-            self._tasks[task_id] = replace(task, lease=replace(task.lease,
-                                                               deadline_ms=cmd.deadline_ms))
+            self._tasks[task_id] = replace(
+                task, lease=replace(task.lease, deadline_ms=cmd.deadline_ms)
+            )
             renewed.append(task_id)
-        return ApplyResult(index, True, Code.OK,
-                           f"{len(renewed)} renewed; not renewed: {skipped}",
-                           task_ids=tuple(renewed))
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"{len(renewed)} renewed; not renewed: {skipped}",
+            task_ids=tuple(renewed),
+        )
 
     # ---- read-only queries
 
@@ -543,17 +634,26 @@ class Manifest:
     def task_id_for_key(self, idempotency_key: str) -> str | None:
         return self._by_key.get(idempotency_key)
 
-    def list_tasks(self, *, limit: int, state: TaskState | None = None,
-                   function: str | None = None, agent_id: str | None = None,
-                   after_seq: int = -1) -> tuple[Task, ...]:
+    def list_tasks(
+        self,
+        *,
+        limit: int,
+        state: TaskState | None = None,
+        function: str | None = None,
+        agent_id: str | None = None,
+        after_seq: int = -1,
+    ) -> tuple[Task, ...]:
         """Tasks in submit order, seq > after_seq, at most `limit` (page with the last seq)."""
         assert limit >= 1
         found: list[Task] = []
         for task in self._tasks.values():
             if len(found) == limit:
                 break
-            if (task.seq <= after_seq or (state is not None and task.state is not state)
-                    or (function is not None and task.function != function)):
+            if (
+                task.seq <= after_seq
+                or (state is not None and task.state is not state)
+                or (function is not None and task.function != function)
+            ):
                 continue
             if agent_id is not None and (task.lease is None or task.lease.agent_id != agent_id):
                 continue
@@ -641,9 +741,15 @@ def _enum(kind: type[_E_co], f: Fields, key: str) -> _E_co:
 
 
 def _read_agent(f: Fields) -> Agent:
-    agent = Agent(id=f.text("id"), cloud=f.text("cloud"), region=f.text("region"),
-                  arch=f.text("arch"), capacity=read_resources(f.sub("capacity")),
-                  state=_enum(AgentState, f, "state"), registered_ms=f.integer("registered_ms"))
+    agent = Agent(
+        id=f.text("id"),
+        cloud=f.text("cloud"),
+        region=f.text("region"),
+        arch=f.text("arch"),
+        capacity=read_resources(f.sub("capacity")),
+        state=_enum(AgentState, f, "state"),
+        registered_ms=f.integer("registered_ms"),
+    )
     f.close()
     return agent
 
@@ -655,17 +761,26 @@ def _read_task(f: Fields) -> Task:
         lease = Lease(lf.text("agent_id"), lf.integer("leased_ms"), lf.integer("deadline_ms"))
         lf.close()
     task = Task(
-        id=f.text("id"), seq=f.integer("seq"), idempotency_key=f.text("idempotency_key"),
-        content_digest=f.text("content_digest"), function=f.text("function"),
-        args_json=f.text("args_json"), resources=read_resources(f.sub("resources")),
+        id=f.text("id"),
+        seq=f.integer("seq"),
+        idempotency_key=f.text("idempotency_key"),
+        content_digest=f.text("content_digest"),
+        function=f.text("function"),
+        args_json=f.text("args_json"),
+        resources=read_resources(f.sub("resources")),
         cloud=f.optional_text("cloud", empty=False),
         region=f.optional_text("region", empty=False),
         priority=f.integer("priority", minimum=-INT_MAX),
-        max_attempts=f.integer("max_attempts", 1), timeout_ms=f.integer("timeout_ms", 1),
-        state=_enum(TaskState, f, "state"), attempts=f.integer("attempts"),
-        epoch=f.integer("epoch"), lease=lease, submitted_ms=f.integer("submitted_ms"),
+        max_attempts=f.integer("max_attempts", 1),
+        timeout_ms=f.integer("timeout_ms", 1),
+        state=_enum(TaskState, f, "state"),
+        attempts=f.integer("attempts"),
+        epoch=f.integer("epoch"),
+        lease=lease,
+        submitted_ms=f.integer("submitted_ms"),
         finished_ms=f.optional_integer("finished_ms"),
-        result_json=f.optional_text("result_json"), error=f.optional_text("error"),
+        result_json=f.optional_text("result_json"),
+        error=f.optional_text("error"),
         results_recorded=f.integer("results_recorded"),
     )
     f.close()
