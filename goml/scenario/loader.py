@@ -1,0 +1,343 @@
+"""Load a scenario YAML file and report every problem as `FILE:LINE: field.path: message`.
+
+The YAML is composed into a node tree first (which keeps line numbers), checked for
+duplicate keys (PyYAML silently keeps the last one), constructed into plain data and
+validated by pydantic. Each pydantic error location is then walked through the node
+tree to find its line. Nothing here lets a traceback reach the user: every failure is
+a `ScenarioError` listing all problems found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
+
+from goml.scenario import schema
+from goml.scenario.schema import Expectation, Loc, Scenario
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    path: str  # dotted field path, e.g. `faults.2.target`; empty for the whole file
+    message: str
+    column: int | None = None
+    severity: Severity = "error"
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        parts = [where]
+        if self.path:
+            parts.append(self.path)
+        parts.append(f"warning: {self.message}" if self.severity == "warning" else self.message)
+        return ": ".join(parts)
+
+
+class ScenarioError(Exception):
+    """A scenario file that cannot be used; `str()` lists every problem, one a line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class LoadedScenario:
+    scenario: Scenario
+    source: Path | str
+    warnings: list[Problem] = field(default_factory=list)
+
+
+def load_scenario(path: str | Path) -> LoadedScenario:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError([Problem(str(path), None, "", f"cannot read: {exc}")]) from None
+    loaded = load_scenario_text(text, str(path))
+    return LoadedScenario(loaded.scenario, path, loaded.warnings)
+
+
+def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
+    root, data, problems = _parse(text, source)
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        problems += [_from_pydantic(err, root, source) for err in exc.errors()]
+        # File order reads best; the sort is stable so one line keeps pydantic's order.
+        problems.sort(key=lambda p: p.line or 0)
+        raise ScenarioError(problems) from None
+    if problems:
+        raise ScenarioError(problems)
+    warnings = [
+        _at(root, loc, source, msg, severity="warning")
+        for loc, msg in schema.scenario_warnings(scenario)
+    ]
+    return LoadedScenario(scenario, source, warnings)
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def _parse(text: str, source: str) -> tuple[yaml.MappingNode, dict[str, Any], list[Problem]]:
+    """Root node, plain data, and duplicate-key problems (found before construction,
+    which flattens `<<` merge keys into what would look like duplicates)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise ScenarioError(
+                [Problem(source, 1, "", "empty file: expected a mapping of scenario fields")]
+            )
+        if not isinstance(root, yaml.MappingNode):
+            kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+            raise ScenarioError(
+                [
+                    Problem(
+                        source,
+                        root.start_mark.line + 1,
+                        "",
+                        f"the top level must be a mapping of scenario fields, not {kind}",
+                    )
+                ]
+            )
+        problems = _duplicate_keys(root, source)
+        data = loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        raise ScenarioError([_from_yaml_error(exc, source)]) from None
+    except yaml.YAMLError as exc:  # unmarked errors (rare): still no traceback
+        raise ScenarioError([Problem(source, None, "", f"invalid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ScenarioError([Problem(source, 1, "", "the top level must be a mapping")])
+    # Top-level `x-...` keys are free-form (as in docker compose): a place for YAML
+    # anchors shared by several sections, e.g. `x-mix: &mix {...}`.
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    return root, data, problems
+
+
+def _from_yaml_error(exc: yaml.MarkedYAMLError, source: str) -> Problem:
+    mark = exc.problem_mark or exc.context_mark
+    message = exc.problem or "invalid YAML"
+    if exc.context:
+        context_line = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        message = f"{message} ({exc.context}{context_line})"
+    return Problem(
+        source,
+        mark.line + 1 if mark else None,
+        "",
+        f"invalid YAML: {message}",
+        column=mark.column + 1 if mark else None,
+    )
+
+
+def _duplicate_keys(root: yaml.Node, source: str) -> list[Problem]:
+    """PyYAML keeps the last of two equal keys; a repeated key is almost always a slip."""
+    problems: list[Problem] = []
+    seen_nodes: set[int] = set()
+
+    def walk(node: yaml.Node, path: list[str]) -> None:
+        if id(node) in seen_nodes:  # aliases share nodes; visit each once
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value)
+                if isinstance(key, yaml.ScalarNode) and name != "<<":
+                    line = key.start_mark.line + 1
+                    if name in first:
+                        problems.append(
+                            Problem(
+                                source,
+                                line,
+                                ".".join([*path, name]),
+                                f"duplicate key (first at line {first[name]})",
+                            )
+                        )
+                    else:
+                        first[name] = line
+                walk(value, [*path, name])
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, [*path, str(i)])
+
+    walk(root, [])
+    return problems
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def _at(
+    root: yaml.Node,
+    loc: Loc,
+    source: str,
+    message: str,
+    missing: bool = False,
+    severity: Severity = "error",
+) -> Problem:
+    line, path = _locate(root, loc, missing)
+    return Problem(source, line, ".".join(path), message, severity=severity)
+
+
+def _locate(root: yaml.Node, loc: Loc, missing: bool) -> tuple[int, list[str]]:
+    """Line of the YAML node at `loc` (or of its nearest present ancestor) and the
+    field path without pydantic's union tags (e.g. the `crash` in
+    `faults.0.crash.target`)."""
+    node: yaml.Node | None = root
+    line = root.start_mark.line + 1
+    path: list[str] = []
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, yaml.MappingNode):
+            found = _lookup(node, part)
+            if found is not None:
+                key, node = found
+                line = key.start_mark.line + 1
+                path.append(str(part))
+                continue
+            if _is_union_tag(node, part) and not (last and missing):
+                continue
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+            path.append(str(part))
+            continue
+        elif _looks_like_tag(part) and not (last and missing):
+            continue
+        # Absent from the file (a missing field, or a default): keep the
+        # nearest line found and name the full path.
+        node = None
+        path.append(str(part))
+    return line, path
+
+
+def _lookup(node: yaml.MappingNode, part: int | str) -> tuple[yaml.Node, yaml.Node] | None:
+    for key, value in node.value:
+        if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+            return key, value
+    return None
+
+
+def _is_union_tag(node: yaml.MappingNode, part: int | str) -> bool:
+    kind = _lookup(node, "kind")
+    if kind is not None and isinstance(kind[1], yaml.ScalarNode) and kind[1].value == part:
+        return True
+    return _looks_like_tag(part)
+
+
+def _looks_like_tag(part: int | str) -> bool:
+    # pydantic names union members it cannot tag by `kind` after their type, e.g.
+    # `list[str]`, `function-after[...]`, `NormalLink`; field names are snake_case.
+    return isinstance(part, str) and (
+        "[" in part or "-" in part or (part[:1].isupper() and part.isidentifier())
+    )
+
+
+def _from_pydantic(err: ErrorDetails, root: yaml.Node, source: str) -> Problem:
+    loc: Loc = tuple(err["loc"])
+    kind = err["type"]
+    message = err["msg"]
+    missing = kind == "missing"
+    if kind == "union_tag_invalid":
+        # Point at the `kind:` line itself.
+        loc = (*loc, "kind")
+        ctx = err.get("ctx", {})
+        message = f"unknown kind '{ctx.get('tag')}' (expected one of {ctx.get('expected_tags')})"
+    elif kind == "union_tag_not_found":
+        loc, missing = (*loc, "kind"), True
+        message = "Field required (it selects which other fields apply)"
+    elif kind == "extra_forbidden" and loc:
+        message = f"unknown field '{loc[-1]}'" + _suggestion(str(loc[-1]))
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    return _at(root, loc, source, message, missing=missing)
+
+
+def _suggestion(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(_all_field_names()), n=1, cutoff=0.75)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _all_field_names() -> set[str]:
+    names: set[str] = set()
+    for obj in vars(schema).values():
+        if isinstance(obj, type) and issubclass(obj, BaseModel):
+            for fname, finfo in obj.model_fields.items():
+                names.add(finfo.alias or fname)
+    return names
+
+
+# --------------------------------------------------------------------------- expectations
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">=": operator.ge,
+    ">": operator.gt,
+}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metric: str
+    op: str
+    bound: float
+    value: float | None  # None when the summary lacks the metric or holds no number
+    passed: bool
+    note: str = ""  # why there is no value, when there is none
+
+    def __str__(self) -> str:
+        status = "PASS" if self.passed else "FAIL"
+        shown = f"{self.value:g}" if self.value is not None else self.note
+        return f"{status} {self.metric} {self.op} {self.bound:g} (got {shown})"
+
+
+def evaluate_expectations(
+    expectations: Iterable[Expectation], summary: dict[str, Any]
+) -> list[Verdict]:
+    """Judge each expectation against a run summary; a missing or non-numeric metric
+    fails with a note saying so (an unmeasured promise is not a kept promise)."""
+    verdicts: list[Verdict] = []
+    for e in expectations:
+        value, note = _lookup_metric(summary, e.metric)
+        passed = value is not None and _COMPARE[e.op](value, e.value)
+        verdicts.append(Verdict(e.metric, e.op, e.value, value, passed, note))
+    return verdicts
+
+
+def _lookup_metric(summary: dict[str, Any], metric: str) -> tuple[float | None, str]:
+    current: Any = summary
+    for part in metric.split("."):
+        if not isinstance(current, dict) or part not in current:
+            return None, "missing from the summary"
+        current = current[part]
+    if current is None:
+        return None, "null in the summary (nothing measured)"
+    # bool is an int in Python; a true/false metric compared with numbers is a mistake.
+    if isinstance(current, bool) or not isinstance(current, int | float):
+        return None, f"not a number: {current!r}"
+    return float(current), ""
