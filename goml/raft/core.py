@@ -748,7 +748,15 @@ class RaftCore:
         return HardState(self.term, self.vote, self.commit)
 
     def _in_leader_lease(self) -> bool:
-        if not self.config.check_quorum or self.leader_heard_ms is None:
+        if not self.config.check_quorum:
+            return False
+        if self.role is Role.LEADER:
+            # A live leader is its own lease (etcd: lead == self): CheckQuorum makes it
+            # step down once it loses the majority. Without this, a node rejoining after
+            # a partition won its PreVote with the leader's own grant (leader + it form
+            # a majority of 3) and deposed a healthy leader (testdata/raft/prevote.txt).
+            return True
+        if self.leader_heard_ms is None:
             return False
         return self.now_ms - self.leader_heard_ms < self.config.election_timeout_ms_min
 
