@@ -185,8 +185,10 @@ class Agent(_message.Message):
     def __init__(self, id: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ..., arch: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., state: _Optional[str] = ..., last_heartbeat_age_ms: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("local",)
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    local: bool
+    def __init__(self, local: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "members", "agents", "tasks_by_state")

@@ -1,0 +1,3 @@
+from goml.cli import main
+
+main()

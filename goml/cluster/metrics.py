@@ -1,0 +1,52 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes may share a
+process in tests), served over HTTP in the Prometheus text format."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from goml.cluster.manifest import AgentState, ApplyResult, Manifest, TaskState
+from goml.raft.node import RaftNode
+
+SUBMIT_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.is_leader = Gauge("goml_raft_is_leader", "1 if this node leads", registry=r)
+        self.term = Gauge("goml_raft_term", "Current Raft term", registry=r)
+        self.commit_index = Gauge("goml_raft_commit_index", "Raft commit index", registry=r)
+        self.applied_index = Gauge("goml_raft_applied_index", "Raft applied index", registry=r)
+        self.apply_lag = Gauge("goml_raft_apply_lag_entries", "commit - applied", registry=r)
+        self.submit_seconds = Histogram(
+            "goml_submit_seconds",
+            "Submit latency on the leader",
+            buckets=SUBMIT_BUCKETS_S,
+            registry=r,
+        )
+        self.tasks = Gauge("goml_tasks", "Tasks by state", ["state"], registry=r)
+        self.agents = Gauge("goml_agents", "Agents by state", ["state"], registry=r)
+        self.applied_commands = Counter("goml_applied_commands", "Applied commands", registry=r)
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def applied(self, result: ApplyResult) -> None:
+        self.applied_commands.inc()
+
+    def observe_node(self, raft: RaftNode, manifest: Manifest) -> None:
+        self.is_leader.set(1 if raft.is_leader else 0)
+        self.term.set(raft.term)
+        self.commit_index.set(raft.commit)
+        self.applied_index.set(raft.applied)
+        self.apply_lag.set(max(0, raft.commit - raft.applied))
+        counts = manifest.counts_by_state()
+        for state in TaskState:
+            self.tasks.labels(state=state.value).set(counts.get(state, 0))
+        agents = manifest.list_agents()
+        for agent_state in AgentState:
+            self.agents.labels(state=agent_state.value).set(
+                sum(1 for a in agents if a.state is agent_state)
+            )
