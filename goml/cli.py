@@ -28,6 +28,8 @@ cluster_app = typer.Typer(help="A real local cluster on loopback.", no_args_is_h
 app.add_typer(cluster_app, name="cluster")
 node_app = typer.Typer(help="Run one control-plane node.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
+agent_app = typer.Typer(help="Run a node agent.", no_args_is_help=True)
+app.add_typer(agent_app, name="agent")
 task_app = typer.Typer(help="Inspect and control tasks.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 
@@ -132,6 +134,15 @@ def node_run(config: Path = typer.Option(..., "--config", help="Node config YAML
         OSError,
     ) as error:
         raise _fail(str(error)) from None
+
+
+@agent_app.command("run")
+def agent_run(config: Path = typer.Option(..., "--config", help="Agent config YAML.")) -> None:
+    """Run a node agent in the foreground: register, heartbeat, lease, run tasks in child
+    processes, report results (SIGTERM/Ctrl-C stops it)."""
+    from goml.agent.runtime import main as agent_main
+
+    raise typer.Exit(agent_main(str(config)))
 
 
 @cluster_app.command("up")

@@ -190,7 +190,32 @@ def publish_profile(layout: LocalLayout) -> Path:
 
 
 def agent_processes(layout: LocalLayout, count: int) -> list[tuple[str, list[str]]]:
-    """Agents beside the nodes: none until the agent runtime is wired in."""
-    if count:
-        raise ValueError("--agents needs the agent runtime (not wired in yet)")
-    return []
+    """Configs for `count` local agents (written once) and the commands that run them."""
+    import yaml
+
+    certs = layout.data_dir / "certs"
+    processes = []
+    for i in range(count):
+        name = f"agent-{i + 1}"
+        path = layout.data_dir / "config" / f"{name}.yaml"
+        if not path.exists():
+            body: dict[str, object] = {
+                "agent_id": name,
+                "cloud": "local",
+                "region": "loopback",
+                "capacity": {"cpu": 2.0, "memory_mb": 2048},
+                "control_plane": dict(layout.profile.nodes),
+                "token_file": str(certs / "client.token"),
+            }
+            if layout.profile.insecure:
+                body["insecure"] = True
+            else:
+                body["tls"] = {
+                    "ca_file": str(certs / "ca.pem"),
+                    "cert_file": str(certs / "client.pem"),
+                    "key_file": str(certs / "client.key"),
+                }
+            path.write_text(yaml.safe_dump(body, sort_keys=False))
+        argv = [sys.executable, "-m", "goml", "agent", "run", "--config", str(path)]
+        processes.append((name, argv))
+    return processes

@@ -374,6 +374,13 @@ class RaftNode:
     def commit(self) -> int:
         return self._core.commit if self._core is not None else 0
 
+    def match_index(self, peer: NodeId) -> int:
+        """The leader's view of how far `peer`'s log matches its own (0 if not leader)."""
+        core = self._core
+        if core is None or core.role is not Role.LEADER or peer not in core.progress:
+            return 0
+        return core.progress[peer].match
+
     @property
     def is_leader(self) -> bool:
         return self.role is Role.LEADER

@@ -1,0 +1,819 @@
+"""The sans-IO agent core: register, heartbeat, lease, run, report.
+
+A plain object (STYLE.md): inputs are method calls carrying `now_ms`, outputs are
+immutable effects taken with `take_effects()`. No sockets, threads, clocks, asyncio or
+global randomness: the real runtime (`goml.agent.runtime`) and the SimPy simulator drive
+this very same code. `now_ms` is the agent's own monotonic clock; the core only ever
+subtracts its values from each other and never compares them with control-plane time
+(`LeasedTask.lease_deadline_ms`).
+
+Runtime contract:
+
+- Carry out effects in the order given. `Call`: send `request` to control-plane node
+  `node_id` and answer with exactly one `on_response` or `on_call_failed` (answers after
+  the call's `timeout_ms` are ignored: the core expires calls itself in `tick`, so a
+  simulator may simply drop messages). `RunTask`: start the task and answer with
+  `on_task_finished` (same `task_id` and `epoch`). `CancelTask`: stop the run (the core
+  ignores any later `on_task_finished` for it). `Log`: log it.
+- Call `tick(now_ms)` no later than `next_deadline_ms()` (it can change after any input).
+
+Decisions made here:
+
+- Registration: at `start`, and again whenever a heartbeat answer says `known=false`.
+- Heartbeats every `heartbeat_interval_ms` (the value of the latest `RegisterResponse`
+  when it is non-zero) while registered. They list every task whose lease the agent
+  holds and whose result is not acknowledged yet, so the leader keeps renewing them.
+- Leases: one long-poll at a time, only while registered and with room (a free task
+  slot, free cpu and memory, and fewer than `results_pending_max` unacknowledged
+  results); at most one call start every `lease_interval_ms_min`.
+- Results are kept per (task id, epoch) and re-reported until acknowledged: recorded, or
+  refused (stale epoch), which drops them with a log. An unreachable control plane never
+  drops them. A result is reported only under the epoch its task was leased with.
+- A task whose control-plane lease deadline passes keeps running and is reported: the
+  control plane's epoch check decides. A task running past its `timeout_ms` is
+  cancelled (`CancelTask`) and reported as failed ("timed out after N ms").
+- Leader: the node that last answered. NOT_LEADER with a known leader id is followed at
+  once (at most once per node in a row, then with backoff); an unreachable leader (or
+  NOT_LEADER without a usable hint) moves the belief to the next node in order.
+- Retries: exponential backoff with jitter from the `rng` passed in: after the n-th
+  consecutive failure of a lane, a delay in [d/2, d] with
+  d = min(retry_backoff_ms_max, retry_backoff_ms_min * 2**(n-1)).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+from goml.agent.messages import (
+    RESPONSE_TYPES,
+    ErrorKind,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    LeasedTask,
+    LeaseRequest,
+    LeaseResponse,
+    Method,
+    RegisterRequest,
+    RegisterResponse,
+    ReportRequest,
+    ReportResponse,
+    Request,
+    Resources,
+    Response,
+)
+
+__all__ = [
+    "TRANSITIONS",
+    "AgentCore",
+    "AgentCoreConfig",
+    "AgentEvent",
+    "AgentState",
+    "Call",
+    "CancelTask",
+    "Effect",
+    "IllegalEvent",
+    "Log",
+    "LogLevel",
+    "Rng",
+    "RunTask",
+    "transition",
+]
+
+CPU_EPSILON = 1e-9  # same tolerance as Resources.fits_in
+BACKOFF_EXPONENT_MAX = 30  # 2**30 * any sane minimum is beyond any sane maximum
+
+
+# --------------------------------------------------------------------------- state table
+
+
+class AgentState(enum.StrEnum):
+    INIT = "INIT"  # constructed, not started
+    REGISTERING = "REGISTERING"  # no registration acknowledged (or the leader forgot us)
+    ACTIVE = "ACTIVE"  # registered: heartbeats and leases go out
+    STOPPED = "STOPPED"  # stopped: no more calls or tasks; late answers are ignored
+
+
+class AgentEvent(enum.StrEnum):
+    START = "START"
+    STOP = "STOP"
+    TICK = "TICK"
+    REGISTERED = "REGISTERED"  # RegisterResponse
+    HEARTBEAT_KNOWN = "HEARTBEAT_KNOWN"  # HeartbeatResponse(known=True)
+    HEARTBEAT_UNKNOWN = "HEARTBEAT_UNKNOWN"  # HeartbeatResponse(known=False)
+    LEASE_ANSWERED = "LEASE_ANSWERED"  # LeaseResponse (possibly empty)
+    REPORT_ANSWERED = "REPORT_ANSWERED"  # ReportResponse
+    CALL_FAILED = "CALL_FAILED"  # on_call_failed, or a call expired in tick
+    TASK_FINISHED = "TASK_FINISHED"
+
+
+_S, _E = AgentState, AgentEvent
+# Every legal (state, event) pair and its target; anything absent is a runtime bug.
+# Why some pairs are absent: in INIT nothing has been sent or started; a Register call is
+# in flight only while REGISTERING, and a heartbeat only while ACTIVE (the answer that
+# moves ACTIVE -> REGISTERING is the one heartbeat in flight); START happens once.
+# Answers to unknown or expired request ids never reach the table (they are ignored).
+TRANSITIONS: dict[tuple[AgentState, AgentEvent], AgentState] = {
+    (_S.INIT, _E.START): _S.REGISTERING,
+    (_S.INIT, _E.STOP): _S.STOPPED,
+    (_S.REGISTERING, _E.STOP): _S.STOPPED,
+    (_S.REGISTERING, _E.TICK): _S.REGISTERING,
+    (_S.REGISTERING, _E.REGISTERED): _S.ACTIVE,
+    # A lease long-poll or a report sent while ACTIVE may answer after the fall back.
+    (_S.REGISTERING, _E.LEASE_ANSWERED): _S.REGISTERING,
+    (_S.REGISTERING, _E.REPORT_ANSWERED): _S.REGISTERING,
+    (_S.REGISTERING, _E.CALL_FAILED): _S.REGISTERING,
+    (_S.REGISTERING, _E.TASK_FINISHED): _S.REGISTERING,
+    (_S.ACTIVE, _E.STOP): _S.STOPPED,
+    (_S.ACTIVE, _E.TICK): _S.ACTIVE,
+    (_S.ACTIVE, _E.HEARTBEAT_KNOWN): _S.ACTIVE,
+    (_S.ACTIVE, _E.HEARTBEAT_UNKNOWN): _S.REGISTERING,
+    (_S.ACTIVE, _E.LEASE_ANSWERED): _S.ACTIVE,
+    (_S.ACTIVE, _E.REPORT_ANSWERED): _S.ACTIVE,
+    (_S.ACTIVE, _E.CALL_FAILED): _S.ACTIVE,
+    (_S.ACTIVE, _E.TASK_FINISHED): _S.ACTIVE,
+    # Stopped: everything still in flight is ignored.
+    (_S.STOPPED, _E.STOP): _S.STOPPED,
+    (_S.STOPPED, _E.TICK): _S.STOPPED,
+    (_S.STOPPED, _E.REGISTERED): _S.STOPPED,
+    (_S.STOPPED, _E.HEARTBEAT_KNOWN): _S.STOPPED,
+    (_S.STOPPED, _E.HEARTBEAT_UNKNOWN): _S.STOPPED,
+    (_S.STOPPED, _E.LEASE_ANSWERED): _S.STOPPED,
+    (_S.STOPPED, _E.REPORT_ANSWERED): _S.STOPPED,
+    (_S.STOPPED, _E.CALL_FAILED): _S.STOPPED,
+    (_S.STOPPED, _E.TASK_FINISHED): _S.STOPPED,
+}
+
+
+class IllegalEvent(AssertionError):
+    """An input the core cannot receive in its state: a bug in the runtime driving it."""
+
+
+def transition(state: AgentState, event: AgentEvent) -> AgentState:
+    target = TRANSITIONS.get((state, event))
+    if target is None:
+        raise IllegalEvent(f"agent core: event {event} is illegal in state {state}")
+    return target
+
+
+# --------------------------------------------------------------------------- effects
+
+
+class LogLevel(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    request_id: int
+    node_id: str
+    method: Method
+    request: Request
+    timeout_ms: int  # the call's deadline; the core expires it at sent + timeout_ms
+
+
+@dataclass(frozen=True, slots=True)
+class RunTask:
+    task: LeasedTask
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTask:
+    task_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: LogLevel
+    text: str
+
+
+Effect = Call | RunTask | CancelTask | Log
+
+
+class Rng(Protocol):
+    """What the core needs of `random.Random` (pass a seeded instance)."""
+
+    def random(self) -> float: ...
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, slots=True)
+class AgentCoreConfig:
+    """Every option explicit: no defaults here (the file format has documented ones)."""
+
+    agent_id: str
+    cloud: str
+    region: str
+    arch: str
+    capacity: Resources
+    control_nodes: tuple[str, ...]  # control-plane node ids, in rotation order
+    heartbeat_interval_ms: int  # until a RegisterResponse says otherwise
+    call_timeout_ms: int  # deadline of Register, Heartbeat and Report calls
+    lease_wait_ms: int  # long-poll hold asked of the server; Lease deadline adds call_timeout_ms
+    lease_interval_ms_min: int  # at most one Lease call start per this long
+    lease_tasks_max: int  # max_tasks of one Lease call
+    tasks_running_max: int
+    results_pending_max: int  # leasing pauses while this many results await acknowledgement
+    reports_inflight_max: int
+    retry_backoff_ms_min: int
+    retry_backoff_ms_max: int
+    result_bytes_max: int
+    error_bytes_max: int
+
+    def __post_init__(self) -> None:
+        # Configuration comes from an operator's file: bad values are ValueErrors.
+        for name in ("agent_id", "cloud", "region", "arch"):
+            if not getattr(self, name):
+                raise ValueError(f"agent config: {name} must not be empty")
+        if not self.control_nodes:
+            raise ValueError("agent config: control_nodes must name at least one node")
+        if len(set(self.control_nodes)) != len(self.control_nodes) or not all(self.control_nodes):
+            nodes = self.control_nodes
+            raise ValueError(f"agent config: control_nodes repeat or are empty: {nodes}")
+        if not (self.capacity.cpu > 0 and self.capacity.memory_mb > 0 and self.capacity.gpu >= 0):
+            raise ValueError(f"agent config: capacity must be positive, got {self.capacity}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith(("_ms", "_max", "_ms_min", "_ms_max")) and (
+                type(value) is not int or value < 1
+            ):
+                raise ValueError(f"agent config: {f.name} must be an integer >= 1, got {value!r}")
+        if self.retry_backoff_ms_min > self.retry_backoff_ms_max:
+            raise ValueError("agent config: retry_backoff_ms_min > retry_backoff_ms_max")
+
+
+# --------------------------------------------------------------------------- internals
+
+ResultKey = tuple[str, int]  # (task id, epoch)
+
+
+class _Lane:
+    """One stream of calls: at most one in flight, a due time, a failure streak."""
+
+    __slots__ = ("due_ms", "failures", "in_flight", "redirects")
+
+    def __init__(self, due_ms: int) -> None:
+        self.in_flight: int | None = None
+        self.due_ms = due_ms
+        self.failures = 0  # consecutive failures: the backoff exponent
+        self.redirects = 0  # consecutive NOT_LEADER hints followed without backoff
+
+
+@dataclass(frozen=True, slots=True)
+class _Outstanding:
+    request_id: int
+    node_id: str
+    method: Method
+    sent_ms: int
+    deadline_ms: int
+    result_key: ResultKey | None  # REPORT only
+
+
+@dataclass(frozen=True, slots=True)
+class _Running:
+    task: LeasedTask
+    started_ms: int
+
+
+class _Result:
+    __slots__ = ("error", "lane", "result_json", "success")
+
+    def __init__(self, success: bool, result_json: str, error: str, due_ms: int) -> None:
+        assert success == (result_json != ""), "success carries a result, failure does not"
+        assert success != (error != ""), "failure carries an error, success does not"
+        self.success = success
+        self.result_json = result_json
+        self.error = error
+        self.lane = _Lane(due_ms)
+
+
+def _truncate_utf8(text: str, limit_bytes: int) -> str:
+    data = text.encode("utf-8")
+    if len(data) <= limit_bytes:
+        return text
+    marker = " [truncated]"
+    keep = max(0, limit_bytes - len(marker))
+    return data[:keep].decode("utf-8", errors="ignore") + marker[: limit_bytes - keep]
+
+
+# --------------------------------------------------------------------------- the core
+
+
+class AgentCore:
+    def __init__(self, config: AgentCoreConfig, rng: Rng) -> None:
+        self._config = config
+        self._rng = rng
+        self._state = AgentState.INIT
+        self._now_ms = 0
+        self._effects: list[Effect] = []
+        self._next_request_id = 1
+        self._heartbeat_interval_ms = config.heartbeat_interval_ms
+        nodes = config.control_nodes
+        # Agents start on different nodes so a dead first node is not everyone's first try.
+        self._leader_id = nodes[min(len(nodes) - 1, int(rng.random() * len(nodes)))]
+        self._outstanding: dict[int, _Outstanding] = {}
+        self._register = _Lane(0)
+        self._heartbeat = _Lane(0)
+        self._lease = _Lane(0)
+        self._running: dict[str, _Running] = {}  # task id -> run (one run per task id)
+        self._results: dict[ResultKey, _Result] = {}  # insertion order = report order
+        self._used = Resources(0.0, 0, 0)
+
+    # ---- read-only views (tests, the simulator's checkers, logs)
+
+    @property
+    def state(self) -> AgentState:
+        return self._state
+
+    @property
+    def leader_id(self) -> str:
+        """The node the agent currently believes leads (and sends its calls to)."""
+        return self._leader_id
+
+    @property
+    def heartbeat_interval_ms(self) -> int:
+        return self._heartbeat_interval_ms
+
+    @property
+    def free(self) -> Resources:
+        return self._config.capacity.minus(self._used)
+
+    @property
+    def running_task_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(self._running))
+
+    @property
+    def pending_results(self) -> tuple[ResultKey, ...]:
+        return tuple(self._results)
+
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self._outstanding)
+
+    def take_effects(self) -> tuple[Effect, ...]:
+        """Everything the runtime must do, in order; each effect is handed out once."""
+        effects = tuple(self._effects)
+        self._effects.clear()
+        return effects
+
+    # ---- inputs
+
+    def start(self, now_ms: int) -> None:
+        self._enter(AgentEvent.START, now_ms)
+        self._register.due_ms = now_ms
+        self._log(LogLevel.INFO, f"agent {self._config.agent_id} starting")
+        self._pump()
+
+    def stop(self, now_ms: int) -> None:
+        """Stop for good: running tasks are cancelled, nothing more is sent."""
+        self._enter(AgentEvent.STOP, now_ms)
+        for task_id in sorted(self._running):
+            self._cancel_run(task_id)
+        if self._results:
+            self._log(
+                LogLevel.WARNING,
+                f"stopped with {len(self._results)} unacknowledged result(s): "
+                f"{sorted(self._results)}",
+            )
+        self._check()
+
+    def tick(self, now_ms: int) -> None:
+        self._enter(AgentEvent.TICK, now_ms)
+        if self._state is AgentState.STOPPED:
+            return
+        for out in sorted(self._outstanding.values(), key=lambda o: o.request_id):
+            if out.deadline_ms <= now_ms:
+                del self._outstanding[out.request_id]
+                self._failed(
+                    out,
+                    ErrorKind.DEADLINE,
+                    "",
+                    f"no answer within {out.deadline_ms - out.sent_ms} ms (expired by the agent)",
+                )
+        for task_id in sorted(self._running):
+            run = self._running[task_id]
+            if now_ms >= run.started_ms + run.task.timeout_ms:
+                self._cancel_run(task_id)
+                error = f"timed out after {run.task.timeout_ms} ms"
+                self._log(LogLevel.WARNING, f"task {task_id} epoch {run.task.epoch}: {error}")
+                self._add_result(run.task, False, "", error)
+        self._pump()
+
+    def on_response(self, request_id: int, response: Response, now_ms: int) -> None:
+        out = self._outstanding.pop(request_id, None)
+        if out is None:
+            self._advance_clock(now_ms)
+            self._log(LogLevel.DEBUG, f"ignored answer to unknown or expired call {request_id}")
+            return
+        expected = RESPONSE_TYPES[out.method]
+        assert isinstance(response, expected), (out.method, type(response).__name__)
+        event = {
+            RegisterResponse: AgentEvent.REGISTERED,
+            LeaseResponse: AgentEvent.LEASE_ANSWERED,
+            ReportResponse: AgentEvent.REPORT_ANSWERED,
+        }.get(type(response))
+        if isinstance(response, HeartbeatResponse):
+            event = AgentEvent.HEARTBEAT_KNOWN if response.known else AgentEvent.HEARTBEAT_UNKNOWN
+        assert event is not None
+        before = self._state
+        self._enter(event, now_ms)
+        if before is AgentState.STOPPED:
+            return
+        lane = self._lane_of(out)
+        if lane is not None:
+            assert lane.in_flight == request_id, (lane.in_flight, request_id)
+            lane.in_flight = None
+            lane.failures = 0
+            lane.redirects = 0
+        if out.node_id != self._leader_id:
+            self._log(LogLevel.INFO, f"leader is {out.node_id} (it answered)")
+            self._leader_id = out.node_id
+        match response:
+            case RegisterResponse():
+                self._registered(response)
+            case HeartbeatResponse():
+                if not response.known:
+                    self._log(LogLevel.WARNING, "leader does not know this agent: registering")
+                    self._register.due_ms = self._now_ms
+                    self._register.failures = 0
+            case LeaseResponse():
+                self._leased(response)
+            case ReportResponse():
+                self._reported(out, response)
+        self._pump()
+
+    def on_call_failed(
+        self,
+        request_id: int,
+        error_kind: ErrorKind,
+        leader_hint: str,
+        detail: str,
+        now_ms: int,
+    ) -> None:
+        """`leader_hint`: the leader id a NOT_LEADER answer names ("" if none); `detail`:
+        the status message, for logs and for a refused result's failure report."""
+        out = self._outstanding.pop(request_id, None)
+        if out is None:
+            self._advance_clock(now_ms)
+            self._log(LogLevel.DEBUG, f"ignored failure of unknown or expired call {request_id}")
+            return
+        before = self._state
+        self._enter(AgentEvent.CALL_FAILED, now_ms)
+        if before is AgentState.STOPPED:
+            return
+        self._failed(out, error_kind, leader_hint, detail)
+        self._pump()
+
+    def on_task_finished(
+        self, task_id: str, epoch: int, ok: bool, result_json_or_error: str, now_ms: int
+    ) -> None:
+        self._enter(AgentEvent.TASK_FINISHED, now_ms)
+        run = self._running.get(task_id)
+        if run is None or run.task.epoch != epoch:
+            self._log(LogLevel.DEBUG, f"ignored end of task {task_id} epoch {epoch} (not running)")
+            return
+        del self._running[task_id]
+        self._used = self._used_now()
+        if ok and not result_json_or_error:
+            ok, result_json_or_error = False, "task returned an empty result"
+        if ok and len(result_json_or_error.encode("utf-8")) > self._config.result_bytes_max:
+            size = len(result_json_or_error.encode("utf-8"))
+            ok, result_json_or_error = (
+                False,
+                f"result is {size} bytes, over the limit of {self._config.result_bytes_max} bytes",
+            )
+        if not ok and not result_json_or_error:
+            result_json_or_error = "task failed without a message"
+        if ok:
+            self._add_result(run.task, True, result_json_or_error, "")
+        else:
+            self._add_result(run.task, False, "", result_json_or_error)
+        self._pump()
+
+    def next_deadline_ms(self) -> int | None:
+        """When `tick` must run next (possibly already past); None: only inputs matter."""
+        if self._state in (AgentState.INIT, AgentState.STOPPED):
+            return None
+        times = [o.deadline_ms for o in self._outstanding.values()]
+        times += [r.started_ms + r.task.timeout_ms for r in self._running.values()]
+        if self._state is AgentState.REGISTERING and self._register.in_flight is None:
+            times.append(self._register.due_ms)
+        if self._state is AgentState.ACTIVE:
+            if self._heartbeat.in_flight is None:
+                times.append(self._heartbeat.due_ms)
+            if self._lease.in_flight is None and self._has_room():
+                times.append(self._lease.due_ms)
+        if self._reports_in_flight() < self._config.reports_inflight_max:
+            times += [r.lane.due_ms for r in self._results.values() if r.lane.in_flight is None]
+        return min(times) if times else None
+
+    # ---- transitions and bookkeeping
+
+    def _advance_clock(self, now_ms: int) -> None:
+        assert now_ms >= self._now_ms, f"time went backwards: {now_ms} < {self._now_ms}"
+        self._now_ms = now_ms
+
+    def _enter(self, event: AgentEvent, now_ms: int) -> None:
+        self._advance_clock(now_ms)
+        target = transition(self._state, event)
+        if target is not self._state:
+            self._log(LogLevel.INFO, f"agent {self._state} -> {target} on {event}")
+        self._state = target
+
+    def _log(self, level: LogLevel, text: str) -> None:
+        self._effects.append(Log(level, text))
+
+    def _used_now(self) -> Resources:
+        used = Resources(0.0, 0, 0)
+        for task_id in sorted(self._running):  # one order: float sums add up alike
+            used = used.plus(self._running[task_id].task.resources)
+        return used
+
+    def _has_room(self) -> bool:
+        free = self.free
+        return (
+            len(self._running) < self._config.tasks_running_max
+            and len(self._results) < self._config.results_pending_max
+            and free.cpu > CPU_EPSILON
+            and free.memory_mb > 0
+        )
+
+    def _reports_in_flight(self) -> int:
+        return sum(1 for r in self._results.values() if r.lane.in_flight is not None)
+
+    def _held_task_ids(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self._running) | {key[0] for key in self._results}))
+
+    def _lane_of(self, out: _Outstanding) -> _Lane | None:
+        if out.method is Method.REPORT:
+            assert out.result_key is not None
+            result = self._results.get(out.result_key)
+            return None if result is None else result.lane
+        return {
+            Method.REGISTER: self._register,
+            Method.HEARTBEAT: self._heartbeat,
+            Method.LEASE: self._lease,
+        }[out.method]
+
+    def _check(self) -> None:
+        config = self._config
+        assert len(self._running) <= config.tasks_running_max, self._running
+        assert len(self._results) <= config.results_pending_max + config.tasks_running_max
+        assert self._reports_in_flight() <= config.reports_inflight_max
+        assert len(self._outstanding) <= 3 + config.reports_inflight_max, self._outstanding
+        assert self._used == self._used_now(), (self._used, self._used_now())
+        assert self._leader_id in config.control_nodes, self._leader_id
+        if self._state is not AgentState.STOPPED:
+            in_flight = {o.request_id for o in self._outstanding.values()}
+            for lane in (self._register, self._heartbeat, self._lease):
+                assert lane.in_flight is None or lane.in_flight in in_flight
+        else:
+            assert not self._running, "stop cancels every run"
+
+    # ---- sending
+
+    def _send(
+        self,
+        lane: _Lane,
+        method: Method,
+        request: Request,
+        timeout_ms: int,
+        result_key: ResultKey | None = None,
+    ) -> None:
+        assert lane.in_flight is None, method
+        assert timeout_ms >= 1, timeout_ms
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        lane.in_flight = request_id
+        now = self._now_ms
+        self._outstanding[request_id] = _Outstanding(
+            request_id, self._leader_id, method, now, now + timeout_ms, result_key
+        )
+        self._effects.append(Call(request_id, self._leader_id, method, request, timeout_ms))
+
+    def _pump(self) -> None:
+        """Send every call that is due and allowed."""
+        config, now = self._config, self._now_ms
+        if self._state is AgentState.REGISTERING:
+            lane = self._register
+            if lane.in_flight is None and lane.due_ms <= now:
+                request = RegisterRequest(
+                    config.agent_id, config.cloud, config.region, config.arch, config.capacity
+                )
+                self._send(lane, Method.REGISTER, request, config.call_timeout_ms)
+        if self._state is AgentState.ACTIVE:
+            lane = self._heartbeat
+            if lane.in_flight is None and lane.due_ms <= now:
+                lane.due_ms = now + self._heartbeat_interval_ms
+                request_hb = HeartbeatRequest(config.agent_id, self.free, self._held_task_ids())
+                self._send(lane, Method.HEARTBEAT, request_hb, config.call_timeout_ms)
+            lane = self._lease
+            if lane.in_flight is None and lane.due_ms <= now and self._has_room():
+                lane.due_ms = now + config.lease_interval_ms_min
+                slots = config.tasks_running_max - len(self._running)
+                request_lease = LeaseRequest(
+                    config.agent_id,
+                    self.free,
+                    min(config.lease_tasks_max, slots),
+                    config.lease_wait_ms,
+                )
+                timeout_ms = config.lease_wait_ms + config.call_timeout_ms
+                self._send(lane, Method.LEASE, request_lease, timeout_ms)
+        if self._state in (AgentState.REGISTERING, AgentState.ACTIVE):
+            in_flight = self._reports_in_flight()
+            for key, result in self._results.items():
+                if in_flight >= config.reports_inflight_max:
+                    break
+                if result.lane.in_flight is None and result.lane.due_ms <= now:
+                    request_report = ReportRequest(
+                        config.agent_id,
+                        key[0],
+                        key[1],
+                        result.success,
+                        result.result_json,
+                        result.error,
+                    )
+                    self._send(
+                        result.lane, Method.REPORT, request_report, config.call_timeout_ms, key
+                    )
+                    in_flight += 1
+        self._check()
+
+    # ---- answers
+
+    def _registered(self, response: RegisterResponse) -> None:
+        if response.heartbeat_interval_ms > 0:
+            self._heartbeat_interval_ms = response.heartbeat_interval_ms
+        elif response.heartbeat_interval_ms < 0:
+            self._log(
+                LogLevel.WARNING,
+                f"ignored heartbeat_interval_ms={response.heartbeat_interval_ms} from the leader",
+            )
+        self._log(
+            LogLevel.INFO,
+            f"registered with {self._leader_id}; heartbeat every {self._heartbeat_interval_ms} ms",
+        )
+        # The registration counts as a heartbeat; a lease may go out at once.
+        self._heartbeat.due_ms = self._now_ms + self._heartbeat_interval_ms
+        self._heartbeat.failures = 0
+        self._lease.due_ms = min(self._lease.due_ms, self._now_ms)
+
+    def _lease_problem(self, task: LeasedTask) -> str | None:
+        if not task.task_id:
+            return "empty task id"
+        if task.epoch < 1:
+            return f"epoch {task.epoch} < 1"
+        if task.timeout_ms < 1:
+            return f"timeout_ms {task.timeout_ms} < 1"
+        r = task.resources
+        if not (r.cpu >= 0 and r.memory_mb >= 0 and r.gpu >= 0):
+            return f"negative resources {r}"
+        return None
+
+    def _leased(self, response: LeaseResponse) -> None:
+        for task in response.tasks:
+            problem = self._lease_problem(task)
+            if problem is not None:
+                self._log(LogLevel.ERROR, f"ignored leased task {task.task_id!r}: {problem}")
+                continue
+            old = self._running.get(task.task_id)
+            if old is not None and old.task.epoch == task.epoch:
+                self._log(LogLevel.WARNING, f"task {task.task_id} epoch {task.epoch} leased twice")
+                continue
+            if (task.task_id, task.epoch) in self._results:
+                self._log(LogLevel.WARNING, f"task {task.task_id} epoch {task.epoch} already ran")
+                continue
+            if old is not None and old.task.epoch > task.epoch:
+                self._log(
+                    LogLevel.WARNING,
+                    f"ignored lease of task {task.task_id} at epoch {task.epoch}: "
+                    f"running it at the newer epoch {old.task.epoch}",
+                )
+                continue
+            if old is not None:
+                # Our old lease was taken away and the task leased to us again: the old
+                # run's result could never be recorded (its epoch is stale). Start over.
+                self._log(
+                    LogLevel.WARNING,
+                    f"task {task.task_id} re-leased at epoch {task.epoch}: "
+                    f"cancelling the run of epoch {old.task.epoch}",
+                )
+                self._cancel_run(task.task_id)
+            if len(self._running) >= self._config.tasks_running_max:
+                self._log(
+                    LogLevel.ERROR,
+                    f"ignored leased task {task.task_id}: all "
+                    f"{self._config.tasks_running_max} task slots are busy",
+                )
+                continue
+            if not task.resources.fits_in(self.free):
+                self._log(
+                    LogLevel.WARNING,
+                    f"task {task.task_id} needs {task.resources}, free is {self.free}: "
+                    "running it anyway",
+                )
+            self._running[task.task_id] = _Running(task, self._now_ms)
+            self._used = self._used_now()
+            self._effects.append(RunTask(task))
+        if response.tasks:
+            self._lease.due_ms = self._now_ms  # more may fit: poll again at once
+
+    def _reported(self, out: _Outstanding, response: ReportResponse) -> None:
+        assert out.result_key is not None
+        result = self._results.pop(out.result_key, None)
+        assert result is not None, "a result leaves only when its report is answered"
+        task_id, epoch = out.result_key
+        if response.recorded:
+            self._log(LogLevel.INFO, f"result of task {task_id} epoch {epoch} recorded")
+        else:
+            self._log(
+                LogLevel.WARNING,
+                f"result of task {task_id} epoch {epoch} refused, dropped: {response.reason}",
+            )
+
+    def _backoff(self, lane: _Lane) -> None:
+        config = self._config
+        lane.failures += 1
+        exponent = min(lane.failures - 1, BACKOFF_EXPONENT_MAX)
+        ceiling = min(config.retry_backoff_ms_max, config.retry_backoff_ms_min << exponent)
+        delay = ceiling // 2 + int(self._rng.random() * (ceiling - ceiling // 2))
+        assert ceiling // 2 <= delay <= ceiling, (delay, ceiling)
+        lane.due_ms = self._now_ms + delay
+
+    def _rotate(self, failed_node: str) -> None:
+        if failed_node != self._leader_id:
+            return  # the belief has moved on already
+        nodes = self._config.control_nodes
+        self._leader_id = nodes[(nodes.index(failed_node) + 1) % len(nodes)]
+        self._log(LogLevel.INFO, f"{failed_node} unreachable or leaderless: try {self._leader_id}")
+
+    def _failed(self, out: _Outstanding, kind: ErrorKind, hint: str, detail: str) -> None:
+        lane = self._lane_of(out)
+        assert lane is not None, "a report in flight keeps its result"
+        assert lane.in_flight == out.request_id, (lane.in_flight, out.request_id)
+        lane.in_flight = None
+        what = f"{out.method} to {out.node_id} failed ({kind})"
+        if detail:
+            what += f": {detail}"
+        match kind:
+            case ErrorKind.NOT_LEADER:
+                if hint in self._config.control_nodes and hint != out.node_id:
+                    self._leader_id = hint
+                    if lane.redirects < len(self._config.control_nodes):
+                        lane.redirects += 1
+                        lane.due_ms = self._now_ms
+                        self._log(LogLevel.INFO, f"{what}; following the hint to {hint}")
+                        return
+                    self._log(LogLevel.WARNING, f"{what}; redirected too often in a row")
+                else:
+                    if hint:
+                        self._log(LogLevel.WARNING, f"{what}; unknown leader hint {hint!r}")
+                    self._rotate(out.node_id)
+            case ErrorKind.UNAVAILABLE | ErrorKind.DEADLINE:
+                self._log(LogLevel.INFO, what)
+                self._rotate(out.node_id)
+            case ErrorKind.UNAUTHENTICATED:
+                self._log(LogLevel.ERROR, f"{what}; check the agent's token")
+            case ErrorKind.INVALID:
+                self._log(LogLevel.ERROR, what)
+                if out.method is Method.REPORT:
+                    self._refused_report(out, detail)
+                    return
+        self._backoff(lane)
+
+    def _refused_report(self, out: _Outstanding, detail: str) -> None:
+        """The control plane refused the report itself (e.g. over its size limit)."""
+        assert out.result_key is not None
+        result = self._results.pop(out.result_key)
+        task_id, epoch = out.result_key
+        if not result.success:
+            self._log(LogLevel.ERROR, f"failure report of task {task_id} epoch {epoch} dropped")
+            return
+        # Tell the control plane the attempt failed rather than let its lease run out.
+        error = _truncate_utf8(
+            f"control plane refused the result: {detail or 'invalid report'}",
+            self._config.error_bytes_max,
+        )
+        self._results[out.result_key] = _Result(False, "", error, self._now_ms)
+
+    # ---- tasks
+
+    def _cancel_run(self, task_id: str) -> None:
+        run = self._running.pop(task_id)
+        self._used = self._used_now()
+        self._effects.append(CancelTask(task_id, run.task.epoch))
+
+    def _add_result(self, task: LeasedTask, success: bool, result_json: str, error: str) -> None:
+        key = (task.task_id, task.epoch)
+        assert key not in self._results, key
+        assert task.task_id not in self._running, "a result is added once its run is over"
+        error = _truncate_utf8(error, self._config.error_bytes_max) if error else ""
+        self._results[key] = _Result(success, result_json, error, self._now_ms)
