@@ -250,7 +250,10 @@ class Client:
                 return task
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"task {task_id} still {api_pb2.TaskState.Name(task.state)}")
+                raise TimeoutError(
+                    f"timed out after {timeout_s:g} s waiting for task {task_id}: still "
+                    f"{api_pb2.TaskState.Name(task.state)} (is an agent running that fits it?)"
+                )
             for event in self.watch([task_id], timeout_s=min(remaining, 5.0)):
                 if event.task.state in TERMINAL_STATES:
                     return event.task

@@ -16,8 +16,9 @@ import grpc
 
 from goml.cluster.certs import read_secret
 from goml.cluster.config import NodeFileConfig, load_node_config
+from goml.cluster.manifest import DEFAULT_LIMITS
 from goml.cluster.metrics import Metrics
-from goml.cluster.service import DEFAULT_LIMITS, ControlPlane, ManifestMachine, add_services
+from goml.cluster.service import ControlPlane, ManifestMachine, add_services
 from goml.raft.node import default_core_config, default_node_config
 from goml.raft.server import SERVER_GRACE_S, bind_server, build_node
 from goml.raft.types import Config

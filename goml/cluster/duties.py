@@ -34,6 +34,12 @@ class DutiesConfig:
         assert 0 < self.renew_before_ms < self.lease_ms
 
 
+# The defaults of a node's `duties:` config section (goml.cluster.config.Duties).
+DEFAULT_DUTIES = DutiesConfig(
+    agent_timeout_ms=5000, election_grace_ms=5000, lease_ms=15000, renew_before_ms=7500
+)
+
+
 @dataclass
 class _Seen:
     at_ms: int
@@ -110,8 +116,7 @@ class LeaderDuties:
 
     @staticmethod
     def _any_lease_expired(manifest: Manifest, now_ms: int) -> bool:
-        for state in (TaskState.LEASED, TaskState.RUNNING):
-            for task in manifest.list_tasks(limit=manifest.limits.tasks_max, state=state):
-                if task.lease is not None and task.lease.deadline_ms <= now_ms:
-                    return True
-        return False
+        return any(
+            task.lease is not None and task.lease.deadline_ms <= now_ms
+            for task in manifest.open_tasks()
+        )

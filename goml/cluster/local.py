@@ -20,7 +20,13 @@ from pathlib import Path
 
 from goml.client import Client, ClientError, Profile, default_profile_path
 from goml.cluster.certs import init_certs
-from goml.cluster.config import NodeFileConfig, TlsFiles, load_node_config, write_node_config
+from goml.cluster.config import (
+    Duties,
+    NodeFileConfig,
+    TlsFiles,
+    load_node_config,
+    write_node_config,
+)
 
 STOP_TIMEOUT_S = 10.0
 
@@ -46,8 +52,14 @@ class LocalLayout:
     profile: Profile
 
 
-def prepare(data_dir: Path, nodes: int, insecure: bool) -> LocalLayout:
-    """Create (or reuse) certificates, node configs and a client profile under data_dir."""
+def prepare(
+    data_dir: Path, nodes: int, insecure: bool, duties: Duties | None = None
+) -> LocalLayout:
+    """Create (or reuse) certificates, node configs and a client profile under data_dir.
+
+    `duties` overrides the leader's timeouts in new node configs (tests use shorter ones
+    so a dead agent is noticed in a second or two); None keeps the production defaults.
+    An existing data_dir keeps the configs it has."""
     data_dir = data_dir.resolve()
     config_dir = data_dir / "config"
     existing = sorted(config_dir.glob("n*.yaml")) if config_dir.is_dir() else []
@@ -88,6 +100,7 @@ def prepare(data_dir: Path, nodes: int, insecure: bool) -> LocalLayout:
                 insecure=insecure,
                 secret_file=certs / "cluster.secret",
                 token_file=certs / "client.token",
+                duties=duties if duties is not None else Duties(),
             )
             path = config_dir / f"{name}.yaml"
             write_node_config(path, config)

@@ -243,9 +243,24 @@ class Manifest:
         self._applied_index = 0
         self._next_seq = 0
         self._tasks: dict[str, Task] = {}  # insertion order == seq order
+        # Ids of tasks not yet terminal, in seq order: leasing, expiry and requeues look
+        # only here, so their cost follows the open work, not the whole history.
+        self._open: dict[str, None] = {}
         self._by_key: dict[str, str] = {}  # idempotency key -> task id
         self._agents: dict[str, Agent] = {}  # iterate sorted only
         self._stale_reports_refused = 0
+
+    def _store(self, task: Task) -> None:
+        assert self._tasks.get(task.id, task).seq == task.seq
+        self._tasks[task.id] = task
+        if task.state in TERMINAL:
+            self._open.pop(task.id, None)
+        else:
+            self._open[task.id] = None
+
+    def open_tasks(self) -> list[Task]:
+        """Tasks not yet terminal (PENDING, LEASED, RUNNING), in submit order."""
+        return [self._tasks[task_id] for task_id in self._open]
 
     # ---- applying entries
 
@@ -387,7 +402,7 @@ class Manifest:
             )
         for task in created:
             assert task.id not in self._tasks
-            self._tasks[task.id] = task
+            self._store(task)
             self._by_key[task.idempotency_key] = task.id
         self._next_seq += len(created)
         return ApplyResult(
@@ -405,9 +420,7 @@ class Manifest:
             raise _illegal(task, TaskEvent.CANCEL)
         # Taking a lease away bumps the epoch, so the holder's late report is stale.
         epoch = task.epoch + 1 if task.lease is not None else task.epoch
-        self._tasks[task.id] = replace(
-            task, state=target, lease=None, epoch=epoch, finished_ms=cmd.now_ms
-        )
+        self._store(replace(task, state=target, lease=None, epoch=epoch, finished_ms=cmd.now_ms))
         return ApplyResult(index, True, Code.OK, f"task {task.id} cancelled", task_ids=(task.id,))
 
     def _register(self, index: int, cmd: RegisterAgent) -> ApplyResult:
@@ -447,11 +460,9 @@ class Manifest:
         agent = self._agent(cmd.agent_id, AgentEvent.DOWN)
         self._agents[agent.id] = replace(agent, state=AgentState.DOWN)
         requeued = []
-        for task in list(self._tasks.values()):
+        for task in self.open_tasks():
             if task.lease is not None and task.lease.agent_id == agent.id:
-                self._tasks[task.id] = self._requeue(
-                    task, cmd.now_ms, f"agent {agent.id} marked down"
-                )
+                self._store(self._requeue(task, cmd.now_ms, f"agent {agent.id} marked down"))
                 requeued.append(task.id)
         return ApplyResult(
             index,
@@ -463,7 +474,7 @@ class Manifest:
 
     def _in_use(self, agent_id: str) -> Resources:
         total = Resources(0.0, 0, 0)
-        for task in self._tasks.values():  # seq order: float sums add up alike everywhere
+        for task in self.open_tasks():  # seq order: float sums add up alike everywhere
             if task.lease is not None and task.lease.agent_id == agent_id:
                 total = total.plus(task.resources)
         return total
@@ -478,7 +489,7 @@ class Manifest:
         # Never trust the proposed free capacity beyond what the log itself knows is free.
         free = cmd.free.least(agent.capacity.minus(self._in_use(agent.id)))
         pending = sorted(
-            (t for t in self._tasks.values() if t.state is TaskState.PENDING),
+            (t for t in self.open_tasks() if t.state is TaskState.PENDING),
             key=lambda t: (-t.priority, t.seq),
         )
         # Clamped so every stored integer still fits the int64 the snapshot reader accepts.
@@ -501,7 +512,7 @@ class Manifest:
                 epoch=task.epoch + 1,
                 lease=Lease(agent.id, cmd.now_ms, deadline_ms),
             )
-            self._tasks[task.id] = new
+            self._store(new)
             leased.append(new)
             free = free.minus(task.resources)
         return ApplyResult(
@@ -536,7 +547,7 @@ class Manifest:
         target = _target(task, TaskEvent.START)
         if target is None:
             raise _illegal(task, TaskEvent.START)
-        self._tasks[task.id] = replace(task, state=target)
+        self._store(replace(task, state=target))
         return ApplyResult(index, True, Code.OK, f"task {task.id} running", task_ids=(task.id,))
 
     def _report(self, index: int, cmd: ReportResult) -> ApplyResult:
@@ -568,14 +579,14 @@ class Manifest:
                 error=cmd.error,
                 finished_ms=cmd.now_ms if target is TaskState.DEAD else None,
             )
-        self._tasks[task.id] = new
+        self._store(new)
         return ApplyResult(index, True, Code.OK, f"task {task.id} {new.state}", task_ids=(task.id,))
 
     def _expire(self, index: int, cmd: ExpireLeases) -> ApplyResult:
         expired = []
-        for task in list(self._tasks.values()):
+        for task in self.open_tasks():
             if task.lease is not None and cmd.now_ms >= task.lease.deadline_ms:
-                self._tasks[task.id] = self._requeue(task, cmd.now_ms, "lease expired")
+                self._store(self._requeue(task, cmd.now_ms, "lease expired"))
                 expired.append(task.id)
         return ApplyResult(
             index, True, Code.OK, f"{len(expired)} lease(s) expired", task_ids=tuple(expired)
@@ -602,9 +613,7 @@ class Manifest:
             ):
                 skipped.append(task_id)
                 continue
-            self._tasks[task_id] = replace(
-                task, lease=replace(task.lease, deadline_ms=cmd.deadline_ms)
-            )
+            self._store(replace(task, lease=replace(task.lease, deadline_ms=cmd.deadline_ms)))
             renewed.append(task_id)
         return ApplyResult(
             index,
@@ -659,6 +668,27 @@ class Manifest:
                 continue
             found.append(task)
         return tuple(found)
+
+    def leasable(self, agent_id: str, free: Resources) -> int:
+        """How many PENDING tasks would fit this agent now, each on its own (at most
+        `lease_tasks_max`). A read-only hint: the leader skips proposing a LeaseTasks
+        that would lease nothing; the state machine still decides when it applies."""
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.state is not AgentState.ALIVE:
+            return self._limits.lease_tasks_max  # let the command give the refusal
+        free = free.least(agent.capacity.minus(self._in_use(agent.id)))
+        count = 0
+        for task in self.open_tasks():
+            if task.state is not TaskState.PENDING or not task.resources.fits_in(free):
+                continue
+            if (task.cloud is not None and task.cloud != agent.cloud) or (
+                task.region is not None and task.region != agent.region
+            ):
+                continue
+            count += 1
+            if count == self._limits.lease_tasks_max:
+                break
+        return count
 
     def get_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
@@ -723,7 +753,7 @@ class Manifest:
                 raise CommandError(f"task {task.id}: duplicate id or idempotency key")
             if not task.seq < manifest._next_seq:
                 raise CommandError(f"task {task.id}: seq {task.seq} >= next_seq")
-            manifest._tasks[task.id] = task
+            manifest._store(task)
             manifest._by_key[task.idempotency_key] = task.id
         f.close()
         return manifest
@@ -785,3 +815,18 @@ def _read_task(f: Fields) -> Task:
     )
     f.close()
     return task
+
+
+# The limits every goml node runs with (they must agree across replicas: see ManifestLimits).
+DEFAULT_LIMITS = ManifestLimits(
+    command_bytes_max=4 * 1024 * 1024,
+    batch_tasks_max=1000,
+    tasks_max=200_000,
+    agents_max=1000,
+    args_bytes_max=64 * 1024,
+    result_bytes_max=256 * 1024,
+    error_bytes_max=16 * 1024,
+    name_bytes_max=256,
+    lease_tasks_max=64,
+    renew_tasks_max=256,
+)

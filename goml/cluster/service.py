@@ -34,11 +34,13 @@ from goml.cluster.commands import (
     Resources,
     SubmitTasks,
     TaskSpec,
+    canonical_json,
     encode_command,
 )
 from goml.cluster.config import NodeFileConfig
 from goml.cluster.duties import DutiesConfig, LeaderDuties
 from goml.cluster.manifest import (
+    DEFAULT_LIMITS,
     AgentState,
     ApplyResult,
     Code,
@@ -60,18 +62,6 @@ WATCH_QUEUE_MAX = 1024
 LEASE_WAIT_MS_MAX = 30_000
 DUTIES_INTERVAL_S = 0.2
 
-DEFAULT_LIMITS = ManifestLimits(
-    command_bytes_max=4 * 1024 * 1024,
-    batch_tasks_max=1000,
-    tasks_max=200_000,
-    agents_max=1000,
-    args_bytes_max=64 * 1024,
-    result_bytes_max=256 * 1024,
-    error_bytes_max=16 * 1024,
-    name_bytes_max=256,
-    lease_tasks_max=64,
-    renew_tasks_max=256,
-)
 
 _CODE_TO_STATUS = {
     Code.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -216,6 +206,18 @@ class ControlPlane:
             data = encode_command(command)
         except CommandError as error:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        # RaftNode.propose raises ValueError beyond its size limit, which gRPC turned into
+        # UNKNOWN "Unexpected ValueError" (e.g. a batch of tasks each under args_bytes_max).
+        limit = min(
+            self.raft.config.proposal_size_bytes_max, self.manifest.limits.command_bytes_max
+        )
+        if len(data) > limit:
+            hint = ": split the batch" if isinstance(command, SubmitTasks) else ""
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{type(command).__name__} is {len(data)} bytes encoded; "
+                f"limit {limit} bytes per proposal{hint}",
+            )
         timeout_s = self.config.request_timeout_s
         try:
             result = await self.raft.propose(data, timeout_s)
@@ -308,15 +310,26 @@ class ControlPlane:
             where = f"tasks[{position}]"
             if not spec.idempotency_key:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}.idempotency_key: required")
+            args_json = spec.args_json or "{}"
+            # The limit applies to what the client sent: the manifest only sees the
+            # canonical form, so whitespace padding would otherwise slip past it.
+            args_bytes, args_limit = len(args_json.encode()), self.manifest.limits.args_bytes_max
+            if args_bytes > args_limit:
+                raise _Abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{where}: args_json is {args_bytes} bytes; limit args_bytes_max={args_limit}",
+                )
             try:
-                validate_args(spec.function, spec.args_json or "{}")
-            except TaskArgsError as error:
+                validate_args(spec.function, args_json)
+                # Logged canonical (as every replica stores it): no padding in the log.
+                args_json = canonical_json(args_json, f"{where}.args_json")
+            except (TaskArgsError, CommandError) as error:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {error}") from None
             specs.append(
                 TaskSpec(
                     idempotency_key=spec.idempotency_key,
                     function=spec.function,
-                    args_json=spec.args_json or "{}",
+                    args_json=args_json,
                     resources=resources_from_pb(spec.resources),
                     priority=spec.priority,
                     max_attempts=spec.max_attempts or 3,
