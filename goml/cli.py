@@ -30,6 +30,11 @@ node_app = typer.Typer(help="Run one control-plane node.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 agent_app = typer.Typer(help="Run a node agent.", no_args_is_help=True)
 app.add_typer(agent_app, name="agent")
+sim_app = typer.Typer(
+    help="The simulator: scenarios on a SimPy model of the cross-cloud network.",
+    no_args_is_help=True,
+)
+app.add_typer(sim_app, name="sim")
 task_app = typer.Typer(help="Inspect and control tasks.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 
@@ -134,6 +139,41 @@ def node_run(config: Path = typer.Option(..., "--config", help="Node config YAML
         OSError,
     ) as error:
         raise _fail(str(error)) from None
+
+
+DEFAULT_SCENARIO = Path("scenarios/steady.yaml")
+
+
+@sim_app.command("run")
+def sim_run(
+    scenario: Path = typer.Argument(DEFAULT_SCENARIO, help="Scenario YAML."),
+    seed: int | None = typer.Option(None, help="Seed (default: the scenario's)."),
+    out: Path | None = typer.Option(None, help="Report directory (default: reports/NAME-seedN)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
+) -> None:
+    """Run a scenario in the simulator: prints a summary, writes summary.json and
+    report.html, exits non-zero when an expectation fails."""
+    from goml.sim.runner import run_command
+
+    raise typer.Exit(run_command(scenario, seed, out, as_json))
+
+
+@sim_app.command("sweep")
+def sim_sweep(
+    scenario: Path = typer.Argument(..., help="Scenario YAML."),
+    seeds: str = typer.Option("1-20", help="Seeds, e.g. 1-1000 or 3,7,10-20."),
+    jobs: int = typer.Option(2, "-j", "--jobs", min=1, help="Parallel processes."),
+    out: Path | None = typer.Option(None, help="Write every seed's summary here."),
+) -> None:
+    """Run many seeds in parallel, aggregate the distributions, list failing seeds
+    with the exact command that replays each."""
+    from goml.sim.runner import parse_seeds, sweep_command
+
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    raise typer.Exit(sweep_command(scenario, seed_list, jobs, out))
 
 
 @agent_app.command("run")

@@ -302,9 +302,9 @@ class Client:
                     if hint in self._nodes and hint != node_id:
                         self._leader = hint
                         continue  # redirected: no backoff
-                    self._rotate()  # a follower that knows no leader yet
+                    self._rotate(node_id)  # a follower that knows no leader yet
                 elif code in _RETRYABLE:
-                    self._rotate()
+                    self._rotate(node_id)
                 else:
                     raise ClientError(code, details) from error
             time.sleep(
@@ -312,9 +312,12 @@ class Client:
             )
             backoff_s = min(backoff_s * 2, 0.5)
 
-    def _rotate(self) -> None:
-        position = self._order.index(self._leader)
-        self._leader = self._order[(position + 1) % len(self._order)]
+    def _rotate(self, failed: str) -> None:
+        # Only if no other thread has moved the guess on already: concurrent calls that
+        # time out together would otherwise rotate it off a leader another call found.
+        if self._leader == failed:
+            position = self._order.index(failed)
+            self._leader = self._order[(position + 1) % len(self._order)]
 
 
 def _leader_hint(error: grpc.RpcError) -> str | None:

@@ -20,6 +20,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 
+from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.core import RaftCore
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import (
@@ -30,10 +31,6 @@ from goml.raft.types import (
     ProposalError,
     Role,
 )
-
-
-class SafetyViolation(AssertionError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -91,8 +88,9 @@ class Cluster:
         self.nodes: dict[NodeId, _Node] = {}
         self.blocked: set[tuple[NodeId, NodeId]] = set()
         self.trace = hashlib.sha256()
-        self.leaders_by_term: dict[int, NodeId] = {}
-        self.committed: dict[int, tuple[int, bytes]] = {}  # index -> (term, data) applied
+        self.checker = SafetyChecker()
+        self.committed = self.checker.applied  # index -> (term, data), as applied
+        self.leaders_by_term = self.checker.leaders_by_term
         self.proposed: dict[bytes, tuple[NodeId, int, int]] = {}
         self.acknowledged: set[bytes] = set()
         self.proposal_count = 0
@@ -271,12 +269,7 @@ class Cluster:
         if index != node.applied_index + 1:
             raise SafetyViolation(f"{node_id} applied {index} after {node.applied_index}")
         node.applied_index = index
-        known = self.committed.setdefault(index, (term, data))
-        if known != (term, data):
-            raise SafetyViolation(
-                f"state-machine safety: {node_id} applied {(term, data)!r} at {index}, "
-                f"another node applied {known!r}"
-            )
+        self.checker.applied_entry(node_id, index, term, data)
         if kind is EntryKind.NORMAL:
             node.applied.append(data)
             proposal = self.proposed.get(data)
@@ -296,40 +289,11 @@ class Cluster:
     # --------------------------------------------------------------- checking
 
     def _check_node(self, node_id: NodeId, core: RaftCore) -> None:
-        if core.role is Role.LEADER:
-            holder = self.leaders_by_term.setdefault(core.term, node_id)
-            if holder != node_id:
-                raise SafetyViolation(
-                    f"election safety: {holder} and {node_id} lead term {core.term}"
-                )
-            # Leader completeness: every entry applied anywhere is in this leader's log.
-            for index, (term, _) in self.committed.items():
-                if index > core.log.snapshot_index and core.log.term_at(index) != term:
-                    raise SafetyViolation(
-                        f"leader completeness: {node_id} (term {core.term}) lacks committed "
-                        f"entry {index}/{term}"
-                    )
-        if core.commit > core.log.last_index:
-            raise SafetyViolation(f"{node_id}: commit {core.commit} beyond log")
+        self.checker.observe(node_id, core)
 
     def check_log_matching(self) -> None:
-        live = [n for n in self.ids if self.nodes[n].core is not None]
-        for i, a in enumerate(live):
-            for b in live[i + 1 :]:
-                log_a, log_b = self._core(a).log, self._core(b).log
-                low = max(log_a.first_index, log_b.first_index)
-                high = min(log_a.last_index, log_b.last_index)
-                matched = False
-                for index in range(high, low - 1, -1):
-                    same = log_a.term_at(index) == log_b.term_at(index)
-                    if matched and not same:
-                        raise SafetyViolation(f"log matching: {a} and {b} differ at {index}")
-                    if same:
-                        matched = True
-                        entry_a = log_a.slice(index, index + 1)[0]
-                        entry_b = log_b.slice(index, index + 1)[0]
-                        if entry_a != entry_b:
-                            raise SafetyViolation(f"log matching: {a}/{b} entry {index}")
+        live = {n: self._core(n) for n in self.ids if self.nodes[n].core is not None}
+        SafetyChecker.check_log_matching(live)
 
     def check_final(self) -> None:
         self.check_log_matching()

@@ -69,8 +69,10 @@ class MemoryStorage:
             self.snapshot = snapshot
             self.entries = []
         if entries:
+            base = self.snapshot.index if self.snapshot else 0
             first = entries[0].index
-            self.entries = [e for e in self.entries if e.index < first]
+            assert base < first <= base + len(self.entries) + 1, "entries must not leave a gap"
+            del self.entries[first - base - 1 :]  # the conflicting suffix, if any
             self.entries.extend(entries)
         if hard_state is not None:
             self.hard_state = hard_state
@@ -85,9 +87,11 @@ class MemoryStorage:
         self._check()
 
     def _check(self) -> None:
+        # O(1): the ends pin down contiguity, since every write keeps indexes consecutive.
         base = self.snapshot.index if self.snapshot else 0
-        for offset, entry in enumerate(self.entries):
-            assert entry.index == base + 1 + offset, "stored log must stay contiguous"
+        if self.entries:
+            assert self.entries[0].index == base + 1, "stored log must follow the snapshot"
+            assert self.entries[-1].index == base + len(self.entries), "stored log has a gap"
 
     def close(self) -> None:
         pass

@@ -1,0 +1,175 @@
+"""`goml sim run` and `goml sim sweep`: run scenarios in the simulator, judge their
+expectations, write reports, and name every failing seed with the command that replays it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shlex
+import statistics
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from goml.raft.checker import SafetyViolation
+from goml.report.html import write_report
+from goml.scenario.loader import ScenarioError, evaluate_expectations, load_scenario
+from goml.scenario.schema import Scenario
+from goml.sim.model import run_scenario
+
+
+def judge(scenario: Scenario, summary: dict[str, Any]) -> bool:
+    """Add `expectations` (bound, value, verdict) to the summary; True if all pass."""
+    verdicts = evaluate_expectations(scenario.expectations, summary)
+    summary["expectations"] = [
+        {
+            "metric": v.metric,
+            "op": v.op,
+            "bound": v.bound,
+            "value": v.value,
+            "passed": v.passed,
+            "text": str(v),
+        }
+        for v in verdicts
+    ]
+    return all(v.passed for v in verdicts)
+
+
+def simulate(scenario: Scenario, seed: int) -> tuple[dict[str, Any], bool]:
+    """One seeded run; a safety violation is a failed run whose summary says why."""
+    try:
+        summary = run_scenario(scenario, seed)
+    except SafetyViolation as violation:
+        summary = {"scenario": scenario.name, "seed": seed, "violation": str(violation)}
+        judge(scenario, summary)
+        return summary, False
+    passed = judge(scenario, summary)
+    return summary, passed
+
+
+def replay_command(path: Path, seed: int) -> str:
+    return f"goml sim run {shlex.quote(str(path))} --seed {seed}"
+
+
+def _readable(summary: dict[str, Any]) -> str:
+    failover = summary.get("failover_s", {})
+    submit = summary.get("submit_ms", {})
+    lines = [
+        f"scenario {summary['scenario']}  seed {summary['seed']}  trace {str(summary.get('trace_digest', ''))[:16]}",
+        f"  simulated {summary.get('sim_seconds')} s in {summary.get('wall_seconds')} s wall "
+        f"({summary.get('speedup')}x), {summary.get('events')} traced events",
+        f"  failovers {failover.get('count')}: p50 {failover.get('p50')} s, p99 {failover.get('p99')} s, "
+        f"max {failover.get('max')} s",
+        f"  submit latency: p50 {submit.get('p50')} ms, p99 {submit.get('p99')} ms, max {submit.get('max')} ms",
+        f"  tasks: {summary.get('tasks_submitted')} submitted, {summary.get('tasks_acknowledged')} acknowledged, "
+        f"{summary.get('tasks_succeeded')} succeeded, {summary.get('tasks_lost')} lost, "
+        f"{summary.get('duplicate_results')} results twice",
+        f"  leader changes {summary.get('leader_changes')}",
+    ]
+    if "violation" in summary:
+        lines = [f"SAFETY VIOLATION: {summary['violation']}"]
+    lines += [f"  {e['text']}" for e in summary.get("expectations", [])]
+    return "\n".join(lines)
+
+
+def run_command(path: Path, seed: int | None, out_dir: Path | None, as_json: bool) -> int:
+    try:
+        loaded = load_scenario(path)
+    except ScenarioError as error:
+        print(error, file=sys.stderr)
+        return 2
+    scenario = loaded.scenario
+    for warning in loaded.warnings:
+        print(warning, file=sys.stderr)
+    chosen = seed if seed is not None else scenario.seed
+    summary, passed = simulate(scenario, chosen)
+    target = out_dir or Path("reports") / f"{scenario.name}-seed{chosen}"
+    report = write_report(summary, target)
+    if as_json:
+        shown = {k: v for k, v in summary.items() if k != "timeline"}
+        print(json.dumps(shown, indent=2, sort_keys=True))
+    else:
+        print(_readable(summary))
+        print(f"report: {report}  (summary: {target / 'summary.json'})")
+    if not passed:
+        print(f"FAILED; replay: {replay_command(path, chosen)}", file=sys.stderr)
+    return 0 if passed else 1
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`1-1000`, `7`, or `1,5,9-12`."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"bad seed range {text!r}: use e.g. 1-100 or 3,7,10-20")
+        seeds.extend(range(int(low), int(high or low) + 1))
+    return seeds
+
+
+@dataclass(frozen=True)
+class _Job:
+    path: Path
+    seed: int
+
+
+def _run_job(job: _Job) -> tuple[int, dict[str, Any], bool]:
+    scenario = load_scenario(job.path).scenario
+    summary, passed = simulate(scenario, job.seed)
+    summary.pop("timeline", None)
+    return job.seed, summary, passed
+
+
+def _aggregate(values: Iterable[float]) -> str:
+    ordered = sorted(values)
+    if not ordered:
+        return "none"
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return f"n={len(ordered)} median {statistics.median(ordered):.3f}, p99 {p99:.3f}, max {ordered[-1]:.3f}"
+
+
+def sweep_command(path: Path, seeds: list[int], jobs: int, out: Path | None) -> int:
+    from rich.progress import Progress
+
+    try:
+        load_scenario(path)
+    except ScenarioError as error:
+        print(error, file=sys.stderr)
+        return 2
+    results: list[tuple[int, dict[str, Any], bool]] = []
+    # spawn, not fork: the parent may hold threads (grpc, rich), and a forked child
+    # must not inherit their locks.
+    context = multiprocessing.get_context("spawn")
+    with Progress() as progress, context.Pool(jobs) as pool:
+        bar = progress.add_task(f"{path.name}: {len(seeds)} seeds", total=len(seeds))
+        for result in pool.imap_unordered(_run_job, [_Job(path, s) for s in seeds]):
+            results.append(result)
+            progress.advance(bar)
+    results.sort(key=lambda r: r[0])
+    failing = [(seed, summary) for seed, summary, passed in results if not passed]
+    failovers = [v for _, s, _ in results for v in s.get("failover_s", {}).get("values", [])]
+    submit_p99 = [
+        s["submit_ms"]["p99"]
+        for _, s, _ in results
+        if s.get("submit_ms", {}).get("p99") is not None
+    ]
+    print(f"{path}: {len(results) - len(failing)} passed, {len(failing)} failed")
+    print(f"  failover s over all seeds: {_aggregate(failovers)}")
+    print(f"  submit p99 ms per seed: {_aggregate(submit_p99)}")
+    print(f"  tasks lost (sum): {sum(int(s.get('tasks_lost', 0)) for _, s, _ in results)}")
+    print(
+        f"  results twice (sum): {sum(int(s.get('duplicate_results', 0)) for _, s, _ in results)}"
+    )
+    for seed, summary in failing:
+        why = summary.get("violation") or "; ".join(
+            e["text"] for e in summary.get("expectations", []) if not e["passed"]
+        )
+        print(f"  FAIL seed {seed}: {why}\n    replay: {replay_command(path, seed)}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"sweep-{path.stem}.json").write_text(
+            json.dumps([s for _, s, _ in results], indent=1)
+        )
+    return 1 if failing else 0
