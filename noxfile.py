@@ -28,6 +28,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks that print numbers (not pass/fail): goml's Raft vs PySyncObj."""
-    session.install("-e", ".[dev]")
+    """Benchmarks that print numbers (not pass/fail): goml's Raft vs PySyncObj, then the
+    agent (idle CPU; tiny-task throughput vs Dask distributed, which only this session
+    installs). Arguments after `--` go to bench_raft.py."""
+    session.install("-e", ".[dev]", "dask[distributed]")
     session.run("python", "bench/bench_raft.py", *session.posargs)
+    session.run("python", "bench/bench_agent.py")

@@ -12,6 +12,7 @@ is unpickled. `text` is the result JSON (from `run_task`, size-capped) or the er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -60,6 +61,10 @@ def _child_main(
         conn.close()
 
 
+def _noop() -> None:
+    """The warm-up child: starting it is what makes the forkserver load the library."""
+
+
 @dataclass
 class _Run:
     process: BaseProcess
@@ -76,6 +81,7 @@ class TaskRunner:
         self._context: Any = multiprocessing.get_context(_CONTEXT_NAME)
         self._context.set_forkserver_preload(_PRELOAD)
         self._runs: dict[str, _Run] = {}
+        self._warm: asyncio.Future[None] | None = None
 
     def pid(self, run_id: str) -> int | None:
         run = self._runs.get(run_id)
@@ -91,13 +97,37 @@ class TaskRunner:
         if run is None:
             return False
         run.cancelled = True
-        run.process.kill()
+        if run.process.pid is not None:  # not started yet (waiting for the warm-up): no kill
+            run.process.kill()
         return True
 
     async def close(self) -> None:
         """Kill every run (their `run` calls return cancelled outcomes)."""
         for run_id in sorted(self._runs):
             self.cancel(run_id)
+
+    async def warm_up(self) -> None:
+        """Start the forkserver in a worker thread and wait for it (without blocking).
+
+        Fix: the first `Process.start()` of a forkserver context blocks until the server
+        has imported the preloaded task library (NumPy, pydantic): 0.5 s on an idle
+        machine, over 2 s on a loaded one. Done on the event loop, that froze the agent's
+        heartbeats, and a leader with a short agent_timeout_ms declared a healthy agent
+        down when its first task arrived. `run` waits for this first (once)."""
+        if self._warm is None:
+            self._warm = asyncio.ensure_future(asyncio.to_thread(self._start_forkserver))
+        with contextlib.suppress(Exception):  # a broken forkserver fails again in run()
+            await asyncio.shield(self._warm)
+
+    def _start_forkserver(self) -> None:
+        process: BaseProcess = self._context.Process(
+            target=_noop, name="goml-forkserver-warm-up", daemon=True
+        )
+        process.start()
+        process.join(self._kill_wait_ms / 1000)
+        if process.exitcode is None:
+            process.kill()
+            process.join(self._kill_wait_ms / 1000)
 
     async def run(self, run_id: str, function: str, args_json: str, timeout_ms: int) -> TaskOutcome:
         """Run `function` in a fresh process; never raises for anything the task does."""
@@ -117,6 +147,9 @@ class TaskRunner:
         run = _Run(process)
         self._runs[run_id] = run
         try:
+            await self.warm_up()
+            if run.cancelled:  # cancelled while waiting for the warm-up: never started
+                return TaskOutcome(False, "cancelled", 0, None, True, False)
             process.start()
             writer.close()  # the child holds the only write end: EOF when it dies
             assert process.pid is not None
@@ -141,6 +174,7 @@ class TaskRunner:
             return self._outcome(run, message, process.pid, exit_code, timed_out, timeout_ms)
         finally:
             reader.close()
+            writer.close()  # a no-op once closed above; here if the process never started
             del self._runs[run_id]
             if process.pid is not None and process.exitcode is None:
                 process.kill()  # this coroutine was cancelled: never leave a process behind

@@ -569,10 +569,14 @@ async def run_agent(
             runtime.stop()
 
     watcher = asyncio.create_task(watch_stop())
+    # Fix: start the task forkserver now, in a thread, so the first task does not wait
+    # for it (and the loop never blocks on it; see TaskRunner.warm_up).
+    warm_up = asyncio.create_task(runner.warm_up())
     try:
         await runtime.run()
     finally:
         watcher.cancel()
+        warm_up.cancel()
 
 
 def main(config_path: str | Path) -> int:

@@ -30,7 +30,11 @@ def _svg(body: str, title: str) -> str:
     )
 
 
-def _axes(x_max: float, y_max: float, x_label: str, y_label: str) -> str:
+def _tick(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _axes(x_max: float, y_max: float, x_label: str, y_label: str, y_ticks: bool = True) -> str:
     parts = [
         f'<line x1="{PAD}" y1="{HEIGHT - PAD}" x2="{WIDTH - 10}" y2="{HEIGHT - PAD}" stroke="#333"/>',
         f'<line x1="{PAD}" y1="10" x2="{PAD}" y2="{HEIGHT - PAD}" stroke="#333"/>',
@@ -42,11 +46,12 @@ def _axes(x_max: float, y_max: float, x_label: str, y_label: str) -> str:
         x = PAD + i * (WIDTH - PAD - 10) / 5
         y = HEIGHT - PAD - i * (HEIGHT - PAD - 10) / 5
         parts.append(
-            f'<text x="{x:.0f}" y="{HEIGHT - PAD + 14}" text-anchor="middle">{x_max * i / 5:.3g}</text>'
+            f'<text x="{x:.0f}" y="{HEIGHT - PAD + 14}" text-anchor="middle">{_tick(x_max * i / 5)}</text>'
         )
-        parts.append(
-            f'<text x="{PAD - 4}" y="{y + 4:.0f}" text-anchor="end">{y_max * i / 5:.3g}</text>'
-        )
+        if y_ticks:
+            parts.append(
+                f'<text x="{PAD - 4}" y="{y + 4:.0f}" text-anchor="end">{_tick(y_max * i / 5)}</text>'
+            )
     return "".join(parts)
 
 
@@ -78,7 +83,7 @@ def leader_timeline(
     nodes = sorted({str(node) for _, node, _ in leaders})
     rows = max(1, len(nodes))
     row_h = (HEIGHT - PAD - 20) / rows
-    body = _axes(duration_s, 0, "time (s)", "")
+    body = _axes(duration_s, 0, "time (s)", "", y_ticks=False)
     for i, node in enumerate(nodes):
         body += f'<text x="{PAD - 4}" y="{14 + row_h * (i + 0.6):.0f}" text-anchor="end">{html.escape(node)}</text>'
     for position, (start, node, term) in enumerate(leaders):
@@ -141,7 +146,7 @@ def write_report(
     timeline = summary.get("timeline", {})
     keys = [
         "scenario", "seed", "trace_digest", "sim_seconds", "wall_seconds", "failover_s",
-        "submit_ms", "tasks_submitted", "tasks_acknowledged", "tasks_succeeded", "tasks_lost",
+        "submit_ms", "submit_ms_steady", "tasks_submitted", "tasks_acknowledged", "tasks_succeeded", "tasks_lost",
         "duplicate_results", "leader_changes",
     ]  # fmt: skip
     rows = [(k, _fmt(summary.get(k))) for k in keys if k in summary]
