@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s simulate`, `nox -s bench`."""
 
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[dev]", "dask[distributed]")
     session.run("python", "bench/bench_raft.py", *session.posargs)
     session.run("python", "bench/bench_agent.py")
+
+
+@nox.session(python=PYTHON)
+def simulate(session: nox.Session) -> None:
+    """Every scenario under scenarios/ in the simulator, a sweep of seeds each (default
+    1-3; `nox -s simulate -- 1-50` for more); fails when any expectation fails."""
+    import glob
+
+    session.install("-e", ".")
+    seeds = session.posargs[0] if session.posargs else "1-3"
+    failed = []
+    for scenario in sorted(glob.glob("scenarios/*.yaml")):
+        try:
+            session.run("goml", "sim", "sweep", scenario, "--seeds", seeds, "-j", "2")
+        except nox.command.CommandFailed:
+            failed.append(scenario)
+    if failed:
+        session.error(f"expectations failed in: {', '.join(failed)}")
