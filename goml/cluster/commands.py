@@ -12,6 +12,7 @@ Size and count limits live in `ManifestLimits` and are checked by the manifest.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -367,8 +368,13 @@ _COMMAND_TYPES = (
 assert {t.__name__ for t in _COMMAND_TYPES} == set(_PARSERS)
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_command(data: bytes) -> Command:
-    """Bytes from the log to a command; raises CommandError on anything malformed."""
+    """Bytes from the log to a command; raises CommandError on anything malformed.
+
+    Cached: the same entry bytes decode to the same immutable command, and the leader
+    decodes each command it encodes (to refuse what replicas would), so a replica in
+    the same process (tests, the simulator) reuses the work."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
