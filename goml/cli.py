@@ -141,12 +141,18 @@ def node_run(config: Path = typer.Option(..., "--config", help="Node config YAML
         raise _fail(str(error)) from None
 
 
-DEFAULT_SCENARIO = Path("scenarios/steady.yaml")
+def _reference_scenario() -> Path:
+    """The embedded reference scenario (scenarios/steady.yaml in a checkout links to it)."""
+    from importlib.resources import files
+
+    return Path(str(files("goml.scenario") / "reference.yaml"))
 
 
 @sim_app.command("run")
 def sim_run(
-    scenario: Path = typer.Argument(DEFAULT_SCENARIO, help="Scenario YAML."),
+    scenario: Path | None = typer.Argument(
+        None, help="Scenario YAML (default: the embedded reference scenario)."
+    ),
     seed: int | None = typer.Option(None, help="Seed (default: the scenario's)."),
     out: Path | None = typer.Option(None, help="Report directory (default: reports/NAME-seedN)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
@@ -155,7 +161,7 @@ def sim_run(
     report.html, exits non-zero when an expectation fails."""
     from goml.sim.runner import run_command
 
-    raise typer.Exit(run_command(scenario, seed, out, as_json))
+    raise typer.Exit(run_command(scenario or _reference_scenario(), seed, out, as_json))
 
 
 @sim_app.command("sweep")
