@@ -419,6 +419,7 @@ class ControlPlane:
                         role="leader" if member_id == leader else "follower",
                         commit_index=int(self.raft.match_index(member_id)),
                         reachable=bool(peer.get("connected", False)),
+                        rtt_ms=float(peer.get("rtt_ms") or 0.0),
                     )
                 )
         agents = []

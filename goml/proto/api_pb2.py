@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14goml/proto/api.proto\x12\x0bgoml.api.v1\"8\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x11\n\tmemory_mb\x18\x02 \x01(\x03\x12\x0b\n\x03gpu\x18\x03 \x01(\x03\"\xce\x01\n\x08TaskSpec\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\x12)\n\tresources\x18\x03 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x12\n\ntimeout_ms\x18\x06 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\r\n\x05\x63loud\x18\x08 \x01(\t\x12\x0e\n\x06region\x18\t \x01(\t\"\xfb\x01\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.goml.api.v1.TaskSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.goml.api.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x13\n\x0bresult_json\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_ms\x18\t \x01(\x03\x12\x13\n\x0b\x66inished_ms\x18\n \x01(\x03\x12\x19\n\x11lease_deadline_ms\x18\x0b \x01(\x03\"5\n\rSubmitRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.goml.api.v1.TaskSpec\"6\n\x0eSubmitResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x12\n\nraft_index\x18\x02 \x01(\x03\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"g\n\x0bListRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.goml.api.v1.TaskState\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"0\n\x0cListResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.goml.api.v1.Task\" \n\x0cWatchRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"@\n\tTaskEvent\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.goml.api.v1.Task\x12\x12\n\nraft_index\x18\x02 \x01(\x03\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0e\x43\x61ncelResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.goml.api.v1.Task\"\x81\x01\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x03\x12\x15\n\rapplied_index\x18\x06 \x01(\x03\x12\x11\n\treachable\x18\x07 \x01(\x08\"\x98\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x63loud\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12(\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\r\n\x05state\x18\x06 \x01(\t\x12\x1d\n\x15last_heartbeat_age_ms\x18\x07 \x01(\x03\"\x1e\n\rStatusRequest\x12\r\n\x05local\x18\x01 \x01(\x08\"\xb6\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tleader_id\x18\x02 \x01(\t\x12\x16\n\x0eleader_address\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x03\x12$\n\x07members\x18\x06 \x03(\x0b\x32\x13.goml.api.v1.Member\x12\"\n\x06\x61gents\x18\x07 \x03(\x0b\x32\x12.goml.api.v1.Agent\x12\x45\n\x0etasks_by_state\x18\x08 \x03(\x0b\x32-.goml.api.v1.StatusResponse.TasksByStateEntry\x1a\x33\n\x11TasksByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"z\n\x0fRegisterRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05\x63loud\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12(\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x16.goml.api.v1.Resources\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\"d\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12$\n\x04\x66ree\x18\x02 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\x18\n\x10running_task_ids\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"j\n\x0cLeaseRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12$\n\x04\x66ree\x18\x02 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\x12\x0f\n\x07wait_ms\x18\x04 \x01(\x03\"\xab\x01\n\nLeasedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12)\n\tresources\x18\x04 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x06 \x01(\x03\x12\x19\n\x11lease_deadline_ms\x18\x07 \x01(\x03\"7\n\rLeaseResponse\x12&\n\x05tasks\x18\x01 \x03(\x0b\x32\x17.goml.api.v1.LeasedTask\"v\n\rReportRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"2\n\x0eReportResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x81\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06LEASED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x08\n\x04\x44\x45\x41\x44\x10\x06\x12\r\n\tCANCELLED\x10\x07\x32\xff\x02\n\x06\x43lient\x12\x41\n\x06Submit\x12\x1a.goml.api.v1.SubmitRequest\x1a\x1b.goml.api.v1.SubmitResponse\x12\x31\n\x03Get\x12\x17.goml.api.v1.GetRequest\x1a\x11.goml.api.v1.Task\x12;\n\x04List\x12\x18.goml.api.v1.ListRequest\x1a\x19.goml.api.v1.ListResponse\x12<\n\x05Watch\x12\x19.goml.api.v1.WatchRequest\x1a\x16.goml.api.v1.TaskEvent0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.goml.api.v1.CancelRequest\x1a\x1b.goml.api.v1.CancelResponse\x12\x41\n\x06Status\x12\x1a.goml.api.v1.StatusRequest\x1a\x1b.goml.api.v1.StatusResponse2\xa6\x02\n\x0c\x41gentService\x12G\n\x08Register\x12\x1c.goml.api.v1.RegisterRequest\x1a\x1d.goml.api.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.goml.api.v1.HeartbeatRequest\x1a\x1e.goml.api.v1.HeartbeatResponse\x12>\n\x05Lease\x12\x19.goml.api.v1.LeaseRequest\x1a\x1a.goml.api.v1.LeaseResponse\x12\x41\n\x06Report\x12\x1a.goml.api.v1.ReportRequest\x1a\x1b.goml.api.v1.ReportResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14goml/proto/api.proto\x12\x0bgoml.api.v1\"8\n\tResources\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x11\n\tmemory_mb\x18\x02 \x01(\x03\x12\x0b\n\x03gpu\x18\x03 \x01(\x03\"\xce\x01\n\x08TaskSpec\x12\x10\n\x08\x66unction\x18\x01 \x01(\t\x12\x11\n\targs_json\x18\x02 \x01(\t\x12)\n\tresources\x18\x03 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x05 \x01(\x05\x12\x12\n\ntimeout_ms\x18\x06 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\r\n\x05\x63loud\x18\x08 \x01(\t\x12\x0e\n\x06region\x18\t \x01(\t\"\xfb\x01\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12#\n\x04spec\x18\x02 \x01(\x0b\x32\x15.goml.api.v1.TaskSpec\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.goml.api.v1.TaskState\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x13\n\x0bresult_json\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x14\n\x0csubmitted_ms\x18\t \x01(\x03\x12\x13\n\x0b\x66inished_ms\x18\n \x01(\x03\x12\x19\n\x11lease_deadline_ms\x18\x0b \x01(\x03\"5\n\rSubmitRequest\x12$\n\x05tasks\x18\x01 \x03(\x0b\x32\x15.goml.api.v1.TaskSpec\"6\n\x0eSubmitResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x12\n\nraft_index\x18\x02 \x01(\x03\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"g\n\x0bListRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.goml.api.v1.TaskState\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\x05\"0\n\x0cListResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.goml.api.v1.Task\" \n\x0cWatchRequest\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"@\n\tTaskEvent\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.goml.api.v1.Task\x12\x12\n\nraft_index\x18\x02 \x01(\x03\" \n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"1\n\x0e\x43\x61ncelResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.goml.api.v1.Task\"\x91\x01\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x03\x12\x15\n\rapplied_index\x18\x06 \x01(\x03\x12\x11\n\treachable\x18\x07 \x01(\x08\x12\x0e\n\x06rtt_ms\x18\x08 \x01(\x01\"\x98\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x63loud\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12(\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\r\n\x05state\x18\x06 \x01(\t\x12\x1d\n\x15last_heartbeat_age_ms\x18\x07 \x01(\x03\"\x1e\n\rStatusRequest\x12\r\n\x05local\x18\x01 \x01(\x08\"\xb6\x02\n\x0eStatusResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tleader_id\x18\x02 \x01(\t\x12\x16\n\x0eleader_address\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x03\x12\x14\n\x0c\x63ommit_index\x18\x05 \x01(\x03\x12$\n\x07members\x18\x06 \x03(\x0b\x32\x13.goml.api.v1.Member\x12\"\n\x06\x61gents\x18\x07 \x03(\x0b\x32\x12.goml.api.v1.Agent\x12\x45\n\x0etasks_by_state\x18\x08 \x03(\x0b\x32-.goml.api.v1.StatusResponse.TasksByStateEntry\x1a\x33\n\x11TasksByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"z\n\x0fRegisterRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05\x63loud\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04\x61rch\x18\x04 \x01(\t\x12(\n\x08\x63\x61pacity\x18\x05 \x01(\x0b\x32\x16.goml.api.v1.Resources\"1\n\x10RegisterResponse\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x03\"d\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12$\n\x04\x66ree\x18\x02 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\x18\n\x10running_task_ids\x18\x03 \x03(\t\"\"\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"j\n\x0cLeaseRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12$\n\x04\x66ree\x18\x02 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\x11\n\tmax_tasks\x18\x03 \x01(\x05\x12\x0f\n\x07wait_ms\x18\x04 \x01(\x03\"\xab\x01\n\nLeasedTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12)\n\tresources\x18\x04 \x01(\x0b\x32\x16.goml.api.v1.Resources\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x12\n\ntimeout_ms\x18\x06 \x01(\x03\x12\x19\n\x11lease_deadline_ms\x18\x07 \x01(\x03\"7\n\rLeaseResponse\x12&\n\x05tasks\x18\x01 \x03(\x0b\x32\x17.goml.api.v1.LeasedTask\"v\n\rReportRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0f\n\x07success\x18\x04 \x01(\x08\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"2\n\x0eReportResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\x81\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\n\n\x06LEASED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x12\x08\n\x04\x44\x45\x41\x44\x10\x06\x12\r\n\tCANCELLED\x10\x07\x32\xff\x02\n\x06\x43lient\x12\x41\n\x06Submit\x12\x1a.goml.api.v1.SubmitRequest\x1a\x1b.goml.api.v1.SubmitResponse\x12\x31\n\x03Get\x12\x17.goml.api.v1.GetRequest\x1a\x11.goml.api.v1.Task\x12;\n\x04List\x12\x18.goml.api.v1.ListRequest\x1a\x19.goml.api.v1.ListResponse\x12<\n\x05Watch\x12\x19.goml.api.v1.WatchRequest\x1a\x16.goml.api.v1.TaskEvent0\x01\x12\x41\n\x06\x43\x61ncel\x12\x1a.goml.api.v1.CancelRequest\x1a\x1b.goml.api.v1.CancelResponse\x12\x41\n\x06Status\x12\x1a.goml.api.v1.StatusRequest\x1a\x1b.goml.api.v1.StatusResponse2\xa6\x02\n\x0c\x41gentService\x12G\n\x08Register\x12\x1c.goml.api.v1.RegisterRequest\x1a\x1d.goml.api.v1.RegisterResponse\x12J\n\tHeartbeat\x12\x1d.goml.api.v1.HeartbeatRequest\x1a\x1e.goml.api.v1.HeartbeatResponse\x12>\n\x05Lease\x12\x19.goml.api.v1.LeaseRequest\x1a\x1a.goml.api.v1.LeaseResponse\x12\x41\n\x06Report\x12\x1a.goml.api.v1.ReportRequest\x1a\x1b.goml.api.v1.ReportResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSRESPONSE_TASKSBYSTATEENTRY']._loaded_options = None
   _globals['_STATUSRESPONSE_TASKSBYSTATEENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=2497
-  _globals['_TASKSTATE']._serialized_end=2626
+  _globals['_TASKSTATE']._serialized_start=2513
+  _globals['_TASKSTATE']._serialized_end=2642
   _globals['_RESOURCES']._serialized_start=37
   _globals['_RESOURCES']._serialized_end=93
   _globals['_TASKSPEC']._serialized_start=96
@@ -60,35 +60,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELRESPONSE']._serialized_start=989
   _globals['_CANCELRESPONSE']._serialized_end=1038
   _globals['_MEMBER']._serialized_start=1041
-  _globals['_MEMBER']._serialized_end=1170
-  _globals['_AGENT']._serialized_start=1173
-  _globals['_AGENT']._serialized_end=1325
-  _globals['_STATUSREQUEST']._serialized_start=1327
-  _globals['_STATUSREQUEST']._serialized_end=1357
-  _globals['_STATUSRESPONSE']._serialized_start=1360
-  _globals['_STATUSRESPONSE']._serialized_end=1670
-  _globals['_STATUSRESPONSE_TASKSBYSTATEENTRY']._serialized_start=1619
-  _globals['_STATUSRESPONSE_TASKSBYSTATEENTRY']._serialized_end=1670
-  _globals['_REGISTERREQUEST']._serialized_start=1672
-  _globals['_REGISTERREQUEST']._serialized_end=1794
-  _globals['_REGISTERRESPONSE']._serialized_start=1796
-  _globals['_REGISTERRESPONSE']._serialized_end=1845
-  _globals['_HEARTBEATREQUEST']._serialized_start=1847
-  _globals['_HEARTBEATREQUEST']._serialized_end=1947
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1949
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1983
-  _globals['_LEASEREQUEST']._serialized_start=1985
-  _globals['_LEASEREQUEST']._serialized_end=2091
-  _globals['_LEASEDTASK']._serialized_start=2094
-  _globals['_LEASEDTASK']._serialized_end=2265
-  _globals['_LEASERESPONSE']._serialized_start=2267
-  _globals['_LEASERESPONSE']._serialized_end=2322
-  _globals['_REPORTREQUEST']._serialized_start=2324
-  _globals['_REPORTREQUEST']._serialized_end=2442
-  _globals['_REPORTRESPONSE']._serialized_start=2444
-  _globals['_REPORTRESPONSE']._serialized_end=2494
-  _globals['_CLIENT']._serialized_start=2629
-  _globals['_CLIENT']._serialized_end=3012
-  _globals['_AGENTSERVICE']._serialized_start=3015
-  _globals['_AGENTSERVICE']._serialized_end=3309
+  _globals['_MEMBER']._serialized_end=1186
+  _globals['_AGENT']._serialized_start=1189
+  _globals['_AGENT']._serialized_end=1341
+  _globals['_STATUSREQUEST']._serialized_start=1343
+  _globals['_STATUSREQUEST']._serialized_end=1373
+  _globals['_STATUSRESPONSE']._serialized_start=1376
+  _globals['_STATUSRESPONSE']._serialized_end=1686
+  _globals['_STATUSRESPONSE_TASKSBYSTATEENTRY']._serialized_start=1635
+  _globals['_STATUSRESPONSE_TASKSBYSTATEENTRY']._serialized_end=1686
+  _globals['_REGISTERREQUEST']._serialized_start=1688
+  _globals['_REGISTERREQUEST']._serialized_end=1810
+  _globals['_REGISTERRESPONSE']._serialized_start=1812
+  _globals['_REGISTERRESPONSE']._serialized_end=1861
+  _globals['_HEARTBEATREQUEST']._serialized_start=1863
+  _globals['_HEARTBEATREQUEST']._serialized_end=1963
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1965
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1999
+  _globals['_LEASEREQUEST']._serialized_start=2001
+  _globals['_LEASEREQUEST']._serialized_end=2107
+  _globals['_LEASEDTASK']._serialized_start=2110
+  _globals['_LEASEDTASK']._serialized_end=2281
+  _globals['_LEASERESPONSE']._serialized_start=2283
+  _globals['_LEASERESPONSE']._serialized_end=2338
+  _globals['_REPORTREQUEST']._serialized_start=2340
+  _globals['_REPORTREQUEST']._serialized_end=2458
+  _globals['_REPORTRESPONSE']._serialized_start=2460
+  _globals['_REPORTRESPONSE']._serialized_end=2510
+  _globals['_CLIENT']._serialized_start=2645
+  _globals['_CLIENT']._serialized_end=3028
+  _globals['_AGENTSERVICE']._serialized_start=3031
+  _globals['_AGENTSERVICE']._serialized_end=3325
 # @@protoc_insertion_point(module_scope)

@@ -149,7 +149,7 @@ class CancelResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("id", "address", "role", "term", "commit_index", "applied_index", "reachable")
+    __slots__ = ("id", "address", "role", "term", "commit_index", "applied_index", "reachable", "rtt_ms")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class Member(_message.Message):
     COMMIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     role: str
@@ -164,7 +165,8 @@ class Member(_message.Message):
     commit_index: int
     applied_index: int
     reachable: bool
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., reachable: _Optional[bool] = ...) -> None: ...
+    rtt_ms: float
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., reachable: _Optional[bool] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("id", "cloud", "region", "arch", "capacity", "state", "last_heartbeat_age_ms")

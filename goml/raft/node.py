@@ -17,6 +17,7 @@ await has a deadline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import random
@@ -160,6 +161,30 @@ class NodeStats:
     compactions: int = 0
 
 
+# Heartbeat round-trip measurement (per peer): at most this many heartbeats in flight are
+# remembered, none older than this, and the moving average weighs a new sample this much.
+RTT_INFLIGHT_MAX = 64
+RTT_STALE_S = 10.0
+RTT_EWMA_WEIGHT = 0.2
+
+
+@dataclass(slots=True)
+class PeerRtt:
+    """Heartbeat round trips to one peer, measured by the leader's loop.
+
+    Each peer has ONE ordered stream each way, so the k-th HEARTBEAT_RESPONSE from a peer
+    answers the k-th HEARTBEAT sent to it: the send times wait in a FIFO. A heartbeat the
+    transport refused (queue full) clears the FIFO and the responses still due for the
+    earlier ones are skipped, so a loss never pairs a response with the wrong send."""
+
+    sent: collections.deque[float]
+    skip: int = 0
+    disconnect_drops: int = 0  # the transport's count when last looked at
+    latest_ms: float | None = None
+    average_ms: float | None = None
+    samples: int = 0
+
+
 class RaftNode:
     def __init__(
         self,
@@ -194,6 +219,7 @@ class RaftNode:
         self._read_counter = itertools.count(1)
         self._last_now_ms = 0
         self._deferred_hard_state: HardState | None = None
+        self._rtt: dict[NodeId, PeerRtt] = {}
         self.stats = NodeStats()
         self.limits = Limits(
             entries_per_message_max=config.core.entries_per_message_max,
@@ -267,6 +293,8 @@ class RaftNode:
             self.stats.inbound_refused += len(messages)
             return
         for message in messages:
+            if message.type is MessageType.HEARTBEAT_RESPONSE:
+                self._heartbeat_answered(message.source)
             try:
                 self._inbound.put_nowait(message)
             except asyncio.QueueFull:
@@ -408,6 +436,9 @@ class RaftNode:
         }
         status["peers"] = {
             peer: {
+                "rtt_ms": self._rtt_ms(peer),
+                "rtt_ms_avg": self._rtt_ms(peer, average=True),
+                "rtt_samples": self._rtt[peer].samples if peer in self._rtt else 0,
                 "connected": s.connected,
                 "sent": s.sent,
                 "dropped_queue_full": s.dropped_queue_full,
@@ -418,6 +449,56 @@ class RaftNode:
             for peer, s in self._transport.stats().items()
         }
         return status
+
+    # ------------------------------------------------------------ heartbeat rtt
+
+    def _heartbeat_sent(self, peer: NodeId, queued: bool) -> None:
+        rtt = self._rtt.get(peer)
+        if rtt is None:
+            rtt = self._rtt[peer] = PeerRtt(collections.deque(maxlen=RTT_INFLIGHT_MAX))
+        if not queued:
+            rtt.skip += len(rtt.sent)
+            rtt.sent.clear()
+            return
+        stats = self._transport.stats().get(peer)
+        if stats is not None and stats.dropped_disconnected != rtt.disconnect_drops:
+            # The stream broke and queued messages were thrown away: whatever is still
+            # due will never be answered in order. Start over.
+            rtt.disconnect_drops = stats.dropped_disconnected
+            rtt.sent.clear()
+            rtt.skip = 0
+        now = time.monotonic()
+        while rtt.sent and now - rtt.sent[0] > RTT_STALE_S:  # never answered: lost
+            rtt.sent.popleft()
+            rtt.skip = 0
+        if len(rtt.sent) == rtt.sent.maxlen:
+            rtt.skip += 1  # the oldest falls out; its response must not pair with another
+        rtt.sent.append(now)
+
+    def _heartbeat_answered(self, peer: NodeId) -> None:
+        rtt = self._rtt.get(peer)
+        if rtt is None or not rtt.sent:
+            return
+        if rtt.skip > 0:
+            rtt.skip -= 1
+            return
+        sample_ms = (time.monotonic() - rtt.sent.popleft()) * 1000
+        rtt.latest_ms = sample_ms
+        rtt.average_ms = (
+            sample_ms
+            if rtt.average_ms is None
+            else rtt.average_ms + RTT_EWMA_WEIGHT * (sample_ms - rtt.average_ms)
+        )
+        rtt.samples += 1
+
+    def _rtt_ms(self, peer: NodeId, average: bool = False) -> float | None:
+        """The latest (or moving-average) heartbeat round trip to `peer`, in ms; None
+        before the first sample (only a leader sends heartbeats)."""
+        rtt = self._rtt.get(peer)
+        if rtt is None:
+            return None
+        value = rtt.average_ms if average else rtt.latest_ms
+        return round(value, 3) if value is not None else None
 
     # -------------------------------------------------------------- the loop
 
@@ -547,7 +628,9 @@ class RaftNode:
             ready = core.ready()
             await self._persist(ready)
             for message in ready.messages:
-                self._transport.send(message)
+                sent = self._transport.send(message)
+                if message.type is MessageType.HEARTBEAT:
+                    self._heartbeat_sent(message.target, sent)
             self._apply(ready)
             core.advance(ready)
         raise AssertionError(f"raft node {self.id}: ready() never ran dry")

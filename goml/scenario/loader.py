@@ -320,13 +320,28 @@ def evaluate_expectations(
     expectations: Iterable[Expectation], summary: dict[str, Any]
 ) -> list[Verdict]:
     """Judge each expectation against a run summary; a missing or non-numeric metric
-    fails with a note saying so (an unmeasured promise is not a kept promise)."""
+    fails with a note saying so (an unmeasured promise is not a kept promise).
+
+    One exception: a quantile of a distribution that holds no samples (`count` 0), such
+    as `failover_s.p99` in a run where the fault never hit the leader, passes with a
+    note saying there was nothing to judge. Scenarios that need the event to happen
+    say so with an expectation on the count (e.g. `failover_s.count == 2`)."""
     verdicts: list[Verdict] = []
     for e in expectations:
         value, note = _lookup_metric(summary, e.metric)
         passed = value is not None and _COMPARE[e.op](value, e.value)
+        if value is None and _no_samples(summary, e.metric):
+            passed, note = True, "no samples (count 0): nothing to judge"
         verdicts.append(Verdict(e.metric, e.op, e.value, value, passed, note))
     return verdicts
+
+
+def _no_samples(summary: dict[str, Any], metric: str) -> bool:
+    head, _, last = metric.rpartition(".")
+    if not head or last not in ("p50", "p99", "max"):
+        return False
+    count, _ = _lookup_metric(summary, f"{head}.count")
+    return count == 0
 
 
 def _lookup_metric(summary: dict[str, Any], metric: str) -> tuple[float | None, str]:
