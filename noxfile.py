@@ -1,4 +1,5 @@
-"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s simulate`, `nox -s bench`."""
+"""Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s simulate`, `nox -s chaos`,
+`nox -s bench`."""
 
 from __future__ import annotations
 
@@ -24,6 +25,37 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "goml", "tests", "bench", "noxfile.py")
     session.run("ruff", "format", "--check", "goml", "tests", "bench", "noxfile.py")
     session.run("mypy")
+    session.run(_actionlint(session), ".github/workflows/ci.yml", external=True)
+
+
+ACTIONLINT = "github.com/rhysd/actionlint/cmd/actionlint@v1.7.7"
+
+
+def _actionlint(session: nox.Session) -> str:
+    """actionlint from PATH or goml's cache, else built with Go into the cache. Fails the
+    session (never skips) when it cannot be had."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    found = shutil.which("actionlint")
+    if found:
+        return found
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "goml" / "bin"
+    cached = cache / "actionlint"
+    if cached.is_file():
+        return str(cached)
+    if shutil.which("go") is None:
+        session.error(
+            f"actionlint is needed to check .github/workflows and Go is missing: install Go "
+            f"and rerun (it runs `go install {ACTIONLINT}`), or put actionlint on PATH"
+        )
+    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        session.run("go", "install", ACTIONLINT, env={"GOBIN": str(cache)}, external=True)
+    except nox.command.CommandFailed:
+        session.error(f"`go install {ACTIONLINT}` failed: actionlint could not be installed")
+    return str(cached)
 
 
 @nox.session(python=PYTHON)
@@ -40,15 +72,37 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def simulate(session: nox.Session) -> None:
     """Every scenario under scenarios/ in the simulator, a sweep of seeds each (default
-    1-3; `nox -s simulate -- 1-50` for more); fails when any expectation fails."""
+    1-2; `nox -s simulate -- 1-50` for more); fails when any expectation fails."""
     import glob
 
     session.install("-e", ".")
-    seeds = session.posargs[0] if session.posargs else "1-3"
+    seeds = session.posargs[0] if session.posargs else "1-2"
     failed = []
     for scenario in sorted(glob.glob("scenarios/*.yaml")):
         try:
             session.run("goml", "sim", "sweep", scenario, "--seeds", seeds, "-j", "2")
+        except nox.command.CommandFailed:
+            failed.append(scenario)
+    if failed:
+        session.error(f"expectations failed in: {', '.join(failed)}")
+
+
+@nox.session(python=PYTHON)
+def chaos(session: nox.Session) -> None:
+    """Every scenario under scenarios/chaos/ on real processes behind Toxiproxy
+    (`goml chaos run`), each judged against its expectations (failover < 5 s, steady
+    submits < 500 ms, nothing lost, nothing twice). Installs toxiproxy-server with Go
+    when it is missing. `nox -s chaos -- SEED` picks another seed."""
+    import glob
+
+    session.install("-e", ".")
+    session.run("python", "-m", "goml.chaos.server")  # finds or builds toxiproxy-server
+    seed = ["--seed", session.posargs[0]] if session.posargs else []
+    failed = []
+    for scenario in sorted(glob.glob("scenarios/chaos/*.yaml")):
+        name = scenario.rsplit("/", 1)[-1].removesuffix(".yaml")
+        try:
+            session.run("goml", "chaos", "run", scenario, *seed, "--out", f"reports/chaos/{name}")
         except nox.command.CommandFailed:
             failed.append(scenario)
     if failed:
