@@ -247,7 +247,17 @@ def test_core_modules_import_only_allowed_stdlib() -> None:
         "datetime",
         "threading",
     }
-    allowed = {"__future__", "enum", "hashlib", "dataclasses", "typing", "json", "math", "functools", "goml"}
+    allowed = {
+        "__future__",
+        "enum",
+        "hashlib",
+        "dataclasses",
+        "typing",
+        "json",
+        "math",
+        "functools",
+        "goml",
+    }
     for module in (commands_module, manifest_module):
         assert module.__file__ is not None
         tree = ast.parse(Path(module.__file__).read_text())
