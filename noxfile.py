@@ -66,6 +66,7 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".[dev]", "dask[distributed]")
     session.run("python", "bench/bench_raft.py", *session.posargs)
     session.run("python", "bench/bench_agent.py")
+    session.run("python", "bench/bench_control.py")
     session.run("python", "bench/bench_sim.py")
 
 
