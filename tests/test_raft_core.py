@@ -474,3 +474,17 @@ def test_figure8_entry_of_older_term_not_committed_by_counting() -> None:
     leader.progress["n2"].match = 2  # n2 holds 2/1:a: a majority with n1
     assert not leader._maybe_commit(), "an older term's entry must not commit by counting"
     assert leader.commit == 1
+
+
+def test_proposal_then_step_down_before_ready_sends_nothing() -> None:
+    # Found by the simulator (a paused leader resumed with a higher-term message queued
+    # behind a proposal): ready() replicated for a node that was no longer leader.
+    env = env_with_leader()
+    leader = env.core("n1")
+    index, term = leader.propose(b"late")
+    leader.step(Message(MessageType.APPEND_RESPONSE, "n2", "n1", term + 1), leader.now_ms)
+    assert leader.role is Role.FOLLOWER
+    ready = leader.ready()  # must not try to replicate as a leader
+    assert all(m.type is not MessageType.APPEND for m in ready.messages)
+    assert [e.index for e in ready.entries] == [index]  # kept, uncommitted, until a leader decides
+    leader.advance(ready)

@@ -267,7 +267,10 @@ class RaftCore:
         self._assert_no_ready_outstanding()
         if self._broadcast_pending:
             self._broadcast_pending = False
-            self._broadcast_append(allow_empty=False)
+            # Only a leader replicates: a proposal may have been followed by a step down
+            # (a higher term arrived) before the runtime took this Ready.
+            if self.role is Role.LEADER:
+                self._broadcast_append(allow_empty=False)
         hard_state = self._hard_state()
         changed = hard_state != self._persisted_hard_state
         entries = self.log.unstable()
