@@ -10,6 +10,7 @@ a `ScenarioError` listing all problems found.
 from __future__ import annotations
 
 import difflib
+import json
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -82,6 +83,7 @@ def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
         # File order reads best; the sort is stable so one line keeps pydantic's order.
         problems.sort(key=lambda p: p.line or 0)
         raise ScenarioError(problems) from None
+    problems += _task_problems(scenario, root, source)
     if problems:
         raise ScenarioError(problems)
     warnings = [
@@ -89,6 +91,22 @@ def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
         for loc, msg in schema.scenario_warnings(scenario)
     ]
     return LoadedScenario(scenario, source, warnings)
+
+
+def _task_problems(scenario: Scenario, root: yaml.Node, source: str) -> list[Problem]:
+    """The workload's functions and args, checked by the task library itself, so a
+    scenario the simulator accepts is one real agents can run."""
+    from goml.agent.tasks import TaskArgsError, validate_args
+
+    if scenario.workload is None:
+        return []
+    problems = []
+    for name, mix in scenario.workload.mix.items():
+        try:
+            validate_args(name, json.dumps(mix.args))
+        except TaskArgsError as error:
+            problems.append(_at(root, ("workload", "mix", name, "args"), source, str(error)))
+    return problems
 
 
 # --------------------------------------------------------------------------- YAML
