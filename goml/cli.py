@@ -182,6 +182,43 @@ def sim_sweep(
     raise typer.Exit(sweep_command(scenario, seed_list, jobs, out))
 
 
+chaos_app = typer.Typer(
+    help="Chaos on real processes: the scenario YAML, real nodes and agents, Toxiproxy on every link.",
+    no_args_is_help=True,
+)
+app.add_typer(chaos_app, name="chaos")
+
+
+@chaos_app.command("run")
+def chaos_run(
+    scenario: Path = typer.Argument(
+        ..., help="Scenario YAML (e.g. scenarios/chaos/leader-crash.yaml)."
+    ),
+    seed: int | None = typer.Option(None, help="Seed (default: the scenario's)."),
+    out: Path | None = typer.Option(
+        None, help="Report directory (default: reports/chaos-NAME-seedN)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
+    toxiproxy_bin: Path | None = typer.Option(
+        None,
+        "--toxiproxy-bin",
+        help="toxiproxy-server binary (default: PATH, cache, or built with Go).",
+    ),
+    toxiproxy_url: str | None = typer.Option(
+        None,
+        "--toxiproxy-url",
+        help="Use this running Toxiproxy server, e.g. http://127.0.0.1:8474.",
+    ),
+) -> None:
+    """Run a scenario on a real local cluster (nodes and agents as processes, TLS on, a
+    Toxiproxy proxy on every link): plays the faults and the workload, checks every store
+    for lost or duplicated tasks, writes the report next to the simulator's prediction,
+    exits non-zero when an expectation fails."""
+    from goml.chaos.runner import run_command as chaos_command
+
+    raise typer.Exit(chaos_command(scenario, seed, out, as_json, toxiproxy_bin, toxiproxy_url))
+
+
 @agent_app.command("run")
 def agent_run(config: Path = typer.Option(..., "--config", help="Agent config YAML.")) -> None:
     """Run a node agent in the foreground: register, heartbeat, lease, run tasks in child

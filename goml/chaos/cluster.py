@@ -1,0 +1,416 @@
+"""A real local cluster built from a scenario's topology, every link behind its own proxy.
+
+Processes: one control-plane node per `control` node of the topology and one agent per
+`agent` node, each a separate process on loopback with TLS and its own data directory.
+
+Links: every directed link between two processes goes through its own Toxiproxy proxy,
+so each process gets its own view of addresses:
+
+- node A's `peers` = {A: A's real listen address, B: proxy "A->B" (forwards to B)};
+- the agent at X: `control_plane` = {N: proxy "agent@X->N"};
+- a workload client at X: `Profile.nodes` = {N: proxy "client@X->N"}.
+
+A proxy "S->D" carries S's connections to D: its `upstream` stream is what S sends to D,
+`downstream` what D sends back. So the directed location pair (x, y) of the simulator
+("messages from x to y") is the upstream of every proxy from x to y plus the downstream
+of every proxy from y to x. The harness itself (leader lookups, the final checks) talks
+to the nodes' real addresses: it is an observer, not part of the scenario's network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from goml.chaos.toxiproxy import Stream, Toxiproxy
+from goml.client import Client, ClientError, Profile
+from goml.cluster.certs import init_certs
+from goml.cluster.config import (
+    Duties,
+    NodeFileConfig,
+    RaftTiming,
+    TlsFiles,
+    write_node_config,
+)
+from goml.cluster.local import free_ports
+from goml.scenario.schema import AnyLink, Scenario
+
+STOP_TIMEOUT_S = 10.0
+STATUS_TIMEOUT_S = 0.5
+BLACK_HOLE = {"timeout": 0}  # Toxiproxy timeout toxic: hold every byte, never close
+
+
+@dataclass
+class ManagedProcess:
+    """A node or agent process the cluster may kill, pause and start again."""
+
+    name: str  # "node:aws-1" or "agent:aws-1"
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen is not None else None
+
+
+@dataclass
+class ProxyState:
+    """What a proxy should look like; `apply` makes Toxiproxy match it."""
+
+    name: str
+    source: str  # location (node name) of the dialling process
+    target: str  # node it reaches
+    listen: str
+    upstream_address: str
+    latency: AnyLink | None  # the scenario's link class; None for co-located processes
+    override: AnyLink | None = None  # a link_latency fault
+    blocked: set[Stream] = field(default_factory=set)  # partition, per stream
+    clogged: set[Stream] = field(default_factory=set)
+    applied: dict[str, dict[str, float | int]] = field(default_factory=dict)  # toxic -> attrs
+    enabled: bool = True
+
+    def wanted(self) -> tuple[bool, dict[str, tuple[Stream, str, dict[str, float | int]]]]:
+        """(enabled, toxic name -> (stream, type, attributes))."""
+        toxics: dict[str, tuple[Stream, str, dict[str, float | int]]] = {}
+        link = self.override or self.latency
+        if link is not None:
+            attrs: dict[str, float | int] = {
+                "latency": round(link.expected_ms()),
+                "jitter": round(link.jitter_ms),
+            }
+            if attrs["latency"] or attrs["jitter"]:
+                toxics["latency-up"] = ("upstream", "latency", attrs)
+                toxics["latency-down"] = ("downstream", "latency", attrs)
+        enabled = self.blocked != {"upstream", "downstream"}
+        for stream in ("upstream", "downstream"):
+            # A proxy disabled (cut both ways) refuses connections; a one-way cut or a
+            # clog is a black hole on that stream.
+            if stream in self.clogged or (enabled and stream in self.blocked):
+                toxics[f"hole-{stream}"] = (stream, "timeout", dict(BLACK_HOLE))
+        return enabled, toxics
+
+
+class ChaosCluster:
+    """Build (`create`), run and tear down (`close`) the processes and proxies."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        work_dir: Path,
+        toxiproxy: Toxiproxy,
+        duties: Duties | None = None,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> None:
+        self.scenario = scenario
+        self.work_dir = work_dir.resolve()
+        self.toxiproxy = toxiproxy
+        self.duties = duties or Duties()
+        self.on_spawn = on_spawn
+        topology = scenario.topology
+        self.control = [n.name for n in topology.control_nodes]
+        self.agents = [n.name for n in topology.agent_nodes]
+        self.locations = topology.node_names
+        self.addresses: dict[str, str] = {}  # control node -> real listen address
+        self.proxies: dict[str, ProxyState] = {}
+        self.nodes: dict[str, ManagedProcess] = {}
+        self.agent_processes: dict[str, ManagedProcess] = {}
+        self.data_dirs: dict[str, Path] = {}
+        self.profiles: dict[str, Profile] = {}  # client location -> profile through proxies
+        self.observer: Profile | None = None  # real addresses: the harness's own view
+        self._lock = threading.RLock()
+        self._created: list[str] = []  # proxy names this cluster created
+
+    # ------------------------------------------------------------------ build
+
+    def create(self, client_locations: list[str]) -> None:
+        work = self.work_dir
+        certs = work / "certs"
+        init_certs(certs, self.control, ["127.0.0.1", "localhost"])
+        token = _write_secret(certs / "client.token", os.urandom(24).hex())
+        _write_secret(certs / "cluster.secret", os.urandom(32).hex())
+        ports = free_ports(len(self.control))
+        self.addresses = {n: f"127.0.0.1:{ports[i]}" for i, n in enumerate(self.control)}
+        # Proxies: node->node, agent@X->N, client@X->N.
+        for a in self.control:
+            for b in self.control:
+                if a != b:
+                    self._proxy(f"{a}->{b}", a, b)
+        for x in self.agents:
+            for n in self.control:
+                self._proxy(f"agent@{x}->{n}", x, n)
+        for x in sorted(set(client_locations)):
+            for n in self.control:
+                self._proxy(f"client@{x}->{n}", x, n)
+        for state in self.proxies.values():
+            self._apply(state)
+        raft = self.scenario.raft
+        for name in self.control:
+            peers = {
+                n: self.addresses[n] if n == name else self.proxies[f"{name}->{n}"].listen
+                for n in self.control
+            }
+            data_dir = work / "nodes" / name
+            self.data_dirs[name] = data_dir
+            config = NodeFileConfig(
+                node_id=name,
+                listen=self.addresses[name],
+                data_dir=data_dir,
+                peers=peers,
+                cluster_id=f"chaos-{self.scenario.name}",
+                tls=TlsFiles(
+                    ca=certs / "ca.pem", cert=certs / f"{name}.pem", key=certs / f"{name}.key"
+                ),
+                secret_file=certs / "cluster.secret",
+                token_file=certs / "client.token",
+                raft=RaftTiming(
+                    election_timeout_ms_min=raft.election_timeout_ms_min,
+                    election_timeout_ms_max=raft.election_timeout_ms_max,
+                    heartbeat_interval_ms=raft.heartbeat_interval_ms,
+                ),
+                duties=self.duties,
+            )
+            path = work / "config" / f"{name}.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_node_config(path, config)
+            self.nodes[name] = ManagedProcess(
+                f"node:{name}",
+                [sys.executable, "-m", "goml", "node", "run", "--config", str(path)],
+                work / "logs" / f"{name}.log",
+            )
+        for x in self.agents:
+            node = self.scenario.topology.node(x)
+            body = {
+                "agent_id": x,
+                "cloud": node.cloud,
+                "region": node.region,
+                "capacity": {
+                    "cpu": node.capacity.cpu,
+                    "memory_mb": node.capacity.memory_mb,
+                    "gpu": node.capacity.gpu,
+                },
+                "control_plane": {n: self.proxies[f"agent@{x}->{n}"].listen for n in self.control},
+                "token_file": str(certs / "client.token"),
+                "tls": {
+                    "ca_file": str(certs / "ca.pem"),
+                    "cert_file": str(certs / "client.pem"),
+                    "key_file": str(certs / "client.key"),
+                },
+            }
+            path = work / "config" / f"agent-{x}.yaml"
+            path.write_text(yaml.safe_dump(body, sort_keys=False))
+            self.agent_processes[x] = ManagedProcess(
+                f"agent:{x}",
+                [sys.executable, "-m", "goml", "agent", "run", "--config", str(path)],
+                work / "logs" / f"agent-{x}.log",
+            )
+
+        def profile(nodes: dict[str, str]) -> Profile:
+            return Profile(
+                nodes=nodes,
+                token=token,
+                ca=certs / "ca.pem",
+                cert=certs / "client.pem",
+                key=certs / "client.key",
+            )
+
+        for x in sorted(set(client_locations)):
+            self.profiles[x] = profile(
+                {n: self.proxies[f"client@{x}->{n}"].listen for n in self.control}
+            )
+        self.observer = profile(dict(self.addresses))
+
+    def _proxy(self, name: str, source: str, target: str) -> None:
+        latency = None if source == target else self.scenario.link(source, target)
+        created = self.toxiproxy.create_proxy(name, "127.0.0.1:0", self.addresses[target])
+        self._created.append(name)
+        self.proxies[name] = ProxyState(
+            name, source, target, created.listen, self.addresses[target], latency
+        )
+
+    def _apply(self, state: ProxyState) -> None:
+        enabled, toxics = state.wanted()
+        for toxic in [t for t in state.applied if t not in toxics]:
+            self.toxiproxy.remove_toxic(state.name, toxic)
+            del state.applied[toxic]
+        for toxic, (stream, kind, attrs) in toxics.items():
+            if toxic not in state.applied:
+                self.toxiproxy.add_toxic(state.name, toxic, kind, stream, attrs)
+            elif state.applied[toxic] != attrs:
+                self.toxiproxy.update_toxic(state.name, toxic, attrs)
+            state.applied[toxic] = attrs
+        if enabled != state.enabled:
+            self.toxiproxy.set_enabled(state.name, enabled)
+            state.enabled = enabled
+
+    # -------------------------------------------------------------- the network
+
+    def streams(self, x: str, y: str) -> list[tuple[ProxyState, Stream]]:
+        """The proxy streams that carry messages from location x to location y."""
+        out: list[tuple[ProxyState, Stream]] = []
+        for state in self.proxies.values():
+            if state.source == x and state.target == y:
+                out.append((state, "upstream"))
+            elif state.source == y and state.target == x:
+                out.append((state, "downstream"))
+        return out
+
+    def update_pairs(
+        self, pairs: set[tuple[str, str]], change: Callable[[ProxyState, Stream], None]
+    ) -> None:
+        with self._lock:
+            touched: dict[str, ProxyState] = {}
+            for x, y in pairs:
+                for state, stream in self.streams(x, y):
+                    change(state, stream)
+                    touched[state.name] = state
+            for state in touched.values():
+                self._apply(state)
+
+    def heal_all(self, latency_too: bool) -> None:
+        with self._lock:
+            for state in self.proxies.values():
+                state.blocked.clear()
+                state.clogged.clear()
+                if latency_too:
+                    state.override = None
+                self._apply(state)
+
+    def delete_proxies(self) -> list[str]:
+        """Delete every proxy this cluster created; returns the errors (if any)."""
+        errors = []
+        for name in self._created:
+            try:
+                self.toxiproxy.delete_proxy(name)
+            except Exception as error:  # keep cleaning up
+                errors.append(str(error))
+        self._created.clear()
+        return errors
+
+    # --------------------------------------------------------------- processes
+
+    def start(self, process: ManagedProcess) -> None:
+        with self._lock:
+            if process.running:
+                return
+            process.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(process.log_path, "ab") as log_file:
+                process.popen = subprocess.Popen(
+                    process.argv,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # Ctrl-C reaches the runner, which stops us
+                )
+            process.paused = False
+            if self.on_spawn is not None:
+                self.on_spawn(process.popen.pid)
+
+    def kill(self, process: ManagedProcess) -> None:
+        """SIGKILL: the process keeps only what it persisted."""
+        with self._lock:
+            if process.popen is not None and process.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.popen.pid, signal.SIGKILL)
+                process.popen.wait(timeout=STOP_TIMEOUT_S)
+            process.paused = False
+
+    def pause(self, process: ManagedProcess) -> None:
+        with self._lock:
+            if process.running and process.popen is not None:
+                os.kill(process.popen.pid, signal.SIGSTOP)
+                process.paused = True
+
+    def resume(self, process: ManagedProcess) -> None:
+        with self._lock:
+            if process.running and process.popen is not None and process.paused:
+                os.kill(process.popen.pid, signal.SIGCONT)
+            process.paused = False
+
+    def all_processes(self) -> list[ManagedProcess]:
+        return [*self.agent_processes.values(), *self.nodes.values()]
+
+    def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGCONT what is paused, SIGTERM everything (agents first), wait, SIGKILL the rest."""
+        with self._lock:
+            processes = [p for p in self.all_processes() if p.popen is not None]
+            for process in processes:
+                assert process.popen is not None
+                if process.popen.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.popen.pid, signal.SIGCONT)
+                        os.kill(process.popen.pid, signal.SIGTERM)
+                process.paused = False
+            deadline = time.monotonic() + timeout_s
+            for process in processes:
+                assert process.popen is not None
+                try:
+                    process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.popen.pid, signal.SIGKILL)
+                    process.popen.wait(timeout=STOP_TIMEOUT_S)
+
+    # ---------------------------------------------------------------- observer
+
+    def node_status(self, name: str, client: Client) -> tuple[str, int, str] | None:
+        """(leader id as `name` sees it, term, role) or None if it does not answer."""
+        process = self.nodes[name]
+        if not process.running or process.paused:
+            return None
+        try:
+            status = client.status(name)
+        except ClientError:
+            return None
+        role = next((m.role for m in status.members if m.id == name), "")
+        return status.leader_id, int(status.term), role
+
+    def leader(self, client: Client) -> tuple[str, int] | None:
+        """The running node that says it leads, in the highest term (None if none)."""
+        best: tuple[str, int] | None = None
+        for name in self.control:
+            seen = self.node_status(name, client)
+            if seen is not None and seen[0] == name and (best is None or seen[1] > best[1]):
+                best = (name, seen[1])
+        return best
+
+    def observer_client(self) -> Client:
+        assert self.observer is not None
+        return Client(self.observer, call_timeout_s=STATUS_TIMEOUT_S, retry_s=STATUS_TIMEOUT_S)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "nodes": dict(self.addresses),
+            "proxies": {
+                name: {"listen": s.listen, "upstream": s.upstream_address}
+                for name, s in self.proxies.items()
+            },
+        }
+
+
+def _write_secret(path: Path, value: str) -> str:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(value)
+    return value
+
+
+def record_pids(path: Path, pids: list[int]) -> None:
+    """Every PID a run started, written as it goes (tests check they are all gone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(pids))
