@@ -43,6 +43,7 @@ from goml.cluster.inspect import replay_cluster
 from goml.cluster.manifest import TaskState
 from goml.proto import api_pb2
 from goml.report.html import write_report
+from goml.report.summary import distribution
 from goml.scenario.loader import ScenarioError, load_scenario
 from goml.scenario.schema import (
     LEADER,
@@ -541,26 +542,6 @@ def describe(fault: AnyFault) -> str:
     return f"{fault.kind} {json.dumps(body, sort_keys=True, separators=(',', ':'))}"
 
 
-def _stats(values: list[float], digits: int, with_values: bool = False) -> dict[str, object]:
-    ordered = sorted(values)
-
-    def quantile(q: float) -> float | None:
-        if not ordered:
-            return None
-        position = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-        return round(ordered[position], digits)
-
-    stats: dict[str, object] = {
-        "count": len(ordered),
-        "p50": quantile(0.5),
-        "p99": quantile(0.99),
-        "max": round(ordered[-1], digits) if ordered else None,
-    }
-    if with_values:
-        stats["values"] = [round(v, digits) for v in values]
-    return stats
-
-
 def check_stores(
     cluster: ChaosCluster, acknowledged: dict[str, str]
 ) -> tuple[int, int, dict[str, int]]:
@@ -672,9 +653,9 @@ def run_chaos(
         "trace_digest": "",
         "sim_seconds": round(played_s, 3),
         "wall_seconds": round(time.monotonic() - started, 3),
-        "failover_s": _stats(obs.failovers_s, digits=3, with_values=True),
-        "submit_ms": _stats(obs.submit_ms, digits=2),
-        "submit_ms_steady": _stats(obs.submit_ms_steady, digits=2),
+        "failover_s": distribution(obs.failovers_s, digits=3, with_values=True),
+        "submit_ms": distribution(obs.submit_ms, digits=2),
+        "submit_ms_steady": distribution(obs.submit_ms_steady, digits=2),
         "tasks_submitted": obs.submitted,
         "tasks_acknowledged": len(obs.acknowledged),
         "tasks_succeeded": counts.get(TaskState.SUCCEEDED.value, 0),

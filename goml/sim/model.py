@@ -61,6 +61,7 @@ from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.core import RaftCore
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import Config, EntryKind, Message, NotLeader, ProposalDropped, Ready, Role
+from goml.report.summary import distribution
 from goml.scenario.schema import (
     LEADER,
     RANDOM,
@@ -1145,9 +1146,9 @@ class Simulation:
             "wall_seconds": round(wall_s, 3),
             "speedup": round(self.env.now / 1000 / wall_s, 1) if wall_s > 0 else None,
             "events": self.events,
-            "failover_s": _stats(self.obs.failovers_s, digits=3, with_values=True),
-            "submit_ms": _stats(self.obs.submit_ms, digits=2),
-            "submit_ms_steady": _stats(self.obs.submit_ms_steady, digits=2),
+            "failover_s": distribution(self.obs.failovers_s, digits=3, with_values=True),
+            "submit_ms": distribution(self.obs.submit_ms, digits=2),
+            "submit_ms_steady": distribution(self.obs.submit_ms_steady, digits=2),
             "tasks_submitted": self.submitted,
             "tasks_acknowledged": len(self.obs.acknowledged),
             "tasks_succeeded": counts.get(TaskState.SUCCEEDED, 0),
@@ -1165,26 +1166,6 @@ class Simulation:
                 "submit_ms": [round(x, 2) for x in self.obs.submit_ms],
             },
         }
-
-
-def _stats(values: list[float], digits: int, with_values: bool = False) -> dict[str, object]:
-    ordered = sorted(values)
-
-    def quantile(q: float) -> float | None:
-        if not ordered:
-            return None
-        position = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-        return round(ordered[position], digits)
-
-    stats: dict[str, object] = {
-        "count": len(ordered),
-        "p50": quantile(0.5),
-        "p99": quantile(0.99),
-        "max": round(ordered[-1], digits) if ordered else None,
-    }
-    if with_values:
-        stats["values"] = [round(v, digits) for v in values]
-    return stats
 
 
 def _describe(fault: AnyFault) -> str:
