@@ -1,5 +1,5 @@
 """Developer sessions: `nox -s tests`, `nox -s lint`, `nox -s simulate`, `nox -s chaos`,
-`nox -s bench`."""
+`nox -s bench`, `nox -s deploy_lab`."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy --strict."""
     session.install("-e", ".[dev]")
-    session.run("ruff", "check", "goml", "tests", "bench", "noxfile.py")
-    session.run("ruff", "format", "--check", "goml", "tests", "bench", "noxfile.py")
+    session.run("ruff", "check", "goml", "tests", "bench", "pyinfra", "noxfile.py")
+    session.run("ruff", "format", "--check", "goml", "tests", "bench", "pyinfra", "noxfile.py")
     session.run("mypy")
     session.run(_actionlint(session), ".github/workflows/ci.yml", external=True)
 
@@ -108,3 +108,22 @@ def chaos(session: nox.Session) -> None:
             failed.append(scenario)
     if failed:
         session.error(f"expectations failed in: {', '.join(failed)}")
+
+
+@nox.session(python=PYTHON)
+def deploy_lab(session: nox.Session) -> None:
+    """The real pyinfra deploy (pyinfra/deploy.py) over SSH to a local lab of five
+    systemd-nspawn hosts, then its checks: health, idempotence, kill -9, reboot, a host
+    cut off, a rolling upgrade. Needs root; installs debootstrap and systemd-container
+    with apt when missing and caches the Debian root file system in /var/cache/goml-lab.
+    Skipped, with the reason, where it cannot run."""
+    session.install("-e", ".[dev]", "pyinfra==3.10.0")
+    session.run(
+        "pytest",
+        "-m",
+        "lab",
+        "-s",
+        "tests/test_deploy_lab.py",
+        *session.posargs,
+        env={"GOML_LAB": "1"},
+    )

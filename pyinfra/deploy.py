@@ -1,0 +1,467 @@
+"""Deploy a goml cluster with pyinfra:  pyinfra INVENTORY pyinfra/deploy.py
+
+Pre-flight (before any operation is planned, so nothing changes on any host when it
+fails): the inventory is validated (goml_inventory.plan_cluster), every host must be
+reachable and run systemd as PID 1, and the wheelhouse for each host's architecture and
+Python is built locally. Then, per host: a service user, data and config directories,
+an offline virtualenv install of goml==VERSION from the uploaded wheelhouse, node and
+agent configs rendered from the inventory, certificates and secrets (mode 0600, never
+logged), systemd units (Restart=on-failure), restarts only where something changed, and
+a verification: leader elected, every agent registered and alive, and the latency of
+every pair of hosts measured against the bounds.
+
+Optional data (`--data key=value` or the inventory):
+    goml_state_dir   where the cluster's credentials are kept locally (default
+                     pyinfra/.state/<cluster id>)
+    goml_build_dir   local wheel cache (default pyinfra/.build)
+    goml_verify      false skips the health and latency check (default true)
+    goml_verify_timeout_s   how long the check waits for a healthy cluster (default 90)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import goml_build
+import goml_inventory as gi
+import yaml
+from pyinfra.api.exceptions import PyinfraError
+from pyinfra.facts.files import Directory
+from pyinfra.facts.pip import PipPackages
+from pyinfra.facts.server import Arch, Command
+from pyinfra.operations import files, pip, python, server, systemd
+
+from pyinfra import host, inventory, logger, state
+
+HERE = Path(__file__).resolve().parent
+USER = "goml"
+OPT = "/opt/goml"
+VENV = f"{OPT}/venv"
+WHEELHOUSE = f"{OPT}/wheelhouse"
+PROBE = f"{OPT}/probe.py"
+DATA_DIR = "/var/lib/goml"
+RAFT_DIR = f"{DATA_DIR}/raft"
+ETC = "/etc/goml"
+TLS = f"{ETC}/tls"
+SYSTEM_PYTHON = "/usr/bin/python3"
+# A member this close to the leader's commit index has caught up (submits keep flowing).
+CATCH_UP_SLACK_ENTRIES = 100
+PY_VERSION_COMMAND = (
+    f"test -x {SYSTEM_PYTHON} && {SYSTEM_PYTHON} -c "
+    "'import sys; print(\"%d.%d\" % sys.version_info[:2])' || echo missing"
+)
+
+
+def _bool(value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
+
+
+def _preflight() -> dict[str, Any]:
+    """Validate everything once per run (deploy.py is executed once per host)."""
+    with goml_build.PREFLIGHT_LOCK:
+        return _preflight_locked()
+
+
+def _preflight_locked() -> dict[str, Any]:
+    cached: dict[str, Any] | None = getattr(state, "_goml_preflight", None)
+    if cached is not None:
+        return cached
+    try:
+        plan = gi.plan_cluster([(h.name, h.data.dict()) for h in inventory])
+        for warning in plan.warnings:
+            logger.warning(f"goml inventory: {warning}")
+        wanted = [h.name for h in inventory if state.is_host_in_limit(h)]  # honours --limit
+        active = sorted(h.name for h in inventory.get_active_hosts())
+        gi.check_reachable(wanted, active)
+        targets = [inventory.get_host(name) for name in active]
+        gi.check_systemd(
+            {h.name: bool(h.get_fact(Directory, path="/run/systemd/system")) for h in targets}
+        )
+        platforms: dict[str, tuple[str, str]] = {}
+        for h in targets:
+            version = (h.get_fact(Command, command=PY_VERSION_COMMAND) or "").strip()
+            if version == "missing" or not version:
+                raise gi.InventoryError(
+                    f"host {h.name}: no {SYSTEM_PYTHON} (install python3 and python3-venv); "
+                    "nothing was changed on any host"
+                )
+            platforms[h.name] = (str(h.get_fact(Arch)).strip(), version)
+    except gi.InventoryError as error:
+        raise PyinfraError(str(error)) from None
+    data = host.data
+    settings = plan.settings
+    build_dir = Path(data.get("goml_build_dir") or goml_build.DEFAULT_BUILD_DIR)
+    state_dir = Path(data.get("goml_state_dir") or HERE / ".state" / settings["goml_cluster_id"])
+    try:
+        wheelhouses = {
+            name: goml_build.wheelhouse(build_dir, settings["goml_version"], arch, version)
+            for name, (arch, version) in platforms.items()
+        }
+        certs = goml_build.credentials(
+            state_dir,
+            tuple(n.node for n in plan.control),
+            tuple(sorted({n.address for n in plan.nodes})),
+        )
+    except goml_build.BuildError as error:
+        raise PyinfraError(f"goml build: {error}") from None
+    result = {
+        "plan": plan,
+        "wheelhouses": wheelhouses,
+        "certs": certs,
+        "platforms": platforms,
+        "latency": {},
+        "active": active,
+    }
+    state._goml_preflight = result  # type: ignore[attr-defined]
+    return result
+
+
+PRE = _preflight()
+PLAN: gi.ClusterPlan = PRE["plan"]
+ME = PLAN.by_host(host.name)
+SETTINGS = PLAN.settings
+CERTS: Path = PRE["certs"]
+VERSION = str(SETTINGS["goml_version"])
+
+
+def node_config() -> str:
+    return yaml.safe_dump(
+        {
+            "node_id": ME.node,
+            "listen": ME.endpoint,
+            "metrics_listen": f"{ME.address}:{ME.metrics_port}",
+            "data_dir": RAFT_DIR,
+            "peers": PLAN.peers(),
+            "cluster_id": SETTINGS["goml_cluster_id"],
+            "tls": {"ca": f"{TLS}/ca.pem", "cert": f"{TLS}/node.pem", "key": f"{TLS}/node.key"},
+            "secret_file": f"{TLS}/cluster.secret",
+            "token_file": f"{TLS}/client.token",
+            "raft": {
+                "election_timeout_ms_min": SETTINGS["goml_election_timeout_ms_min"],
+                "election_timeout_ms_max": SETTINGS["goml_election_timeout_ms_max"],
+                "heartbeat_interval_ms": SETTINGS["goml_heartbeat_interval_ms"],
+            },
+        },
+        sort_keys=False,
+    )
+
+
+def agent_config() -> str:
+    return yaml.safe_dump(
+        {
+            "agent_id": ME.agent_id,
+            "cloud": ME.cloud,
+            "region": ME.region,
+            "capacity": {"cpu": ME.capacity_cpu, "memory_mb": ME.capacity_memory_mb, "gpu": 0},
+            "control_plane": PLAN.peers(),
+            "token_file": f"{TLS}/client.token",
+            "tls": {
+                "ca_file": f"{TLS}/ca.pem",
+                "cert_file": f"{TLS}/client.pem",
+                "key_file": f"{TLS}/client.key",
+            },
+            "heartbeat_interval_ms": SETTINGS["goml_agent_heartbeat_interval_ms"],
+        },
+        sort_keys=False,
+    )
+
+
+def profile() -> str:
+    return json.dumps(
+        {
+            "nodes": PLAN.peers(),
+            "token": (CERTS / "client.token").read_text().strip(),
+            "ca": f"{TLS}/ca.pem",
+            "cert": f"{TLS}/client.pem",
+            "key": f"{TLS}/client.key",
+            "insecure": False,
+        },
+        indent=2,
+    )
+
+
+# ------------------------------------------------------------------ user and directories
+
+server.group(name="goml: service group", group=USER, system=True)
+server.user(
+    name="goml: service user",
+    user=USER,
+    group=USER,
+    home=DATA_DIR,
+    shell="/usr/sbin/nologin",
+    system=True,
+    ensure_home=False,
+)
+for path, owner, mode in (
+    (DATA_DIR, USER, "700"),
+    (RAFT_DIR, USER, "700"),
+    (ETC, "root", "750"),
+    (TLS, "root", "750"),
+    (OPT, "root", "755"),
+    (WHEELHOUSE, "root", "755"),
+):
+    files.directory(name=f"goml: directory {path}", path=path, user=owner, group=USER, mode=mode)
+
+# ------------------------------------------------------------------ offline install
+
+for wheel in PRE["wheelhouses"][host.name]:
+    files.put(
+        name=f"goml: wheel {wheel.name}",
+        src=str(wheel),
+        dest=f"{WHEELHOUSE}/{wheel.name}",
+        mode="644",
+    )
+pip.venv(name="goml: virtualenv (system Python)", path=VENV, python=SYSTEM_PYTHON)
+# Upgrading in place under running services would let their child processes import a
+# half-replaced package (task processes die): stop them first; the restarts below start
+# them on the new version.
+installed = (
+    host.get_fact(PipPackages, pip=f"{VENV}/bin/pip") if ME.is_agent or ME.is_control else {}
+)
+installed_goml = (installed or {}).get("goml")
+if installed_goml and VERSION not in installed_goml:
+    for service in ("goml-agent", "goml-node"):
+        if (service == "goml-agent" and ME.is_agent) or (service == "goml-node" and ME.is_control):
+            systemd.service(
+                name=f"goml: stop {service} for the upgrade {'/'.join(installed_goml)} -> {VERSION}",
+                service=service,
+                running=False,
+            )
+package = pip.packages(
+    name=f"goml: install goml=={VERSION} from the wheelhouse",
+    packages=[f"goml=={VERSION}"],
+    virtualenv=VENV,
+    extra_install_args=f"--no-index --find-links {WHEELHOUSE}",
+)
+files.put(name="goml: health probe", src=str(HERE / "files" / "goml_probe.py"), dest=PROBE)
+
+# ------------------------------------------------------------------ credentials and configs
+
+
+def _private(name: str, src: Path, dest: str) -> Any:
+    # files.put logs the file names only, never the contents.
+    return files.put(name=name, src=str(src), dest=dest, user=USER, group=USER, mode="600")
+
+
+ca = files.put(name="goml: cluster CA", src=str(CERTS / "ca.pem"), dest=f"{TLS}/ca.pem", mode="644")
+client_creds = [
+    files.put(
+        name="goml: client certificate",
+        src=str(CERTS / "client.pem"),
+        dest=f"{TLS}/client.pem",
+        mode="644",
+    ),
+    _private("goml: client key", CERTS / "client.key", f"{TLS}/client.key"),
+    _private("goml: client token", CERTS / "client.token", f"{TLS}/client.token"),
+]
+files.put(
+    name="goml: client profile (for health checks)",
+    src=io.StringIO(profile()),
+    dest=f"{ETC}/profile.json",
+    user="root",
+    group="root",
+    mode="600",
+)
+
+node_inputs: list[Any] = []
+agent_inputs: list[Any] = []
+if ME.is_control:
+    node_inputs = [
+        package,
+        ca,
+        *client_creds,
+        files.put(
+            name="goml: node certificate",
+            src=str(CERTS / f"{ME.node}.pem"),
+            dest=f"{TLS}/node.pem",
+            mode="644",
+        ),
+        _private("goml: node key", CERTS / f"{ME.node}.key", f"{TLS}/node.key"),
+        _private("goml: cluster secret", CERTS / "cluster.secret", f"{TLS}/cluster.secret"),
+        files.put(
+            name="goml: node config",
+            src=io.StringIO(node_config()),
+            dest=f"{ETC}/node.yaml",
+            user="root",
+            group=USER,
+            mode="640",
+        ),
+    ]
+if ME.is_agent:
+    agent_inputs = [
+        package,
+        ca,
+        *client_creds,
+        files.put(
+            name="goml: agent config",
+            src=io.StringIO(agent_config()),
+            dest=f"{ETC}/agent.yaml",
+            user="root",
+            group=USER,
+            mode="640",
+        ),
+    ]
+
+# ------------------------------------------------------------------ systemd units
+
+units = []
+if ME.is_control:
+    node_unit = files.template(
+        name="goml: unit goml-node.service",
+        src=str(HERE / "templates" / "goml-node.service.j2"),
+        dest="/etc/systemd/system/goml-node.service",
+        mode="644",
+        node=ME.node,
+        service_user=USER,
+        venv=VENV,
+        config=f"{ETC}/node.yaml",
+        data_dir=DATA_DIR,
+    )
+    units.append(node_unit)
+    node_inputs.append(node_unit)
+if ME.is_agent:
+    agent_unit = files.template(
+        name="goml: unit goml-agent.service",
+        src=str(HERE / "templates" / "goml-agent.service.j2"),
+        dest="/etc/systemd/system/goml-agent.service",
+        mode="644",
+        agent=ME.agent_id,
+        service_user=USER,
+        venv=VENV,
+        config=f"{ETC}/agent.yaml",
+        control=ME.is_control,
+    )
+    units.append(agent_unit)
+    agent_inputs.append(agent_unit)
+
+
+def _any_changed(ops: list[Any]) -> Any:
+    return lambda: any(op.did_change() for op in ops)
+
+
+systemd.daemon_reload(name="goml: systemd daemon-reload", _if=_any_changed(units))
+for service, inputs in (("goml-node", node_inputs), ("goml-agent", agent_inputs)):
+    if not inputs:
+        continue
+    systemd.service(
+        name=f"goml: restart {service} (its inputs changed)",
+        service=service,
+        running=True,
+        restarted=True,
+        _if=_any_changed(inputs),
+    )
+    systemd.service(
+        name=f"goml: {service} running and enabled",
+        service=service,
+        running=True,
+        enabled=True,
+    )
+
+# ------------------------------------------------------------------ verification
+
+
+def _probe(target_host: Any, with_status: bool, targets: list[str]) -> dict[str, Any]:
+    command = f"{VENV}/bin/python {PROBE}"
+    if with_status:
+        command += f" --profile {ETC}/profile.json"
+    if targets:
+        command += " --latency " + " ".join(shlex.quote(t) for t in targets)
+    ok, output = target_host.run_shell_command(command=command)
+    if not ok:
+        raise PyinfraError(f"goml probe failed on {target_host.name}: {output.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(output.stdout.strip().splitlines()[-1])
+    return result
+
+
+def measure_latency() -> None:
+    port = int(host.data.get("goml_probe_port") or 22)
+    others = [n for n in PLAN.nodes if n.host != ME.host]
+    result = _probe(host, False, [f"{n.address}:{port}" for n in others])
+    PRE["latency"][ME.host] = {n.host: result["latency_ms"][f"{n.address}:{port}"] for n in others}
+
+
+def _healthy(status: dict[str, Any] | None) -> list[str]:
+    if status is None:
+        return ["no status"]
+    problems = []
+    if not status["leader"]:
+        problems.append("no leader")
+    reachable = {m["id"] for m in status["members"] if m["reachable"] or m["role"] == "leader"}
+    missing = sorted({n.node for n in PLAN.control} - reachable)
+    if missing:
+        problems.append(f"members not reachable: {', '.join(missing)}")
+    behind = sorted(
+        m["id"]
+        for m in status["members"]
+        if status["commit_index"] - m["commit_index"] > CATCH_UP_SLACK_ENTRIES
+    )
+    if behind:
+        problems.append(f"members behind the leader: {', '.join(behind)}")
+    alive = {a["id"] for a in status["agents"] if a["state"] == "ALIVE"}
+    absent = sorted({n.agent_id for n in PLAN.agents} - alive)
+    if absent:
+        problems.append(f"agents not registered or not alive: {', '.join(absent)}")
+    return problems
+
+
+def verify_cluster() -> None:
+    timeout_s = float(host.data.get("goml_verify_timeout_s") or 90)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = _probe(host, True, [])
+        problems = [result["error"]] if result["error"] else _healthy(result["status"])
+        if not problems:
+            break
+        if time.monotonic() > deadline:
+            raise PyinfraError(
+                f"goml cluster not healthy after {timeout_s:g} s: {'; '.join(problems)}"
+            )
+        time.sleep(0.5)  # polling interval of a condition with a deadline
+    status = result["status"]
+    lines = [
+        f"goml: leader {status['leader']} (term {status['term']}), "
+        f"{len(status['members'])} members, "
+        f"{sum(a['state'] == 'ALIVE' for a in status['agents'])} agents alive"
+    ]
+    by_host = {n.host: n for n in PLAN.nodes}
+    measured = PRE["latency"]
+    names = [n.host for n in PLAN.nodes if n.host in measured]
+    violations = []
+    width = max(len(n) for n in names) if names else 4
+    lines.append("goml: TCP round trip in ms (row: from, column: to; bound in brackets)")
+    lines.append(" " * (width + 2) + "  ".join(f"{n:>{max(width, 12)}}" for n in names))
+    for a in names:
+        cells = []
+        for b in names:
+            if a == b:
+                cells.append(f"{'-':>{max(width, 12)}}")
+                continue
+            value = measured[a].get(b)
+            bound = gi.latency_bound_ms(by_host[a], by_host[b])
+            if value is None or value >= bound:
+                violations.append(f"{a}->{b}: {value} ms (bound {bound:g} ms)")
+            text = "unreachable" if value is None else f"{value:.2f} [<{bound:g}]"
+            cells.append(f"{text:>{max(width, 12)}}")
+        lines.append(f"{a:<{width}}  " + "  ".join(cells))
+    for line in lines:
+        logger.info(line)
+    if violations:
+        raise PyinfraError("goml latency bounds violated: " + "; ".join(violations))
+
+
+if _bool(host.data.get("goml_verify"), True):
+    python.call(name="goml: measure latency to every other host", function=measure_latency)
+    if host.name == PRE["active"][0]:
+        python.call(name="goml: verify (leader, agents, latency bounds)", function=verify_cluster)

@@ -1,0 +1,507 @@
+"""End to end: the real pyinfra deploy over real SSH to five systemd-nspawn hosts (systemd
+as PID 1, real sshd), then faults: kill -9, reboot, a host cut off by its veth link, a
+rolling upgrade under load.
+
+Runs only with GOML_LAB=1 (`nox -s deploy_lab`), as root; skipped with the reason
+otherwise. Everything the lab creates is torn down by PID and name, also on failure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import pytest
+
+from goml.client import Client, ClientError, Profile
+from goml.proto import api_pb2
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+PYINFRA_DIR = REPO / "pyinfra"
+INVENTORY = PYINFRA_DIR / "inventories" / "lab.py"
+FAILOVER_BOUND_S = 5.0
+T = TypeVar("T")
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, PYINFRA_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for(condition: Callable[[], T | None], timeout_s: float, what: str) -> T:
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (ClientError, OSError) as error:
+            last_error = error
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out after {timeout_s:g} s waiting for {what} ({last_error})"
+            )
+        time.sleep(0.2)  # polling interval of a condition with a deadline
+
+
+def snapshot_source(directory: Path, version: str | None = None) -> Path:
+    """The goml release being deployed: a copy of the sources (optionally with another
+    version), so edits to the working tree during the test change nothing."""
+    shutil.copytree(REPO / "goml", directory / "goml", ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    if version is not None:
+        assert 'version = "0.1.0"' in pyproject
+        pyproject = pyproject.replace('version = "0.1.0"', f'version = "{version}"')
+    (directory / "pyproject.toml").write_text(pyproject)
+    return directory
+
+
+@dataclass
+class Deployed:
+    lab: Any
+    first_run: subprocess.CompletedProcess[str]
+    first_run_s: float
+    names: tuple[str, ...]  # the five deployed hosts
+
+    @property
+    def certs(self) -> Path:
+        return Path(self.lab.dir) / "cluster-state" / "certs"
+
+    def profile(self) -> Profile:
+        return Profile(
+            nodes={name: f"{self.lab.hosts[name].address}:7000" for name in self.names},
+            token=(self.certs / "client.token").read_text().strip(),
+            ca=self.certs / "ca.pem",
+            cert=self.certs / "client.pem",
+            key=self.certs / "client.key",
+        )
+
+    def client(self, call_timeout_s: float = 1.0, retry_s: float = 15.0) -> Client:
+        return Client(self.profile(), call_timeout_s=call_timeout_s, retry_s=retry_s)
+
+    def ssh(self, name: str, command: str, check: bool = True, timeout_s: float = 60.0) -> str:
+        import paramiko
+
+        host = self.lab.hosts[name]
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        try:
+            client.connect(
+                host.address,
+                username="root",
+                key_filename=str(self.lab.key),
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=5,
+            )
+            _, stdout, stderr = client.exec_command(command, timeout=timeout_s)
+            out = stdout.read().decode()
+            status = stdout.channel.recv_exit_status()
+            if check and status != 0:
+                raise AssertionError(
+                    f"{name}: `{command}` exited {status}: {stderr.read().decode()}"
+                )
+            return out.strip()
+        except (paramiko.SSHException, OSError) as error:
+            if check:
+                raise
+            return f"ssh error: {error}"
+        finally:
+            client.close()
+
+    def pyinfra(
+        self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 900
+    ) -> subprocess.CompletedProcess[str]:
+        return run_pyinfra(self.lab, *args, env=env, timeout_s=timeout_s)
+
+    def main_pids(self) -> dict[tuple[str, str], str]:
+        pids = {}
+        for name in self.names:
+            for service in ("goml-node", "goml-agent"):
+                pids[(name, service)] = self.ssh(
+                    name, f"systemctl show -p MainPID --value {service}"
+                )
+        return pids
+
+    def healthy(self) -> api_pb2.StatusResponse | None:
+        """The leader's status when every member is reachable and every agent alive."""
+        with self.client() as client:
+            status = client.status()
+        members_ok = all(m.reachable or m.role == "leader" for m in status.members)
+        agents_ok = len(status.agents) == len(self.names) and all(
+            a.state == "ALIVE" for a in status.agents
+        )
+        return status if status.leader_id and members_ok and agents_ok else None
+
+
+def run_pyinfra(
+    lab: Any, *args: str, env: dict[str, str] | None = None, timeout_s: float = 900
+) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        **os.environ,
+        "GOML_LAB_STATE": str(lab.state_path),
+        "GOML_SOURCE_DIR": str(Path(lab.dir) / "source"),
+        **(env or {}),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pyinfra",
+        "-y",
+        str(INVENTORY),
+        str(PYINFRA_DIR / "deploy.py"),
+    ]
+    return subprocess.run(
+        [*command, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # pyinfra logs to stderr; one stream keeps the order
+        text=True,
+        env=full_env,
+        cwd=REPO,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+def results(output: str) -> dict[str, tuple[int, int]]:
+    """pyinfra's results table: operation name -> (hosts changed, hosts unchanged)."""
+    rows: dict[str, tuple[int, int]] = {}
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if "--> Results:" in line)
+    for line in lines[start + 2 :]:
+        cells = [c for c in line.strip().split("  ") if c.strip()]
+        if len(cells) < 5 or cells[0].strip() == "Grand total":
+            if cells and cells[0].strip() == "Grand total":
+                break
+            continue
+        name = cells[0].strip()
+        changed, unchanged = cells[-3].strip(), cells[-1].strip()
+        rows[name] = (
+            0 if changed == "-" else int(changed),
+            0 if unchanged == "-" else int(unchanged),
+        )
+    return rows
+
+
+READ_ONLY_OPERATIONS = ("goml: measure latency", "goml: verify")
+
+
+def changed_operations(output: str) -> dict[str, int]:
+    return {
+        name: changed
+        for name, (changed, _) in results(output).items()
+        if changed and not name.startswith(READ_ONLY_OPERATIONS)
+    }
+
+
+def _skip_reason() -> str | None:
+    if os.environ.get("GOML_LAB") != "1":
+        return "the lab boots five containers as root: run `nox -s deploy_lab` (sets GOML_LAB=1)"
+    if importlib.util.find_spec("pyinfra.api") is None:
+        return "pyinfra is not installed (nox -s deploy_lab installs it)"
+    lab_module = _load("lab")
+    reason: str | None = lab_module.unavailable_reason()
+    return reason
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    lab_module = _load("lab")
+    lab = lab_module.Lab(tmp_path_factory.mktemp("lab"))
+    try:
+        snapshot_source(Path(lab.dir) / "source")
+        started = time.monotonic()
+        lab.up()
+        print(f"lab: 5 hosts up in {time.monotonic() - started:.1f} s (rootfs cached)")
+        started = time.monotonic()
+        first = run_pyinfra(lab)
+        elapsed = time.monotonic() - started
+        print(f"lab: fresh deploy in {elapsed:.1f} s")
+        assert first.returncode == 0, f"deploy failed:\n{first.stdout[-6000:]}"
+        yield Deployed(lab, first, elapsed, tuple(lab.hosts))
+    finally:
+        problems = lab.down()
+        assert not problems, f"lab teardown problems: {problems}"
+
+
+# ---------------------------------------------------------------------- the deploy
+
+
+def test_fresh_deploy_verified_leader_agents_and_latency(deployed: Deployed) -> None:
+    out = deployed.first_run.stdout
+    assert "goml: leader " in out and "5 members, 5 agents alive" in out, out[-4000:]
+    assert "TCP round trip in ms" in out
+    for name in deployed.names:
+        assert any(line.strip().startswith(name) and "[<" in line for line in out.splitlines())
+    changed = changed_operations(out)
+    assert changed.get("goml: install goml==0.1.0 from the wheelhouse") == 5
+    assert changed.get("goml: goml-node running and enabled") == 5
+
+
+def test_health_answers_on_every_host_address(deployed: Deployed) -> None:
+    with deployed.client() as client:
+        leaders = {client.status(node_id=name).leader_id for name in deployed.names}
+        assert len(leaders) == 1 and leaders != {""}, leaders
+        task_id = client.submit("matmul", {"n": 8})
+        task = client.wait(task_id, 60)
+    assert task.state == api_pb2.SUCCEEDED, task
+
+
+def test_services_active_enabled_and_secrets_private(deployed: Deployed) -> None:
+    for name in deployed.names:
+        assert deployed.ssh(name, "systemctl is-active goml-node goml-agent").split() == [
+            "active",
+            "active",
+        ]
+        assert deployed.ssh(name, "systemctl is-enabled goml-node goml-agent").split() == [
+            "enabled",
+            "enabled",
+        ]
+        modes = deployed.ssh(
+            name,
+            "stat -c '%n %a %U' /etc/goml/tls/cluster.secret /etc/goml/tls/node.key /var/lib/goml",
+        ).splitlines()
+        assert modes == [
+            "/etc/goml/tls/cluster.secret 600 goml",
+            "/etc/goml/tls/node.key 600 goml",
+            "/var/lib/goml 700 goml",
+        ]
+        assert (
+            deployed.ssh(name, "/opt/goml/venv/bin/python -c 'import sys; print(sys.base_prefix)'")
+            == "/usr"
+        )
+    secret = (deployed.certs / "cluster.secret").read_text().strip()
+    assert secret not in deployed.first_run.stdout
+
+
+def test_second_run_changes_nothing(deployed: Deployed) -> None:
+    started = time.monotonic()
+    second = deployed.pyinfra()
+    print(f"lab: repeat deploy in {time.monotonic() - started:.1f} s")
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert changed_operations(second.stdout) == {}
+    assert results(second.stdout)["goml: install goml==0.1.0 from the wheelhouse"] == (0, 5)
+
+
+def test_one_changed_setting_restarts_only_that_agent(deployed: Deployed) -> None:
+    before = deployed.main_pids()
+    run = deployed.pyinfra(
+        env={"GOML_LAB_OVERRIDES": json.dumps({"gcp-2": {"goml_capacity_cpu": 2.0}})}
+    )
+    assert run.returncode == 0, run.stdout[-4000:]
+    assert changed_operations(run.stdout) == {
+        "goml: agent config": 1,
+        "goml: restart goml-agent (its inputs changed)": 1,
+    }
+    after = deployed.main_pids()
+    moved = sorted(key for key in before if before[key] != after[key])
+    assert moved == [("gcp-2", "goml-agent")], moved
+
+    def registered_with_two_cpus() -> bool:
+        with deployed.client() as client:
+            agents = {a.id: a for a in client.status().agents}
+        agent = agents.get("gcp-2-agent")
+        return agent is not None and agent.capacity.cpu == 2.0 and agent.state == "ALIVE"
+
+    wait_for(registered_with_two_cpus, 30, "gcp-2-agent to re-register with cpu 2")
+
+
+# ---------------------------------------------------------------------- faults
+
+
+def test_kill_9_of_the_node_is_restarted_by_systemd(deployed: Deployed) -> None:
+    name = "aws-1"
+    old_pid = deployed.ssh(name, "systemctl show -p MainPID --value goml-node")
+    restarts = int(deployed.ssh(name, "systemctl show -p NRestarts --value goml-node"))
+    assert old_pid not in ("", "0")
+    deployed.ssh(name, f"kill -9 {old_pid}")
+
+    def restarted() -> bool:
+        pid = deployed.ssh(name, "systemctl show -p MainPID --value goml-node")
+        active = deployed.ssh(name, "systemctl is-active goml-node", check=False)
+        return pid not in ("", "0", old_pid) and active == "active"
+
+    wait_for(restarted, 30, "systemd to restart goml-node")
+    assert int(deployed.ssh(name, "systemctl show -p NRestarts --value goml-node")) == restarts + 1
+    wait_for(deployed.healthy, 30, "the cluster to be healthy again")
+
+
+def test_link_down_fails_over_within_bound_and_host_rejoins(deployed: Deployed) -> None:
+    status = wait_for(deployed.healthy, 30, "a healthy cluster")
+    old_leader = status.leader_id
+    client = deployed.client(call_timeout_s=1.0, retry_s=FAILOVER_BOUND_S * 3)
+    try:
+        deployed.lab.link(old_leader, up=False)
+        cut = time.monotonic()
+        task_id = client.submit("matmul", {"n": 4}, idempotency_key=str(uuid.uuid4()))
+        failover_s = time.monotonic() - cut
+        new_leader = client.status().leader_id
+    finally:
+        deployed.lab.link(old_leader, up=True)
+        client.close()
+    print(
+        f"lab: {old_leader} cut off; submit acknowledged after {failover_s:.2f} s by {new_leader}"
+    )
+    assert failover_s < FAILOVER_BOUND_S
+    assert new_leader and new_leader != old_leader
+
+    def rejoined() -> bool:
+        healthy = deployed.healthy()
+        if healthy is None:
+            return False
+        with deployed.client() as local:
+            view = local.status(node_id=old_leader)
+        return (
+            view.leader_id == healthy.leader_id and view.commit_index >= healthy.commit_index - 100
+        )
+
+    wait_for(rejoined, 60, f"{old_leader} to rejoin after its link returned")
+    with deployed.client() as check:
+        assert check.wait(task_id, 60).state == api_pb2.SUCCEEDED
+
+
+def test_reboot_brings_services_back_with_data_kept(deployed: Deployed) -> None:
+    name = "gcp-1"
+    with deployed.client() as client:
+        task_id = client.submit("matmul", {"n": 8})
+        assert client.wait(task_id, 60).state == api_pb2.SUCCEEDED
+        applied = client.status(node_id=name).commit_index
+    inode = deployed.ssh(name, "stat -c %i /var/lib/goml/raft/raft.sqlite3")
+    boot_id = deployed.ssh(
+        name,
+        "cat /proc/sys/kernel/random/boot_id; systemctl show -p ActiveEnterTimestampMonotonic --value goml-node",
+    )
+    started = time.monotonic()
+    deployed.lab.reboot(name, deployed.ssh)
+    wait_for(
+        lambda: (
+            deployed.ssh(name, "systemctl is-active goml-node goml-agent", check=False).split()
+            == ["active", "active"]
+        ),
+        60,
+        f"services on {name} after the reboot",
+    )
+    print(f"lab: {name} rebooted, services active after {time.monotonic() - started:.1f} s")
+    assert (
+        deployed.ssh(
+            name,
+            "cat /proc/sys/kernel/random/boot_id; systemctl show -p ActiveEnterTimestampMonotonic --value goml-node",
+        )
+        != boot_id
+    )
+    assert deployed.ssh(name, "stat -c %i /var/lib/goml/raft/raft.sqlite3") == inode
+    wait_for(deployed.healthy, 60, "the cluster to be healthy after the reboot")
+    with deployed.client() as client:
+        assert client.status(node_id=name).commit_index >= applied
+        assert client.get(task_id).state == api_pb2.SUCCEEDED
+
+
+def test_unreachable_host_stops_the_deploy_before_any_change(deployed: Deployed) -> None:
+    extra = [{"name": "gcp-3", "cloud": "gcp", "region": "us-central1", "address": "10.200.0.99"}]
+    before = deployed.main_pids()
+    run = deployed.pyinfra(env={"GOML_LAB_EXTRA": json.dumps(extra)}, timeout_s=120)
+    assert run.returncode != 0
+    output = run.stdout
+    assert "unreachable host(s): gcp-3" in output, output[-3000:]
+    assert "--> Results:" not in output  # no operation ran
+    assert deployed.main_pids() == before
+
+
+def test_rolling_upgrade_loses_no_task(deployed: Deployed, tmp_path: Path) -> None:
+    source = snapshot_source(tmp_path / "goml-next", version="0.1.1")
+    acknowledged: list[str] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def submit_steadily() -> None:
+        with deployed.client(call_timeout_s=1.0, retry_s=20.0) as client:
+            while not stop.is_set():
+                try:
+                    acknowledged.append(
+                        client.submit("matmul", {"n": 4}, idempotency_key=str(uuid.uuid4()))
+                    )
+                except ClientError as error:
+                    errors.append(str(error))
+                stop.wait(0.2)  # the submit rate, not synchronisation
+
+    submitter = threading.Thread(target=submit_steadily, daemon=True)
+    submitter.start()
+    started = time.monotonic()
+    try:
+        upgrade = subprocess.run(
+            [
+                sys.executable,
+                str(PYINFRA_DIR / "rolling_upgrade.py"),
+                str(INVENTORY),
+                "--data",
+                "goml_version=0.1.1",
+            ],
+            capture_output=True,
+            text=True,
+            env={
+                **os.environ,
+                "GOML_LAB_STATE": str(deployed.lab.state_path),
+                "GOML_SOURCE_DIR": str(source),
+            },
+            cwd=REPO,
+            timeout=900,
+            check=False,
+        )
+    finally:
+        stop.set()
+        submitter.join(timeout=30)
+    print(
+        f"lab: rolling upgrade of 5 hosts in {time.monotonic() - started:.1f} s, {len(acknowledged)} tasks submitted meanwhile"
+    )
+    assert upgrade.returncode == 0, upgrade.stdout[-6000:]
+    assert upgrade.stdout.count("healthy after") == 5
+    assert not errors, errors[:5]
+    assert len(acknowledged) > 10
+    for name in deployed.names:
+        version = deployed.ssh(
+            name,
+            "/opt/goml/venv/bin/python -c 'import importlib.metadata as m; print(m.version(\"goml\"))'",
+        )
+        assert version == "0.1.1", (name, version)
+    with deployed.client(call_timeout_s=2.0, retry_s=30.0) as client:
+        deadline = time.monotonic() + 180
+        for task_id in acknowledged:
+            task = client.wait(task_id, max(1.0, deadline - time.monotonic()))
+            assert task.state == api_pb2.SUCCEEDED, task
+
+
+def test_host_without_systemd_stops_the_deploy_before_any_change(deployed: Deployed) -> None:
+    before = deployed.main_pids()
+    plain = deployed.lab.add_host("plain-1", "gcp", "us-central1", systemd=False)
+    assert deployed.ssh("plain-1", "test -d /run/systemd/system || echo none") == "none"
+    extra = [{"name": "plain-1", "cloud": "gcp", "region": "us-central1", "address": plain.address}]
+    run = deployed.pyinfra(env={"GOML_LAB_EXTRA": json.dumps(extra)}, timeout_s=300)
+    assert run.returncode != 0
+    assert "without systemd as PID 1 (no /run/systemd/system): plain-1" in run.stdout, run.stdout[
+        -3000:
+    ]
+    assert "--> Results:" not in run.stdout
+    assert deployed.ssh("plain-1", "test -e /opt/goml || echo untouched") == "untouched"
+    assert {k: v for k, v in deployed.main_pids().items() if k[0] != "plain-1"} == before
