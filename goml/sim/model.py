@@ -62,9 +62,14 @@ from goml.raft.core import RaftCore
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import Config, EntryKind, Message, NotLeader, ProposalDropped, Ready, Role
 from goml.report.summary import distribution
+from goml.scenario.faults import (
+    describe_fault,
+    pairs_between,
+    partition_pairs,
+    resolve_members,
+    resolve_target,
+)
 from goml.scenario.schema import (
-    LEADER,
-    RANDOM,
     AgentCrashFault,
     AnyFault,
     ClogFault,
@@ -923,29 +928,17 @@ class Simulation:
 
     # ------------------------------------------------------------------ faults
 
-    def _resolve_target(self, target: str, agents: bool = False) -> str | None:
-        if target == LEADER:
-            leader = self.leader()
-            return leader.name if leader else None
-        if target == RANDOM:
-            pool = sorted(self.agents) if agents else list(self.control_names)
-            return self.fault_rng.choice(pool)
-        return target
+    def _leader_name(self) -> str | None:
+        leader = self.leader()
+        return leader.name if leader else None
 
-    def _members(self, members: list[str]) -> set[str]:
-        names: set[str] = set()
-        for member in members:
-            if member == LEADER:
-                leader = self.leader()
-                if leader is not None:
-                    names.add(leader.name)
-            else:
-                names.update(self.scenario.topology.resolve(member))
-        return names
+    def _resolve_target(self, target: str, agents: bool = False) -> str | None:
+        pool = sorted(self.agents) if agents else list(self.control_names)
+        return resolve_target(target, self._leader_name, pool, self.fault_rng)
 
     def _fire(self, fault: AnyFault) -> None:
-        self.obs.faults.append((self.env.now / 1000, _describe(fault)))
-        self.record("fault", "", _describe(fault))
+        self.obs.faults.append((self.env.now / 1000, describe_fault(fault)))
+        self.record("fault", "", describe_fault(fault))
         leader = self.leader()
         if isinstance(fault, CrashFault | RestartFault | PauseFault):
             name = self._resolve_target(fault.target)
@@ -1016,27 +1009,14 @@ class Simulation:
             node.start()
 
     def _pairs(self, side_a: list[str], side_b: list[str]) -> set[tuple[str, str]]:
-        a, b = self._members(side_a), self._members(side_b)
-        return {(x, y) for x in a for y in b if x != y} | {(y, x) for x in a for y in b if x != y}
+        topology = self.scenario.topology
+        return pairs_between(
+            resolve_members(topology, side_a, self._leader_name),
+            resolve_members(topology, side_b, self._leader_name),
+        )
 
     def _partition(self, fault: PartitionFault) -> None:
-        if fault.direction == "one_way":
-            assert fault.from_ is not None and fault.to is not None
-            sources, targets = self._members(fault.from_), self._members(fault.to)
-            self.network.blocked |= {(s, t) for s in sources for t in targets if s != t}
-            return
-        assert fault.groups is not None
-        groups = [self._members(g) for g in fault.groups]
-        named = set().union(*groups)
-        rest = set(self.scenario.topology.node_names) - named
-        if rest:
-            groups.append(rest)
-        for i, group in enumerate(groups):
-            for other in groups[i + 1 :]:
-                for x in group:
-                    for y in other:
-                        if x != y:
-                            self.network.blocked |= {(x, y), (y, x)}
+        self.network.blocked |= partition_pairs(self.scenario.topology, fault, self._leader_name)
 
     def _heal(self) -> None:
         self.network.blocked.clear()
@@ -1166,11 +1146,6 @@ class Simulation:
                 "submit_ms": [round(x, 2) for x in self.obs.submit_ms],
             },
         }
-
-
-def _describe(fault: AnyFault) -> str:
-    body = fault.model_dump(exclude={"at_s", "kind"}, exclude_none=True, by_alias=True)
-    return f"{fault.kind} {json.dumps(body, sort_keys=True, separators=(',', ':'))}"
 
 
 def run_scenario(scenario: Scenario, seed: int) -> dict[str, object]:
