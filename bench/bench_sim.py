@@ -10,7 +10,7 @@ import argparse
 import time
 
 from goml.scenario.loader import load_scenario_text
-from goml.sim.model import Simulation
+from goml.sim.simulation import Simulation
 
 SCENARIO = """
 name: bench-reference

@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from goml.agent.messages import (
+from goml.api.types import (
     ErrorKind,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -25,9 +25,9 @@ from goml.agent.messages import (
     RegisterResponse,
     ReportRequest,
     ReportResponse,
-    Request,
+    AgentRequest as Request,
     Resources,
-    Response,
+    AgentResponse as Response,
 )
 from goml.agent.runner import TaskRunner
 from goml.agent.runtime import (
@@ -39,7 +39,7 @@ from goml.agent.runtime import (
     load_config,
     run_agent,
 )
-from goml.agent.wire import request_from_pb, request_to_pb, response_from_pb, response_to_pb
+from goml.api.wire import request_from_pb, request_to_pb, response_from_pb, response_to_pb
 from goml.proto import api_pb2, api_pb2_grpc
 
 T = TypeVar("T")

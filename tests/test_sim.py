@@ -13,7 +13,7 @@ import pytest
 
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.scenario.loader import load_scenario_text
-from goml.sim.model import run_scenario
+from goml.sim.simulation import run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -32,12 +32,11 @@ Decisions made here:
 - A task whose control-plane lease deadline passes keeps running and is reported: the
   control plane's epoch check decides. A task running past its `timeout_ms` is
   cancelled (`CancelTask`) and reported as failed ("timed out after N ms").
-- Leader: the node that last answered. NOT_LEADER with a known leader id is followed at
-  once (at most once per node in a row, then with backoff); an unreachable leader (or
-  NOT_LEADER without a usable hint) moves the belief to the next node in order.
-- Retries: exponential backoff with jitter from the `rng` passed in: after the n-th
-  consecutive failure of a lane, a delay in [d/2, d] with
-  d = min(retry_backoff_ms_max, retry_backoff_ms_min * 2**(n-1)).
+- Leader and retries: the shared policy of every caller (`goml.api.retry`), one attempt
+  per lane: the node that last answered leads; NOT_LEADER hints are followed at once at
+  most once per node in a row; an unreachable node moves the belief to the next one;
+  backoff with jitter from the `rng` passed in. The agent never gives up: a lane whose
+  request was refused as invalid or unauthenticated is tried again after its backoff.
 """
 
 from __future__ import annotations
@@ -46,8 +45,11 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Protocol
 
-from goml.agent.messages import (
+from goml.api.retry import Attempt, RetryConfig, RetryPolicy
+from goml.api.types import (
     RESPONSE_TYPES,
+    AgentRequest,
+    AgentResponse,
     ErrorKind,
     HeartbeatRequest,
     HeartbeatResponse,
@@ -59,9 +61,7 @@ from goml.agent.messages import (
     RegisterResponse,
     ReportRequest,
     ReportResponse,
-    Request,
     Resources,
-    Response,
 )
 
 __all__ = [
@@ -82,7 +82,6 @@ __all__ = [
 ]
 
 CPU_EPSILON = 1e-9  # same tolerance as Resources.fits_in
-BACKOFF_EXPONENT_MAX = 30  # 2**30 * any sane minimum is beyond any sane maximum
 
 
 # --------------------------------------------------------------------------- state table
@@ -172,7 +171,7 @@ class Call:
     request_id: int
     node_id: str
     method: Method
-    request: Request
+    request: AgentRequest
     timeout_ms: int  # the call's deadline; the core expires it at sent + timeout_ms
 
 
@@ -258,13 +257,12 @@ ResultKey = tuple[str, int]  # (task id, epoch)
 class _Lane:
     """One stream of calls: at most one in flight, a due time, a failure streak."""
 
-    __slots__ = ("due_ms", "failures", "in_flight", "redirects")
+    __slots__ = ("attempt", "due_ms", "in_flight")
 
     def __init__(self, due_ms: int) -> None:
         self.in_flight: int | None = None
         self.due_ms = due_ms
-        self.failures = 0  # consecutive failures: the backoff exponent
-        self.redirects = 0  # consecutive NOT_LEADER hints followed without backoff
+        self.attempt = Attempt(due_ms)  # failure streak, for the retry policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +316,17 @@ class AgentCore:
         self._heartbeat_interval_ms = config.heartbeat_interval_ms
         nodes = config.control_nodes
         # Agents start on different nodes so a dead first node is not everyone's first try.
-        self._leader_id = nodes[min(len(nodes) - 1, int(rng.random() * len(nodes)))]
+        start = nodes[min(len(nodes) - 1, int(rng.random() * len(nodes)))]
+        retry = RetryConfig(
+            nodes=nodes,
+            call_timeout_ms=config.call_timeout_ms,
+            redirects_max=len(nodes),
+            backoff_ms_min=config.retry_backoff_ms_min,
+            backoff_ms_max=config.retry_backoff_ms_max,
+            give_up_after_ms=None,  # a daemon: results are never dropped for want of a leader
+            retry_unauthenticated=True,  # the token may be rotated under a running agent
+        )
+        self._policy = RetryPolicy(retry, rng, start)
         self._outstanding: dict[int, _Outstanding] = {}
         self._register = _Lane(0)
         self._heartbeat = _Lane(0)
@@ -336,7 +344,7 @@ class AgentCore:
     @property
     def leader_id(self) -> str:
         """The node the agent currently believes leads (and sends its calls to)."""
-        return self._leader_id
+        return self._policy.leader
 
     @property
     def heartbeat_interval_ms(self) -> int:
@@ -407,7 +415,7 @@ class AgentCore:
                 self._add_result(run.task, False, "", error)
         self._pump()
 
-    def on_response(self, request_id: int, response: Response, now_ms: int) -> None:
+    def on_response(self, request_id: int, response: AgentResponse, now_ms: int) -> None:
         out = self._outstanding.pop(request_id, None)
         if out is None:
             self._advance_clock(now_ms)
@@ -431,11 +439,9 @@ class AgentCore:
         if lane is not None:
             assert lane.in_flight == request_id, (lane.in_flight, request_id)
             lane.in_flight = None
-            lane.failures = 0
-            lane.redirects = 0
-        if out.node_id != self._leader_id:
+        if out.node_id != self._policy.leader:
             self._log(LogLevel.INFO, f"leader is {out.node_id} (it answered)")
-            self._leader_id = out.node_id
+        self._policy.succeeded(lane.attempt if lane is not None else None, out.node_id)
         match response:
             case RegisterResponse():
                 self._registered(response)
@@ -443,7 +449,7 @@ class AgentCore:
                 if not response.known:
                     self._log(LogLevel.WARNING, "leader does not know this agent: registering")
                     self._register.due_ms = self._now_ms
-                    self._register.failures = 0
+                    self._register.attempt = Attempt(self._now_ms)
             case LeaseResponse():
                 self._leased(response)
             case ReportResponse():
@@ -570,7 +576,7 @@ class AgentCore:
         assert self._reports_in_flight() <= config.reports_inflight_max
         assert len(self._outstanding) <= 3 + config.reports_inflight_max, self._outstanding
         assert self._used == self._used_now(), (self._used, self._used_now())
-        assert self._leader_id in config.control_nodes, self._leader_id
+        assert self._policy.leader in config.control_nodes, self._policy.leader
         if self._state is not AgentState.STOPPED:
             in_flight = {o.request_id for o in self._outstanding.values()}
             for lane in (self._register, self._heartbeat, self._lease):
@@ -584,7 +590,7 @@ class AgentCore:
         self,
         lane: _Lane,
         method: Method,
-        request: Request,
+        request: AgentRequest,
         timeout_ms: int,
         result_key: ResultKey | None = None,
     ) -> None:
@@ -595,9 +601,9 @@ class AgentCore:
         lane.in_flight = request_id
         now = self._now_ms
         self._outstanding[request_id] = _Outstanding(
-            request_id, self._leader_id, method, now, now + timeout_ms, result_key
+            request_id, self._policy.leader, method, now, now + timeout_ms, result_key
         )
-        self._effects.append(Call(request_id, self._leader_id, method, request, timeout_ms))
+        self._effects.append(Call(request_id, self._policy.leader, method, request, timeout_ms))
 
     def _pump(self) -> None:
         """Send every call that is due and allowed."""
@@ -659,11 +665,11 @@ class AgentCore:
             )
         self._log(
             LogLevel.INFO,
-            f"registered with {self._leader_id}; heartbeat every {self._heartbeat_interval_ms} ms",
+            f"registered with {self._policy.leader}; heartbeat every {self._heartbeat_interval_ms} ms",
         )
         # The registration counts as a heartbeat; a lease may go out at once.
         self._heartbeat.due_ms = self._now_ms + self._heartbeat_interval_ms
-        self._heartbeat.failures = 0
+        self._heartbeat.attempt = Attempt(self._now_ms)
         self._lease.due_ms = min(self._lease.due_ms, self._now_ms)
 
     def _lease_problem(self, task: LeasedTask) -> str | None:
@@ -739,22 +745,6 @@ class AgentCore:
                 f"result of task {task_id} epoch {epoch} refused, dropped: {response.reason}",
             )
 
-    def _backoff(self, lane: _Lane) -> None:
-        config = self._config
-        lane.failures += 1
-        exponent = min(lane.failures - 1, BACKOFF_EXPONENT_MAX)
-        ceiling = min(config.retry_backoff_ms_max, config.retry_backoff_ms_min << exponent)
-        delay = ceiling // 2 + int(self._rng.random() * (ceiling - ceiling // 2))
-        assert ceiling // 2 <= delay <= ceiling, (delay, ceiling)
-        lane.due_ms = self._now_ms + delay
-
-    def _rotate(self, failed_node: str) -> None:
-        if failed_node != self._leader_id:
-            return  # the belief has moved on already
-        nodes = self._config.control_nodes
-        self._leader_id = nodes[(nodes.index(failed_node) + 1) % len(nodes)]
-        self._log(LogLevel.INFO, f"{failed_node} unreachable or leaderless: try {self._leader_id}")
-
     def _failed(self, out: _Outstanding, kind: ErrorKind, hint: str, detail: str) -> None:
         lane = self._lane_of(out)
         assert lane is not None, "a report in flight keeps its result"
@@ -763,31 +753,27 @@ class AgentCore:
         what = f"{out.method} to {out.node_id} failed ({kind})"
         if detail:
             what += f": {detail}"
-        match kind:
-            case ErrorKind.NOT_LEADER:
-                if hint in self._config.control_nodes and hint != out.node_id:
-                    self._leader_id = hint
-                    if lane.redirects < len(self._config.control_nodes):
-                        lane.redirects += 1
-                        lane.due_ms = self._now_ms
-                        self._log(LogLevel.INFO, f"{what}; following the hint to {hint}")
-                        return
-                    self._log(LogLevel.WARNING, f"{what}; redirected too often in a row")
-                else:
-                    if hint:
-                        self._log(LogLevel.WARNING, f"{what}; unknown leader hint {hint!r}")
-                    self._rotate(out.node_id)
-            case ErrorKind.UNAVAILABLE | ErrorKind.DEADLINE:
-                self._log(LogLevel.INFO, what)
-                self._rotate(out.node_id)
-            case ErrorKind.UNAUTHENTICATED:
+        before = self._policy.leader
+        decision = self._policy.failed(lane.attempt, out.node_id, kind, hint, self._now_ms)
+        if decision.retry:
+            if kind is ErrorKind.UNAUTHENTICATED:
                 self._log(LogLevel.ERROR, f"{what}; check the agent's token")
-            case ErrorKind.INVALID:
-                self._log(LogLevel.ERROR, what)
-                if out.method is Method.REPORT:
-                    self._refused_report(out, detail)
-                    return
-        self._backoff(lane)
+            else:
+                # A redirect followed at once is routine; one that backs off is worth a look.
+                backs_off = kind is ErrorKind.NOT_LEADER and decision.delay_ms > 0
+                self._log(
+                    LogLevel.WARNING if backs_off else LogLevel.INFO, f"{what}; {decision.why}"
+                )
+            if self._policy.leader != before:
+                self._log(LogLevel.INFO, f"next calls go to {self._policy.leader}")
+            lane.due_ms = self._now_ms + decision.delay_ms
+            return
+        self._log(LogLevel.ERROR, what)
+        if kind is ErrorKind.INVALID and out.method is Method.REPORT:
+            self._refused_report(out, detail)
+            return
+        # A periodic call (register, heartbeat, lease) refused: the agent keeps trying.
+        lane.due_ms = self._now_ms + self._policy.backoff_ms(lane.attempt)
 
     def _refused_report(self, out: _Outstanding, detail: str) -> None:
         """The control plane refused the report itself (e.g. over its size limit)."""

@@ -76,9 +76,21 @@ from goml.agent.core import (
     LogLevel,
     RunTask,
 )
-from goml.agent.messages import ErrorKind, LeasedTask, Method, Request, Resources, Response
 from goml.agent.runner import TaskRunner
-from goml.agent.wire import request_to_pb, response_from_pb
+from goml.api.types import (
+    AgentRequest,
+    AgentResponse,
+    ErrorKind,
+    HeartbeatResponse,
+    LeasedTask,
+    LeaseResponse,
+    Method,
+    RegisterResponse,
+    ReportResponse,
+    Resources,
+    error_kind,
+)
+from goml.api.wire import error_from_status, request_to_pb, response_from_pb
 from goml.proto import api_pb2_grpc
 
 __all__ = [
@@ -97,12 +109,12 @@ __all__ = [
 
 log = logging.getLogger("goml.agent")
 
-LEADER_ID_KEY = "goml-leader-id"
 NVIDIA_SMI_TIMEOUT_S = 5.0
 INBOX_SLACK = 16  # inbox size beyond the calls and runs that can be outstanding
 DRAIN_BATCH_MAX = 64  # inputs handled per wake-up before ticking again
 SHUTDOWN_WAIT_S = 10.0
 
+AGENT_RESPONSES = (RegisterResponse, HeartbeatResponse, LeaseResponse, ReportResponse)
 _LOG_LEVELS = {
     LogLevel.DEBUG: logging.DEBUG,
     LogLevel.INFO: logging.INFO,
@@ -295,34 +307,18 @@ class CallFailure:
 
 
 def classify_status(code: grpc.StatusCode, trailing: Mapping[str, str], detail: str) -> CallFailure:
-    """A gRPC error as the core sees it. NOT_LEADER is FAILED_PRECONDITION with the
-    leader's id in the `goml-leader-id` trailing metadata (empty while electing)."""
-    hint = trailing.get(LEADER_ID_KEY, "")
-    if code is grpc.StatusCode.FAILED_PRECONDITION:
-        return CallFailure(ErrorKind.NOT_LEADER, hint, detail)
-    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-        return CallFailure(ErrorKind.UNAUTHENTICATED, "", detail)
-    if code in (
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.UNIMPLEMENTED,
-    ):
-        return CallFailure(ErrorKind.INVALID, "", detail)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CallFailure(ErrorKind.DEADLINE, "", detail)
-    # UNAVAILABLE, CANCELLED, UNKNOWN, INTERNAL, ABORTED, DATA_LOSS: try again elsewhere.
-    return CallFailure(ErrorKind.UNAVAILABLE, "", detail)
+    """A gRPC error as the core sees it: the wire's one mapping of status codes
+    (`goml.api.wire.error_from_status`), then the retry policy's classes."""
+    error = error_from_status(code, trailing, detail)
+    return CallFailure(error_kind(error.code), error.leader_id, error.message)
 
 
 class ControlPlane(Protocol):
     """How the runtime reaches control-plane nodes (gRPC here; a fake in tests)."""
 
     async def call(
-        self, node_id: str, method: Method, request: Request, timeout_ms: int
-    ) -> Response | CallFailure: ...
+        self, node_id: str, method: Method, request: AgentRequest, timeout_ms: int
+    ) -> AgentResponse | CallFailure: ...
 
     async def close(self) -> None: ...
 
@@ -358,8 +354,8 @@ class GrpcControlPlane:
         return stub
 
     async def call(
-        self, node_id: str, method: Method, request: Request, timeout_ms: int
-    ) -> Response | CallFailure:
+        self, node_id: str, method: Method, request: AgentRequest, timeout_ms: int
+    ) -> AgentResponse | CallFailure:
         if node_id not in self._addresses:
             return CallFailure(ErrorKind.UNAVAILABLE, "", f"no address for node {node_id!r}")
         rpc = getattr(self._stub(node_id), method.value)
@@ -373,7 +369,9 @@ class GrpcControlPlane:
                 for k, v in (exc.trailing_metadata() or ())
             }
             return classify_status(exc.code(), trailing, exc.details() or "")
-        return response_from_pb(method, reply)
+        response = response_from_pb(method, reply)
+        assert isinstance(response, AGENT_RESPONSES), (method, type(response).__name__)
+        return response
 
     async def close(self) -> None:
         for node_id in sorted(self._channels):
@@ -392,7 +390,7 @@ def monotonic_ms() -> int:
 @dataclass(frozen=True, slots=True)
 class _Answered:
     request_id: int
-    outcome: Response | CallFailure
+    outcome: AgentResponse | CallFailure
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """`goml chaos run`: a scenario on real processes behind Toxiproxy, measured with the
 simulator's definitions and reported side by side with the simulator's prediction.
 
-Definitions (as in goml/sim/model.py):
+Definitions (as in goml/sim/simulation.py):
 - failover: from a fault that hits the leader (crash, pause or restart of the leader; a
   partition or clog that cuts the leader off from a majority) until the first
   acknowledgement of a submit STARTED after that moment;

@@ -18,6 +18,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# Re-exported: commands carry the API's resource value.
+from goml.api.types import Resources as Resources
+
 # protobuf int64: the gRPC layer must be able to carry every integer we accept.
 INT_MAX = 2**63 - 1
 
@@ -129,43 +132,6 @@ class Fields:
         unknown = sorted(set(self._raw) - self._used)
         if unknown:
             raise CommandError(f"{self._where}: unknown field(s) {unknown}")
-
-
-@dataclass(frozen=True, slots=True)
-class Resources:
-    cpu: float  # cores
-    memory_mb: int
-    gpu: int
-
-    # No asserts here: the gRPC layer builds these from client input, and the ranges
-    # are checked where every replica checks them, in decode_command.
-
-    def fits_in(self, free: Resources) -> bool:
-        # Tolerance: 0.1 + 0.2 cores must fit in 0.3. Same arithmetic on every replica.
-        return (
-            self.cpu <= free.cpu + 1e-9
-            and self.memory_mb <= free.memory_mb
-            and self.gpu <= free.gpu
-        )
-
-    def minus(self, other: Resources) -> Resources:
-        return Resources(
-            max(0.0, self.cpu - other.cpu),
-            max(0, self.memory_mb - other.memory_mb),
-            max(0, self.gpu - other.gpu),
-        )
-
-    def plus(self, other: Resources) -> Resources:
-        return Resources(
-            self.cpu + other.cpu, self.memory_mb + other.memory_mb, self.gpu + other.gpu
-        )
-
-    def least(self, other: Resources) -> Resources:
-        return Resources(
-            min(self.cpu, other.cpu),
-            min(self.memory_mb, other.memory_mb),
-            min(self.gpu, other.gpu),
-        )
 
 
 def read_resources(f: Fields) -> Resources:

@@ -20,6 +20,7 @@ import hashlib
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TypeVar
 
+from goml.api.types import TaskState as TaskState  # re-exported: the API's task states
 from goml.cluster.commands import (
     INT_MAX,
     CancelTask,
@@ -43,15 +44,6 @@ from goml.cluster.commands import (
 )
 
 SNAPSHOT_FORMAT = 1
-
-
-class TaskState(enum.StrEnum):
-    PENDING = "PENDING"
-    LEASED = "LEASED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    DEAD = "DEAD"
-    CANCELLED = "CANCELLED"
 
 
 class TaskEvent(enum.StrEnum):

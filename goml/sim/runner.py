@@ -17,7 +17,7 @@ from goml.raft.checker import SafetyViolation
 from goml.report.html import write_report
 from goml.scenario.loader import ScenarioError, evaluate_expectations, load_scenario
 from goml.scenario.schema import Scenario
-from goml.sim.model import run_scenario
+from goml.sim.simulation import run_scenario
 
 
 def judge(scenario: Scenario, summary: dict[str, Any]) -> bool:

@@ -1,0 +1,174 @@
+"""The one leader-tracking and retry policy of every caller of the control plane: the
+Python client (`goml.client`), the agent core (`goml.agent.core`) and the simulator's
+client all decide with this code which node to ask and when to ask again.
+
+Sans-IO: no clock, no sleep, no global randomness. Callers pass `now_ms` and a seeded
+RNG and carry out the decision (sleep, schedule a timer, give up).
+
+Rules:
+- Belief: the node that last answered is the leader; every call goes to the belief.
+- NOT_LEADER naming another known node: follow the hint at once, at most
+  `redirects_max` times in a row per operation (two nodes naming each other cannot spin
+  a caller); beyond that, and for a NOT_LEADER without a usable hint, rotate and back off.
+- UNAVAILABLE / DEADLINE: rotate to the next node (only if no other call has moved the
+  belief on already) and back off.
+- UNAUTHENTICATED: retried with backoff only if `retry_unauthenticated` (a daemon whose
+  token may be rotated), else given up at once (a user must fix their credentials).
+- INVALID: never retried: the same request is refused again.
+- Backoff after the n-th consecutive failure of an operation: a delay drawn in [d/2, d]
+  with d = min(backoff_ms_max, backoff_ms_min * 2**(n-1)).
+- An operation gives up once `give_up_after_ms` (if set) would pass before its next try;
+  each call's deadline is `call_timeout_ms`, cut to what is left of that budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from goml.api.types import ErrorKind
+
+BACKOFF_EXPONENT_MAX = 30  # 2**30 * any sane minimum is beyond any sane maximum
+
+
+class Rng(Protocol):
+    """What the policy needs of `random.Random` (pass a seeded instance)."""
+
+    def random(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    nodes: tuple[str, ...]  # control-plane node ids, in rotation order
+    call_timeout_ms: int
+    redirects_max: int  # NOT_LEADER hints followed in a row without backoff
+    backoff_ms_min: int
+    backoff_ms_max: int
+    give_up_after_ms: int | None  # None: never (a daemon retries for ever)
+    retry_unauthenticated: bool
+
+    def __post_init__(self) -> None:
+        if not self.nodes or len(set(self.nodes)) != len(self.nodes) or not all(self.nodes):
+            raise ValueError(f"retry policy: nodes must be unique and non-empty: {self.nodes}")
+        for name in ("call_timeout_ms", "backoff_ms_min", "backoff_ms_max"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"retry policy: {name} must be an integer >= 1, got {value!r}")
+        if type(self.redirects_max) is not int or self.redirects_max < 0:
+            raise ValueError(f"retry policy: redirects_max must be >= 0, got {self.redirects_max}")
+        if self.backoff_ms_min > self.backoff_ms_max:
+            raise ValueError("retry policy: backoff_ms_min > backoff_ms_max")
+        if self.give_up_after_ms is not None and self.give_up_after_ms < 1:
+            raise ValueError("retry policy: give_up_after_ms must be >= 1 or None")
+
+
+class Attempt:
+    """One operation's retry state (a client call, an agent lane, a simulated submit)."""
+
+    __slots__ = ("failures", "redirects", "started_ms")
+
+    def __init__(self, started_ms: int) -> None:
+        self.started_ms = started_ms
+        self.failures = 0  # consecutive failures: the backoff exponent
+        self.redirects = 0  # consecutive NOT_LEADER hints followed without backoff
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do after a failed call: retry after `delay_ms` (0: at once), or not."""
+
+    retry: bool
+    delay_ms: int
+    why: str  # for logs and for the error a caller finally raises
+
+    def __post_init__(self) -> None:
+        assert self.delay_ms >= 0
+        assert self.retry or self.delay_ms == 0
+
+
+class RetryPolicy:
+    def __init__(self, config: RetryConfig, rng: Rng, start: str) -> None:
+        assert start in config.nodes, (start, config.nodes)
+        self.config = config
+        self._rng = rng
+        self._leader = start
+
+    @property
+    def leader(self) -> str:
+        """The node every call goes to now."""
+        return self._leader
+
+    def call_timeout_ms(self, attempt: Attempt, now_ms: int) -> int:
+        """The deadline of the next call of `attempt`: the per-call timeout, cut to the
+        operation's remaining budget (at least 1 ms)."""
+        timeout = self.config.call_timeout_ms
+        if self.config.give_up_after_ms is not None:
+            left = attempt.started_ms + self.config.give_up_after_ms - now_ms
+            timeout = min(timeout, left)
+        return max(1, timeout)
+
+    def succeeded(self, attempt: Attempt | None, node: str) -> None:
+        """`node` answered: it leads (or serves), and the operation's streak ends."""
+        assert node in self.config.nodes, node
+        if attempt is not None:
+            attempt.failures = 0
+            attempt.redirects = 0
+        self._leader = node
+
+    def failed(
+        self, attempt: Attempt, node: str, kind: ErrorKind, hint: str, now_ms: int
+    ) -> Decision:
+        """A call of `attempt` to `node` failed with `kind` (`hint`: the leader a
+        NOT_LEADER answer named, "" if none). Updates the belief; says what to do."""
+        assert node in self.config.nodes, node
+        assert now_ms >= attempt.started_ms
+        nodes = self.config.nodes
+        match kind:
+            case ErrorKind.INVALID:
+                return Decision(False, 0, f"{node} refused the request")
+            case ErrorKind.UNAUTHENTICATED if not self.config.retry_unauthenticated:
+                return Decision(False, 0, f"{node} refused the credentials")
+            case ErrorKind.NOT_LEADER if hint in nodes and hint != node:
+                self._leader = hint
+                if attempt.redirects < self.config.redirects_max:
+                    attempt.redirects += 1
+                    return self._bounded(attempt, 0, now_ms, f"{node} is a follower: ask {hint}")
+                why = f"{node} is a follower naming {hint}; redirected too often in a row"
+            case ErrorKind.NOT_LEADER:
+                unknown = f" (unknown leader hint {hint!r})" if hint else ""
+                why = f"{node} knows no leader{unknown}"
+                self._rotate(node)
+            case ErrorKind.UNAVAILABLE | ErrorKind.DEADLINE:
+                why = f"{node} unreachable ({kind})"
+                self._rotate(node)
+            case _:
+                assert kind is ErrorKind.UNAUTHENTICATED
+                why = f"{node} refused the credentials"
+        attempt.redirects = 0
+        return self._bounded(attempt, self.backoff_ms(attempt), now_ms, why)
+
+    def backoff_ms(self, attempt: Attempt) -> int:
+        """Count one more failure of `attempt` and draw its backoff. `failed` calls this;
+        a caller that retries later anyway (a periodic heartbeat refused) may too."""
+        config = self.config
+        attempt.failures += 1
+        exponent = min(attempt.failures - 1, BACKOFF_EXPONENT_MAX)
+        ceiling = min(config.backoff_ms_max, config.backoff_ms_min << exponent)
+        delay = ceiling // 2 + int(self._rng.random() * (ceiling - ceiling // 2))
+        assert ceiling // 2 <= delay <= ceiling, (delay, ceiling)
+        return delay
+
+    # ------------------------------------------------------------------ internals
+
+    def _bounded(self, attempt: Attempt, delay_ms: int, now_ms: int, why: str) -> Decision:
+        budget = self.config.give_up_after_ms
+        if budget is not None and now_ms + delay_ms >= attempt.started_ms + budget:
+            return Decision(False, 0, f"gave up after {budget} ms; last: {why}")
+        return Decision(True, delay_ms, why)
+
+    def _rotate(self, failed: str) -> None:
+        # Only if no other call has moved the belief on already: concurrent calls that
+        # fail together would otherwise rotate it off a leader another call found.
+        if self._leader == failed:
+            nodes = self.config.nodes
+            self._leader = nodes[(nodes.index(failed) + 1) % len(nodes)]
