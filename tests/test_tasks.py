@@ -221,6 +221,16 @@ def test_scipy_not_imported_by_the_module() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_task_args_imports_neither_numpy_nor_scipy() -> None:
+    # Every control-plane node imports goml.api.task_args to validate submits; NumPy there
+    # would cost each node its import time and memory for nothing.
+    # Import only: validating would also load whatever user entry points are installed,
+    # and those may import NumPy themselves.
+    code = "import sys, goml.api.task_args; print(sorted({'numpy', 'scipy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -371,7 +381,7 @@ def test_registry_forgets_uninstalled_entry_points(fake_dist: FakeDist) -> None:
 def test_broken_entry_points_are_reported_and_builtins_remain(
     fake_dist: FakeDist, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="goml.agent.tasks"):
+    with caplog.at_level(logging.ERROR, logger="goml.api.task_args"):
         fake_dist(
             "goml-broken-tasks",
             {

@@ -1,13 +1,17 @@
-"""Task library: named NumPy/SciPy functions that agents run.
+"""Task library: the NumPy/SciPy functions that agents run.
 
-A task is a name plus JSON arguments. The control plane calls :func:`validate_args` at submit
-time (so it must stay cheap: this module imports only numpy and pydantic, and SciPy lazily
-inside the functions that need it); agents call :func:`run_task`, which validates again,
-runs the function and returns the result as JSON text, capped in size.
+A task is a name plus JSON arguments. The argument models, the entry-point discovery of
+user functions and :func:`validate_args` live in ``goml.api.task_args``, which imports no
+NumPy, so the control plane can validate a submit without it; this module pairs each model
+there with its implementation. Agents call :func:`run_task`, which validates with that same
+code, runs the function and returns the result as JSON text, capped in size. SciPy is
+imported lazily inside the functions that need it, so preloading this module stays cheap.
 
 Built-ins are listed in ``BUILTINS``. User packages add functions through the entry-point
 group ``goml.tasks``: each entry point names a :class:`TaskFunction` object whose ``name``
-equals the entry point's name (see ``examples/goml-example-tasks``).
+equals the entry point's name (see ``examples/goml-example-tasks``). The names in
+``__all__`` that now live in ``goml.api.task_args`` are re-exported, so callers that import
+them from here keep working.
 
 Every random built-in draws from ``numpy.random.default_rng(seed)`` in a documented order,
 so the same arguments give the same result and tests can recompute it with plain NumPy.
@@ -16,19 +20,37 @@ so the same arguments give the same result and tests can recompute it with plain
 from __future__ import annotations
 
 import json
-import logging
 import math
-import re
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Generic, Literal, Self, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from goml.api import task_args
+from goml.api.task_args import (
+    ARGS_JSON_MAX,
+    BUILTIN_ARGS,
+    ENTRY_POINT_GROUP,
+    EighArgs,
+    FailArgs,
+    FftArgs,
+    KmeansArgs,
+    LinregArgs,
+    LogregArgs,
+    MatmulArgs,
+    MinimizeArgs,
+    MonteCarloPiArgs,
+    SleepMsArgs,
+    SvdArgs,
+    TaskArgs,
+    TaskArgsError,
+    TaskError,
+    TaskFunction,
+    registry_errors,
+    validate_args,
+    validate_for_run,
+)
 
 __all__ = [
     "ARGS_JSON_MAX",
@@ -47,28 +69,10 @@ __all__ = [
     "validate_args",
 ]
 
-log = logging.getLogger(__name__)
-
-ENTRY_POINT_GROUP = "goml.tasks"
-# Arguments are parsed on the control plane's submit path; refuse huge documents before
-# json.loads spends time on them. Built-in arguments are a few hundred bytes at most.
-ARGS_JSON_MAX = 1 << 20
-
-MAX_DIM = 2000  # matrix side: a 2000x2000 float64 is 32 MB, fine for an agent
-MAX_SEED = 2**63 - 1
-
 FloatArray = npt.NDArray[np.float64]
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class TaskError(Exception):
-    """Base class of the task library's own errors (not of errors raised by functions)."""
-
-
-class TaskArgsError(TaskError, ValueError):
-    """Unknown function, args that are not JSON, or args invalid for the function."""
 
 
 class TaskResultTooLarge(TaskError):
@@ -87,56 +91,7 @@ class TaskResultInvalid(TaskError):
     """The function returned something that cannot be encoded as strict JSON."""
 
 
-# --------------------------------------------------------------------------- registry types
-
-
-class TaskArgs(BaseModel):
-    """Base for argument models: unknown fields are errors and JSON types are not coerced
-    (``"5"`` is not an int, ``true`` is not 1), so a typo fails at submit time."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-ArgsT = TypeVar("ArgsT", bound=BaseModel)
-
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
-
-
-@dataclass(frozen=True)
-class TaskFunction(Generic[ArgsT]):
-    """A named task: ``fn(args_model instance) -> JSON-serialisable value``.
-
-    NumPy arrays and scalars in the result are converted with ``tolist()``/``item()``;
-    NaN and infinities are rejected (they are not JSON).
-    """
-
-    name: str
-    args_model: type[ArgsT]
-    fn: Callable[[ArgsT], object]
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if not _NAME_RE.fullmatch(self.name):
-            raise ValueError(f"invalid task function name {self.name!r}")
-        if not (isinstance(self.args_model, type) and issubclass(self.args_model, BaseModel)):
-            raise TypeError(f"task function {self.name!r}: args_model must be a pydantic model")
-
-
-@dataclass(frozen=True)
-class _Loaded:
-    functions: dict[str, TaskFunction[Any]]
-    errors: dict[str, str] = field(default_factory=dict)  # entry point name -> message
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _seed() -> Any:
-    return Field(default=0, ge=0, le=MAX_SEED, description="seed of numpy.random.default_rng")
-
-
-def _dim(default: int) -> Any:
-    return Field(default=default, ge=1, le=MAX_DIM)
 
 
 def _floats(a: npt.ArrayLike) -> list[float]:
@@ -150,13 +105,6 @@ def _sort_rows(a: FloatArray) -> FloatArray:
 
 
 # --------------------------------------------------------------------------- matmul
-
-
-class MatmulArgs(TaskArgs):
-    n: int = _dim(256)
-    m: int = _dim(256)
-    k: int = _dim(256)
-    seed: int = _seed()
 
 
 def matmul(a: MatmulArgs) -> dict[str, object]:
@@ -176,19 +124,6 @@ def matmul(a: MatmulArgs) -> dict[str, object]:
 # --------------------------------------------------------------------------- svd
 
 
-class SvdArgs(TaskArgs):
-    rows: int = _dim(256)
-    cols: int = _dim(256)
-    top_k: int = Field(default=10, ge=1, le=MAX_DIM)
-    seed: int = _seed()
-
-    @model_validator(mode="after")
-    def _top_k_fits(self) -> Self:
-        if self.top_k > min(self.rows, self.cols):
-            raise ValueError(f"top_k ({self.top_k}) must be <= min(rows, cols)")
-        return self
-
-
 def svd(a: SvdArgs) -> dict[str, object]:
     """Singular values of a standard-normal rowsxcols matrix: the top_k largest, descending."""
     mat = np.random.default_rng(a.seed).standard_normal((a.rows, a.cols))
@@ -203,11 +138,6 @@ def svd(a: SvdArgs) -> dict[str, object]:
 # --------------------------------------------------------------------------- eigh
 
 
-class EighArgs(TaskArgs):
-    n: int = _dim(128)
-    seed: int = _seed()
-
-
 def eigh(a: EighArgs) -> dict[str, object]:
     """Eigenvalues (ascending) of S = (A + Aᵀ)/2, A standard normal nxn."""
     mat = np.random.default_rng(a.seed).standard_normal((a.n, a.n))
@@ -216,26 +146,6 @@ def eigh(a: EighArgs) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------- fft
-
-
-class FftArgs(TaskArgs):
-    freqs: list[float] = Field(default=[50.0, 120.0], min_length=1, max_length=16)
-    amplitudes: list[float] | None = Field(default=None, min_length=1, max_length=16)
-    sample_rate: float = Field(default=1000.0, gt=0, le=1e7)
-    n_samples: int = Field(default=4096, ge=8, le=1 << 22)
-    noise: float = Field(default=0.5, ge=0, le=1e3)
-    top: int | None = Field(default=None, ge=1, le=16)
-    seed: int = _seed()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.amplitudes is not None and len(self.amplitudes) != len(self.freqs):
-            raise ValueError("amplitudes must have one value per frequency")
-        nyquist = self.sample_rate / 2
-        for f in self.freqs:
-            if not 0 < f < nyquist:
-                raise ValueError(f"frequency {f} must be in (0, sample_rate/2 = {nyquist})")
-        return self
 
 
 def fft(a: FftArgs) -> dict[str, object]:
@@ -267,25 +177,6 @@ def fft(a: FftArgs) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------- kmeans
-
-
-class KmeansArgs(TaskArgs):
-    # n_samples x n_clusters distances and n_samples x dims points stay near 100 MB each.
-    n_samples: int = Field(default=1000, ge=1, le=100_000)
-    n_clusters: int = Field(default=3, ge=1, le=64)
-    dims: int = Field(default=2, ge=1, le=128)
-    cluster_std: float = Field(default=1.0, gt=0, le=100)
-    center_box: float = Field(default=10.0, gt=0, le=1e6)
-    max_iter: int = Field(default=300, ge=1, le=10_000)
-    n_init: int = Field(default=3, ge=1, le=20)
-    tol: float = Field(default=1e-6, ge=0, le=1)
-    seed: int = _seed()
-
-    @model_validator(mode="after")
-    def _enough_samples(self) -> Self:
-        if self.n_samples < self.n_clusters:
-            raise ValueError("n_samples must be >= n_clusters")
-        return self
 
 
 def make_blobs(
@@ -363,16 +254,6 @@ def kmeans(a: KmeansArgs) -> dict[str, object]:
 # --------------------------------------------------------------------------- regression
 
 
-class LinregArgs(TaskArgs):
-    n_samples: int = Field(default=1000, ge=2, le=100_000)
-    n_features: int = Field(default=5, ge=1, le=100)
-    noise: float = Field(default=0.1, ge=0, le=1e3)
-    method: Literal["lstsq", "gd"] = "lstsq"
-    lr: float = Field(default=0.1, gt=0, le=10)
-    epochs: int = Field(default=500, ge=1, le=20_000)
-    seed: int = _seed()
-
-
 def make_regression(
     rng: np.random.Generator, n: int, d: int, noise: float
 ) -> tuple[FloatArray, FloatArray, FloatArray, float]:
@@ -408,15 +289,6 @@ def linreg(a: LinregArgs) -> dict[str, object]:
         "final_loss": loss,
         "epochs": epochs,
     }
-
-
-class LogregArgs(TaskArgs):
-    n_samples: int = Field(default=1000, ge=2, le=100_000)
-    n_features: int = Field(default=5, ge=1, le=100)
-    lr: float = Field(default=0.5, gt=0, le=10)
-    epochs: int = Field(default=500, ge=1, le=20_000)
-    l2: float = Field(default=0.0, ge=0, le=1e3)
-    seed: int = _seed()
 
 
 def _sigmoid(z: FloatArray) -> FloatArray:
@@ -465,14 +337,6 @@ def logreg(a: LogregArgs) -> dict[str, object]:
 # --------------------------------------------------------------------------- minimize
 
 
-class MinimizeArgs(TaskArgs):
-    dims: int = Field(default=5, ge=2, le=1000)
-    method: Literal["BFGS", "L-BFGS-B", "CG", "Nelder-Mead", "Powell"] = "L-BFGS-B"
-    maxiter: int = Field(default=10_000, ge=1, le=1_000_000)
-    tol: float | None = Field(default=None, gt=0, le=1)
-    seed: int = _seed()
-
-
 def minimize(a: MinimizeArgs) -> dict[str, object]:
     """scipy.optimize.minimize of the Rosenbrock function in ``dims`` dimensions from
     x0 ~ U(-2, 2) (seeded). The global optimum is x = (1, ..., 1) with value 0; from 4
@@ -507,11 +371,6 @@ def minimize(a: MinimizeArgs) -> dict[str, object]:
 # --------------------------------------------------------------------------- monte carlo
 
 
-class MonteCarloPiArgs(TaskArgs):
-    samples: int = Field(default=1_000_000, ge=1, le=1_000_000_000)
-    seed: int = _seed()
-
-
 MC_CHUNK = 1_000_000  # bounds memory whatever the sample count
 
 
@@ -538,19 +397,11 @@ def monte_carlo_pi(a: MonteCarloPiArgs) -> dict[str, object]:
 # --------------------------------------------------------------------------- test helpers
 
 
-class SleepMsArgs(TaskArgs):
-    ms: int = Field(ge=0, le=3_600_000)
-
-
 def sleep_ms(a: SleepMsArgs) -> dict[str, object]:
     """TEST HELPER ONLY: sleeps ``ms`` milliseconds and does nothing else. It exists so
     timeout and cancellation paths can be tested with a task of known duration."""
     time.sleep(a.ms / 1000)
     return {"slept_ms": a.ms}
-
-
-class FailArgs(TaskArgs):
-    message: str = Field(default="task failed on purpose", max_length=10_000)
 
 
 def fail(a: FailArgs) -> dict[str, object]:
@@ -578,123 +429,26 @@ BUILTINS: dict[str, TaskFunction[Any]] = {
 }
 
 
-def _describe(ep: EntryPoint) -> str:
-    dist = ep.dist.name if ep.dist is not None else "unknown distribution"
-    return f"entry point {ep.name!r} = {ep.value!r} (group {ENTRY_POINT_GROUP!r}, from {dist})"
-
-
-def _discover() -> _Loaded:
-    functions = dict(BUILTINS)
-    errors: dict[str, str] = {}
-    sources: dict[str, str] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        # The same distribution can be visible twice on sys.path; that is not a conflict.
-        if sources.get(ep.name) == ep.value:
-            continue
-        where = _describe(ep)
-        try:
-            obj = ep.load()
-        except Exception as exc:  # any import-time failure of user code is reported, not fatal
-            errors[ep.name] = f"{where} failed to load: {type(exc).__name__}: {exc}"
-            continue
-        if not isinstance(obj, TaskFunction):
-            errors[ep.name] = f"{where} is a {type(obj).__name__}, not a goml TaskFunction"
-        elif obj.name != ep.name:
-            errors[ep.name] = f"{where} names a TaskFunction called {obj.name!r}"
-        elif ep.name in BUILTINS:
-            errors[ep.name] = f"{where} would shadow the built-in {ep.name!r}; ignored"
-        elif ep.name in sources:
-            errors[ep.name] = f"{where} conflicts with {sources[ep.name]!r}; both ignored"
-            functions.pop(ep.name, None)
-        else:
-            functions[ep.name] = obj
-            sources[ep.name] = ep.value
-    for message in errors.values():
-        log.error("goml task library: %s", message)
-    return _Loaded(functions, errors)
-
-
-_lock = threading.Lock()
-_loaded: _Loaded | None = None
-
-
-def _get() -> _Loaded:
-    # Discovery scans every distribution on sys.path and imports user modules: do it once
-    # per process, not per submit. reload_registry() picks up newly installed packages.
-    global _loaded
-    with _lock:
-        if _loaded is None:
-            _loaded = _discover()
-        return _loaded
+# The control plane validates with BUILTIN_ARGS and the agents run BUILTINS: one model per
+# name in both, or a submit accepted by one would be rejected (or misread) by the other.
+assert BUILTINS.keys() == BUILTIN_ARGS.keys()
+assert all(BUILTINS[name].args_model is model for name, model in BUILTIN_ARGS.items())
 
 
 def reload_registry() -> dict[str, TaskFunction[Any]]:
     """Forget the cached registry and discover entry points again."""
-    global _loaded
-    with _lock:
-        _loaded = None
+    task_args.reload_registry()
     return registry()
 
 
 def registry() -> dict[str, TaskFunction[Any]]:
     """Built-ins plus user functions from entry points (a copy; broken ones left out)."""
-    return dict(_get().functions)
+    user = task_args.user_functions()
+    assert not user.keys() & BUILTINS.keys()  # discovery refuses shadows of built-ins
+    return {**BUILTINS, **user}
 
 
-def registry_errors() -> dict[str, str]:
-    """Entry points that could not be registered: entry point name -> message."""
-    return dict(_get().errors)
-
-
-# --------------------------------------------------------------------------- validate / run
-
-
-def _reject_constant(token: str) -> object:
-    raise ValueError(f"{token} is not valid JSON")
-
-
-def _format_errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"])
-        where = f"field {loc!r}" if loc else "args"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def validate_args(name: str, args_json: str) -> BaseModel:
-    """Parse and validate ``args_json`` for task function ``name``; an empty string means
-    ``{}``. Raises TaskArgsError naming the function (and field) on any problem."""
-    return _validate(name, args_json)[1]
-
-
-def _validate(name: str, args_json: str) -> tuple[TaskFunction[Any], BaseModel]:
-    loaded = _get()
-    fn = loaded.functions.get(name)
-    if fn is None:
-        if name in loaded.errors:
-            raise TaskArgsError(f"task function {name!r} is unavailable: {loaded.errors[name]}")
-        known = ", ".join(sorted(loaded.functions))
-        raise TaskArgsError(f"unknown task function {name!r}; known: {known}")
-    if len(args_json) > ARGS_JSON_MAX:
-        raise TaskArgsError(
-            f"args for task function {name!r} are {len(args_json)} characters, "
-            f"over the limit of {ARGS_JSON_MAX}"
-        )
-    try:
-        raw = json.loads(args_json, parse_constant=_reject_constant) if args_json.strip() else {}
-    except ValueError as exc:  # JSONDecodeError, or NaN/Infinity via _reject_constant
-        raise TaskArgsError(f"args for task function {name!r} are not JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise TaskArgsError(
-            f"args for task function {name!r} must be a JSON object, not {type(raw).__name__}"
-        )
-    try:
-        return fn, fn.args_model.model_validate(raw)
-    except ValidationError as exc:
-        raise TaskArgsError(
-            f"invalid args for task function {name!r}: {_format_errors(exc)}"
-        ) from None
+# --------------------------------------------------------------------------- run
 
 
 def _to_json(value: object) -> object:
@@ -711,7 +465,9 @@ def run_task(name: str, args_json: str, result_bytes_max: int) -> str:
     """
     if result_bytes_max <= 0:
         raise ValueError(f"result_bytes_max must be positive, got {result_bytes_max}")
-    fn, args = _validate(name, args_json)
+    user, args = validate_for_run(name, args_json)
+    fn = user if user is not None else BUILTINS[name]
+    assert isinstance(args, fn.args_model)
     result = fn.fn(args)
     try:
         text = json.dumps(result, allow_nan=False, separators=(",", ":"), default=_to_json)

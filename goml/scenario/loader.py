@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from goml.api.task_args import TaskArgsError, validate_args
 from goml.scenario import schema
 from goml.scenario.schema import Expectation, Loc, Scenario
 
@@ -96,8 +97,6 @@ def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
 def _task_problems(scenario: Scenario, root: yaml.Node, source: str) -> list[Problem]:
     """The workload's functions and args, checked by the task library itself, so a
     scenario the simulator accepts is one real agents can run."""
-    from goml.agent.tasks import TaskArgsError, validate_args
-
     if scenario.workload is None:
         return []
     problems = []
