@@ -9,19 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import random
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
 from goml.cluster.certs import read_secret
 from goml.cluster.config import NodeFileConfig, load_node_config
-from goml.cluster.manifest import DEFAULT_LIMITS
+from goml.cluster.duties import DutiesConfig
 from goml.cluster.metrics import Metrics
-from goml.cluster.service import ControlPlane, ManifestMachine, add_services
-from goml.raft.node import default_core_config, default_node_config
-from goml.raft.server import SERVER_GRACE_S, bind_server, build_node
-from goml.raft.types import Config
+from goml.cluster.node_core import NodeCoreConfig, NodeReady, standard_config
+from goml.cluster.service import ControlPlane, add_services
+from goml.raft.node import NodeRuntime, default_node_config
+from goml.raft.replica import raft_config
+from goml.raft.server import SERVER_GRACE_S, bind_server, build_store_and_transport
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +49,23 @@ def _credentials(
     return server, channel
 
 
-def _core_config(config: NodeFileConfig) -> Config:
-    base = default_core_config(config.node_id, tuple(sorted(config.peers)))
-    timing = config.raft
-    return Config(
-        node_id=base.node_id,
-        voters=base.voters,
-        election_timeout_ms_min=timing.election_timeout_ms_min,
-        election_timeout_ms_max=timing.election_timeout_ms_max,
-        heartbeat_interval_ms=timing.heartbeat_interval_ms,
-        inflight_messages_max=base.inflight_messages_max,
-        entries_per_message_max=base.entries_per_message_max,
-        uncommitted_entries_max=base.uncommitted_entries_max,
+def core_config(config: NodeFileConfig) -> NodeCoreConfig:
+    """The node core configuration of this node: the file's settings, goml's standards."""
+    timing, d = config.raft, config.duties
+    raft = raft_config(
+        config.node_id,
+        tuple(sorted(config.peers)),
+        timing.election_timeout_ms_min,
+        timing.election_timeout_ms_max,
+        timing.heartbeat_interval_ms,
+    )
+    duties = DutiesConfig(d.agent_timeout_ms, d.election_grace_ms, d.lease_ms, d.renew_before_ms)
+    return standard_config(
+        raft,
+        tuple(sorted(config.peers.items())),
+        duties,
+        request_timeout_ms=int(config.request_timeout_s * 1000),
+        compact_every_entries=default_node_config(raft).replica.compact_every_entries,
     )
 
 
@@ -65,34 +74,37 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event) -> None:
     server_credentials, channel_credentials = _credentials(config)
     host, _, port = config.listen.rpartition(":")
     server, bound = bind_server(host, int(port), server_credentials, config.insecure)
-    machine = ManifestMachine(DEFAULT_LIMITS)
-    raft = build_node(
+    seed = os.urandom(16)
+    storage, transport = build_store_and_transport(
         config.node_id,
         dict(config.peers),
         config.data_dir,
-        server,
-        machine,
         config.cluster_id,
         read_secret(config.secret_file).encode(),
         channel_credentials,
         config.insecure,
-        default_node_config(_core_config(config)),
+        random.Random(seed),
     )
+    node_core = core_config(config)
+    runtime: NodeRuntime[NodeReady] = NodeRuntime(
+        replace(default_node_config(node_core.replica.raft), replica=node_core.replica),
+        storage,
+        transport,
+    )
+    runtime.servicer().add_to_server(server)
     metrics = Metrics()
-    plane = ControlPlane(config, raft, machine, read_secret(config.token_file), metrics)
+    plane = ControlPlane(config, node_core, runtime, read_secret(config.token_file), metrics, seed)
     await add_services(server, plane)
     if config.metrics_listen:
         metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
         metrics.serve(metrics_host, int(metrics_port))
     await server.start()
-    await raft.start()
-    plane.start_duties()
+    await plane.start()
     log.info("node %s serving on %s:%d", config.node_id, host, bound)
     try:
         await stop.wait()
     finally:
-        await plane.stop_duties()
-        await raft.stop()
+        await plane.stop()
         await server.stop(SERVER_GRACE_S)
         log.info("node %s stopped", config.node_id)
 

@@ -199,6 +199,7 @@ class ApplyResult:
     message: str
     task_ids: tuple[str, ...] = ()  # submit: one per spec, in order; others: tasks touched
     tasks: tuple[Task, ...] = ()  # LeaseTasks: the leased tasks as leased
+    command: str = ""  # the applied command's type name; "" when it did not decode
 
 
 class _Refusal(Exception):
@@ -222,10 +223,10 @@ def _target(task: Task, event: TaskEvent) -> TaskState | None:
 
 
 def _illegal(task: Task, event: TaskEvent) -> _Refusal:
-    legal = sorted(s for (s, e) in TASK_TRANSITIONS if e is event)
+    legal = sorted(s.value for (s, e) in TASK_TRANSITIONS if e is event)
     return _Refusal(
         Code.FAILED_PRECONDITION,
-        f"task {task.id} is {task.state}; {event} is legal only from {legal}",
+        f"task {task.id} is {task.state}; {event} is legal only from {', '.join(legal)}",
     )
 
 
@@ -280,10 +281,11 @@ class Manifest:
             command = decode_command(data)
         except CommandError as exc:
             return ApplyResult(index, False, Code.INVALID_ARGUMENT, str(exc))
+        kind = type(command).__name__
         try:
-            return self._dispatch(index, command)
+            return replace(self._dispatch(index, command), command=kind)
         except _Refusal as refusal:
-            return ApplyResult(index, False, refusal.code, refusal.message)
+            return ApplyResult(index, False, refusal.code, refusal.message, command=kind)
 
     def _dispatch(self, index: int, command: Command) -> ApplyResult:
         # Every handler checks everything before changing anything: all-or-nothing.
@@ -478,24 +480,10 @@ class Manifest:
                 Code.RESOURCE_EXHAUSTED,
                 f"max_count={cmd.max_count}; limit lease_tasks_max={self._limits.lease_tasks_max}",
             )
-        # Never trust the proposed free capacity beyond what the log itself knows is free.
-        free = cmd.free.least(agent.capacity.minus(self._in_use(agent.id)))
-        pending = sorted(
-            (t for t in self.open_tasks() if t.state is TaskState.PENDING),
-            key=lambda t: (-t.priority, t.seq),
-        )
         # Clamped so every stored integer still fits the int64 the snapshot reader accepts.
         deadline_ms = min(INT_MAX, cmd.now_ms + cmd.lease_ms)
         leased: list[Task] = []
-        for task in pending:
-            if len(leased) == cmd.max_count:
-                break
-            if task.cloud is not None and task.cloud != agent.cloud:
-                continue
-            if task.region is not None and task.region != agent.region:
-                continue
-            if not task.resources.fits_in(free):
-                continue  # smaller tasks behind it may still fit (backfill)
+        for task in self._select_for_lease(agent, cmd.free, cmd.max_count, frozenset()):
             assert _target(task, TaskEvent.LEASE) is TaskState.LEASED
             new = replace(
                 task,
@@ -506,7 +494,6 @@ class Manifest:
             )
             self._store(new)
             leased.append(new)
-            free = free.minus(task.resources)
         return ApplyResult(
             index,
             True,
@@ -515,6 +502,34 @@ class Manifest:
             task_ids=tuple(t.id for t in leased),
             tasks=tuple(leased),
         )
+
+    def _select_for_lease(
+        self, agent: Agent, free: Resources, max_count: int, excluded: frozenset[str]
+    ) -> list[Task]:
+        """The one lease rule: PENDING tasks by priority then submit order, that match the
+        agent's cloud and region and fit in what is free (smaller tasks behind one that
+        does not fit may still fit: backfill), at most `max_count`, none in `excluded`."""
+        # Never trust the proposed free capacity beyond what the log itself knows is free.
+        free = free.least(agent.capacity.minus(self._in_use(agent.id)))
+        pending = sorted(
+            (t for t in self.open_tasks() if t.state is TaskState.PENDING),
+            key=lambda t: (-t.priority, t.seq),
+        )
+        chosen: list[Task] = []
+        for task in pending:
+            if len(chosen) == max_count:
+                break
+            if task.id in excluded:
+                continue
+            if task.cloud is not None and task.cloud != agent.cloud:
+                continue
+            if task.region is not None and task.region != agent.region:
+                continue
+            if not task.resources.fits_in(free):
+                continue
+            chosen.append(task)
+            free = free.minus(task.resources)
+        return chosen
 
     def _holds(self, task: Task, agent_id: str, epoch: int) -> bool:
         return (
@@ -525,7 +540,7 @@ class Manifest:
         )
 
     def _stale(self, task: Task, agent_id: str, epoch: int) -> _Refusal:
-        holder = task.lease.agent_id if task.lease is not None else None
+        holder = task.lease.agent_id if task.lease is not None else "nobody"
         return _Refusal(
             Code.STALE_EPOCH,
             f"task {task.id} is {task.state} at epoch {task.epoch} held by "
@@ -661,26 +676,24 @@ class Manifest:
             found.append(task)
         return tuple(found)
 
-    def leasable(self, agent_id: str, free: Resources) -> int:
-        """How many PENDING tasks would fit this agent now, each on its own (at most
-        `lease_tasks_max`). A read-only hint: the leader skips proposing a LeaseTasks
-        that would lease nothing; the state machine still decides when it applies."""
+    def leasable_tasks(
+        self, agent_id: str, free: Resources, max_count: int, excluded: frozenset[str]
+    ) -> tuple[str, ...] | None:
+        """The ids a LeaseTasks for this agent would lease if applied now, leaving out
+        `excluded` (tasks that lease proposals already in flight will take). None when
+        the agent is unknown or down: the command would be refused, not empty. A
+        read-only prediction by the same rule the command applies (`_select_for_lease`):
+        the leader proposes no LeaseTasks that would lease nothing."""
         agent = self._agents.get(agent_id)
         if agent is None or agent.state is not AgentState.ALIVE:
-            return self._limits.lease_tasks_max  # let the command give the refusal
-        free = free.least(agent.capacity.minus(self._in_use(agent.id)))
-        count = 0
-        for task in self.open_tasks():
-            if task.state is not TaskState.PENDING or not task.resources.fits_in(free):
-                continue
-            if (task.cloud is not None and task.cloud != agent.cloud) or (
-                task.region is not None and task.region != agent.region
-            ):
-                continue
-            count += 1
-            if count == self._limits.lease_tasks_max:
-                break
-        return count
+            return None
+        count = max(1, min(max_count, self._limits.lease_tasks_max))
+        return tuple(t.id for t in self._select_for_lease(agent, free, count, excluded))
+
+    def leasable(self, agent_id: str, free: Resources) -> int:
+        """Transitional, for the simulator's old node (being replaced by the node core)."""
+        found = self.leasable_tasks(agent_id, free, self._limits.lease_tasks_max, frozenset())
+        return self._limits.lease_tasks_max if found is None else len(found)
 
     def get_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from goml.cluster.manifest import AgentState, ApplyResult, Manifest, TaskState
-from goml.raft.node import RaftNode
+from goml.cluster.manifest import AgentState, ApplyResult, TaskState
+from goml.cluster.node_core import NodeCore
+from goml.raft.types import Role
 
 SUBMIT_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -36,12 +37,14 @@ class Metrics:
     def applied(self, result: ApplyResult) -> None:
         self.applied_commands.inc()
 
-    def observe_node(self, raft: RaftNode, manifest: Manifest) -> None:
-        self.is_leader.set(1 if raft.is_leader else 0)
+    def observe_node(self, core: NodeCore) -> None:
+        raft = core.replica.raft
+        self.is_leader.set(1 if raft.role is Role.LEADER else 0)
         self.term.set(raft.term)
         self.commit_index.set(raft.commit)
         self.applied_index.set(raft.applied)
         self.apply_lag.set(max(0, raft.commit - raft.applied))
+        manifest = core.manifest
         counts = manifest.counts_by_state()
         for state in TaskState:
             self.tasks.labels(state=state.value).set(counts.get(state, 0))

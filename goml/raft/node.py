@@ -1,14 +1,17 @@
-"""`RaftNode`: the asyncio runtime that runs a `RaftCore` as a real process.
+"""The asyncio runtime of a replica core, and `RaftNode`, a Raft node with any state
+machine built on it (the demo, the benchmark and the Raft tests use it; the control
+plane drives its own node core with the same `NodeRuntime`).
 
-One loop task owns the core. It sleeps until there is input (a peer message, a
-proposal, a read or transfer request) or until the core's `next_deadline_ms()`, with
-no fixed polling; then it feeds every queued input, ticks, and drains `ready()`
-exactly as the harness does (STYLE.md "Order of effects"):
+`NodeRuntime` is the one real-world Ready loop. One task owns the core. It sleeps until
+there is input (a peer message, a request from the owner) or until the core's
+`next_deadline_ms()`, with no fixed polling; then it feeds every queued input, ticks, and
+drains `ready()` (STYLE.md "Order of effects"):
 
-    persist (fsync, in a worker thread) -> send -> apply -> advance
+    hand out outputs -> store (fsync, in a worker thread) -> send -> advance
 
-While the store's fsync runs in its thread, new proposals and messages queue up and
-join the next batch: that is the batching. Nothing else touches the core.
+Outputs (proposal outcomes, API replies) depend on nothing the same Ready stores, so
+they go first. While the store's fsync runs in its thread, new inputs queue up and join
+the next batch: that is the batching. The runtime decides nothing: the core does.
 
 Every queue is bounded (full -> the input is refused or dropped and counted) and every
 await has a deadline.
@@ -24,36 +27,53 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from goml.raft.convert import Limits
-from goml.raft.core import RaftCore
+from goml.raft.replica import (
+    PROPOSAL_BYTES_MAX,
+    Applied,
+    Lost,
+    ReadFailed,
+    ReadReady,
+    ReplicaConfig,
+    ReplicaCore,
+    ReplicaReady,
+    StateMachine,
+    Unknown,
+    raft_config,
+)
 from goml.raft.storage import Storage
 from goml.raft.transport import PeerTransport, RaftPeerServicer
 from goml.raft.types import (
     Config,
     Entry,
-    EntryKind,
     HardState,
     Message,
     MessageType,
     NodeId,
     NotLeader,
+    PersistedState,
     ProposalDropped,
-    Ready,
     Role,
     Snapshot,
 )
 
 log = logging.getLogger(__name__)
 
-
-class StateMachine(Protocol):
-    def apply(self, index: int, data: bytes) -> object: ...
-
-    def snapshot(self) -> bytes: ...
-
-    def restore(self, data: bytes) -> None: ...
+__all__ = [
+    "NodeConfig",
+    "NodeRuntime",
+    "NodeStopped",
+    "ProposalLost",
+    "ProposalOutcomeUnknown",
+    "RaftNode",
+    "StateMachine",
+    "default_core_config",
+    "default_node_config",
+    "monotonic_ms",
+    "wall_ms",
+]
 
 
 class ProposalLost(Exception):
@@ -71,57 +91,44 @@ class NodeStopped(Exception):
 
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
-    core: Config
-    compact_every_entries: int  # take a snapshot after this many applied entries
+    replica: ReplicaConfig
     inbound_messages_max: int  # queued peer messages; beyond: dropped and counted
-    proposals_max: int  # queued proposals; beyond: ProposalDropped
-    requests_max: int  # queued reads / transfers; beyond: ProposalDropped
+    inputs_max: int  # queued owner inputs (proposals, requests); beyond: refused
     inputs_per_iteration_max: int  # inputs fed to the core per loop iteration
-    proposal_size_bytes_max: int
     snapshot_size_bytes_max: int
     persist_timeout_s: float  # an fsync slower than this is fatal: the node stops
     stop_timeout_s: float
-    # Write a hard state that only moves the commit index with the next write instead of
-    # fsyncing it alone (see RaftNode._persist).
-    defer_commit_only_writes: bool
 
     def __post_init__(self) -> None:
-        assert self.compact_every_entries >= 1
         assert self.inbound_messages_max >= 1
-        assert self.proposals_max >= 1
-        assert self.requests_max >= 1
+        assert self.inputs_max >= 1
         assert self.inputs_per_iteration_max >= 1
-        assert self.proposal_size_bytes_max >= 1
         assert self.persist_timeout_s > 0
         assert self.stop_timeout_s > 0
 
+    @property
+    def core(self) -> Config:
+        return self.replica.raft
+
 
 def default_core_config(node_id: NodeId, voters: tuple[NodeId, ...]) -> Config:
-    return Config(
-        node_id=node_id,
-        voters=voters,
-        election_timeout_ms_min=300,
-        election_timeout_ms_max=600,
-        heartbeat_interval_ms=50,
-        inflight_messages_max=64,
-        entries_per_message_max=512,
-        uncommitted_entries_max=8192,
-    )
+    return raft_config(node_id, voters, 300, 600, 50)
 
 
 def default_node_config(core: Config) -> NodeConfig:
     return NodeConfig(
-        core=core,
-        compact_every_entries=10_000,
+        replica=ReplicaConfig(
+            raft=core,
+            compact_every_entries=10_000,
+            proposal_bytes_max=PROPOSAL_BYTES_MAX,
+            defer_commit_only_writes=True,
+        ),
         inbound_messages_max=16_384,
-        proposals_max=8192,
-        requests_max=1024,
+        inputs_max=8192,
         inputs_per_iteration_max=4096,
-        proposal_size_bytes_max=1024 * 1024,
         snapshot_size_bytes_max=48 * 1024 * 1024,
         persist_timeout_s=10.0,
         stop_timeout_s=5.0,
-        defer_commit_only_writes=True,
     )
 
 
@@ -129,32 +136,67 @@ def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
-@dataclass(slots=True)
-class _Proposal:
-    data: bytes
-    future: asyncio.Future[object]
+def wall_ms() -> int:
+    """The leader stamps wall-clock time into commands; apply never reads a clock."""
+    return time.time_ns() // 1_000_000
+
+
+class DrivenReady(Protocol):
+    """What the runtime needs of a Ready (ReplicaReady, the node core's NodeReady)."""
+
+    @property
+    def compacted(self) -> Snapshot | None: ...
+
+    @property
+    def snapshot(self) -> Snapshot | None: ...
+
+    @property
+    def entries(self) -> tuple[Entry, ...]: ...
+
+    @property
+    def hard_state(self) -> HardState | None: ...
+
+    @property
+    def must_sync(self) -> bool: ...
+
+    @property
+    def messages(self) -> tuple[Message, ...]: ...
+
+    def writes(self) -> bool: ...
+
+
+R = TypeVar("R", bound=DrivenReady)
+
+
+class Driver(Protocol[R]):
+    """A sans-IO core as the runtime drives it (the control plane's node core, or a
+    RaftNode's replica core), with `deliver` to hand out a Ready's outputs."""
+
+    def step(self, message: Message, now_ms: int, wall_ms: int) -> None: ...
+
+    def tick(self, now_ms: int, wall_ms: int) -> None: ...
+
+    def next_deadline_ms(self) -> int: ...
+
+    def has_ready(self) -> bool: ...
+
+    def ready(self) -> R: ...
+
+    def deliver(self, ready: R) -> None: ...
+
+    def advance(self, ready: R) -> None: ...
+
+    def take_deferred_hard_state(self) -> HardState | None: ...
+
+
+Input = Callable[[int, int], None]  # (now_ms, wall_ms): one call into the core
 
 
 @dataclass(slots=True)
-class _Request:
-    kind: str  # "read" | "transfer"
-    future: asyncio.Future[int]
-    context: bytes = b""
-    target: NodeId = ""
-
-
-@dataclass(slots=True)
-class _Watcher:
-    predicate: Callable[[], bool]
-    future: asyncio.Future[None]
-
-
-@dataclass(slots=True)
-class NodeStats:
+class RuntimeStats:
     inbound_dropped: int = 0
     inbound_refused: int = 0
-    proposals: int = 0
-    proposals_dropped: int = 0
+    inputs_refused: int = 0
     persist_calls: int = 0
     persist_ms_total: float = 0.0
     loop_iterations: int = 0
@@ -185,45 +227,39 @@ class PeerRtt:
     samples: int = 0
 
 
-class RaftNode:
+class NodeRuntime(Generic[R]):
+    """Runs one `Driver` (given at `start`, once its store is loaded)."""
+
     def __init__(
         self,
         config: NodeConfig,
         storage: Storage,
-        state_machine: StateMachine,
         transport: PeerTransport,
-        rng: random.Random,
         clock_ms: Callable[[], int] = monotonic_ms,
+        wall_clock_ms: Callable[[], int] = wall_ms,
     ) -> None:
         assert transport.config.node_id == config.core.node_id
         self.config = config
         self.id = config.core.node_id
+        self._driver: Driver[R] | None = None
         self._storage = storage
-        self._sm = state_machine
         self._transport = transport
-        self._rng = rng
         self._clock_ms = clock_ms
-        self._core: RaftCore | None = None
+        self._wall_clock_ms = wall_clock_ms
         self._inbound: asyncio.Queue[Message] = asyncio.Queue(maxsize=config.inbound_messages_max)
-        self._proposals: asyncio.Queue[_Proposal] = asyncio.Queue(maxsize=config.proposals_max)
-        self._requests: asyncio.Queue[_Request] = asyncio.Queue(maxsize=config.requests_max)
+        self._inputs: asyncio.Queue[Input] = asyncio.Queue(maxsize=config.inputs_max)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._failure: BaseException | None = None
-        # index -> (term, future): resolved when an entry at that index is applied.
-        self._waiters: dict[int, tuple[int, asyncio.Future[object]]] = {}
-        self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
-        self._applied_waiters: list[tuple[int, asyncio.Future[int]]] = []
-        self._watchers: list[_Watcher] = []
-        self._read_counter = itertools.count(1)
+        self._on_iteration: list[Callable[[], None]] = []
+        self._on_stop: list[Callable[[Exception], None]] = []
         self._last_now_ms = 0
-        self._deferred_hard_state: HardState | None = None
         self._rtt: dict[NodeId, PeerRtt] = {}
-        self.stats = NodeStats()
+        self.stats = RuntimeStats()
         self.limits = Limits(
             entries_per_message_max=config.core.entries_per_message_max,
-            entry_size_bytes_max=config.proposal_size_bytes_max,
+            entry_size_bytes_max=config.replica.proposal_bytes_max,
             snapshot_size_bytes_max=config.snapshot_size_bytes_max,
             context_size_bytes_max=256,
         )
@@ -242,26 +278,26 @@ class RaftNode:
             on_messages=self.receive,
         )
 
-    async def start(self) -> None:
-        assert self._core is None, "started twice"
+    async def load(self) -> PersistedState:
+        """What the store holds: the input to build the core that `start` drives."""
         async with asyncio.timeout(self.config.persist_timeout_s):
-            persisted = await asyncio.to_thread(self._storage.load)
-        if persisted.snapshot is not None:
-            self._sm.restore(persisted.snapshot.data)
-        self._core = RaftCore(self.config.core, persisted, self._rng, self._now_ms())
-        log.info(
-            "raft node %s starting: term %d, commit %d, log %d..%d",
-            self.id,
-            self._core.term,
-            self._core.commit,
-            self._core.log.first_index,
-            self._core.log.last_index,
-        )
+            persisted: PersistedState = await asyncio.to_thread(self._storage.load)
+        return persisted
+
+    def now_ms(self) -> int:
+        return self._now_ms()
+
+    def wall_ms(self) -> int:
+        return self._wall_clock_ms()
+
+    def start(self, driver: Driver[R]) -> None:
+        assert self._task is None, "started twice"
+        self._driver = driver
         self._transport.start()
-        self._task = asyncio.create_task(self._run(), name=f"raft-node-{self.id}")
+        self._task = asyncio.create_task(self._run(), name=f"node-{self.id}")
 
     async def stop(self) -> None:
-        """Stop the loop and the transport, fail pending requests, close the store."""
+        """Stop the loop and the transport, fail pending callers, close the store."""
         if self._stopping:
             return
         self._stopping = True
@@ -271,26 +307,31 @@ class RaftNode:
                 async with asyncio.timeout(self.config.stop_timeout_s):
                     await asyncio.shield(self._task)
             except TimeoutError:
-                log.error("raft node %s: loop did not stop in time; cancelling", self.id)
+                log.error("node %s: loop did not stop in time; cancelling", self.id)
                 self._task.cancel()
             except Exception:
                 pass  # already logged by the loop
         await self._transport.stop(self.config.stop_timeout_s)
-        self._fail_all(NodeStopped(f"raft node {self.id} stopped"))
-        if self._deferred_hard_state is not None and self._failure is None:
+        self._fail_all(NodeStopped(f"node {self.id} stopped"))
+        driver = self._driver
+        deferred = (
+            driver.take_deferred_hard_state()
+            if driver is not None and self._failure is None
+            else None
+        )
+        if deferred is not None:
             try:
-                await self._write(None, (), self._deferred_hard_state, True)
+                await self._write(None, None, (), deferred, True)
             except Exception as error:  # stopping anyway; the stored commit is just older
-                log.error("raft node %s: final commit write failed: %r", self.id, error)
-            self._deferred_hard_state = None
+                log.error("node %s: final commit write failed: %r", self.id, error)
         self._storage.close()
 
     # ---------------------------------------------------------------- inputs
 
     def receive(self, messages: list[Message]) -> None:
         """Inbound peer messages (called by the servicer); never blocks."""
-        if self._stopping or self._core is None:
-            self.stats.inbound_refused += len(messages)
+        if self._stopping or self._task is None:
+            self.stats.inbound_refused += len(messages)  # not started yet, or stopping
             return
         for message in messages:
             if message.type is MessageType.HEARTBEAT_RESPONSE:
@@ -301,143 +342,46 @@ class RaftNode:
                 self.stats.inbound_dropped += 1
         self._wakeup.set()
 
-    async def propose(self, data: bytes, timeout_s: float) -> object:
-        """Replicate `data`; returns the state machine's result for it once applied.
-
-        Raises NotLeader (with the leader hint), ProposalDropped (busy), TimeoutError,
-        ProposalLost (another term's entry took its index), ProposalOutcomeUnknown,
-        NodeStopped."""
-        assert timeout_s > 0
-        self._check_running()
-        if len(data) > self.config.proposal_size_bytes_max:
-            raise ValueError(
-                f"proposal of {len(data)} bytes (max {self.config.proposal_size_bytes_max})"
-            )
-        core = self._core
-        assert core is not None
-        if core.role is not Role.LEADER:
-            raise NotLeader(core.leader)  # fast path; the loop checks again
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    def submit(self, action: Input) -> None:
+        """Queue one call into the core, made by the loop (never between ready and
+        advance). Raises NodeStopped, or ProposalDropped when the queue is full."""
+        self.check_running()
         try:
-            self._proposals.put_nowait(_Proposal(data, future))
+            self._inputs.put_nowait(action)
         except asyncio.QueueFull:
-            self.stats.proposals_dropped += 1
-            raise ProposalDropped(f"{self.config.proposals_max} proposals queued") from None
+            self.stats.inputs_refused += 1
+            raise ProposalDropped(f"{self.config.inputs_max} inputs queued") from None
         self._wakeup.set()
-        async with asyncio.timeout(timeout_s):
-            return await future
 
-    async def read_index(self, timeout_s: float) -> int:
-        """A linearizable read point: returns once the state machine has applied it."""
-        assert timeout_s > 0
-        self._check_running()
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout_s):
-            future: asyncio.Future[int] = loop.create_future()
-            context = f"{self.id}/{next(self._read_counter)}".encode()
-            self._submit(_Request("read", future, context=context))
-            index = await future
-            core = self._core
-            assert core is not None
-            if core.applied < index:
-                applied: asyncio.Future[int] = loop.create_future()
-                self._applied_waiters.append((index, applied))
-                await applied
-            return index
+    def on_iteration(self, callback: Callable[[], None]) -> None:
+        """Called after every loop iteration (watchers check their conditions)."""
+        self._on_iteration.append(callback)
 
-    async def transfer_leadership(self, target: NodeId, timeout_s: float) -> None:
-        """Hand leadership to `target` and wait until it leads (TimeoutError if not)."""
-        assert timeout_s > 0
-        self._check_running()
-        async with asyncio.timeout(timeout_s):
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._submit(_Request("transfer", future, target=target))
-            await future
-            await self.wait_for(lambda: self.leader == target, timeout_s)
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
-        """Wait until `predicate()` holds; checked after every loop iteration."""
-        assert timeout_s > 0
-        if predicate():
-            return
-        self._check_running()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        watcher = _Watcher(predicate, future)
-        self._watchers.append(watcher)
-        try:
-            async with asyncio.timeout(timeout_s):
-                await future
-        finally:
-            if watcher in self._watchers:
-                self._watchers.remove(watcher)
-
-    async def campaign(self, timeout_s: float) -> None:
-        """Start an election now (tests and demos; production waits for the timer)."""
-        assert timeout_s > 0
-        self._check_running()
-        async with asyncio.timeout(timeout_s):
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            self._submit(_Request("campaign", future))
-            await future
+    def on_stop(self, callback: Callable[[Exception], None]) -> None:
+        """Called once when the node stops or fails: fail whatever still waits."""
+        self._on_stop.append(callback)
 
     # --------------------------------------------------------------- queries
 
     @property
-    def role(self) -> Role:
-        return self._core.role if self._core is not None else Role.FOLLOWER
-
-    @property
-    def leader(self) -> NodeId:
-        return self._core.leader if self._core is not None else ""
-
-    @property
-    def term(self) -> int:
-        return self._core.term if self._core is not None else 0
-
-    @property
-    def applied(self) -> int:
-        return self._core.applied if self._core is not None else 0
-
-    @property
-    def commit(self) -> int:
-        return self._core.commit if self._core is not None else 0
-
-    def match_index(self, peer: NodeId) -> int:
-        """The leader's view of how far `peer`'s log matches its own (0 if not leader)."""
-        core = self._core
-        if core is None or core.role is not Role.LEADER or peer not in core.progress:
-            return 0
-        return core.progress[peer].match
-
-    @property
-    def is_leader(self) -> bool:
-        return self.role is Role.LEADER
-
-    @property
     def running(self) -> bool:
-        return self._core is not None and not self._stopping and self._failure is None
+        return self._task is not None and not self._stopping and self._failure is None
 
-    def status(self) -> dict[str, object]:
-        status: dict[str, object] = (
-            dict(self._core.status()) if self._core is not None else {"id": self.id}
-        )
-        status["running"] = self.running
-        status["failure"] = repr(self._failure) if self._failure else ""
-        status["inbound_queued"] = self._inbound.qsize()
-        status["proposals_queued"] = self._proposals.qsize()
-        status["stats"] = {
-            "inbound_dropped": self.stats.inbound_dropped,
-            "proposals": self.stats.proposals,
-            "proposals_dropped": self.stats.proposals_dropped,
-            "persist_calls": self.stats.persist_calls,
-            "persist_ms_total": round(self.stats.persist_ms_total, 3),
-            "loop_iterations": self.stats.loop_iterations,
-            "compactions": self.stats.compactions,
-        }
-        status["peers"] = {
+    @property
+    def failure(self) -> BaseException | None:
+        return self._failure
+
+    def check_running(self) -> None:
+        if self._failure is not None:
+            raise NodeStopped(f"node {self.id} failed: {self._failure!r}")
+        if self._task is None or self._stopping:
+            raise NodeStopped(f"node {self.id} is not running")
+
+    def transport_status(self) -> dict[str, dict[str, object]]:
+        return {
             peer: {
-                "rtt_ms": self._rtt_ms(peer),
-                "rtt_ms_avg": self._rtt_ms(peer, average=True),
+                "rtt_ms": self.rtt_ms(peer),
+                "rtt_ms_avg": self.rtt_ms(peer, average=True),
                 "rtt_samples": self._rtt[peer].samples if peer in self._rtt else 0,
                 "connected": s.connected,
                 "sent": s.sent,
@@ -448,7 +392,36 @@ class RaftNode:
             }
             for peer, s in self._transport.stats().items()
         }
-        return status
+
+    def runtime_status(self) -> dict[str, object]:
+        return {
+            "running": self.running,
+            "failure": repr(self._failure) if self._failure else "",
+            "inbound_queued": self._inbound.qsize(),
+            "inputs_queued": self._inputs.qsize(),
+            "stats": {
+                "inbound_dropped": self.stats.inbound_dropped,
+                "inputs_refused": self.stats.inputs_refused,
+                "persist_calls": self.stats.persist_calls,
+                "persist_ms_total": round(self.stats.persist_ms_total, 3),
+                "loop_iterations": self.stats.loop_iterations,
+                "compactions": self.stats.compactions,
+            },
+            "peers": self.transport_status(),
+        }
+
+    def rtt_ms(self, peer: NodeId, average: bool = False) -> float | None:
+        """The latest (or moving-average) heartbeat round trip to `peer`, in ms; None
+        before the first sample (only a leader sends heartbeats)."""
+        rtt = self._rtt.get(peer)
+        if rtt is None:
+            return None
+        value = rtt.average_ms if average else rtt.latest_ms
+        return round(value, 3) if value is not None else None
+
+    def connected(self, peer: NodeId) -> bool:
+        stats = self._transport.stats().get(peer)
+        return bool(stats and stats.connected)
 
     # ------------------------------------------------------------ heartbeat rtt
 
@@ -491,15 +464,6 @@ class RaftNode:
         )
         rtt.samples += 1
 
-    def _rtt_ms(self, peer: NodeId, average: bool = False) -> float | None:
-        """The latest (or moving-average) heartbeat round trip to `peer`, in ms; None
-        before the first sample (only a leader sends heartbeats)."""
-        rtt = self._rtt.get(peer)
-        if rtt is None:
-            return None
-        value = rtt.average_ms if average else rtt.latest_ms
-        return round(value, 3) if value is not None else None
-
     # -------------------------------------------------------------- the loop
 
     def _now_ms(self) -> int:
@@ -508,27 +472,14 @@ class RaftNode:
         self._last_now_ms = max(self._last_now_ms, self._clock_ms())
         return self._last_now_ms
 
-    def _check_running(self) -> None:
-        if self._failure is not None:
-            raise NodeStopped(f"raft node {self.id} failed: {self._failure!r}")
-        if self._core is None or self._stopping:
-            raise NodeStopped(f"raft node {self.id} is not running")
-
-    def _submit(self, request: _Request) -> None:
-        try:
-            self._requests.put_nowait(request)
-        except asyncio.QueueFull:
-            raise ProposalDropped(f"{self.config.requests_max} requests queued") from None
-        self._wakeup.set()
-
     def _has_input(self) -> bool:
-        return not (self._inbound.empty() and self._proposals.empty() and self._requests.empty())
+        return not (self._inbound.empty() and self._inputs.empty())
 
     async def _run(self) -> None:
-        core = self._core
+        core = self._driver
         assert core is not None
         try:
-            await self._drain(core)
+            await self._drain()
             while not self._stopping:
                 if not self._has_input():
                     wait_s = max(0, core.next_deadline_ms() - self._now_ms()) / 1000
@@ -541,201 +492,343 @@ class RaftNode:
                 if self._stopping:
                     break
                 self.stats.loop_iterations += 1
-                self._feed(core)
-                core.tick(self._now_ms())
-                await self._drain(core)
-                await self._maybe_compact(core)
-                self._check_watchers()
+                self._feed()
+                core.tick(self._now_ms(), self._wall_clock_ms())
+                await self._drain()
+                for callback in list(self._on_iteration):
+                    callback()
         except Exception as error:
             # A failed store or a broken invariant: this node must not go on. Fail
             # every caller; the process supervisor restarts from the store.
             self._failure = error
-            log.critical("raft node %s failed: %r", self.id, error, exc_info=True)
-            self._fail_all(NodeStopped(f"raft node {self.id} failed: {error!r}"))
+            log.critical("node %s failed: %r", self.id, error, exc_info=True)
+            self._fail_all(NodeStopped(f"node {self.id} failed: {error!r}"))
             raise
 
-    def _feed(self, core: RaftCore) -> None:
+    def _feed(self) -> None:
+        core = self._driver
+        assert core is not None
         budget = self.config.inputs_per_iteration_max
-        now_ms = self._now_ms()
+        now_ms, wall = self._now_ms(), self._wall_clock_ms()
         while budget > 0 and not self._inbound.empty():
             budget -= 1
-            message = self._inbound.get_nowait()
-            if self._is_impossible(core, message):
-                continue
-            core.step(message, now_ms)
-        while budget > 0 and not self._requests.empty():
+            core.step(self._inbound.get_nowait(), now_ms, wall)
+        while budget > 0 and not self._inputs.empty():
             budget -= 1
-            self._handle_request(core, self._requests.get_nowait(), now_ms)
-        while budget > 0 and not self._proposals.empty():
-            budget -= 1
-            proposal = self._proposals.get_nowait()
-            if proposal.future.done():
-                continue  # its caller gave up before it was proposed: do not propose it
-            try:
-                index, term = core.propose(proposal.data)
-            except (NotLeader, ProposalDropped) as error:
-                proposal.future.set_exception(error)
-                continue
-            self.stats.proposals += 1
-            previous = self._waiters.get(index)
-            if previous is not None and not previous[1].done():
-                # A lower-term entry at this index was truncated: that proposal is lost.
-                previous[1].set_exception(ProposalLost(f"index {index} reused in term {term}"))
-            self._waiters[index] = (term, proposal.future)
+            self._inputs.get_nowait()(now_ms, wall)
 
-    def _is_impossible(self, core: RaftCore, message: Message) -> bool:
-        """Peer input the core would assert on (a peer bug): drop it with a log line."""
-        if (
-            message.type is MessageType.APPEND_RESPONSE
-            and core.role is Role.LEADER
-            and message.term == core.term
-            and not message.reject
-            and message.index > core.log.last_index
-        ):
-            log.error(
-                "raft node %s: dropped APPEND_RESPONSE from %s acknowledging index %d beyond"
-                " our last index %d",
-                self.id,
-                message.source,
-                message.index,
-                core.log.last_index,
-            )
-            return True
-        return False
-
-    def _handle_request(self, core: RaftCore, request: _Request, now_ms: int) -> None:
-        if request.future.done():
-            return
-        try:
-            if request.kind == "read":
-                core.read_index(request.context)
-                self._read_waiters[request.context] = request.future
-            elif request.kind == "transfer":
-                core.transfer_leadership(request.target, now_ms)
-                request.future.set_result(0)
-            elif request.kind == "campaign":
-                core.campaign(now_ms)
-                request.future.set_result(0)
-            else:
-                raise AssertionError(f"unknown request {request.kind!r}")
-        except (NotLeader, ProposalDropped, ValueError) as error:
-            request.future.set_exception(error)
-
-    async def _drain(self, core: RaftCore) -> None:
+    async def _drain(self) -> None:
+        core = self._driver
+        assert core is not None
         for _ in range(1000):  # bounded: a core that never runs dry is a bug
             if not core.has_ready():
                 return
             ready = core.ready()
-            await self._persist(ready)
+            core.deliver(ready)
+            if ready.writes():
+                await self._write(
+                    ready.compacted,
+                    ready.snapshot,
+                    ready.entries,
+                    ready.hard_state,
+                    ready.must_sync,
+                )
             for message in ready.messages:
                 sent = self._transport.send(message)
                 if message.type is MessageType.HEARTBEAT:
                     self._heartbeat_sent(message.target, sent)
-            self._apply(ready)
             core.advance(ready)
-        raise AssertionError(f"raft node {self.id}: ready() never ran dry")
-
-    async def _persist(self, ready: Ready) -> None:
-        hard_state = ready.hard_state
-        if (
-            self.config.defer_commit_only_writes
-            and hard_state is not None
-            and not ready.must_sync
-            and ready.snapshot is None
-            and not ready.entries
-        ):
-            # Only the commit index moved (term and vote did not: must_sync is False).
-            # It need not be durable (a lower stored commit is safe: entries are applied
-            # again after a restart and the leader re-commits), so instead of an fsync of
-            # its own it rides along with the next write (or `stop`). SqliteStorage
-            # fsyncs every commit whatever `sync` says, so this saves a whole fsync on
-            # the critical path of every proposal.
-            assert self._deferred_hard_state is None or (
-                self._deferred_hard_state.commit <= hard_state.commit
-            )
-            self._deferred_hard_state = hard_state
-            return
-        if hard_state is None and self._deferred_hard_state is not None:
-            hard_state = self._deferred_hard_state
-        self._deferred_hard_state = None
-        if ready.snapshot is None and not ready.entries and hard_state is None:
-            return
-        await self._write(ready.snapshot, ready.entries, hard_state, ready.must_sync)
+        raise AssertionError(f"node {self.id}: ready() never ran dry")
 
     async def _write(
         self,
+        compacted: Snapshot | None,
         snapshot: Snapshot | None,
         entries: tuple[Entry, ...],
         hard_state: HardState | None,
         sync: bool,
     ) -> None:
         started = time.perf_counter()
+        storage = self._storage
+
+        def write() -> None:
+            if compacted is not None:
+                storage.compact(compacted)
+            if snapshot is not None or entries or hard_state is not None:
+                storage.persist(snapshot, entries, hard_state, sync)
+
         async with asyncio.timeout(self.config.persist_timeout_s):
-            await asyncio.to_thread(self._storage.persist, snapshot, entries, hard_state, sync)
+            await asyncio.to_thread(write)
+        if compacted is not None:
+            self.stats.compactions += 1
+            log.info("node %s: compacted the log up to %d", self.id, compacted.index)
         self.stats.persist_calls += 1
         self.stats.persist_ms_total += (time.perf_counter() - started) * 1000
 
-    def _apply(self, ready: Ready) -> None:
-        if ready.snapshot is not None:
-            self._sm.restore(ready.snapshot.data)
-            for index in [i for i in self._waiters if i <= ready.snapshot.index]:
-                _, future = self._waiters.pop(index)
-                if not future.done():
-                    future.set_exception(
-                        ProposalOutcomeUnknown(f"index {index} was replaced by a snapshot")
-                    )
-        for entry in ready.committed:
-            result: object = None
-            if entry.kind is EntryKind.NORMAL:
-                result = self._sm.apply(entry.index, entry.data)
-            waiter = self._waiters.pop(entry.index, None)
-            if waiter is not None and not waiter[1].done():
-                term, future = waiter
-                if term == entry.term:
-                    future.set_result(result)
-                else:
-                    future.set_exception(
-                        ProposalLost(
-                            f"index {entry.index} committed in term {entry.term},"
-                            f" proposed in term {term}"
-                        )
-                    )
-        for read in ready.read_states:
-            read_future = self._read_waiters.pop(read.context, None)
-            if read_future is not None and not read_future.done():
-                read_future.set_result(read.index)
-        if ready.committed and self._applied_waiters:
-            applied = ready.committed[-1].index
-            still: list[tuple[int, asyncio.Future[int]]] = []
-            for index, applied_future in self._applied_waiters:
-                if applied_future.done():
-                    continue
-                if index <= applied:
-                    applied_future.set_result(index)
-                else:
-                    still.append((index, applied_future))
-            self._applied_waiters = still
+    def _fail_all(self, error: Exception) -> None:
+        while not self._inputs.empty():
+            self._inputs.get_nowait()
+        for callback in list(self._on_stop):
+            callback(error)
+        self._on_stop.clear()
 
-    async def _maybe_compact(self, core: RaftCore) -> None:
-        if core.applied - core.log.snapshot_index < self.config.compact_every_entries:
+
+# ------------------------------------------------------------------------- RaftNode
+
+
+@dataclass(slots=True)
+class _Watcher:
+    predicate: Callable[[], bool]
+    future: asyncio.Future[None]
+
+
+class RaftNode:
+    """A Raft node over any state machine: propose, read, transfer, wait, as coroutines
+    with deadlines. The decisions are the replica core's; this keeps futures."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        storage: Storage,
+        state_machine: StateMachine,
+        transport: PeerTransport,
+        rng: random.Random,
+        clock_ms: Callable[[], int] = monotonic_ms,
+    ) -> None:
+        self.config = config
+        self.id = config.core.node_id
+        self._sm = state_machine
+        self._rng = rng
+        self._core: ReplicaCore | None = None
+        self._runtime: NodeRuntime[ReplicaReady] = NodeRuntime(config, storage, transport, clock_ms)
+        self._runtime.on_iteration(self._check_watchers)
+        self._runtime.on_stop(self._fail_all)
+        self._tokens = itertools.count(1)
+        self._futures: dict[int, asyncio.Future[object]] = {}
+        self._watchers: list[_Watcher] = []
+
+    # ------------------------------------------------------------- lifecycle
+
+    def servicer(self) -> RaftPeerServicer:
+        return self._runtime.servicer()
+
+    @property
+    def _replica(self) -> ReplicaCore:
+        assert self._core is not None, "not started"
+        return self._core
+
+    async def start(self) -> None:
+        assert self._core is None, "started twice"
+        persisted = await self._runtime.load()
+        now = self._runtime.now_ms()
+        self._core = ReplicaCore(self.config.replica, persisted, self._sm, self._rng, now)
+        raft = self._core.raft
+        log.info(
+            "raft node %s starting: term %d, commit %d, log %d..%d",
+            self.id,
+            raft.term,
+            raft.commit,
+            raft.log.first_index,
+            raft.log.last_index,
+        )
+        self._runtime.start(self)
+
+    async def stop(self) -> None:
+        await self._runtime.stop()
+
+    # ---------------------------------------------------------------- inputs
+
+    def receive(self, messages: list[Message]) -> None:
+        self._runtime.receive(messages)
+
+    async def propose(self, data: bytes, timeout_s: float) -> object:
+        """Replicate `data`; returns the state machine's result for it once applied.
+
+        Raises NotLeader (with the leader hint), ProposalDropped (busy, too large),
+        TimeoutError, ProposalLost, ProposalOutcomeUnknown, NodeStopped."""
+        assert timeout_s > 0
+        runtime = self._runtime
+        runtime.check_running()
+        replica = self._replica
+        if replica.raft.role is not Role.LEADER:
+            raise NotLeader(replica.raft.leader)  # fast path; the loop checks again
+        token = next(self._tokens)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+
+        def propose(now_ms: int, wall: int) -> None:
+            if future.done():
+                return  # its caller gave up before it was proposed: do not propose it
+            try:
+                replica.propose(data, token)
+            except (NotLeader, ProposalDropped) as error:
+                self._futures.pop(token, None)
+                future.set_exception(error)
+
+        try:
+            runtime.submit(propose)
+            async with asyncio.timeout(timeout_s):
+                return await future
+        finally:
+            self._futures.pop(token, None)
+
+    async def read_index(self, timeout_s: float) -> int:
+        """A linearizable read point: returns once the state machine has applied it."""
+        assert timeout_s > 0
+        runtime = self._runtime
+        runtime.check_running()
+        token = next(self._tokens)
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+
+        def read(now_ms: int, wall: int) -> None:
+            try:
+                self._replica.read(token)
+            except NotLeader as error:
+                self._futures.pop(token, None)
+                future.set_exception(error)
+
+        try:
+            runtime.submit(read)
+            async with asyncio.timeout(timeout_s):
+                index = await future
+        finally:
+            self._futures.pop(token, None)
+        assert isinstance(index, int)
+        return index
+
+    async def transfer_leadership(self, target: NodeId, timeout_s: float) -> None:
+        """Hand leadership to `target` and wait until it leads (TimeoutError if not)."""
+        assert timeout_s > 0
+        await self._call(lambda now: self._replica.raft.transfer_leadership(target, now), timeout_s)
+        await self.wait_for(lambda: self.leader == target, timeout_s)
+
+    async def campaign(self, timeout_s: float) -> None:
+        """Start an election now (tests and demos; production waits for the timer)."""
+        await self._call(lambda now: self._replica.raft.campaign(now), timeout_s)
+
+    async def _call(self, action: Callable[[int], None], timeout_s: float) -> None:
+        runtime = self._runtime
+        runtime.check_running()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def call(now_ms: int, wall: int) -> None:
+            try:
+                action(now_ms)
+            except (NotLeader, ValueError) as error:
+                future.set_exception(error)
+                return
+            future.set_result(None)
+
+        runtime.submit(call)
+        async with asyncio.timeout(timeout_s):
+            await future
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout_s: float) -> None:
+        """Wait until `predicate()` holds; checked after every loop iteration."""
+        assert timeout_s > 0
+        if predicate():
             return
-        data = self._sm.snapshot()
-        snapshot = core.compact(core.applied, data)
-        async with asyncio.timeout(self.config.persist_timeout_s):
-            await asyncio.to_thread(self._storage.compact, snapshot)
-        self.stats.compactions += 1
-        log.info("raft node %s: compacted the log up to %d", self.id, snapshot.index)
+        self._runtime.check_running()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        watcher = _Watcher(predicate, future)
+        self._watchers.append(watcher)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await future
+        finally:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    # --------------------------------------------------------------- queries
+
+    @property
+    def role(self) -> Role:
+        return self._core.raft.role if self._core is not None else Role.FOLLOWER
+
+    @property
+    def leader(self) -> NodeId:
+        return self._core.raft.leader if self._core is not None else ""
+
+    @property
+    def term(self) -> int:
+        return self._core.raft.term if self._core is not None else 0
+
+    @property
+    def applied(self) -> int:
+        return self._core.raft.applied if self._core is not None else 0
+
+    @property
+    def commit(self) -> int:
+        return self._core.raft.commit if self._core is not None else 0
+
+    @property
+    def is_leader(self) -> bool:
+        return self.role is Role.LEADER
+
+    @property
+    def running(self) -> bool:
+        return self._core is not None and self._runtime.running
+
+    @property
+    def stats(self) -> RuntimeStats:
+        return self._runtime.stats
+
+    def match_index(self, peer: NodeId) -> int:
+        """The leader's view of how far `peer`'s log matches its own (0 if not leader)."""
+        core = self._core
+        if core is None or core.raft.role is not Role.LEADER or peer not in core.raft.progress:
+            return 0
+        return core.raft.progress[peer].match
+
+    def status(self) -> dict[str, object]:
+        status: dict[str, object] = (
+            dict(self._core.raft.status()) if self._core is not None else {"id": self.id}
+        )
+        status.update(self._runtime.runtime_status())
+        return status
+
+    # ------------------------------------------------------- the Driver protocol
+
+    def step(self, message: Message, now_ms: int, wall_ms: int) -> None:
+        self._replica.step(message, now_ms)
+
+    def tick(self, now_ms: int, wall_ms: int) -> None:
+        self._replica.tick(now_ms)
+
+    def next_deadline_ms(self) -> int:
+        return self._replica.next_deadline_ms()
+
+    def has_ready(self) -> bool:
+        return self._replica.has_ready()
+
+    def ready(self) -> ReplicaReady:
+        return self._replica.ready()
+
+    def advance(self, ready: ReplicaReady) -> None:
+        self._replica.advance(ready)
+
+    def take_deferred_hard_state(self) -> HardState | None:
+        return self._core.take_deferred_hard_state() if self._core is not None else None
+
+    def deliver(self, ready: ReplicaReady) -> None:
+        for outcome in ready.outcomes:
+            future = self._futures.pop(outcome.token, None)
+            if future is None or future.done():
+                continue
+            match outcome:
+                case Applied():
+                    future.set_result(outcome.result)
+                case Lost():
+                    future.set_exception(ProposalLost(outcome.why))
+                case Unknown():
+                    future.set_exception(ProposalOutcomeUnknown(outcome.why))
+                case ReadReady():
+                    future.set_result(outcome.index)
+                case ReadFailed():
+                    future.set_exception(NotLeader(outcome.leader))
 
     def _check_watchers(self) -> None:
-        if self._read_waiters and self._core is not None and self._core.role is not Role.LEADER:
-            # The core drops pending reads when it loses leadership: tell the callers.
-            leader = self._core.leader
-            for future in self._read_waiters.values():
-                if not future.done():
-                    future.set_exception(NotLeader(leader))
-            self._read_waiters.clear()
-        if not self._watchers:
-            return
         for watcher in list(self._watchers):
             if watcher.future.done():
                 self._watchers.remove(watcher)
@@ -744,19 +837,11 @@ class RaftNode:
                 self._watchers.remove(watcher)
 
     def _fail_all(self, error: Exception) -> None:
-        futures: list[asyncio.Future[object] | asyncio.Future[int] | asyncio.Future[None]] = []
-        futures.extend(f for _, f in self._waiters.values())
-        futures.extend(self._read_waiters.values())
-        futures.extend(f for _, f in self._applied_waiters)
-        futures.extend(w.future for w in self._watchers)
-        while not self._proposals.empty():
-            futures.append(self._proposals.get_nowait().future)
-        while not self._requests.empty():
-            futures.append(self._requests.get_nowait().future)
-        for future in futures:
+        for future in list(self._futures.values()):
             if not future.done():
                 future.set_exception(error)
-        self._waiters.clear()
-        self._read_waiters.clear()
-        self._applied_waiters.clear()
+        self._futures.clear()
+        for watcher in self._watchers:
+            if not watcher.future.done():
+                watcher.future.set_exception(error)
         self._watchers.clear()

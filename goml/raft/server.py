@@ -66,6 +66,30 @@ def bind_server(
     return server, bound
 
 
+def build_store_and_transport(
+    node_id: NodeId,
+    addresses: dict[NodeId, str],
+    data_dir: Path,
+    cluster_id: str,
+    secret: bytes,
+    channel_credentials: grpc.ChannelCredentials | None,
+    insecure: bool,
+    rng: random.Random,
+) -> tuple[SqliteStorage, PeerTransport]:
+    """SqliteStorage in `data_dir` and the peer transport to every other node."""
+    assert node_id in addresses
+    data_dir.mkdir(parents=True, exist_ok=True)
+    storage = SqliteStorage(data_dir / "raft.sqlite3")
+    transport = PeerTransport(
+        default_transport_config(node_id, cluster_id, secret),
+        {peer: address for peer, address in addresses.items() if peer != node_id},
+        channel_credentials,
+        insecure,
+        random.Random(rng.random()),
+    )
+    return storage, transport
+
+
 def build_node(
     node_id: NodeId,
     addresses: dict[NodeId, str],
@@ -80,21 +104,14 @@ def build_node(
     seed: int | None = None,
 ) -> RaftNode:
     """A RaftNode on SqliteStorage in `data_dir`, its servicer added to `server`."""
-    assert node_id in addresses
     voters = tuple(sorted(addresses))
     if config is None:
         config = default_node_config(default_core_config(node_id, voters))
     assert config.core.node_id == node_id
     assert set(config.core.voters) == set(voters)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    storage = SqliteStorage(data_dir / "raft.sqlite3")
     rng = random.Random(seed if seed is not None else os.urandom(16))
-    transport = PeerTransport(
-        default_transport_config(node_id, cluster_id, secret),
-        {peer: address for peer, address in addresses.items() if peer != node_id},
-        channel_credentials,
-        insecure,
-        random.Random(rng.random()),
+    storage, transport = build_store_and_transport(
+        node_id, addresses, data_dir, cluster_id, secret, channel_credentials, insecure, rng
     )
     node = RaftNode(config, storage, state_machine, transport, rng)
     node.servicer().add_to_server(server)

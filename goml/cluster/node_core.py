@@ -1,0 +1,1068 @@
+"""The control-plane node core: one node's every decision, sans-IO.
+
+It owns the replica (Raft core + manifest, `goml.raft.replica`), the leader duties, the
+parked lease long-polls, the proposal and read waiters, the watches and the leadership
+edges, and it answers every API request of both services (client: submit, get, list,
+cancel, status, watch; agent: register, heartbeat, lease, report). The gRPC runtime
+(`goml.cluster.service`) and the simulator (`goml.sim.node`) drive this same code; each
+only moves bytes, time and files.
+
+Inputs (every one carries the node's monotonic `now_ms` and its wall clock `wall_ms`,
+which the leader stamps into commands; apply never reads a clock):
+- `step(message)`: a Raft message from a peer;
+- `tick()`: time passed (call it no later than `next_deadline_ms()`);
+- `request(request_id, request)`: an API request (`goml.api.types`); `forget(id)` when
+  its caller went away (deadline, closed stream).
+
+Output: `ready()` -> `NodeReady`: what to store and fsync, the Raft messages to send,
+the replies to hand out, log lines; then `advance(ready)`. Order for the runtime:
+replies (they depend on nothing this Ready stores) may go first; then store, send,
+advance (STYLE.md "Order of effects"). Every request gets exactly one final reply
+(watches: events that are not final, until forgotten), within `request_timeout_ms`
+unless it is a parked lease poll, which ends at its own wait.
+
+Decisions made here, once for both worlds:
+- Followers answer NOT_LEADER naming the leader and its address.
+- Submits are validated before proposing (idempotency key required, argument size and
+  schema, canonical JSON); commands every replica would refuse are refused up front.
+- Lease policy: a LeaseTasks is proposed only when the manifest, minus the tasks that
+  lease proposals already in flight will take, has a task that fits the agent; otherwise
+  the poll parks until work that could fit is applied or its wait ends. Wake-ups go to
+  parked polls in arrival order, only as many as there are tasks that fit them.
+- Reports: recorded, or `recorded=false` when fenced (stale epoch, task gone, task not
+  leased any more); other refusals are errors.
+- Reads (get, list) are linearizable through ReadIndex on the leader.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from goml.api.types import (
+    AgentView,
+    ApiError,
+    ApiRequest,
+    ApiResponse,
+    CancelRequest,
+    CancelResponse,
+    ErrorCode,
+    GetRequest,
+    GetResponse,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    LeasedTask,
+    LeaseRequest,
+    LeaseResponse,
+    ListRequest,
+    ListResponse,
+    MemberView,
+    RegisterRequest,
+    RegisterResponse,
+    ReportRequest,
+    ReportResponse,
+    StatusRequest,
+    StatusResponse,
+    SubmitRequest,
+    SubmitResponse,
+    TaskEvent,
+    TaskState,
+    TaskView,
+    WatchRequest,
+)
+from goml.cluster.commands import (
+    CancelTask,
+    Command,
+    CommandError,
+    LeaseTasks,
+    RegisterAgent,
+    ReportResult,
+    SubmitTasks,
+    TaskSpec,
+    canonical_json,
+    encode_command,
+)
+from goml.cluster.duties import DutiesConfig, LeaderDuties
+from goml.cluster.manifest import (
+    DEFAULT_LIMITS,
+    AgentState,
+    ApplyResult,
+    Code,
+    Manifest,
+    ManifestLimits,
+    Task,
+)
+from goml.raft.replica import (
+    PROPOSAL_BYTES_MAX,
+    Applied,
+    Lost,
+    Outcome,
+    ProposalTooLarge,
+    ReadFailed,
+    ReadReady,
+    ReplicaConfig,
+    ReplicaCore,
+    ReplicaReady,
+    Unknown,
+)
+from goml.raft.types import (
+    Config,
+    Entry,
+    HardState,
+    Message,
+    NotLeader,
+    PersistedState,
+    ProposalDropped,
+    Role,
+    Snapshot,
+)
+
+# Commands whose success can make a PENDING task fit some agent: new tasks, requeues,
+# capacity coming back (a cancel or a finished task frees its agent), new agents.
+WAKING_COMMANDS = frozenset(
+    {"SubmitTasks", "ExpireLeases", "MarkAgentDown", "ReportResult", "CancelTask", "RegisterAgent"}
+)
+# Reports refused because a newer attempt owns the task (or it ended): fenced, not errors.
+_FENCED = (Code.STALE_EPOCH, Code.NOT_FOUND, Code.FAILED_PRECONDITION)
+_REFUSAL_CODES = {
+    Code.INVALID_ARGUMENT: ErrorCode.INVALID_ARGUMENT,
+    Code.NOT_FOUND: ErrorCode.NOT_FOUND,
+    Code.ALREADY_EXISTS: ErrorCode.ALREADY_EXISTS,
+    Code.FAILED_PRECONDITION: ErrorCode.FAILED_PRECONDITION,
+    Code.STALE_EPOCH: ErrorCode.FAILED_PRECONDITION,
+    Code.RESOURCE_EXHAUSTED: ErrorCode.RESOURCE_EXHAUSTED,
+}
+
+ArgsValidator = Callable[[str, str], object]  # (function, args_json); raises ValueError
+
+# What every goml node runs with (the daemon and the simulator alike).
+DUTIES_INTERVAL_MS = 200
+LEASE_WAIT_MS_MAX = 30_000
+LIST_LIMIT_DEFAULT = 1000
+LIST_LIMIT_MAX = 10_000
+MAX_ATTEMPTS_DEFAULT = 3
+TASK_TIMEOUT_MS_DEFAULT = 60_000
+REQUESTS_MAX = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCoreConfig:
+    """Every option explicit (STYLE.md): the daemon and the simulator build one each."""
+
+    replica: ReplicaConfig
+    addresses: tuple[tuple[str, str], ...]  # node id -> address, named in NOT_LEADER
+    duties: DutiesConfig
+    limits: ManifestLimits
+    duties_interval_ms: int
+    request_timeout_ms: int  # a request not answered by then is answered UNAVAILABLE
+    lease_wait_ms_max: int  # the longest a lease long-poll is held
+    agent_heartbeat_interval_ms: int  # told to agents when they register
+    list_limit_default: int
+    list_limit_max: int
+    max_attempts_default: int
+    task_timeout_ms_default: int
+    requests_max: int  # requests waiting here at once (proposals, reads, polls, watches)
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.addresses]
+        assert sorted(names) == sorted(self.replica.raft.voters), (names, self.replica.raft)
+        for name in (
+            "duties_interval_ms",
+            "request_timeout_ms",
+            "agent_heartbeat_interval_ms",
+            "list_limit_default",
+            "list_limit_max",
+            "max_attempts_default",
+            "task_timeout_ms_default",
+            "requests_max",
+        ):
+            assert getattr(self, name) >= 1, name
+        assert self.lease_wait_ms_max >= 0
+        assert self.list_limit_default <= self.list_limit_max
+
+
+def standard_config(
+    raft: Config,
+    addresses: tuple[tuple[str, str], ...],
+    duties: DutiesConfig,
+    request_timeout_ms: int,
+    compact_every_entries: int,
+) -> NodeCoreConfig:
+    """The node core configuration of a goml node: the settings an operator chooses,
+    the rest standard. Agents heartbeat five times per `agent_timeout_ms`."""
+    return NodeCoreConfig(
+        replica=ReplicaConfig(
+            raft=raft,
+            compact_every_entries=compact_every_entries,
+            proposal_bytes_max=PROPOSAL_BYTES_MAX,
+            defer_commit_only_writes=True,
+        ),
+        addresses=addresses,
+        duties=duties,
+        limits=DEFAULT_LIMITS,
+        duties_interval_ms=DUTIES_INTERVAL_MS,
+        request_timeout_ms=request_timeout_ms,
+        lease_wait_ms_max=LEASE_WAIT_MS_MAX,
+        agent_heartbeat_interval_ms=max(1, duties.agent_timeout_ms // 5),
+        list_limit_default=LIST_LIMIT_DEFAULT,
+        list_limit_max=LIST_LIMIT_MAX,
+        max_attempts_default=MAX_ATTEMPTS_DEFAULT,
+        task_timeout_ms_default=TASK_TIMEOUT_MS_DEFAULT,
+        requests_max=REQUESTS_MAX,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    request_id: int
+    response: ApiResponse | None
+    error: ApiError | None
+    final: bool  # False: a watch event; the stream goes on
+
+    def __post_init__(self) -> None:
+        assert (self.response is None) != (self.error is None), self
+        assert self.final or isinstance(self.response, TaskEvent), self
+
+
+class LogLevel(enum.StrEnum):
+    INFO = "INFO"
+    WARNING = "WARNING"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLog:
+    level: LogLevel
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReady:
+    replica: ReplicaReady
+    replies: tuple[Reply, ...]
+    logs: tuple[NodeLog, ...]
+
+    @property
+    def compacted(self) -> Snapshot | None:
+        return self.replica.compacted
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self.replica.snapshot
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        return self.replica.entries
+
+    @property
+    def hard_state(self) -> HardState | None:
+        return self.replica.hard_state
+
+    @property
+    def must_sync(self) -> bool:
+        return self.replica.must_sync
+
+    @property
+    def messages(self) -> tuple[Message, ...]:
+        return self.replica.messages
+
+    @property
+    def committed(self) -> tuple[Entry, ...]:
+        return self.replica.committed
+
+    def writes(self) -> bool:
+        return self.replica.writes()
+
+
+@dataclass
+class NodeStats:
+    """Counters for metrics, summaries and parity checks (never used to decide)."""
+
+    proposed: dict[str, int] = field(default_factory=dict)  # by command type
+    applied: dict[str, int] = field(default_factory=dict)  # by command type, every entry
+    leases_empty: int = 0  # LeaseTasks applied that leased nothing
+    polls_parked: int = 0
+    polls_woken: int = 0
+    requests_expired: int = 0
+    requests_refused_busy: int = 0
+
+
+class ManifestMachine:
+    """The replica's state machine: the manifest, with every apply result kept until
+    the node core has looked at it (watches, wake-ups, counters)."""
+
+    def __init__(self, limits: ManifestLimits) -> None:
+        self.manifest = Manifest(limits)
+        self.results: list[ApplyResult] = []
+
+    def apply(self, index: int, data: bytes) -> ApplyResult:
+        result = self.manifest.apply(index, data)
+        self.results.append(result)
+        return result
+
+    def snapshot(self) -> bytes:
+        return self.manifest.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.manifest = Manifest.restore(data)
+
+
+class _Stage(enum.Enum):
+    PROPOSED = "proposed"  # waits for its command to apply
+    READING = "reading"  # waits for a read point
+    PARKED = "parked"  # a lease poll waiting for work
+    WATCHING = "watching"  # a watch stream
+
+
+@dataclass(slots=True)
+class _Pending:
+    request: ApiRequest
+    stage: _Stage
+    deadline_ms: int  # answered when it passes (never for a watch)
+    poll_deadline_ms: int = 0  # lease polls: when the poll ends with an empty answer
+    claim: tuple[str, ...] = ()  # lease proposals: the tasks it is expected to take
+
+
+def task_view(task: Task) -> TaskView:
+    return TaskView(
+        id=task.id,
+        function=task.function,
+        args_json=task.args_json,
+        resources=task.resources,
+        priority=task.priority,
+        max_attempts=task.max_attempts,
+        timeout_ms=task.timeout_ms,
+        idempotency_key=task.idempotency_key,
+        cloud=task.cloud or "",
+        region=task.region or "",
+        state=task.state,
+        attempts=task.attempts,
+        agent_id=task.lease.agent_id if task.lease else "",
+        epoch=task.epoch,
+        result_json=task.result_json or "",
+        error=task.error or "",
+        submitted_ms=task.submitted_ms,
+        finished_ms=task.finished_ms or 0,
+        lease_deadline_ms=task.lease.deadline_ms if task.lease else 0,
+    )
+
+
+def _leased(task: Task) -> LeasedTask:
+    return LeasedTask(
+        task.id,
+        task.function,
+        task.args_json,
+        task.resources,
+        task.epoch,
+        task.timeout_ms,
+        task.lease.deadline_ms if task.lease else 0,
+    )
+
+
+class NodeCore:
+    def __init__(
+        self,
+        config: NodeCoreConfig,
+        persisted: PersistedState,
+        rng: random.Random,
+        validate_args: ArgsValidator,
+        now_ms: int,
+        wall_ms: int,
+    ) -> None:
+        self.config = config
+        self.id = config.replica.raft.node_id
+        self._addresses = dict(config.addresses)
+        self._validate_args = validate_args
+        self.machine = ManifestMachine(config.limits)
+        self.replica = ReplicaCore(config.replica, persisted, self.machine, rng, now_ms)
+        self.duties = LeaderDuties(config.duties)
+        self.stats = NodeStats()
+        self._now_ms = now_ms
+        self._wall_ms = wall_ms
+        self._was_leader = False
+        self._next_duties_ms = 0
+        self._pending: dict[int, _Pending] = {}
+        self._deadlines: list[tuple[int, int]] = []  # (deadline_ms, request id), lazy
+        self._parked: dict[int, None] = {}  # lease polls in arrival order
+        self._claimed: set[str] = set()  # tasks lease proposals in flight will take
+        self._watches: dict[int, frozenset[str]] = {}
+        self._duty_tokens = 0  # negative tokens: duties' proposals (no caller waits)
+        self._duty_commands: dict[int, str] = {}
+        self._replies: list[Reply] = []
+        self._logs: list[NodeLog] = []
+        self._outstanding: NodeReady | None = None
+        # Apply results of the latest advance, for observers (simulator checks, metrics).
+        self.last_applied: tuple[ApplyResult, ...] = ()
+
+    # --------------------------------------------------------------- queries
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.machine.manifest
+
+    @property
+    def raft(self) -> ReplicaCore:
+        return self.replica
+
+    @property
+    def is_leader(self) -> bool:
+        return self.replica.raft.role is Role.LEADER
+
+    @property
+    def leader(self) -> str:
+        return self.replica.raft.leader
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
+    # ---------------------------------------------------------------- inputs
+
+    def step(self, message: Message, now_ms: int, wall_ms: int) -> None:
+        self._clock(now_ms, wall_ms)
+        self.replica.step(message, now_ms)
+        self._after_input()
+
+    def tick(self, now_ms: int, wall_ms: int) -> None:
+        self._clock(now_ms, wall_ms)
+        self.replica.tick(now_ms)
+        self._after_input()
+        self._expire()
+        if self.is_leader and now_ms >= self._next_duties_ms:
+            self._next_duties_ms = now_ms + self.config.duties_interval_ms
+            self._run_duties()
+            self._after_input()
+
+    def request(self, request_id: int, request: ApiRequest, now_ms: int, wall_ms: int) -> None:
+        """An API request; exactly one final reply comes back under `request_id`."""
+        assert request_id > 0, "request ids are positive (negative ones are the duties')"
+        assert request_id not in self._pending, f"request id {request_id} reused"
+        self._clock(now_ms, wall_ms)
+        self._after_input()
+        if len(self._pending) >= self.config.requests_max:
+            self.stats.requests_refused_busy += 1
+            self._error(
+                request_id,
+                ErrorCode.UNAVAILABLE,
+                f"{self.id} has {len(self._pending)} requests waiting; retry",
+            )
+            return
+        self._dispatch(request_id, request)
+        self._after_input()
+
+    def _dispatch(self, request_id: int, request: ApiRequest) -> None:
+        wall_ms = self._wall_ms
+        match request:
+            case SubmitRequest():
+                self._submit(request_id, request)
+            case GetRequest() | ListRequest():
+                self._read(request_id, request)
+            case CancelRequest():
+                if self._leading_or_refuse(request_id):
+                    self._propose(request_id, request, CancelTask(wall_ms, request.task_id))
+            case StatusRequest():
+                leader = self.leader
+                if not request.local and leader and leader != self.id:
+                    self._not_leader(request_id)  # the leader's view has every member's lag
+                else:
+                    self._reply(request_id, self.status())
+            case WatchRequest():
+                self._watch(request_id, request)
+            case RegisterRequest():
+                if self._leading_or_refuse(request_id):
+                    command = RegisterAgent(
+                        wall_ms,
+                        request.agent_id,
+                        request.cloud,
+                        request.region,
+                        request.arch,
+                        request.capacity,
+                    )
+                    self._propose(request_id, request, command)
+            case HeartbeatRequest():
+                self._heartbeat(request_id, request)
+            case LeaseRequest():
+                self._lease(request_id, request)
+            case ReportRequest():
+                if self._leading_or_refuse(request_id):
+                    command_r = ReportResult(
+                        wall_ms,
+                        request.agent_id,
+                        request.task_id,
+                        request.epoch,
+                        request.success,
+                        request.result_json if request.success else None,
+                        None if request.success else (request.error or "failed"),
+                    )
+                    self._propose(request_id, request, command_r)
+
+    def forget(self, request_id: int) -> None:
+        """The caller went away: drop the request (a proposal may still apply)."""
+        self._no_ready_outstanding()
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return
+        self._parked.pop(request_id, None)
+        self._watches.pop(request_id, None)
+        self._claimed.difference_update(pending.claim)
+
+    # --------------------------------------------------------------- outputs
+
+    def next_deadline_ms(self) -> int:
+        deadline = self.replica.next_deadline_ms()
+        if self.is_leader:
+            deadline = min(deadline, self._next_duties_ms)
+        while self._deadlines:
+            at, request_id = self._deadlines[0]
+            pending = self._pending.get(request_id)
+            if pending is not None and pending.deadline_ms == at:
+                return min(deadline, at)
+            heapq.heappop(self._deadlines)  # answered or moved on: a stale entry
+        return deadline
+
+    def has_ready(self) -> bool:
+        return bool(self._replies or self._logs) or self.replica.has_ready()
+
+    def ready(self) -> NodeReady:
+        self._no_ready_outstanding()
+        replica = self.replica.ready()
+        assert not replica.outcomes, "outcomes are taken as they happen (_after_input)"
+        ready = NodeReady(replica, tuple(self._replies), tuple(self._logs))
+        self._replies.clear()
+        self._logs.clear()
+        self._outstanding = ready
+        return ready
+
+    def advance(self, ready: NodeReady) -> None:
+        assert self._outstanding is ready, "advance the Ready last handed out"
+        self._outstanding = None
+        self.replica.advance(ready.replica)
+        results, self.machine.results = tuple(self.machine.results), []
+        self.last_applied = results
+        # Outcomes first (a lease poll that leased nothing parks), then the wake-ups of
+        # what was applied (which may be work for that very poll).
+        self._after_input()
+        self._on_applied(results)
+        self._after_input()
+
+    def take_deferred_hard_state(self) -> HardState | None:
+        return self.replica.take_deferred_hard_state()
+
+    def status(self) -> StatusResponse:
+        raft = self.replica.raft
+        leader = raft.leader
+        members = []
+        for member_id, address in sorted(self._addresses.items()):
+            if member_id == self.id:
+                members.append(
+                    MemberView(
+                        member_id,
+                        address,
+                        raft.role.value,
+                        raft.term,
+                        raft.commit,
+                        raft.applied,
+                        True,
+                        0.0,
+                    )
+                )
+                continue
+            progress = raft.progress.get(member_id) if raft.role is Role.LEADER else None
+            if progress is not None:
+                heard = self._now_ms - progress.last_heard_ms
+                reachable = heard < raft.config.election_timeout_ms_min
+            else:
+                heard_leader = raft.leader_heard_ms
+                reachable = (
+                    member_id == leader
+                    and heard_leader is not None
+                    and self._now_ms - heard_leader < raft.config.election_timeout_ms_min
+                )
+            members.append(
+                MemberView(
+                    member_id,
+                    address,
+                    "leader" if member_id == leader else "follower",
+                    0,
+                    progress.match if progress is not None else 0,
+                    0,
+                    reachable,
+                    0.0,
+                )
+            )
+        agents = []
+        for agent in self.manifest.list_agents():
+            seen = self.duties.last_seen_ms(agent.id)
+            agents.append(
+                AgentView(
+                    agent.id,
+                    agent.cloud,
+                    agent.region,
+                    agent.arch,
+                    agent.capacity,
+                    agent.state.value,
+                    self._wall_ms - seen if seen is not None else -1,
+                )
+            )
+        counts = self.manifest.counts_by_state()
+        return StatusResponse(
+            node_id=self.id,
+            leader_id=leader,
+            leader_address=self._addresses.get(leader, "") if leader else "",
+            term=raft.term,
+            commit_index=raft.commit,
+            members=tuple(members),
+            agents=tuple(agents),
+            tasks_by_state=tuple(sorted((str(k), v) for k, v in counts.items())),
+        )
+
+    # -------------------------------------------------------------- requests
+
+    def _submit(self, request_id: int, request: SubmitRequest) -> None:
+        if not self._leading_or_refuse(request_id):
+            return
+        if not request.tasks:
+            self._error(
+                request_id, ErrorCode.INVALID_ARGUMENT, "empty submit: give at least one task"
+            )
+            return
+        limits = self.config.limits
+        specs = []
+        for position, task in enumerate(request.tasks):
+            where = f"tasks[{position}]"
+            if not task.idempotency_key:
+                self._error(
+                    request_id, ErrorCode.INVALID_ARGUMENT, f"{where}.idempotency_key: required"
+                )
+                return
+            args_json = task.args_json or "{}"
+            # The limit applies to what the client sent: the manifest only sees the
+            # canonical form, so whitespace padding would otherwise slip past it.
+            size = len(args_json.encode())
+            if size > limits.args_bytes_max:
+                self._error(
+                    request_id,
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"{where}: args_json is {size} bytes; limit "
+                    f"args_bytes_max={limits.args_bytes_max}",
+                )
+                return
+            try:
+                self._validate_args(task.function, args_json)
+                # Logged canonical (as every replica stores it): no padding in the log.
+                args_json = canonical_json(args_json, f"{where}.args_json")
+            except ValueError as error:  # TaskArgsError and CommandError both are
+                self._error(request_id, ErrorCode.INVALID_ARGUMENT, f"{where}: {error}")
+                return
+            specs.append(
+                TaskSpec(
+                    idempotency_key=task.idempotency_key,
+                    function=task.function,
+                    args_json=args_json,
+                    resources=task.resources,
+                    priority=task.priority,
+                    max_attempts=task.max_attempts or self.config.max_attempts_default,
+                    timeout_ms=task.timeout_ms or self.config.task_timeout_ms_default,
+                    cloud=task.cloud or None,
+                    region=task.region or None,
+                )
+            )
+        self._propose(request_id, request, SubmitTasks(self._wall_ms, tuple(specs)))
+
+    def _read(self, request_id: int, request: GetRequest | ListRequest) -> None:
+        if not self._leading_or_refuse(request_id):
+            return
+        try:
+            self.replica.read(request_id)
+        except NotLeader:
+            self._not_leader(request_id)
+            return
+        self._wait(request_id, _Pending(request, _Stage.READING, self._request_deadline()))
+
+    def _watch(self, request_id: int, request: WatchRequest) -> None:
+        wanted = frozenset(request.task_ids)
+        self._pending[request_id] = _Pending(request, _Stage.WATCHING, 0)
+        self._watches[request_id] = wanted
+        applied = self.manifest.applied_index
+        for task_id in sorted(wanted):
+            task = self.manifest.get_task(task_id)
+            if task is not None:
+                self._event(request_id, TaskEvent(task_view(task), applied))
+
+    def _heartbeat(self, request_id: int, request: HeartbeatRequest) -> None:
+        if not self._leading_or_refuse(request_id):
+            return
+        agent = self.manifest.get_agent(request.agent_id)
+        known = agent is not None and agent.state is AgentState.ALIVE
+        if known and self.duties.leading_since_ms is not None:
+            self.duties.heartbeat(
+                request.agent_id,
+                request.free,
+                tuple(sorted(request.running_task_ids)),
+                self._wall_ms,
+            )
+        self._reply(request_id, HeartbeatResponse(known=known))
+
+    def _lease(self, request_id: int, request: LeaseRequest) -> None:
+        if not self._leading_or_refuse(request_id):
+            return
+        wait_ms = min(max(request.wait_ms, 0), self.config.lease_wait_ms_max)
+        pending = _Pending(
+            request, _Stage.PROPOSED, self._request_deadline(), self._now_ms + wait_ms
+        )
+        self._try_lease(request_id, pending)
+
+    def _try_lease(self, request_id: int, pending: _Pending) -> bool:
+        """Propose a LeaseTasks if one would lease something, else park or answer
+        empty. True when it proposed."""
+        request = pending.request
+        assert isinstance(request, LeaseRequest)
+        claim = self.manifest.leasable_tasks(
+            request.agent_id, request.free, request.max_tasks, frozenset(self._claimed)
+        )
+        if claim == ():
+            if self._now_ms < pending.poll_deadline_ms:
+                self._park(request_id, pending)
+            else:
+                self._pending.pop(request_id, None)
+                self._reply(request_id, LeaseResponse(()))
+            return False
+        # claim is None for an unknown or down agent: the command gives the refusal.
+        limits = self.config.limits
+        command = LeaseTasks(
+            self._wall_ms,
+            request.agent_id,
+            self.config.duties.lease_ms,
+            max(1, min(request.max_tasks, limits.lease_tasks_max)),
+            request.free,
+        )
+        pending.stage = _Stage.PROPOSED
+        pending.deadline_ms = self._request_deadline()
+        pending.claim = claim or ()
+        if not self._propose(request_id, request, command, pending):
+            return False
+        self._claimed.update(pending.claim)
+        return True
+
+    def _park(self, request_id: int, pending: _Pending) -> None:
+        pending.stage = _Stage.PARKED
+        pending.claim = ()
+        self._parked[request_id] = None
+        self.stats.polls_parked += 1
+        self._wait(request_id, pending, pending.poll_deadline_ms)
+
+    def _wake_parked(self) -> None:
+        """Work that could fit was applied: wake parked polls in arrival order; each
+        proposes only if a task not already claimed fits it, so no more polls wake
+        than there are tasks for them."""
+        for request_id in list(self._parked):
+            pending = self._pending.get(request_id)
+            if pending is None:
+                self._parked.pop(request_id)
+                continue
+            request = pending.request
+            assert isinstance(request, LeaseRequest)
+            claim = self.manifest.leasable_tasks(
+                request.agent_id, request.free, request.max_tasks, frozenset(self._claimed)
+            )
+            if claim == ():
+                continue
+            del self._parked[request_id]
+            self.stats.polls_woken += 1
+            self._try_lease(request_id, pending)
+
+    # -------------------------------------------------------------- proposing
+
+    def _propose(
+        self,
+        request_id: int,
+        request: ApiRequest,
+        command: Command,
+        pending: _Pending | None = None,
+    ) -> bool:
+        """Propose `command` for a request; on refusal the request is answered here."""
+        data = self._encode(request_id, command)
+        if data is None:
+            self._pending.pop(request_id, None)
+            return False
+        try:
+            self.replica.propose(data, request_id)
+        except NotLeader:
+            self._pending.pop(request_id, None)
+            self._not_leader(request_id)
+            return False
+        except ProposalDropped as error:
+            self._pending.pop(request_id, None)
+            self._error(request_id, ErrorCode.UNAVAILABLE, f"not proposed: {error}; retry")
+            return False
+        kind = type(command).__name__
+        self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
+        self._wait(
+            request_id, pending or _Pending(request, _Stage.PROPOSED, self._request_deadline())
+        )
+        return True
+
+    def _encode(self, request_id: int, command: Command) -> bytes | None:
+        try:
+            data = encode_command(command)
+        except CommandError as error:
+            self._error(request_id, ErrorCode.INVALID_ARGUMENT, str(error))
+            return None
+        limit = min(self.config.replica.proposal_bytes_max, self.config.limits.command_bytes_max)
+        if len(data) > limit:
+            hint = ": split the batch" if isinstance(command, SubmitTasks) else ""
+            self._error(
+                request_id,
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"{type(command).__name__} is {len(data)} bytes encoded; "
+                f"limit {limit} bytes per proposal{hint}",
+            )
+            return None
+        return data
+
+    def _run_duties(self) -> None:
+        for command in self.duties.due(self.manifest, self._wall_ms):
+            kind = type(command).__name__
+            try:
+                data = encode_command(command)
+                self._duty_tokens -= 1
+                self.replica.propose(data, self._duty_tokens)
+            except (CommandError, ProposalTooLarge) as error:
+                self._log(LogLevel.WARNING, f"leader duty {kind} not proposed: {error}")
+                continue
+            except (NotLeader, ProposalDropped) as error:
+                self._log(LogLevel.WARNING, f"leader duty {kind} not proposed: {error}")
+                break
+            self._duty_commands[self._duty_tokens] = kind
+            self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
+
+    # --------------------------------------------------------------- outcomes
+
+    def _on_outcome(self, outcome: Outcome) -> None:
+        token = outcome.token
+        if token < 0:
+            kind = self._duty_commands.pop(token, "duty")
+            if isinstance(outcome, Applied):
+                result = outcome.result
+                assert isinstance(result, ApplyResult)
+                if not result.ok:
+                    self._log(LogLevel.INFO, f"leader duty {kind} refused: {result.message}")
+            elif isinstance(outcome, Lost | Unknown):
+                self._log(LogLevel.WARNING, f"leader duty {kind} not committed: {outcome.why}")
+            return
+        pending = self._pending.get(token)
+        if pending is None:
+            return  # answered already (deadline) or forgotten: nobody waits
+        match outcome:
+            case Applied():
+                if pending.stage is _Stage.PROPOSED:
+                    result = outcome.result
+                    assert isinstance(result, ApplyResult)
+                    self._applied(token, pending, result)
+            case Lost() | Unknown():
+                if pending.stage is _Stage.PROPOSED:
+                    self._claimed.difference_update(pending.claim)
+                    self._pending.pop(token)
+                    self._error(
+                        token, ErrorCode.UNAVAILABLE, f"not committed: {outcome.why}; retry"
+                    )
+            case ReadReady():
+                assert pending.stage is _Stage.READING
+                self._pending.pop(token)
+                self._answer_read(token, pending.request)
+            case ReadFailed():
+                assert pending.stage is _Stage.READING
+                self._pending.pop(token)
+                self._not_leader(token)
+
+    def _applied(self, request_id: int, pending: _Pending, result: ApplyResult) -> None:
+        request = pending.request
+        if isinstance(request, LeaseRequest):
+            self._claimed.difference_update(pending.claim)
+            pending.claim = ()
+            if result.ok and not result.tasks:
+                self.stats.leases_empty += 1
+            if result.ok and not result.tasks and self._now_ms < pending.poll_deadline_ms:
+                if self.is_leader:
+                    self._park(request_id, pending)
+                    return
+                self._pending.pop(request_id)
+                self._not_leader(request_id)
+                return
+        self._pending.pop(request_id)
+        if isinstance(request, ReportRequest):
+            if result.ok:
+                self._reply(request_id, ReportResponse(recorded=True, reason=""))
+            elif result.code in _FENCED:
+                # A newer attempt owns the task (or it ended): the agent drops its result.
+                self._reply(request_id, ReportResponse(recorded=False, reason=result.message))
+            else:
+                self._refused(request_id, result)
+            return
+        if not result.ok:
+            task = (
+                self.manifest.get_task(request.task_id)
+                if isinstance(request, CancelRequest)
+                else None
+            )
+            if task is not None and task.state is TaskState.CANCELLED:
+                # Cancel is idempotent: a retry after a lost reply finds the task cancelled.
+                self._reply(request_id, CancelResponse(task_view(task)))
+                return
+            self._refused(request_id, result)
+            return
+        match request:
+            case SubmitRequest():
+                self._reply(request_id, SubmitResponse(result.task_ids, result.index))
+            case CancelRequest():
+                task = self.manifest.get_task(request.task_id)
+                assert task is not None, "a cancelled task stays in the manifest"
+                self._reply(request_id, CancelResponse(task_view(task)))
+            case RegisterRequest():
+                if self.duties.leading_since_ms is not None:
+                    self.duties.heartbeat(request.agent_id, None, (), self._wall_ms)
+                interval = self.config.agent_heartbeat_interval_ms
+                self._reply(request_id, RegisterResponse(heartbeat_interval_ms=interval))
+            case LeaseRequest():
+                self._reply(request_id, LeaseResponse(tuple(_leased(t) for t in result.tasks)))
+            case _:
+                raise AssertionError(f"no proposal is made for {type(request).__name__}")
+
+    def _answer_read(self, request_id: int, request: ApiRequest) -> None:
+        if isinstance(request, GetRequest):
+            task = self.manifest.get_task(request.task_id)
+            if task is None:
+                self._error(request_id, ErrorCode.NOT_FOUND, f"no task {request.task_id!r:.80}")
+            else:
+                self._reply(request_id, GetResponse(task_view(task)))
+            return
+        assert isinstance(request, ListRequest)
+        limit = min(request.limit or self.config.list_limit_default, self.config.list_limit_max)
+        tasks = self.manifest.list_tasks(
+            limit=max(1, limit),
+            state=request.state,
+            function=request.function or None,
+            agent_id=request.agent_id or None,
+        )
+        self._reply(request_id, ListResponse(tuple(task_view(t) for t in tasks)))
+
+    def _on_applied(self, results: tuple[ApplyResult, ...]) -> None:
+        wake = False
+        for result in results:
+            self.stats.applied[result.command] = self.stats.applied.get(result.command, 0) + 1
+            if result.ok and result.command in WAKING_COMMANDS:
+                wake = True
+            if self._watches and result.task_ids:
+                self._notify_watches(result)
+        if wake and self._parked and self.is_leader:
+            self._wake_parked()
+
+    def _notify_watches(self, result: ApplyResult) -> None:
+        for request_id, wanted in self._watches.items():
+            for task_id in result.task_ids:
+                if wanted and task_id not in wanted:
+                    continue
+                task = self.manifest.get_task(task_id)
+                if task is not None:
+                    self._event(request_id, TaskEvent(task_view(task), result.index))
+
+    # ---------------------------------------------------------- time, leaders
+
+    def _clock(self, now_ms: int, wall_ms: int) -> None:
+        self._no_ready_outstanding()
+        assert now_ms >= self._now_ms, "monotonic time never goes back"
+        self._now_ms = now_ms
+        self._wall_ms = wall_ms
+
+    def _after_input(self) -> None:
+        """After anything reached the replica: take its outcomes, follow leadership."""
+        for outcome in self.replica.take_outcomes():
+            self._on_outcome(outcome)
+        leader = self.is_leader
+        if leader and not self._was_leader:
+            # Heartbeats went to the old leader: the grace period starts now.
+            self.duties.became_leader(self._wall_ms)
+            self._next_duties_ms = self._now_ms + self.config.duties_interval_ms
+        elif not leader and self._was_leader:
+            self.duties.lost_leadership()
+            for request_id in list(self._parked):
+                self._parked.pop(request_id)
+                if self._pending.pop(request_id, None) is not None:
+                    self._not_leader(request_id)
+        self._was_leader = leader
+
+    def _expire(self) -> None:
+        while self._deadlines and self._deadlines[0][0] <= self._now_ms:
+            at, request_id = heapq.heappop(self._deadlines)
+            pending = self._pending.get(request_id)
+            if pending is None or pending.deadline_ms != at:
+                continue  # answered already, or its deadline moved
+            del self._pending[request_id]
+            if pending.stage is _Stage.PARKED:
+                self._parked.pop(request_id, None)
+                self._reply(request_id, LeaseResponse(()))
+                continue
+            self.stats.requests_expired += 1
+            self._claimed.difference_update(pending.claim)
+            self._error(
+                request_id,
+                ErrorCode.UNAVAILABLE,
+                f"not answered within {self.config.request_timeout_ms} ms (no quorum?); "
+                "retry (with the same idempotency key, a retry is safe)",
+            )
+
+    def _request_deadline(self) -> int:
+        return self._now_ms + self.config.request_timeout_ms
+
+    def _wait(self, request_id: int, pending: _Pending, deadline_ms: int | None = None) -> None:
+        if deadline_ms is not None:
+            pending.deadline_ms = deadline_ms
+        self._pending[request_id] = pending
+        heapq.heappush(self._deadlines, (pending.deadline_ms, request_id))
+
+    # ---------------------------------------------------------------- replies
+
+    def _leading_or_refuse(self, request_id: int) -> bool:
+        if self.is_leader:
+            return True
+        self._not_leader(request_id)
+        return False
+
+    def _not_leader(self, request_id: int) -> None:
+        leader = self.leader
+        self._replies.append(
+            Reply(
+                request_id,
+                None,
+                ApiError(
+                    ErrorCode.NOT_LEADER,
+                    f"NOT_LEADER: {self.id} is not the leader (leader: {leader or 'unknown'})",
+                    leader,
+                    self._addresses.get(leader, "") if leader else "",
+                ),
+                True,
+            )
+        )
+
+    def _refused(self, request_id: int, result: ApplyResult) -> None:
+        self._error(request_id, _REFUSAL_CODES[result.code], result.message)
+
+    def _error(self, request_id: int, code: ErrorCode, message: str) -> None:
+        assert request_id not in self._pending, "answered requests wait no more"
+        self._replies.append(Reply(request_id, None, ApiError(code, message), True))
+        self._log(LogLevel.INFO, f"refused: {code} {message}")
+
+    def _reply(self, request_id: int, response: ApiResponse) -> None:
+        assert request_id not in self._pending, "answered requests wait no more"
+        self._replies.append(Reply(request_id, response, None, True))
+
+    def _event(self, request_id: int, event: TaskEvent) -> None:
+        self._replies.append(Reply(request_id, event, None, False))
+
+    def _log(self, level: LogLevel, text: str) -> None:
+        self._logs.append(NodeLog(level, text))
+
+    def _no_ready_outstanding(self) -> None:
+        assert self._outstanding is None, "input between ready() and advance()"
