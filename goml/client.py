@@ -2,6 +2,11 @@
 failover with the same idempotency key (so a retry never creates a second task), and
 puts a deadline on every call.
 
+Which node to ask and when to ask again is decided by the one retry policy every caller
+shares (`goml.api.retry`); failures are classified by the wire's one mapping
+(`goml.api.wire.error_from_status`, `goml.api.types.error_kind`). This module only moves
+the bytes, reads the clock and sleeps.
+
 A profile (JSON) names a cluster: its nodes, credentials and token. `goml cluster up`
 writes one where `default_profile_path()` looks, so the CLI needs no flags locally.
 """
@@ -9,8 +14,10 @@ writes one where `default_profile_path()` looks, so the CLI needs no flags local
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,19 +27,24 @@ from typing import Any, TypeVar
 
 import grpc
 
+from goml.api.retry import Attempt, Decision, RetryConfig, RetryPolicy
+from goml.api.types import ApiError, ErrorKind, error_kind
+from goml.api.wire import error_from_status
 from goml.proto import api_pb2, api_pb2_grpc
 
-LEADER_ID_KEY = "goml-leader-id"
-LEADER_ADDRESS_KEY = "goml-leader-address"
 TERMINAL_STATES = frozenset({api_pb2.SUCCEEDED, api_pb2.DEAD, api_pb2.CANCELLED})
-_RETRYABLE = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED}
-)
+# Backoff between tries of one call: short enough for a failover to be quick, capped so
+# a client never waits long for a cluster that is back.
+BACKOFF_MS_MIN = 20
+BACKOFF_MS_MAX = 500
+# A watch that ends with these just ends: `wait` asks again (through the policy).
+_WATCH_ENDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE})
 _Response = TypeVar("_Response")
 
 
 class ClientError(Exception):
-    """A call failed for good: the message says why (status code and server message)."""
+    """A call failed for good. `code`: the status code of the last answer; `detail`: why
+    the client stopped (refused, or gave up and on what) and that answer's message."""
 
     def __init__(self, code: grpc.StatusCode | None, message: str) -> None:
         super().__init__(f"{code.name if code else 'ERROR'}: {message}")
@@ -127,6 +139,10 @@ class Client:
     rng: random.Random = field(default_factory=random.Random)
 
     def __post_init__(self) -> None:
+        if not 0 < self.call_timeout_s < math.inf:
+            raise ValueError(f"call_timeout_s must be finite and > 0: {self.call_timeout_s!r}")
+        if not 0 < self.retry_s < math.inf:
+            raise ValueError(f"retry_s must be finite and > 0: {self.retry_s!r}")
         credentials = self.profile.channel_credentials()
         self._nodes: dict[str, _Node] = {}
         for node_id, address in sorted(self.profile.nodes.items()):
@@ -138,7 +154,30 @@ class Client:
             stub = api_pb2_grpc.ClientStub(channel)  # type: ignore[no-untyped-call]
             self._nodes[node_id] = _Node(address, channel, stub)
         self._order = list(self._nodes)
-        self._leader = self._order[0]
+        self._budget_ms = _ms(self.retry_s)
+        config = RetryConfig(
+            nodes=tuple(self._order),
+            call_timeout_ms=_ms(self.call_timeout_s),
+            # Enough to walk every node once: more hints in a row mean nodes that name
+            # each other (a stale belief), and the policy backs off instead of spinning.
+            redirects_max=len(self._order),
+            backoff_ms_min=BACKOFF_MS_MIN,
+            backoff_ms_max=BACKOFF_MS_MAX,
+            give_up_after_ms=self._budget_ms,  # retry_s bounds the whole operation
+            # A user with wrong credentials should hear it at once, not after retry_s.
+            retry_unauthenticated=False,
+        )
+        # One belief for every thread (the chaos runner shares a client): a leader one
+        # call found is where the next call of any thread goes. The policy is a plain
+        # object, so each of its steps runs under the lock; each call has its own Attempt.
+        self._policy = RetryPolicy(config, self.rng, start=self._order[0])
+        self._lock = threading.Lock()
+        # The policy ends every operation within its budget: at most redirects_max hints
+        # in a row, then a backoff of at least backoff_ms_min // 2 ms. So a call takes at
+        # most this many tries; more is a bug, not a slow cluster.
+        self._tries_max = (config.redirects_max + 1) * (
+            self._budget_ms // (BACKOFF_MS_MIN // 2) + 2
+        )
         self._metadata = (("authorization", f"Bearer {self.profile.token}"),)
 
     def close(self) -> None:
@@ -261,69 +300,93 @@ class Client:
     def watch(self, task_ids: list[str], timeout_s: float) -> Iterator[api_pb2.TaskEvent]:
         """Task state changes as a node applies them, until `timeout_s` passes."""
         request = api_pb2.WatchRequest(task_ids=task_ids)
-        node = self._nodes[self._leader]
-        stream = node.stub.Watch(request, timeout=timeout_s, metadata=self._metadata)
+        with self._lock:
+            node_id = self._policy.leader
+        stream = self._nodes[node_id].stub.Watch(
+            request, timeout=timeout_s, metadata=self._metadata
+        )
         try:
             yield from stream
-        except grpc.RpcError as error:
-            if error.code() not in _RETRYABLE:
-                raise ClientError(error.code(), error.details() or "") from error
+        except grpc.RpcError as rpc_error:
+            code, error = _classify(rpc_error)
+            # The end of `timeout_s` (DEADLINE) or a node gone: the stream just ends.
+            if error_kind(error.code) not in _WATCH_ENDS:
+                raise ClientError(code, f"{node_id}: {error.message}") from rpc_error
 
     # --------------------------------------------------------------- plumbing
 
     def _one(
         self, node_id: str, call: Callable[[api_pb2_grpc.ClientStub, float], _Response]
     ) -> _Response:
+        """One call to one node, no retry: the caller asked that node, not the cluster."""
         try:
             return call(self._nodes[node_id].stub, self.call_timeout_s)
-        except grpc.RpcError as error:
-            raise ClientError(error.code(), error.details() or "") from error
+        except grpc.RpcError as rpc_error:
+            code, error = _classify(rpc_error)
+            raise ClientError(code, f"{node_id}: {error.message}") from rpc_error
 
     def _call(self, call: Callable[[api_pb2_grpc.ClientStub, float], _Response]) -> _Response:
-        deadline = time.monotonic() + self.retry_s
-        backoff_s = 0.02
-        last_error = ""
-        while True:
-            node_id = self._leader
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClientError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"no leader answered within {self.retry_s:.0f} s (last: {last_error})",
-                )
+        """`call` on the node the policy believes leads, again wherever and whenever the
+        policy says, until it answers or the policy gives up (then ClientError)."""
+        attempt = Attempt(_now_ms())
+        for _ in range(self._tries_max):
+            with self._lock:
+                node_id = self._policy.leader
+                timeout_ms = self._policy.call_timeout_ms(attempt, _now_ms())
+            assert timeout_ms >= 1, timeout_ms
             try:
-                return call(self._nodes[node_id].stub, min(self.call_timeout_s, remaining))
-            except grpc.RpcError as error:
-                code = error.code()
-                details = error.details() or ""
-                last_error = f"{node_id}: {code.name} {details}"
-                hint = _leader_hint(error)
-                if code is grpc.StatusCode.FAILED_PRECONDITION and hint is not None:
-                    if hint in self._nodes and hint != node_id:
-                        self._leader = hint
-                        continue  # redirected: no backoff
-                    self._rotate(node_id)  # a follower that knows no leader yet
-                elif code in _RETRYABLE:
-                    self._rotate(node_id)
-                else:
-                    raise ClientError(code, details) from error
-            time.sleep(
-                min(backoff_s * (1 + self.rng.random()), max(0.0, deadline - time.monotonic()))
-            )
-            backoff_s = min(backoff_s * 2, 0.5)
+                response = call(self._nodes[node_id].stub, timeout_ms / 1000)
+            except grpc.RpcError as rpc_error:
+                code, error = _classify(rpc_error)
+                with self._lock:
+                    decision = self._policy.failed(
+                        attempt, node_id, error_kind(error.code), error.leader_id, _now_ms()
+                    )
+                if not decision.retry:
+                    raise ClientError(code, _why(decision, error)) from rpc_error
+                self._sleep_ms(attempt, decision.delay_ms)
+                continue
+            with self._lock:
+                self._policy.succeeded(attempt, node_id)
+            return response
+        raise AssertionError(f"a call took more than {self._tries_max} tries")
 
-    def _rotate(self, failed: str) -> None:
-        # Only if no other thread has moved the guess on already: concurrent calls that
-        # time out together would otherwise rotate it off a leader another call found.
-        if self._leader == failed:
-            position = self._order.index(failed)
-            self._leader = self._order[(position + 1) % len(self._order)]
+    def _sleep_ms(self, attempt: Attempt, delay_ms: int) -> None:
+        # The policy grants a delay only if it ends within the budget; the cut guards
+        # against time that passed since it decided.
+        left_ms = attempt.started_ms + self._budget_ms - _now_ms()
+        delay_ms = min(delay_ms, left_ms)
+        if delay_ms > 0:
+            time.sleep(delay_ms / 1000)
 
 
-def _leader_hint(error: grpc.RpcError) -> str | None:
-    """The leader id a follower named in its NOT_LEADER answer ('' when it knows none)."""
-    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == LEADER_ID_KEY:
-            return str(value)
-    return None
+def _now_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+def _ms(seconds: float) -> int:
+    """A positive duration in whole milliseconds, rounded up (never 0)."""
+    assert seconds > 0, seconds
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _classify(rpc_error: grpc.RpcError) -> tuple[grpc.StatusCode, ApiError]:
+    """A gRPC failure as its status code and the wire's API error (the leader hint of a
+    NOT_LEADER answer included)."""
+    if not isinstance(rpc_error, grpc.Call):  # raised by gRPC without a status
+        return grpc.StatusCode.UNKNOWN, error_from_status(
+            grpc.StatusCode.UNKNOWN, {}, str(rpc_error)
+        )
+    code: grpc.StatusCode = rpc_error.code()
+    trailing = {
+        str(key): value if isinstance(value, str) else value.decode("utf-8", "replace")
+        for key, value in rpc_error.trailing_metadata() or ()
+    }
+    return code, error_from_status(code, trailing, rpc_error.details() or "")
+
+
+def _why(decision: Decision, error: ApiError) -> str:
+    """What a user reads when a call fails for good: the policy's reason (it names the
+    node) and the last answer's message; ClientError puts the status code first."""
+    assert not decision.retry
+    return f"{decision.why}: {error.message}"
