@@ -231,13 +231,6 @@ def test_tasks_the_agent_does_not_hold_are_ignored() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="duties.due puts every near-deadline task of an agent in one RenewLeases; "
-    "beyond the manifest's renew_tasks_max (256) the manifest refuses it whole, and "
-    "every one of those leases expires. A default agent lists up to 4 running + 256 "
-    "results pending = 260 tasks.",
-)
 def test_more_near_deadline_tasks_than_one_renew_may_carry_are_all_renewed() -> None:
     leader = Leader()
     leader.register("a1")

@@ -104,10 +104,17 @@ class LeaderDuties:
                 if task.lease.deadline_ms - now_ms <= self.config.renew_before_ms:
                     renew.append(task_id)
             commands.extend(started)
-            if renew:
+            # One RenewLeases carries at most renew_tasks_max ids (the manifest refuses a
+            # larger one whole, which would let every one of those leases expire).
+            renew.sort()
+            chunk = manifest.limits.renew_tasks_max
+            for start in range(0, len(renew), chunk):
                 commands.append(
                     RenewLeases(
-                        now_ms, agent.id, tuple(sorted(renew)), now_ms + self.config.lease_ms
+                        now_ms,
+                        agent.id,
+                        tuple(renew[start : start + chunk]),
+                        now_ms + self.config.lease_ms,
                     )
                 )
         if self._any_lease_expired(manifest, now_ms):
