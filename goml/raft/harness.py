@@ -1,4 +1,7 @@
-"""A seeded, deterministic, in-process cluster of Raft cores.
+"""A seeded, deterministic, in-process cluster of Raft replicas.
+
+Each node is the `ReplicaCore` every runtime drives (the Raft core plus the waiters,
+compaction and deferred commit writes), over a state machine that keeps every command.
 
 One thread, one event queue, virtual time. The network delays, drops, duplicates,
 reorders and partitions messages; nodes crash (sometimes after persisting but before
@@ -22,10 +25,10 @@ from dataclasses import dataclass, field
 
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.core import RaftCore
+from goml.raft.replica import Applied, ReplicaConfig, ReplicaCore
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import (
     Config,
-    EntryKind,
     Message,
     NodeId,
     ProposalError,
@@ -49,13 +52,39 @@ class Faults:
     compact_every_entries: int = 12
 
 
+class _Commands:
+    """The state machine: every command, in order (indexes of the leaders' empty entries
+    are skipped: only commands reach a state machine)."""
+
+    def __init__(self, node_id: NodeId) -> None:
+        self.node_id = node_id
+        self.applied: list[bytes] = []
+        self.applied_index = 0
+
+    def apply(self, index: int, data: bytes) -> object:
+        if index <= self.applied_index:
+            raise SafetyViolation(f"{self.node_id} applied {index} after {self.applied_index}")
+        self.applied_index = index
+        self.applied.append(data)
+        return index
+
+    def snapshot(self) -> bytes:
+        return _encode_state(self.applied, self.applied_index)
+
+    def restore(self, data: bytes) -> None:
+        self.applied, self.applied_index = _decode_state(data)
+
+
 @dataclass
 class _Node:
     storage: MemoryStorage
-    core: RaftCore | None
-    applied: list[bytes] = field(default_factory=list)  # the state machine: every command
-    applied_index: int = 0
+    replica: ReplicaCore | None
+    machine: _Commands
     tick_generation: int = 0
+
+    @property
+    def core(self) -> RaftCore | None:
+        return self.replica.raft if self.replica is not None else None
 
 
 @dataclass(order=True)
@@ -68,12 +97,13 @@ class _Event:
     generation: int = field(compare=False, default=0)
 
 
-def _encode_state(applied: list[bytes]) -> bytes:
-    return json.dumps([a.decode() for a in applied]).encode()
+def _encode_state(applied: list[bytes], index: int) -> bytes:
+    return json.dumps({"index": index, "applied": [a.decode() for a in applied]}).encode()
 
 
-def _decode_state(data: bytes) -> list[bytes]:
-    return [a.encode() for a in json.loads(data)]
+def _decode_state(data: bytes) -> tuple[list[bytes], int]:
+    state = json.loads(data)
+    return [a.encode() for a in state["applied"]], int(state["index"])
 
 
 class Cluster:
@@ -91,18 +121,18 @@ class Cluster:
         self.checker = SafetyChecker()
         self.committed = self.checker.applied  # index -> (term, data), as applied
         self.leaders_by_term = self.checker.leaders_by_term
-        self.proposed: dict[bytes, tuple[NodeId, int, int]] = {}
+        self.proposed: dict[int, bytes] = {}  # token -> command
         self.acknowledged: set[bytes] = set()
         self.proposal_count = 0
         self.events = 0
         for node_id in self.ids:
-            self.nodes[node_id] = _Node(MemoryStorage(), None)
+            self.nodes[node_id] = _Node(MemoryStorage(), None, _Commands(node_id))
             self._start(node_id)
 
     # ---------------------------------------------------------------- running
 
-    def config(self, node_id: NodeId) -> Config:
-        return Config(
+    def config(self, node_id: NodeId) -> ReplicaConfig:
+        raft = Config(
             node_id=node_id,
             voters=self.ids,
             election_timeout_ms_min=150,
@@ -111,6 +141,12 @@ class Cluster:
             inflight_messages_max=8,
             entries_per_message_max=16,
             uncommitted_entries_max=256,
+        )
+        return ReplicaConfig(
+            raft=raft,
+            compact_every_entries=self.faults.compact_every_entries,
+            proposal_bytes_max=1024,
+            defer_commit_only_writes=True,
         )
 
     def run(self, until_ms: int, chaos: bool) -> None:
@@ -152,14 +188,14 @@ class Cluster:
         if kind == "deliver":
             assert event.message is not None
             node = self.nodes[event.node]
-            if node.core is not None:
+            if node.replica is not None:
                 self._record("deliver", event.node, event.message.type.name)
-                node.core.step(event.message, self.now_ms)
+                node.replica.step(event.message, self.now_ms)
                 self._drain(event.node)
         elif kind == "tick":
             node = self.nodes[event.node]
-            if node.core is not None and event.generation == node.tick_generation:
-                node.core.tick(self.now_ms)
+            if node.replica is not None and event.generation == node.tick_generation:
+                node.replica.tick(self.now_ms)
                 self._drain(event.node)
         elif kind == "propose":
             self._propose()
@@ -201,11 +237,13 @@ class Cluster:
         target = self.rng.choice(leaders if leaders and self.rng.random() < 0.9 else live)
         self.proposal_count += 1
         data = f"p{self.proposal_count}".encode()
+        replica = self.nodes[target].replica
+        assert replica is not None
         try:
-            index, term = self._core(target).propose(data)
+            index, term = replica.propose(data, self.proposal_count)
         except ProposalError:
             return
-        self.proposed[data] = (target, index, term)
+        self.proposed[self.proposal_count] = data
         self._record("propose", target, f"{index}/{term}")
         self._drain(target)
 
@@ -213,26 +251,31 @@ class Cluster:
         node = self.nodes[node_id]
         persisted = node.storage.load()
         rng = random.Random(f"node-{self.seed}-{node_id}-{self.now_ms}")
-        node.core = RaftCore(self.config(node_id), persisted, rng, self.now_ms)
-        node.applied = _decode_state(persisted.snapshot.data) if persisted.snapshot else []
-        node.applied_index = persisted.snapshot.index if persisted.snapshot else 0
+        node.machine = _Commands(node_id)  # rebuilt from the store
+        node.replica = ReplicaCore(self.config(node_id), persisted, node.machine, rng, self.now_ms)
         self._record("start", node_id, "")
         self._drain(node_id)
 
     def _crash(self, node_id: NodeId) -> None:
         node = self.nodes[node_id]
-        node.core = None
+        node.replica = None
         node.tick_generation += 1
         self._record("crash", node_id, "")
 
     def _drain(self, node_id: NodeId) -> None:
         node = self.nodes[node_id]
-        core = node.core
-        assert core is not None
+        replica = node.replica
+        assert replica is not None
         for _ in range(1000):  # bounded: a core that never runs dry is a bug
-            if not core.has_ready():
+            if not replica.has_ready():
                 break
-            ready = core.ready()
+            ready = replica.ready()
+            for outcome in ready.outcomes:
+                if isinstance(outcome, Applied):
+                    # Acknowledged: this is what a caller of the proposing node is told.
+                    self.acknowledged.add(self.proposed[outcome.token])
+            if ready.compacted is not None:
+                node.storage.compact(ready.compacted)
             node.storage.persist(ready.snapshot, ready.entries, ready.hard_state, ready.must_sync)
             if self.rng.random() < 0.002 * self.faults.crash_before_send:
                 # Crash after the write, before anything leaves: what was persisted
@@ -242,39 +285,20 @@ class Cluster:
                 return
             for message in ready.messages:
                 self._send(message)
-            if ready.snapshot is not None:
-                node.applied = _decode_state(ready.snapshot.data)
-                node.applied_index = ready.snapshot.index
+            replica.advance(ready)
             for entry in ready.committed:
-                self._apply(node_id, node, entry.index, entry.term, entry.kind, entry.data)
-            core.advance(ready)
+                self.checker.applied_entry(node_id, entry.index, entry.term, entry.data)
         else:
             raise SafetyViolation(f"{node_id}: ready() never ran dry")
-        self._check_node(node_id, core)
-        if node.applied_index - core.log.snapshot_index >= self.faults.compact_every_entries:
-            snapshot = core.compact(node.applied_index, _encode_state(node.applied))
-            node.storage.compact(snapshot)
+        self._check_node(node_id, replica.raft)
         node.tick_generation += 1
         self._schedule(
-            max(core.next_deadline_ms(), self.now_ms + 1),
+            max(replica.next_deadline_ms(), self.now_ms + 1),
             "tick",
             node_id,
             None,
             node.tick_generation,
         )
-
-    def _apply(
-        self, node_id: NodeId, node: _Node, index: int, term: int, kind: EntryKind, data: bytes
-    ) -> None:
-        if index != node.applied_index + 1:
-            raise SafetyViolation(f"{node_id} applied {index} after {node.applied_index}")
-        node.applied_index = index
-        self.checker.applied_entry(node_id, index, term, data)
-        if kind is EntryKind.NORMAL:
-            node.applied.append(data)
-            proposal = self.proposed.get(data)
-            if proposal and proposal[0] == node_id and proposal[1:] == (index, term):
-                self.acknowledged.add(data)
 
     def _send(self, message: Message) -> None:
         if (message.source, message.target) in self.blocked:
@@ -300,12 +324,11 @@ class Cluster:
         commit = max(self._core(n).commit for n in self.ids)
         for node_id in self.ids:
             node = self.nodes[node_id]
-            if node.applied_index != commit:
-                raise SafetyViolation(
-                    f"{node_id} applied {node.applied_index}, cluster committed {commit}"
-                )
+            applied = self._core(node_id).applied
+            if applied != commit:
+                raise SafetyViolation(f"{node_id} applied {applied}, cluster committed {commit}")
             counts: dict[bytes, int] = {}
-            for data in node.applied:
+            for data in node.machine.applied:
                 counts[data] = counts.get(data, 0) + 1
             twice = sorted(d.decode() for d, c in counts.items() if c > 1)
             if twice:
@@ -325,7 +348,7 @@ class Cluster:
         return leader.log.term_at(leader.commit) == leader.term and all(
             c is not None
             and c.commit == leader.log.last_index
-            and self.nodes[c.id].applied_index == leader.log.last_index
+            and c.applied == leader.log.last_index
             for c in cores
         )
 
