@@ -209,12 +209,12 @@ def test_partition_of_the_leaders_cloud_elects_a_new_leader_and_the_old_one_step
         cloud = s.topology.node(old).cloud
         run = ChaosRun(s, 1, cluster)
         try:
-            run.fire(
+            run.player.fire(
                 PartitionFault.model_validate(
                     {"at_s": 0, "kind": "partition", "groups": [[f"cloud:{cloud}"]]}
                 )
             )
-            assert run.failover_started is not None  # the fault hit the leader
+            assert run.player.failover_started_s is not None  # the fault hit the leader
             assert not toxiproxy.proxies()[
                 f"{old}->{next(n for n in cluster.control if n != old)}"
             ].enabled
@@ -233,7 +233,7 @@ def test_partition_of_the_leaders_cloud_elects_a_new_leader_and_the_old_one_step
                 return seen is not None and seen[0] != old and seen[2] != "leader"
 
             wait_for(f"{old} to step down (CheckQuorum)", stepped_down, 15)
-            run._heal()
+            run.player.heal()
             assert all(p.enabled for p in toxiproxy.proxies().values())
 
             def rejoined() -> bool:

@@ -1,16 +1,18 @@
-"""`goml chaos run`: a scenario on real processes behind Toxiproxy, measured with the
-simulator's definitions and reported side by side with the simulator's prediction.
+"""`goml chaos run`: a scenario on real processes behind Toxiproxy, played and measured by
+the scenario player (`goml.scenario.player`, which states the definitions) exactly as in
+the simulator, and reported side by side with the simulator's prediction.
 
-Definitions (as in goml/sim/simulation.py):
-- failover: from a fault that hits the leader (crash, pause or restart of the leader; a
-  partition or clog that cuts the leader off from a majority) until the first
-  acknowledgement of a submit STARTED after that moment;
-- submit_ms: from the client call to its acknowledgement (retries across a failover
-  included); submit_ms_steady: only submits that started with no failover under way and
-  with their client's location able to reach a quorum of control nodes;
-- tasks_lost: acknowledged tasks missing (or with another id) on any replica, read from
-  every stopped node's store with `replay_cluster`; duplicate_results: the extra results
-  of tasks recorded more than once; leader_changes: distinct (leader, term) seen, minus 1.
+This module is the player's real backend: it builds the cluster (`ChaosCluster`), turns
+the player's links into Toxiproxy toxics, kills, stops and starts processes, submits
+through `goml.client.Client` on SUBMIT_THREADS threads, settles by polling status, and
+checks the stopped nodes' stores: tasks_lost are acknowledged tasks missing (or with
+another id) on any replica (`replay_cluster`), duplicate_results the extra results of
+tasks recorded more than once, commands_per_task the committed commands of the longest
+stored log.
+
+Threads: the player runs on the main thread only. Submitting threads hand their outcomes
+(with the times they measured) to it through a queue that the main loop drains, between
+the player's timers and its polls of the leader.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import functools
 import heapq
 import itertools
 import json
+import math
 import queue
 import random
 import shutil
@@ -27,53 +30,44 @@ import signal
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from goml.chaos.cluster import ChaosCluster, ProxyState, record_pids
+from goml.api.types import SubmitRequest, TaskRequest
+from goml.api.wire import request_to_pb
+from goml.chaos.cluster import ChaosCluster, ManagedProcess, ProxyState, record_pids
 from goml.chaos.server import ToxiproxyUnavailable, toxiproxy_server
 from goml.chaos.toxiproxy import Stream, ToxiproxyError
 from goml.client import Client, ClientError
 from goml.cluster.config import Duties
-from goml.cluster.inspect import replay_cluster
-from goml.cluster.manifest import TaskState
+from goml.cluster.inspect import agreed_prefix, read_store, replay_cluster
 from goml.proto import api_pb2
+from goml.raft.types import EntryKind
 from goml.report.html import write_report
-from goml.report.summary import distribution
-from goml.scenario.faults import (
-    describe_fault,
-    pairs_between,
-    partition_pairs,
-    resolve_members,
-    resolve_target,
+from goml.scenario.faults import Pair
+from goml.scenario.player import (
+    CLIENT_CALL_TIMEOUT_MS,
+    CLIENT_GIVE_UP_MS,
+    COMMAND_TYPES,
+    FinalState,
+    ScenarioPlayer,
+    SubmitDone,
+    SubmitOutcome,
+    count_commands,
 )
-from goml.scenario.loader import ScenarioError, load_scenario
-from goml.scenario.schema import (
-    AgentCrashFault,
-    AnyFault,
-    ClogFault,
-    CrashFault,
-    HealFault,
-    LinkLatencyFault,
-    PartitionFault,
-    PauseFault,
-    RestartFault,
-    Scenario,
-    UnclogFault,
-)
-from goml.sim.runner import judge, simulate
+from goml.scenario.schema import AnyLink, Scenario
+from goml.sim.runner import judge, load_for_run, print_summary, simulate
 
-CLIENT_CALL_TIMEOUT_S = 1.0  # as the simulator's client (CLIENT_CALL_TIMEOUT_MS)
-CLIENT_GIVE_UP_S = 30.0  # CLIENT_GIVE_UP_MS
 SUBMIT_THREADS = 6
+SUBMITS_QUEUED_MAX = 1000  # submits handed to the threads and not yet reported back
 STARTUP_TIMEOUT_S = 60.0
 SETTLE_TIMEOUT_S = 120.0
-MONITOR_EVERY_S = 0.1
-SAMPLE_EVERY_S = 1.0
+SETTLE_CHECK_EVERY_S = 0.25
+MONITOR_EVERY_S = 0.1  # leader polls: how soon a new leader is seen
+STOP_SUBMITTERS_TIMEOUT_S = CLIENT_GIVE_UP_MS / 1000 + 5  # a call in flight ends by then
 UNFINISHED = ("PENDING", "LEASED", "RUNNING")
 # Agents are noticed dead after agent_timeout_ms: the defaults (as the simulator's).
 CHAOS_DUTIES = Duties()
@@ -83,414 +77,262 @@ class ChaosError(RuntimeError):
     pass
 
 
-@dataclass
-class Observations:
-    submit_ms: list[float] = field(default_factory=list)
-    submit_ms_steady: list[float] = field(default_factory=list)
-    failovers_s: list[float] = field(default_factory=list)
-    leaders: list[tuple[float, str, int]] = field(default_factory=list)
-    faults: list[tuple[float, str]] = field(default_factory=list)
-    tasks_by_state: list[tuple[float, dict[str, int]]] = field(default_factory=list)
-    acknowledged: dict[str, str] = field(default_factory=dict)  # idempotency key -> task id
-    submitted: int = 0
-    gave_up: int = 0
-    errors: list[str] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class _Work:
+    client: str
+    spec: api_pb2.TaskSpec
+    done: SubmitDone
+    queued_s: float
 
 
 class ChaosRun:
+    """The scenario player's backend on a running `ChaosCluster`."""
+
     def __init__(self, scenario: Scenario, seed: int, cluster: ChaosCluster) -> None:
         self.scenario = scenario
         self.seed = seed
         self.cluster = cluster
-        self.obs = Observations()
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        self.failover_started: float | None = None
-        self.blocked: set[tuple[str, str]] = set()
-        self.clogged: set[tuple[str, str]] = set()
-        self.fault_rng = random.Random(f"{seed}:faults")
-        self.workload_rng = random.Random(f"{seed}:workload")
         self.t0 = time.monotonic()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
         self._observer = cluster.observer_client()
-        self._threads: list[threading.Thread] = []
-        self._in_flight = 0
         self._leader_seen: tuple[str, int] | None = None
+        # What the proxies show now (set_links changes only the difference).
+        self._blocked: frozenset[Pair] = frozenset()
+        self._clogged: frozenset[Pair] = frozenset()
+        self._latency: dict[Pair, AnyLink] = {}
+        self._clients: dict[str, Client] = {}
+        self._threads: list[threading.Thread] = []
+        # Sized so that no put can find them full: at most SUBMITS_QUEUED_MAX submits are
+        # outstanding (`_outstanding`), plus one stop marker per thread.
+        self._work: queue.Queue[_Work | None] = queue.Queue(SUBMITS_QUEUED_MAX + SUBMIT_THREADS)
+        self._outcomes: queue.Queue[tuple[SubmitDone, SubmitOutcome]] = queue.Queue(
+            SUBMITS_QUEUED_MAX
+        )
+        self._outstanding = 0  # main thread only
+        self._submitting = False
+        self.player = ScenarioPlayer(scenario, seed, self)
 
-    # ----------------------------------------------------------------- clock
+    # ------------------------------------------------------ backend: clock
 
-    def now(self) -> float:
+    def now_s(self) -> float:
         return time.monotonic() - self.t0
 
-    def after(self, delay_s: float, action: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (self.now() + delay_s, next(self._counter), action))
+    def schedule(self, delay_s: float, action: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (self.now_s() + delay_s, next(self._counter), action))
 
-    # ------------------------------------------------------------ measuring
+    # -------------------------------------------------- backend: processes
 
-    def steady_for(self, location: str) -> bool:
-        if self.failover_started is not None:
-            return False
-        cut = self.blocked | self.clogged
-        reachable = sum(
-            1
-            for name in self.cluster.control
-            if name == location or ((location, name) not in cut and (name, location) not in cut)
-        )
-        return reachable > len(self.cluster.control) // 2
+    def crash_node(self, name: str) -> None:
+        self.cluster.kill(self.cluster.nodes[name])
 
-    def steady_for_cut(self, name: str) -> bool:
-        cut = self.blocked | self.clogged
-        reachable = sum(
-            1
-            for other in self.cluster.control
-            if other == name or ((name, other) not in cut and (other, name) not in cut)
-        )
-        return reachable > len(self.cluster.control) // 2
+    def start_node(self, name: str) -> None:
+        self.cluster.start(self.cluster.nodes[name])
 
-    def _leader_lost(self, description: str) -> None:
-        with self.lock:
-            if self.failover_started is None:
-                self.failover_started = time.monotonic()
+    def pause_node(self, name: str, duration_s: float) -> None:
+        self._pause(self.cluster.nodes[name], duration_s)
 
-    def _acknowledged(self, key: str, task_id: str, started: float, steady: bool) -> None:
-        done = time.monotonic()
-        with self.lock:
-            latency_ms = (done - started) * 1000
-            self.obs.submit_ms.append(latency_ms)
-            if steady:
-                self.obs.submit_ms_steady.append(latency_ms)
-            self.obs.acknowledged[key] = task_id
-            if self.failover_started is not None and started >= self.failover_started:
-                self.obs.failovers_s.append(done - self.failover_started)
-                self.failover_started = None
+    def crash_agent(self, name: str) -> None:
+        self.cluster.kill(self.cluster.agent_processes[name])
 
-    # ------------------------------------------------------------- workload
+    def start_agent(self, name: str) -> None:
+        self.cluster.start(self.cluster.agent_processes[name])
 
-    def start_workload(self) -> None:
+    def pause_agent(self, name: str, duration_s: float) -> None:
+        self._pause(self.cluster.agent_processes[name], duration_s)
+
+    def _pause(self, process: ManagedProcess, duration_s: float) -> None:
+        self.cluster.pause(process)
+        self.schedule(duration_s, functools.partial(self.cluster.resume, process))
+
+    # ------------------------------------------------------ backend: links
+
+    def set_links(
+        self,
+        blocked: frozenset[Pair],
+        clogged: frozenset[Pair],
+        latency: Mapping[Pair, AnyLink],
+    ) -> None:
+        update = self.cluster.update_pairs
+        if blocked != self._blocked:
+            update(set(blocked - self._blocked), _block)
+            update(set(self._blocked - blocked), _unblock)
+            self._blocked = blocked
+        if clogged != self._clogged:
+            update(set(clogged - self._clogged), _clog)
+            update(set(self._clogged - clogged), _unclog)
+            self._clogged = clogged
+        # A proxy has one latency for both its streams; latency faults slow both ways.
+        for pair in sorted(self._latency.keys() | latency.keys()):
+            link = latency.get(pair)
+            if link != self._latency.get(pair):
+                update({pair}, functools.partial(_override, link))
+        self._latency = dict(latency)
+
+    # ------------------------------------------------------ backend: views
+
+    def leader(self) -> tuple[str, int] | None:
+        leader = self.cluster.leader(self._observer)
+        if leader is not None and leader != self._leader_seen:
+            self._leader_seen = leader
+            self.player.leader_seen(*leader)
+        return leader
+
+    def task_counts(self) -> dict[str, int] | None:
+        leader = self._leader_seen
+        if leader is None:
+            return None
+        try:
+            status = self._observer.status(leader[0])
+        except ClientError:
+            return None
+        return {k: int(v) for k, v in status.tasks_by_state.items()}
+
+    def note(self, kind: str, subject: str, detail: str) -> None:
+        pass  # no trace digest for real processes: the summary's timeline says what happened
+
+    # ---------------------------------------------------- backend: submits
+
+    def submit(self, client: str, request: TaskRequest, done: SubmitDone) -> None:
+        now_s = self.now_s()
+        if not self._submitting or self._outstanding >= SUBMITS_QUEUED_MAX:
+            why = "the run is ending" if not self._submitting else "the submit queue is full"
+            done(SubmitOutcome(now_s, now_s, None, f"not sent: {why}"))
+            return
+        pb = request_to_pb(SubmitRequest((request,)))
+        assert isinstance(pb, api_pb2.SubmitRequest)
+        self._outstanding += 1
+        self._work.put_nowait(_Work(client, pb.tasks[0], done, now_s))
+
+    def _start_submitters(self) -> None:
         workload = self.scenario.workload
         if workload is None:
             return
-        clients = {
+        self._clients = {
             c.name: Client(
                 self.cluster.profiles[c.node],
-                call_timeout_s=CLIENT_CALL_TIMEOUT_S,
-                retry_s=CLIENT_GIVE_UP_S,
+                call_timeout_s=CLIENT_CALL_TIMEOUT_MS / 1000,
+                retry_s=CLIENT_GIVE_UP_MS / 1000,
                 rng=random.Random(f"{self.seed}:client:{c.name}"),
             )
             for c in workload.clients
         }
-        locations = {c.name: c.node for c in workload.clients}
-        names = sorted(workload.mix)
-        weights = [workload.mix[n].weight for n in names]
-        work: queue.Queue[tuple[str, api_pb2.TaskSpec] | None] = queue.Queue()
-        counter = itertools.count(1)
-        run_id = uuid.uuid4().hex[:8]
-
-        def make_spec(function: str | None) -> api_pb2.TaskSpec:
-            chosen = function or self.workload_rng.choices(names, weights)[0]
-            mix = workload.mix[chosen]
-            return api_pb2.TaskSpec(
-                function=chosen,
-                args_json=json.dumps(mix.args, sort_keys=True),
-                resources=api_pb2.Resources(
-                    cpu=mix.resources.cpu,
-                    memory_mb=mix.resources.memory_mb,
-                    gpu=mix.resources.gpu,
-                ),
-                max_attempts=workload.max_attempts,
-                timeout_ms=workload.timeout_ms,
-                idempotency_key=f"chaos-{run_id}-s{self.seed}-{next(counter)}",
-            )
-
-        def worker() -> None:
-            while True:
-                item = work.get()
-                if item is None:
-                    return
-                client_name, spec = item
-                location = locations[client_name]
-                with self.lock:
-                    steady = self.steady_for(location)
-                    self.obs.submitted += 1
-                    self._in_flight += 1
-                started = time.monotonic()
-                try:
-                    ids = clients[client_name].submit_specs([spec])
-                    self._acknowledged(spec.idempotency_key, ids[0], started, steady)
-                except ClientError as error:
-                    with self.lock:
-                        self.obs.gave_up += 1
-                        if len(self.obs.errors) < 20:
-                            self.obs.errors.append(f"{client_name}: {error}")
-                finally:
-                    with self.lock:
-                        self._in_flight -= 1
-
         for i in range(SUBMIT_THREADS):
-            thread = threading.Thread(target=worker, name=f"chaos-submit-{i}", daemon=True)
+            thread = threading.Thread(target=self._submitter, name=f"chaos-submit-{i}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        client_names = [c.name for c in workload.clients]
-        stop_s = workload.stop_s if workload.stop_s is not None else self.scenario.duration_s
+        self._submitting = True
 
-        def enqueue(function: str | None, client: str | None) -> None:
-            if not self.stop.is_set():
-                work.put((client or self.workload_rng.choice(client_names), make_spec(function)))
-
-        if workload.rate_per_s is not None:
-            rate = workload.rate_per_s
-
-            def arrival() -> None:
-                if self.now() >= stop_s or self.stop.is_set():
-                    return
-                enqueue(None, None)
-                self.after(self.workload_rng.expovariate(rate), arrival)
-
-            self.after(workload.start_s + self.workload_rng.expovariate(rate), arrival)
-        for item in workload.schedule or []:
-
-            def scheduled(count: int = item.count, fn: str | None = item.function,
-                          client: str | None = item.client) -> None:  # fmt: skip
-                for _ in range(count):
-                    enqueue(fn, client)
-
-            self.after(item.at_s, scheduled)
-        self._work = work
-        self._clients = clients
-
-    def stop_workload(self, timeout_s: float) -> None:
-        """No new submits; wait (bounded) for the ones in flight to end."""
-        self.stop.set()
-        work = getattr(self, "_work", None)
-        if work is None:
-            return
-        while True:  # drop what never started
+    def _submitter(self) -> None:
+        """A submitting thread: never touches the player, only the two queues."""
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            started_s = self.now_s()
             try:
-                work.get_nowait()
+                task_ids = self._clients[item.client].submit_specs([item.spec])
+                outcome = SubmitOutcome(started_s, self.now_s(), task_ids[0], "")
+            except ClientError as error:
+                outcome = SubmitOutcome(started_s, self.now_s(), None, str(error) or "failed")
+            except BaseException as error:  # a bug: report the submit, then die loudly
+                detail = f"harness error: {type(error).__name__}: {error}"
+                self._outcomes.put_nowait(
+                    (item.done, SubmitOutcome(started_s, self.now_s(), None, detail))
+                )
+                raise
+            self._outcomes.put_nowait((item.done, outcome))
+
+    def _hand_over(self, wait_s: float) -> None:
+        """Give the player the outcomes reported so far, waiting up to `wait_s` for one."""
+        try:
+            item = self._outcomes.get(timeout=max(0.0, wait_s))
+        except queue.Empty:
+            return
+        while True:
+            done, outcome = item
+            self._outstanding -= 1
+            assert self._outstanding >= 0
+            done(outcome)
+            try:
+                item = self._outcomes.get_nowait()
+            except queue.Empty:
+                return
+
+    def _stop_submitters(self) -> None:
+        """No new submits; what never left the queue ends as not sent; wait (bounded)
+        for the calls in flight and hand their outcomes over."""
+        self._submitting = False
+        while True:
+            try:
+                item = self._work.get_nowait()
             except queue.Empty:
                 break
+            if item is not None:
+                now_s = self.now_s()
+                outcome = SubmitOutcome(item.queued_s, now_s, None, "not sent: the run ended")
+                self._outcomes.put_nowait((item.done, outcome))
         for _ in self._threads:
-            work.put(None)
-        deadline = time.monotonic() + timeout_s
+            self._work.put_nowait(None)
+        deadline = time.monotonic() + STOP_SUBMITTERS_TIMEOUT_S
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._hand_over(0.0)
         for client in self._clients.values():
             client.close()
 
-    # -------------------------------------------------------------- monitor
-
-    def start_monitor(self) -> None:
-        def loop() -> None:
-            next_sample = 0.0
-            while not self.stop.wait(MONITOR_EVERY_S):
-                self.poll_leader()
-                if self.now() >= next_sample:
-                    next_sample = self.now() + SAMPLE_EVERY_S
-                    self.sample_tasks()
-
-        thread = threading.Thread(target=loop, name="chaos-monitor", daemon=True)
-        thread.start()
-        self._monitor = thread
-
-    def poll_leader(self) -> tuple[str, int] | None:
-        leader = self.cluster.leader(self._observer)
-        if leader is not None and leader != self._leader_seen:
-            with self.lock:
-                self._leader_seen = leader
-                self.obs.leaders.append((round(self.now(), 3), leader[0], leader[1]))
-        return leader
-
-    def sample_tasks(self) -> None:
-        leader = self._leader_seen
-        if leader is None:
-            return
-        try:
-            status = self._observer.status(leader[0])
-        except ClientError:
-            return
-        with self.lock:
-            self.obs.tasks_by_state.append(
-                (round(self.now(), 3), {k: int(v) for k, v in status.tasks_by_state.items()})
-            )
-
-    # --------------------------------------------------------------- faults
-
-    def _leader_name(self) -> str | None:
-        leader = self.poll_leader()
-        return leader[0] if leader else None
-
-    def _resolve_target(self, target: str, agents: bool = False) -> str | None:
-        pool = sorted(self.cluster.agents) if agents else list(self.cluster.control)
-        return resolve_target(target, self._leader_name, pool, self.fault_rng)
-
-    def _pairs(self, side_a: list[str], side_b: list[str]) -> set[tuple[str, str]]:
-        topology = self.scenario.topology
-        return pairs_between(
-            resolve_members(topology, side_a, self._leader_name),
-            resolve_members(topology, side_b, self._leader_name),
-        )
-
-    def fire(self, fault: AnyFault) -> None:
-        with self.lock:
-            self.obs.faults.append((round(self.now(), 3), describe_fault(fault)))
-        cluster = self.cluster
-        leader = self.poll_leader()
-        leader_name = leader[0] if leader else None
-        if isinstance(fault, CrashFault | RestartFault | PauseFault):
-            name = self._resolve_target(fault.target)
-            if name is None:
-                return
-            if name not in cluster.nodes:  # an agent-only node: its process is the agent
-                agent = cluster.agent_processes[name]
-                cluster.kill(agent)
-                delay = getattr(fault, "restart_after_s", None) or getattr(fault, "down_s", 0.0)
-                self.after(delay or 0.001, functools.partial(cluster.start, agent))
-                return
-            node = cluster.nodes[name]
-            if leader_name == name:
-                self._leader_lost(f"{fault.kind} of leader {name}")
-            if isinstance(fault, PauseFault):
-                cluster.pause(node)
-                self.after(fault.duration_s, functools.partial(cluster.resume, node))
-            elif isinstance(fault, CrashFault):
-                cluster.kill(node)
-                if fault.restart_after_s is not None:
-                    self.after(fault.restart_after_s, functools.partial(cluster.start, node))
-            else:
-                if node.running:
-                    cluster.kill(node)
-                self.after(fault.down_s, functools.partial(cluster.start, node))
-        elif isinstance(fault, PartitionFault):
-            self._partition(fault)
-            if leader_name is not None and not self.steady_for_cut(leader_name):
-                self._leader_lost(f"partition cuts leader {leader_name} off")
-            if fault.heal_after_s is not None:
-                self.after(fault.heal_after_s, self._heal)
-        elif isinstance(fault, HealFault):
-            self._heal()
-        elif isinstance(fault, LinkLatencyFault):
-            pairs = self._pairs(fault.between[0], fault.between[1])
-            latency = fault.latency
-
-            def override(state: ProxyState, stream: Stream) -> None:
-                state.override = latency
-
-            cluster.update_pairs(pairs, override)
-            if fault.duration_s is not None:
-
-                def restore(state: ProxyState, stream: Stream) -> None:
-                    state.override = None
-
-                self.after(fault.duration_s, lambda: cluster.update_pairs(pairs, restore))
-        elif isinstance(fault, ClogFault):
-            pairs = self._pairs(fault.between[0], fault.between[1])
-            self._clog(pairs)
-            if leader_name is not None and not self.steady_for_cut(leader_name):
-                self._leader_lost(f"clog cuts leader {leader_name} off")
-            if fault.duration_s is not None:
-                self.after(fault.duration_s, lambda: self._unclog(pairs))
-        elif isinstance(fault, UnclogFault):
-            pairs = (
-                self._pairs(fault.between[0], fault.between[1])
-                if fault.between is not None
-                else set(self.clogged)
-            )
-            self._unclog(pairs)
-        elif isinstance(fault, AgentCrashFault):
-            name = self._resolve_target(fault.target, agents=True)
-            if name is None or name not in cluster.agent_processes:
-                return
-            agent = cluster.agent_processes[name]
-            cluster.kill(agent)
-            if fault.restart_after_s is not None:
-                self.after(fault.restart_after_s, functools.partial(cluster.start, agent))
-
-    def _block(self, pairs: set[tuple[str, str]]) -> None:
-        with self.lock:
-            self.blocked |= pairs
-
-        def block(state: ProxyState, stream: Stream) -> None:
-            state.blocked.add(stream)
-
-        self.cluster.update_pairs(pairs, block)
-
-    def _partition(self, fault: PartitionFault) -> None:
-        self._block(partition_pairs(self.scenario.topology, fault, self._leader_name))
-
-    def _heal(self) -> None:
-        with self.lock:
-            pairs = set(self.blocked)
-            self.blocked.clear()
-
-        def unblock(state: ProxyState, stream: Stream) -> None:
-            state.blocked.discard(stream)
-
-        self.cluster.update_pairs(pairs, unblock)
-
-    def _clog(self, pairs: set[tuple[str, str]]) -> None:
-        with self.lock:
-            self.clogged |= pairs
-
-        def clog(state: ProxyState, stream: Stream) -> None:
-            state.clogged.add(stream)
-
-        self.cluster.update_pairs(pairs, clog)
-
-    def _unclog(self, pairs: set[tuple[str, str]]) -> None:
-        with self.lock:
-            self.clogged -= pairs
-
-        def unclog(state: ProxyState, stream: Stream) -> None:
-            state.clogged.discard(stream)
-
-        self.cluster.update_pairs(pairs, unclog)
-
     # ------------------------------------------------------------------ run
+
+    def _drive(self, until_s: float, done: Callable[[], bool] | None) -> bool:
+        """The main loop: run the player's timers due by `until_s`, poll the leader, hand
+        the submit outcomes over, until `until_s` or until `done()` (checked every
+        SETTLE_CHECK_EVERY_S). Returns done()'s last answer (False without one)."""
+        next_poll_s = next_check_s = self.now_s()
+        while True:
+            now_s = self.now_s()
+            while self._timers and self._timers[0][0] <= min(now_s, until_s):
+                _, _, action = heapq.heappop(self._timers)
+                action()
+                now_s = self.now_s()
+            if now_s >= next_poll_s:
+                self.leader()
+                next_poll_s = self.now_s() + MONITOR_EVERY_S
+            if done is not None and now_s >= next_check_s:
+                if done():
+                    return True
+                next_check_s = self.now_s() + SETTLE_CHECK_EVERY_S
+            if now_s >= until_s:
+                return False
+            wake_s = min(until_s, next_poll_s, self._timers[0][0] if self._timers else math.inf)
+            if done is not None:
+                wake_s = min(wake_s, next_check_s)
+            self._hand_over(wake_s - self.now_s())  # waits for the threads, not a sleep
 
     def play(self) -> None:
         """Run the timeline and the workload until duration_s (main thread)."""
         self.t0 = time.monotonic()
-        for fault in self.scenario.timeline():
-            self.after(fault.at_s, functools.partial(self.fire, fault))
-        self.start_workload()
-        self.start_monitor()
-        end = self.scenario.duration_s
-        while True:
-            due = self._timers[0][0] if self._timers else end
-            if self.now() >= end and due >= end:
-                break
-            wait = min(due, end) - self.now()
-            if wait > 0:
-                self.stop.wait(min(wait, 0.5))  # pacing the timeline, not synchronising
-                continue
-            if self._timers and self._timers[0][0] <= self.now():
-                _, _, action = heapq.heappop(self._timers)
-                action()
+        self._start_submitters()
+        self.player.start()
+        self._drive(self.scenario.duration_s, None)
 
     def settle(self, timeout_s: float) -> bool:
-        """Faults end: stop the workload, heal, restart what is down, wait until the
-        tasks are done and every node has applied the leader's commit (bounded)."""
-        self._timers.clear()
-        self.stop_workload(CLIENT_GIVE_UP_S + 5)
-        cluster = self.cluster
-        self.blocked.clear()
-        self.clogged.clear()
-        cluster.heal_all(latency_too=True)
-        for process in cluster.all_processes():
+        """Faults end: links restored, what is paused resumed and what is down started;
+        wait until the submits in flight ended, the tasks are done and every node has
+        applied the leader's commit (bounded). The submitting threads then stop."""
+        self.player.end_faults()
+        for process in self.cluster.all_processes():
             if process.paused:
-                cluster.resume(process)
+                self.cluster.resume(process)
             if not process.running:
-                cluster.start(process)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._converged():
-                return True
-            time.sleep(0.25)  # polling other processes, bounded by the deadline
-        return False
+                self.cluster.start(process)
+        settled = self._drive(self.now_s() + timeout_s, self._converged)
+        self._stop_submitters()
+        return settled
 
     def _converged(self) -> bool:
-        leader = self.poll_leader()
+        if self.player.in_flight:
+            return False
+        leader = self.leader()
         if leader is None:
             return False
         try:
@@ -511,8 +353,28 @@ class ChaosRun:
         return True
 
     def close(self) -> None:
-        self.stop.set()
+        self._submitting = False
         self._observer.close()
+
+
+def _block(state: ProxyState, stream: Stream) -> None:
+    state.blocked.add(stream)
+
+
+def _unblock(state: ProxyState, stream: Stream) -> None:
+    state.blocked.discard(stream)
+
+
+def _clog(state: ProxyState, stream: Stream) -> None:
+    state.clogged.add(stream)
+
+
+def _unclog(state: ProxyState, stream: Stream) -> None:
+    state.clogged.discard(stream)
+
+
+def _override(link: AnyLink | None, state: ProxyState, stream: Stream) -> None:
+    state.override = link
 
 
 def check_stores(
@@ -536,6 +398,27 @@ def check_stores(
     reference = max(manifests.values(), key=lambda m: sum(m.counts_by_state().values()))
     counts = {state.value: count for state, count in reference.counts_by_state().items()}
     return len(lost), duplicate, counts
+
+
+def count_store_commands(cluster: ChaosCluster) -> tuple[dict[str, int], str | None]:
+    """Committed commands by type from the longest stored log (stopped nodes), and a
+    note when that log was compacted (then only what is left of it is counted)."""
+    images = [read_store(cluster.data_dirs[name]) for name in cluster.control]
+    reference = max(images, key=lambda image: image.commit)  # as replay_cluster
+    longest = max(images, key=lambda image: image.last_index)
+    up_to = agreed_prefix(longest, reference, reference.commit)
+    commands = count_commands(
+        entry.data
+        for entry in longest.persisted.entries
+        if entry.index <= up_to and entry.kind is EntryKind.NORMAL
+    )
+    note = None
+    if longest.snapshot_index > 0:
+        note = (
+            f"{longest.data_dir.name}'s log was compacted up to index {longest.snapshot_index}: "
+            f"commands_per_task counts entries {longest.snapshot_index + 1}..{up_to} only"
+        )
+    return commands, note
 
 
 # --------------------------------------------------------------------------- entry
@@ -606,8 +489,7 @@ def run_chaos(
             run.play()
             settled = run.settle(SETTLE_TIMEOUT_S)
             # As the simulator's sim_seconds: the scenario plus the settling after it.
-            played_s = run.now()
-            run.stop.set()
+            played_s = run.now_s()
         finally:
             if run is not None:
                 run.close()
@@ -616,37 +498,26 @@ def run_chaos(
             for error in errors:
                 log(f"cleanup: {error}")
         assert run is not None
-        lost, duplicate, counts = check_stores(cluster, run.obs.acknowledged)
-    obs = run.obs
-    terms = {(name, term) for _, name, term in obs.leaders}
-    return {
-        "scenario": scenario.name,
-        "seed": seed,
+        lost, duplicate, counts = check_stores(cluster, run.player.obs.acknowledged)
+        commands, commands_note = count_store_commands(cluster)
+    final = FinalState(
+        settled=settled,
+        tasks_by_state=counts,
+        tasks_lost=lost,
+        duplicate_results=duplicate,
+        commands=commands,
+    )
+    summary: dict[str, Any] = {
+        **run.player.summary(final),
         "kind": "chaos (real processes behind Toxiproxy)",
         "trace_digest": "",
         "sim_seconds": round(played_s, 3),
         "wall_seconds": round(time.monotonic() - started, 3),
-        "failover_s": distribution(obs.failovers_s, digits=3, with_values=True),
-        "submit_ms": distribution(obs.submit_ms, digits=2),
-        "submit_ms_steady": distribution(obs.submit_ms_steady, digits=2),
-        "tasks_submitted": obs.submitted,
-        "tasks_acknowledged": len(obs.acknowledged),
-        "tasks_succeeded": counts.get(TaskState.SUCCEEDED.value, 0),
-        "tasks_dead": counts.get(TaskState.DEAD.value, 0),
-        "tasks_lost": lost,
-        "duplicate_results": duplicate,
-        "leader_changes": max(0, len(terms) - 1),
-        "settled": settled,
-        "submits_given_up": obs.gave_up,
-        "submit_errors": obs.errors,
-        "timeline": {
-            "leaders": obs.leaders,
-            "faults": obs.faults,
-            "tasks_by_state": obs.tasks_by_state,
-            "submit_ms": [round(x, 2) for x in obs.submit_ms],
-        },
         "work_dir": str(work_dir),
     }
+    if commands_note is not None:
+        summary["commands_note"] = commands_note
+    return summary
 
 
 def _wait_ready(cluster: ChaosCluster, timeout_s: float) -> None:
@@ -700,15 +571,18 @@ def prediction(scenario: Scenario, seed: int) -> dict[str, Any]:
 KEY_FIGURES = (
     "failover_s", "submit_ms", "submit_ms_steady", "tasks_submitted", "tasks_acknowledged",
     "tasks_succeeded", "tasks_dead", "tasks_lost", "duplicate_results", "leader_changes",
-    "settled",
+    "settled", "submits_given_up", "commands_per_task",
 )  # fmt: skip
 
 
 def _readable(summary: dict[str, Any]) -> str:
     sim = summary.get("simulator", {})
 
-    def row(label: str, key: str, fields: tuple[str, ...] = ()) -> str:
+    def row(label: str, key: str, fields: tuple[str, ...] = (), item: str = "") -> str:
         real, predicted = summary.get(key), sim.get(key)
+        if item:  # one entry of a dict figure
+            real = real.get(item) if isinstance(real, dict) else None
+            predicted = predicted.get(item) if isinstance(predicted, dict) else None
         if fields:
             real = ", ".join(f"{f} {real.get(f) if real else None}" for f in fields)
             predicted = ", ".join(f"{f} {predicted.get(f) if predicted else None}" for f in fields)
@@ -723,12 +597,17 @@ def _readable(summary: dict[str, Any]) -> str:
         row("submit ms (steady)", "submit_ms_steady", stats),
         row("submitted", "tasks_submitted"),
         row("acknowledged", "tasks_acknowledged"),
+        row("given up", "submits_given_up"),
         row("succeeded", "tasks_succeeded"),
         row("lost", "tasks_lost"),
         row("results twice", "duplicate_results"),
         row("leader changes", "leader_changes"),
         row("settled", "settled"),
+        "  commands per task",
+        *(row(f"  {name}", "commands_per_task", item=name) for name in (*COMMAND_TYPES, "total")),
     ]
+    if "commands_note" in summary:
+        lines.append(f"    ({summary['commands_note']})")
     lines += [f"  {e['text']}" for e in summary.get("expectations", [])]
     return "\n".join(lines)
 
@@ -741,14 +620,9 @@ def run_command(
     toxiproxy_bin: Path | None = None,
     toxiproxy_url: str | None = None,
 ) -> int:
-    try:
-        loaded = load_scenario(path)
-    except ScenarioError as error:
-        print(error, file=sys.stderr)
+    scenario = load_for_run(path)
+    if scenario is None:
         return 2
-    scenario = loaded.scenario
-    for warning in loaded.warnings:
-        print(warning, file=sys.stderr)
     chosen = seed if seed is not None else scenario.seed
     target = out_dir or Path("reports") / f"chaos-{scenario.name}-seed{chosen}"
 
@@ -772,12 +646,7 @@ def run_command(
         say(f"the simulator failed on this scenario and seed: {predicted['error']}")
     passed = judge(scenario, summary)
     report = write_report(summary, target, comparison=predicted)
-    if as_json:
-        shown = {k: v for k, v in summary.items() if k != "timeline"}
-        print(json.dumps(shown, indent=2, sort_keys=True))
-    else:
-        print(_readable(summary))
-        print(f"report: {report}  (summary: {target / 'summary.json'})")
+    print_summary(summary, _readable(summary), report, target, as_json)
     if not passed:
         print(
             f"FAILED; rerun: goml chaos run {path} --seed {chosen}  "

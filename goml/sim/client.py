@@ -1,116 +1,108 @@
-"""A simulated client: the client library's behaviour."""
+"""A simulated workload client: the one retry policy (`goml.api.retry`) over simulated
+calls, with the scenario clients' configuration (`goml.scenario.player`)."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from goml.api.types import (
-    ErrorKind,
-)
-from goml.cluster.commands import (
-    SubmitTasks,
-    TaskSpec,
-)
+from goml.api.retry import Attempt, RetryConfig, RetryPolicy
+from goml.api.types import ErrorKind, TaskRequest
+from goml.cluster.commands import SubmitTasks, TaskSpec
 
 if TYPE_CHECKING:
     from goml.sim.simulation import Simulation
 
 from goml.sim.rpc import ApiCall, ApiReply, Endpoint
 
-CLIENT_CALL_TIMEOUT_MS = 1000  # the real client's per-call deadline in chaos runs too
-CLIENT_GIVE_UP_MS = 30_000
+Done = Callable[[str | None, str], None]  # (task id or None, why not)
 
 
 @dataclass
 class _Submit:
-    key: str
     spec: TaskSpec
-    started_ms: float
-    steady: bool  # started outside a failover window, able to reach a quorum
-    attempt_started_ms: float = 0.0
-    request_id: int = 0
-    node: str = ""  # where the current attempt went
-    done: bool = False
-    backoff_ms: float = 20.0
+    attempt: Attempt
+    done: Done
+    request_id: int = 0  # of the call under way
+    node: str = ""  # where the call under way went
+
+
+def task_spec(request: TaskRequest) -> TaskSpec:
+    """The command's form of a task the player describes (it gives every field)."""
+    assert request.idempotency_key, request
+    assert request.max_attempts > 0 and request.timeout_ms > 0, request
+    return TaskSpec(
+        idempotency_key=request.idempotency_key,
+        function=request.function,
+        args_json=request.args_json,
+        resources=request.resources,
+        priority=request.priority,
+        max_attempts=request.max_attempts,
+        timeout_ms=request.timeout_ms,
+        cloud=request.cloud or None,
+        region=request.region or None,
+    )
 
 
 class SimClient(Endpoint):
-    """The client library's behaviour: leader guess, NOT_LEADER hints, rotation on
-    timeouts, retries with the same idempotency key."""
+    """Submits with the shared retry policy: calls go to the node it believes leads,
+    NOT_LEADER hints are followed, timeouts and refusals rotate and back off, a retry
+    carries the same idempotency key, and the operation gives up after its budget."""
 
-    def __init__(self, sim: Simulation, name: str, node: str) -> None:
+    def __init__(self, sim: Simulation, name: str, node: str, config: RetryConfig) -> None:
         self.sim = sim
         self.name = name
         self.location = node
-        self.rng = random.Random(f"{sim.seed}:client:{name}")
-        self.leader_guess = sim.control_names[0]
-        self.in_flight: dict[int, _Submit] = {}
+        self.policy = RetryPolicy(
+            config, random.Random(f"{sim.seed}:client:{name}"), start=config.nodes[0]
+        )
+        self.calls: dict[int, _Submit] = {}  # request id -> submit awaiting that reply
         self.counter = 0
 
-    def submit(self, spec: TaskSpec) -> None:
-        op = _Submit(
-            spec.idempotency_key, spec, self.sim.env.now, self.sim.steady_for(self.location)
-        )
-        self.sim.submitted += 1
-        self._attempt(op)
+    def submit(self, request: TaskRequest, done: Done) -> None:
+        """Submit one task; `done` is called exactly once (task id, or None and why)."""
+        self._call(_Submit(task_spec(request), Attempt(self.sim.now_ms()), done))
 
-    def _attempt(self, op: _Submit) -> None:
-        if self.sim.env.now - op.started_ms > CLIENT_GIVE_UP_MS:
-            op.done = True
-            self.sim.record("give-up", self.name, op.key)
-            return
+    def _call(self, op: _Submit) -> None:
+        now_ms = self.sim.now_ms()
         self.counter += 1
         op.request_id = self.counter
-        op.attempt_started_ms = self.sim.env.now
-        op.node = self.leader_guess
-        self.in_flight[op.request_id] = op
+        op.node = self.policy.leader
+        self.calls[op.request_id] = op
         call = ApiCall(op.request_id, "Submit", SubmitTasks(0, (op.spec,)), self)
-        target = self.sim.nodes[self.leader_guess]
+        target = self.sim.nodes[op.node]
         self.sim.network.send(
             self.name, self.location, target.name, target.location, lambda: target.receive(call)
         )
         request_id = op.request_id
-        self.sim.after(CLIENT_CALL_TIMEOUT_MS, lambda: self._timeout(request_id))
+        timeout_ms = self.policy.call_timeout_ms(op.attempt, now_ms)
+        self.sim.after(timeout_ms, lambda: self._timed_out(request_id))
 
-    def _timeout(self, request_id: int) -> None:
-        op = self.in_flight.pop(request_id, None)
-        if op is None or op.done:
-            return
-        self._rotate(op.node)
-        self._attempt(op)
+    def _timed_out(self, request_id: int) -> None:
+        op = self.calls.pop(request_id, None)
+        if op is not None:  # else answered in time
+            self._failed(op, ErrorKind.DEADLINE, "", "no answer in time")
 
     def on_reply(self, reply: ApiReply) -> None:
-        op = self.in_flight.pop(reply.request_id, None)
-        if op is None or op.done:
-            return
+        op = self.calls.pop(reply.request_id, None)
+        if op is None:
+            return  # late: that call timed out and the submit moved on
         if reply.response is not None:
-            op.done = True
             task_ids = reply.response
-            assert isinstance(task_ids, tuple)
-            self.sim.on_acknowledged(op, task_ids[0])
+            assert isinstance(task_ids, tuple) and len(task_ids) == 1, task_ids
+            self.policy.succeeded(op.attempt, op.node)
+            op.done(task_ids[0], "")
             return
-        if reply.error is ErrorKind.INVALID:
-            op.done = True
-            self.sim.record("refused", self.name, reply.detail[:80])
-            return
-        if (
-            reply.error is ErrorKind.NOT_LEADER
-            and reply.leader_hint
-            and reply.leader_hint != self.leader_guess
-        ):
-            self.leader_guess = reply.leader_hint
-            self._attempt(op)
-            return
-        self._rotate(op.node)
-        delay = op.backoff_ms * (1 + self.rng.random())
-        op.backoff_ms = min(op.backoff_ms * 2, 500.0)
-        self.sim.after(delay, lambda: self._attempt(op))
+        assert reply.error is not None, reply
+        self._failed(op, reply.error, reply.leader_hint, reply.detail)
 
-    def _rotate(self, failed: str) -> None:
-        # Only if no other call has moved the guess on already: with many submits in
-        # flight, each timing-out call would otherwise rotate the guess off the leader.
-        if self.leader_guess == failed:
-            names = self.sim.control_names
-            self.leader_guess = names[(names.index(failed) + 1) % len(names)]
+    def _failed(self, op: _Submit, kind: ErrorKind, hint: str, detail: str) -> None:
+        decision = self.policy.failed(op.attempt, op.node, kind, hint, self.sim.now_ms())
+        if not decision.retry:
+            op.done(None, f"{decision.why} ({detail})" if detail else decision.why)
+        elif decision.delay_ms == 0:
+            self._call(op)  # a redirect: at once, as the real client does
+        else:
+            self.sim.after(decision.delay_ms, lambda: self._call(op))

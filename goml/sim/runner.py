@@ -53,6 +53,16 @@ def replay_command(path: Path, seed: int) -> str:
     return f"goml sim run {shlex.quote(str(path))} --seed {seed}"
 
 
+def commands_per_task_text(figures: object) -> str:
+    """`total 3.5 (SubmitTasks 1.0, LeaseTasks 1.5, ...)`, the types that occur."""
+    if not isinstance(figures, dict) or figures.get("total") is None:
+        return "none (nothing acknowledged)"
+    each = ", ".join(
+        f"{name} {value}" for name, value in figures.items() if name != "total" and value
+    )
+    return f"total {figures['total']} ({each})"
+
+
 def _readable(summary: dict[str, Any]) -> str:
     failover = summary.get("failover_s", {})
     submit = summary.get("submit_ms", {})
@@ -67,6 +77,7 @@ def _readable(summary: dict[str, Any]) -> str:
         f"{summary.get('tasks_succeeded')} succeeded, {summary.get('tasks_lost')} lost, "
         f"{summary.get('duplicate_results')} results twice",
         f"  leader changes {summary.get('leader_changes')}",
+        f"  commands per task: {commands_per_task_text(summary.get('commands_per_task'))}",
     ]
     if "violation" in summary:
         lines = [f"SAFETY VIOLATION: {summary['violation']}"]
@@ -74,25 +85,39 @@ def _readable(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_command(path: Path, seed: int | None, out_dir: Path | None, as_json: bool) -> int:
+def load_for_run(path: Path) -> Scenario | None:
+    """The scenario at `path`, its warnings printed; None (problems printed) if invalid."""
     try:
         loaded = load_scenario(path)
     except ScenarioError as error:
         print(error, file=sys.stderr)
-        return 2
-    scenario = loaded.scenario
+        return None
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
-    chosen = seed if seed is not None else scenario.seed
-    summary, passed = simulate(scenario, chosen)
-    target = out_dir or Path("reports") / f"{scenario.name}-seed{chosen}"
-    report = write_report(summary, target)
+    return loaded.scenario
+
+
+def print_summary(
+    summary: dict[str, Any], readable: str, report: Path, target: Path, as_json: bool
+) -> None:
+    """The summary as JSON (without the timeline), or readable with the report's path."""
     if as_json:
         shown = {k: v for k, v in summary.items() if k != "timeline"}
         print(json.dumps(shown, indent=2, sort_keys=True))
     else:
-        print(_readable(summary))
+        print(readable)
         print(f"report: {report}  (summary: {target / 'summary.json'})")
+
+
+def run_command(path: Path, seed: int | None, out_dir: Path | None, as_json: bool) -> int:
+    scenario = load_for_run(path)
+    if scenario is None:
+        return 2
+    chosen = seed if seed is not None else scenario.seed
+    summary, passed = simulate(scenario, chosen)
+    target = out_dir or Path("reports") / f"{scenario.name}-seed{chosen}"
+    report = write_report(summary, target)
+    print_summary(summary, _readable(summary), report, target, as_json)
     if not passed:
         print(f"FAILED; replay: {replay_command(path, chosen)}", file=sys.stderr)
     return 0 if passed else 1

@@ -1,79 +1,54 @@
 """The simulation: goml's own Raft core, manifest, leader duties and agent core, driven
-by SimPy over a simulated cross-cloud network, with the scenario's faults.
+by SimPy over a simulated cross-cloud network. It is the simulator backend of the
+scenario player (`goml.scenario.player`), which decides when the faults fire, offers the
+workload and measures; this module carries that out on simulated processes and links,
+settles the cluster and checks the promises.
 
 Event-driven: a node runs only when a message arrives, an fsync completes or its core's
 next deadline comes; nothing polls, so idle simulated time costs nothing. Time is in
-milliseconds (`env.now`). One seed decides everything: each node, link, agent, client
-and the workload draw from RNGs derived from it, so the same seed and code give the
-same trace (digest printed), whatever PYTHONHASHSEED.
+milliseconds (`env.now`; the player's clock is `now_s`). One seed decides everything:
+each node, link, agent, client and the player draw from RNGs derived from it, so the
+same seed and code give the same trace (digest printed), whatever PYTHONHASHSEED.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 
 import simpy
 
-from goml.cluster.commands import (
-    Resources,
-    TaskSpec,
-)
-from goml.cluster.manifest import (
-    ApplyResult,
-    TaskState,
-)
+from goml.api.types import TaskRequest
+from goml.cluster.commands import Resources
+from goml.cluster.manifest import ApplyResult, TaskState
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.types import Config, Message, Role
-from goml.report.summary import distribution
-from goml.scenario.faults import (
-    describe_fault,
-    pairs_between,
-    partition_pairs,
-    resolve_members,
-    resolve_target,
+from goml.scenario.faults import Pair
+from goml.scenario.player import (
+    FinalState,
+    ScenarioPlayer,
+    SubmitDone,
+    SubmitOutcome,
+    client_retry_config,
+    count_commands,
 )
-from goml.scenario.schema import (
-    AgentCrashFault,
-    AnyFault,
-    ClogFault,
-    CrashFault,
-    HealFault,
-    LinkLatencyFault,
-    PartitionFault,
-    PauseFault,
-    RestartFault,
-    Scenario,
-    UnclogFault,
-)
+from goml.scenario.schema import AnyLink, Scenario
 from goml.sim.agent import SimAgent
-from goml.sim.client import SimClient, _Submit
+from goml.sim.client import SimClient
 from goml.sim.network import Network
 from goml.sim.node import SimNode
 
 SETTLE_MS_MAX = 120_000
-SAMPLE_EVERY_MS = 1000
+SETTLE_STEP_MS = 250
 _REPORT_MARK = b'"type":"ReportResult"'
 _REQUEUE_MARKS = (b'"type":"SubmitTasks"', b'"type":"ExpireLeases"', b'"type":"MarkAgentDown"')
 
 
-@dataclass
-class Observations:
-    submit_ms: list[float] = field(default_factory=list)
-    submit_ms_steady: list[float] = field(default_factory=list)
-    failovers_s: list[float] = field(default_factory=list)
-    leaders: list[tuple[float, str, int]] = field(default_factory=list)  # (t_s, node, term)
-    faults: list[tuple[float, str]] = field(default_factory=list)  # (t_s, description)
-    tasks_by_state: list[tuple[float, dict[str, int]]] = field(default_factory=list)
-    acknowledged: dict[str, str] = field(default_factory=dict)  # idempotency key -> task id
-
-
 class Simulation:
+    """The simulated cluster, and the player's backend (`goml.scenario.player.Backend`)."""
+
     def __init__(self, scenario: Scenario, seed: int) -> None:
         self.scenario = scenario
         self.seed = seed
@@ -81,15 +56,13 @@ class Simulation:
         self.network = Network(self.env, scenario, seed)
         self.checker = SafetyChecker()
         self.trace = hashlib.sha256()
-        self.obs = Observations()
-        self.submitted = 0
         self.events = 0
-        self.failover_started_ms: float | None = None
-        self.fault_rng = random.Random(f"{seed}:faults")
-        self.workload_rng = random.Random(f"{seed}:workload")
+        self.settled = False
         self._disk_rngs: dict[str, random.Random] = {}
         self._duration_rngs: dict[str, random.Random] = {}
         self.control_names = tuple(n.name for n in scenario.topology.control_nodes)
+        # Before any node starts: a node that wins an election reports it to the player.
+        self.player = ScenarioPlayer(scenario, seed, self)
         self.nodes: dict[str, SimNode] = {}
         for name in self.control_names:
             self.nodes[name] = SimNode(self, name)
@@ -99,8 +72,9 @@ class Simulation:
             self.agents[node.name] = SimAgent(self, node.name, capacity)
         self.clients: dict[str, SimClient] = {}
         if scenario.workload is not None:
+            retry = client_retry_config(self.control_names)
             for client in scenario.workload.clients:
-                self.clients[client.name] = SimClient(self, client.name, client.node)
+                self.clients[client.name] = SimClient(self, client.name, client.node, retry)
 
     # ------------------------------------------------------------- plumbing
 
@@ -159,7 +133,7 @@ class Simulation:
         )
         return distribution.sample_ms(rng)
 
-    def leader(self) -> SimNode | None:
+    def leading_node(self) -> SimNode | None:
         """The live node that leads the highest term, if any."""
         best: SimNode | None = None
         for name in self.control_names:
@@ -177,8 +151,8 @@ class Simulation:
     # -------------------------------------------------------------- observers
 
     def on_leader(self, name: str, term: int) -> None:
-        self.obs.leaders.append((self.env.now / 1000, name, term))
         self.record("leader", name, str(term))
+        self.player.leader_seen(name, term)
 
     def on_applied(self, node: SimNode, data: bytes, result: ApplyResult) -> None:
         self.record("apply", node.name, f"{result.index} {result.code}")
@@ -193,224 +167,84 @@ class Simulation:
         if result.ok and any(mark in data for mark in _REQUEUE_MARKS):
             node.retry_parked = True
 
-    def on_acknowledged(self, op: _Submit, task_id: str) -> None:
-        latency = self.env.now - op.started_ms
-        self.obs.submit_ms.append(latency)
-        if op.steady:
-            self.obs.submit_ms_steady.append(latency)
-        self.obs.acknowledged[op.key] = task_id
-        self.record("ack", op.key, task_id)
-        if self.failover_started_ms is not None and op.started_ms >= self.failover_started_ms:
-            self.obs.failovers_s.append((self.env.now - self.failover_started_ms) / 1000)
-            self.failover_started_ms = None
+    # ------------------------------------------------ the player's backend
 
-    def steady_for(self, location: str) -> bool:
-        """True when no failover is under way and a client at `location` can reach a
-        quorum of control nodes: the submit promise is judged on such submits; the others
-        wait for the failover (judged by its own promise) or for the partition to heal."""
-        if self.failover_started_ms is not None:
-            return False
-        reachable = sum(
-            1
-            for name in self.control_names
-            if (location, name) not in self.network.blocked
-            and (name, location) not in self.network.blocked
-            and (location, name) not in self.network.clogged
-            and (name, location) not in self.network.clogged
-        )
-        return reachable > len(self.control_names) // 2
+    def now_s(self) -> float:
+        return self.env.now / 1000
 
-    def _leader_lost(self, description: str) -> None:
-        if self.failover_started_ms is None:
-            self.failover_started_ms = self.env.now
-            self.record("failover-start", "", description)
+    def schedule(self, delay_s: float, action: Callable[[], None]) -> None:
+        self.after(delay_s * 1000, action)
 
-    # ---------------------------------------------------------------- workload
+    def crash_node(self, name: str) -> None:
+        self.nodes[name].crash()
 
-    def _start_workload(self) -> None:
-        workload = self.scenario.workload
-        if workload is None:
-            return
-        stop_ms = (
-            workload.stop_s if workload.stop_s is not None else self.scenario.duration_s
-        ) * 1000
-        names = sorted(workload.mix)
-        weights = [workload.mix[n].weight for n in names]
-        clients = [c.name for c in workload.clients]
-        counter = [0]
-
-        def make_spec(function: str | None) -> TaskSpec:
-            counter[0] += 1
-            chosen = function or self.workload_rng.choices(names, weights)[0]
-            mix = workload.mix[chosen]
-            return TaskSpec(
-                idempotency_key=f"s{self.seed}-{counter[0]}",
-                function=chosen,
-                args_json=json.dumps(mix.args, sort_keys=True, separators=(",", ":")),
-                resources=Resources(mix.resources.cpu, mix.resources.memory_mb, mix.resources.gpu),
-                priority=0,
-                max_attempts=workload.max_attempts,
-                timeout_ms=workload.timeout_ms,
-                cloud=None,
-                region=None,
-            )
-
-        if workload.rate_per_s is not None:
-            rate_per_ms = workload.rate_per_s / 1000
-
-            def arrival() -> None:
-                if self.env.now >= stop_ms:
-                    return
-                client = self.clients[self.workload_rng.choice(clients)]
-                client.submit(make_spec(None))
-                self.after(self.workload_rng.expovariate(rate_per_ms), arrival)
-
-            self.after(
-                workload.start_s * 1000 + self.workload_rng.expovariate(rate_per_ms), arrival
-            )
-        for item in workload.schedule or []:
-
-            def scheduled(
-                item_count: int = item.count,
-                function: str | None = item.function,
-                client_name: str | None = item.client,
-            ) -> None:
-                for _ in range(item_count):
-                    client = self.clients[client_name or self.workload_rng.choice(clients)]
-                    client.submit(make_spec(function))
-
-            self.after(item.at_s * 1000, scheduled)
-
-    # ------------------------------------------------------------------ faults
-
-    def _leader_name(self) -> str | None:
-        leader = self.leader()
-        return leader.name if leader else None
-
-    def _resolve_target(self, target: str, agents: bool = False) -> str | None:
-        pool = sorted(self.agents) if agents else list(self.control_names)
-        return resolve_target(target, self._leader_name, pool, self.fault_rng)
-
-    def _fire(self, fault: AnyFault) -> None:
-        self.obs.faults.append((self.env.now / 1000, describe_fault(fault)))
-        self.record("fault", "", describe_fault(fault))
-        leader = self.leader()
-        if isinstance(fault, CrashFault | RestartFault | PauseFault):
-            name = self._resolve_target(fault.target)
-            if name is None:
-                return
-            node = self.nodes.get(name)
-            if node is None:  # an agent-only node: its process is the agent
-                agent = self.agents[name]
-                agent.crash()
-                self.after(1000 * (getattr(fault, "restart_after_s", None) or 0.001), agent.start)
-                return
-            if leader is not None and leader.name == name:
-                self._leader_lost(f"{fault.kind} of leader {name}")
-            if isinstance(fault, PauseFault):
-                node.pause(fault.duration_s * 1000)
-            elif isinstance(fault, CrashFault):
-                node.crash()
-                if fault.restart_after_s is not None:
-                    self.after(fault.restart_after_s * 1000, functools.partial(self._restart, name))
-            else:
-                node.crash()
-                self.after(fault.down_s * 1000, functools.partial(self._restart, name))
-        elif isinstance(fault, PartitionFault):
-            self._partition(fault)
-            if leader is not None and not self._reaches_majority(leader.name):
-                self._leader_lost(f"partition cuts leader {leader.name} off")
-            if fault.heal_after_s is not None:
-                self.after(fault.heal_after_s * 1000, self._heal)
-        elif isinstance(fault, HealFault):
-            self._heal()
-        elif isinstance(fault, LinkLatencyFault):
-            pairs = self._pairs(fault.between[0], fault.between[1])
-            for pair in pairs:
-                self.network.overrides[pair] = fault.latency
-            if fault.duration_s is not None:
-
-                def restore() -> None:
-                    for pair in pairs:
-                        self.network.overrides.pop(pair, None)
-
-                self.after(fault.duration_s * 1000, restore)
-        elif isinstance(fault, ClogFault):
-            pairs = self._pairs(fault.between[0], fault.between[1])
-            self.network.clogged |= pairs
-            if leader is not None and not self._reaches_majority(leader.name):
-                self._leader_lost(f"clog cuts leader {leader.name} off")
-            if fault.duration_s is not None:
-                self.after(fault.duration_s * 1000, lambda: self.network.unclog(pairs))
-        elif isinstance(fault, UnclogFault):
-            pairs = (
-                self._pairs(fault.between[0], fault.between[1])
-                if fault.between is not None
-                else set(self.network.clogged)
-            )
-            self.network.unclog(pairs)
-        elif isinstance(fault, AgentCrashFault):
-            name = self._resolve_target(fault.target, agents=True)
-            if name is None or name not in self.agents:
-                return
-            agent = self.agents[name]
-            agent.crash()
-            if fault.restart_after_s is not None:
-                self.after(fault.restart_after_s * 1000, agent.start)
-
-    def _restart(self, name: str) -> None:
+    def start_node(self, name: str) -> None:
         node = self.nodes[name]
         if not node.alive:
             node.start()
 
-    def _pairs(self, side_a: list[str], side_b: list[str]) -> set[tuple[str, str]]:
-        topology = self.scenario.topology
-        return pairs_between(
-            resolve_members(topology, side_a, self._leader_name),
-            resolve_members(topology, side_b, self._leader_name),
-        )
+    def pause_node(self, name: str, duration_s: float) -> None:
+        self.nodes[name].pause(duration_s * 1000)
 
-    def _partition(self, fault: PartitionFault) -> None:
-        self.network.blocked |= partition_pairs(self.scenario.topology, fault, self._leader_name)
+    def crash_agent(self, name: str) -> None:
+        self.agents[name].crash()
 
-    def _heal(self) -> None:
-        self.network.blocked.clear()
-        self.record("heal", "", "")
+    def start_agent(self, name: str) -> None:
+        agent = self.agents[name]
+        if not agent.alive:
+            agent.start()
 
-    def _reaches_majority(self, name: str) -> bool:
-        reachable = sum(
-            1
-            for other in self.control_names
-            if other == name
-            or (
-                (name, other) not in self.network.blocked
-                and (other, name) not in self.network.blocked
-                and (name, other) not in self.network.clogged
-                and (other, name) not in self.network.clogged
-            )
-        )
-        return reachable > len(self.control_names) // 2
+    def pause_agent(self, name: str, duration_s: float) -> None:
+        # A simulated agent cannot be frozen: it is down for the pause and comes back
+        # with nothing in memory (a real SIGSTOP keeps its memory; its leases expire
+        # alike, as no heartbeat leaves either way).
+        self.crash_agent(name)
+        self.schedule(duration_s, lambda: self.start_agent(name))
+
+    def set_links(
+        self,
+        blocked: frozenset[Pair],
+        clogged: frozenset[Pair],
+        latency: Mapping[Pair, AnyLink],
+    ) -> None:
+        self.network.blocked = set(blocked)
+        self.network.overrides = dict(latency)
+        released = self.network.clogged - clogged
+        self.network.clogged = set(clogged) | released
+        if released:
+            self.network.unclog(released)
+        assert self.network.clogged == clogged
+
+    def leader(self) -> tuple[str, int] | None:
+        node = self.leading_node()
+        if node is None or node.core is None:
+            return None
+        return node.name, node.core.term
+
+    def submit(self, client: str, request: TaskRequest, done: SubmitDone) -> None:
+        started_s = self.now_s()
+
+        def ended(task_id: str | None, detail: str) -> None:
+            done(SubmitOutcome(started_s, self.now_s(), task_id, detail))
+
+        self.clients[client].submit(request, ended)
+
+    def task_counts(self) -> dict[str, int] | None:
+        reference = self.leading_node() or next((n for n in self.nodes.values() if n.alive), None)
+        if reference is None:
+            return None
+        return {state.value: count for state, count in reference.manifest.counts_by_state().items()}
+
+    def note(self, kind: str, subject: str, detail: str) -> None:
+        self.record(kind, subject, detail)
 
     # --------------------------------------------------------------------- run
 
-    def _sample(self) -> None:
-        reference = self.leader() or next((n for n in self.nodes.values() if n.alive), None)
-        if reference is not None:
-            counts = {
-                state.value: count for state, count in reference.manifest.counts_by_state().items()
-            }
-            self.obs.tasks_by_state.append((self.env.now / 1000, counts))
-        self.after(SAMPLE_EVERY_MS, self._sample)
-
     def run(self) -> dict[str, object]:
         started = time.perf_counter()
-        duration_ms = self.scenario.duration_s * 1000
-        for fault in self.scenario.timeline():
-            self.after(fault.at_s * 1000, functools.partial(self._fire, fault))
-        self._start_workload()
-        self._sample()
+        self.player.start()
         try:
-            self.env.run(until=duration_ms)
+            self.env.run(until=self.scenario.duration_s * 1000)
             self._settle()
         except SafetyViolation as violation:
             raise SafetyViolation(
@@ -420,30 +254,24 @@ class Simulation:
         return self._summary(time.perf_counter() - started)
 
     def _settle(self) -> None:
-        """Faults end: heal, unclog, restart what is down; run until the cluster agrees
-        and the work is done (or SETTLE_MS_MAX), then check the promises."""
-        self.network.blocked.clear()
-        self.network.overrides.clear()
-        self.network.unclog(set(self.network.clogged))
+        """Faults end: links restored, what is down restarted (a pause ends on its own);
+        run until the cluster agrees and the work is done (or SETTLE_MS_MAX), then check
+        the logs."""
+        self.player.end_faults()
         for name in self.control_names:
-            node = self.nodes[name]
-            if not node.alive:
-                node.start()
-            node.paused = False
-            node.run()
-        for agent in self.agents.values():
-            if not agent.alive:
-                agent.start()
-        self.settle_started_s = self.env.now / 1000
+            self.start_node(name)
+            self.nodes[name].run()
+        for name in self.agents:
+            self.start_agent(name)
         deadline = self.env.now + SETTLE_MS_MAX
         while self.env.now < deadline and not self._converged():
-            self.env.run(until=self.env.now + 250)
+            self.env.run(until=self.env.now + SETTLE_STEP_MS)
         self.settled = self._converged()
         cores = {name: node.core for name, node in self.nodes.items() if node.core is not None}
         SafetyChecker.check_log_matching(cores)
 
     def _converged(self) -> bool:
-        leader = self.leader()
+        leader = self.leading_node()
         if leader is None or leader.core is None:
             return False
         core = leader.core
@@ -457,49 +285,40 @@ class Simulation:
             for state, count in leader.manifest.counts_by_state().items()
             if state in (TaskState.PENDING, TaskState.LEASED, TaskState.RUNNING)
         )
-        in_flight = any(c.in_flight for c in self.clients.values())
-        return unfinished == 0 and not in_flight
+        return unfinished == 0 and self.player.in_flight == 0
 
     def _summary(self, wall_s: float) -> dict[str, object]:
-        leader = self.leader()
+        acknowledged = self.player.obs.acknowledged
         lost: set[str] = set()
         for node in self.nodes.values():
-            for key, task_id in self.obs.acknowledged.items():
+            for key, task_id in acknowledged.items():
                 if node.manifest.task_id_for_key(key) != task_id:
                     lost.add(task_id)
         duplicate = sum(
             max(0, max((n.reports_recorded.get(t, 0) for n in self.nodes.values()), default=0) - 1)
-            for t in self.obs.acknowledged.values()
+            for t in acknowledged.values()
         )
+        leader = self.leading_node()
         counts = leader.manifest.counts_by_state() if leader else {}
-        terms = {(name, term) for _, name, term in self.obs.leaders}
+        # Every committed entry, as the checker saw it applied (NOOP entries carry no data).
+        applied = self.checker.applied
+        commands = count_commands(data for index in sorted(applied) if (data := applied[index][1]))
+        final = FinalState(
+            settled=self.settled,
+            tasks_by_state={state.value: count for state, count in counts.items()},
+            tasks_lost=len(lost),
+            duplicate_results=duplicate,
+            commands=commands,
+        )
         return {
-            "scenario": self.scenario.name,
-            "seed": self.seed,
+            **self.player.summary(final),
             "trace_digest": self.trace.hexdigest(),
             "sim_seconds": round(self.env.now / 1000, 3),
             "wall_seconds": round(wall_s, 3),
             "speedup": round(self.env.now / 1000 / wall_s, 1) if wall_s > 0 else None,
             "events": self.events,
-            "failover_s": distribution(self.obs.failovers_s, digits=3, with_values=True),
-            "submit_ms": distribution(self.obs.submit_ms, digits=2),
-            "submit_ms_steady": distribution(self.obs.submit_ms_steady, digits=2),
-            "tasks_submitted": self.submitted,
-            "tasks_acknowledged": len(self.obs.acknowledged),
-            "tasks_succeeded": counts.get(TaskState.SUCCEEDED, 0),
-            "tasks_dead": counts.get(TaskState.DEAD, 0),
-            "tasks_lost": len(lost),
-            "duplicate_results": duplicate,
-            "leader_changes": max(0, len(terms) - 1),
-            "settled": self.settled,
             "messages_sent": self.network.sent,
             "messages_dropped": self.network.dropped,
-            "timeline": {
-                "leaders": self.obs.leaders,
-                "faults": self.obs.faults,
-                "tasks_by_state": self.obs.tasks_by_state,
-                "submit_ms": [round(x, 2) for x in self.obs.submit_ms],
-            },
         }
 
 
