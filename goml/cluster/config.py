@@ -25,6 +25,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from goml.cluster.duties import DEFAULT_DUTIES
+from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT
+
 
 class ConfigError(Exception):
     pass
@@ -59,10 +62,12 @@ class RaftTiming(_Strict):
 
 
 class Duties(_Strict):
-    agent_timeout_ms: int = Field(5000, gt=0)
-    election_grace_ms: int = Field(5000, ge=0)
-    lease_ms: int = Field(15000, gt=0)
-    renew_before_ms: int = Field(7500, gt=0)
+    """Defaults: goml.cluster.duties.DEFAULT_DUTIES (the simulator's too)."""
+
+    agent_timeout_ms: int = Field(DEFAULT_DUTIES.agent_timeout_ms, gt=0)
+    election_grace_ms: int = Field(DEFAULT_DUTIES.election_grace_ms, ge=0)
+    lease_ms: int = Field(DEFAULT_DUTIES.lease_ms, gt=0)
+    renew_before_ms: int = Field(DEFAULT_DUTIES.renew_before_ms, gt=0)
 
 
 class NodeFileConfig(_Strict):
@@ -78,7 +83,7 @@ class NodeFileConfig(_Strict):
     token_file: Path
     raft: RaftTiming = RaftTiming()
     duties: Duties = Duties()
-    request_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(REQUEST_TIMEOUT_MS_DEFAULT / 1000, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> NodeFileConfig:

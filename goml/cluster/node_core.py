@@ -146,6 +146,7 @@ LIST_LIMIT_MAX = 10_000
 MAX_ATTEMPTS_DEFAULT = 3
 TASK_TIMEOUT_MS_DEFAULT = 60_000
 REQUESTS_MAX = 16_384
+REQUEST_TIMEOUT_MS_DEFAULT = 5000  # a node file's request_timeout_s, unless it says otherwise
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""A simulated agent: the production agent core with modeled task durations."""
+"""A simulated agent: the production agent core (`goml.agent.core`), with tasks that
+take a modeled time instead of running."""
 
 from __future__ import annotations
 
@@ -9,28 +10,23 @@ from typing import TYPE_CHECKING
 from goml.agent.core import AgentCore, Call, CancelTask, Log, RunTask
 from goml.agent.runtime import AgentConfig, CapacityConfig
 from goml.api.types import (
-    AgentResponse as Response,
-)
-from goml.api.types import (
     HeartbeatResponse,
     LeasedTask,
     LeaseResponse,
     RegisterResponse,
     ReportResponse,
-)
-from goml.cluster.commands import (
     Resources,
+    error_kind,
 )
+from goml.sim.rpc import ApiCall, ApiReply, Endpoint
 
 if TYPE_CHECKING:
     from goml.sim.simulation import Simulation
 
-from goml.sim.rpc import ApiCall, ApiReply, Endpoint
+_AGENT_RESPONSES = (RegisterResponse, HeartbeatResponse, LeaseResponse, ReportResponse)
 
 
 class SimAgent(Endpoint):
-    """The production agent core, with tasks that take a modeled time."""
-
     def __init__(self, sim: Simulation, node: str, capacity: Resources) -> None:
         self.sim = sim
         self.name = f"agent@{node}"
@@ -40,6 +36,7 @@ class SimAgent(Endpoint):
         self.alive = False
         self.core: AgentCore | None = None
         self.tick_at = -1.0
+        self._tick_token = 0
         self.cancelled: set[tuple[str, int]] = set()
         self.start()
 
@@ -62,6 +59,7 @@ class SimAgent(Endpoint):
         self.core = AgentCore(config.core_config("sim", self.capacity.gpu), rng)
         self.cancelled = set()
         self.tick_at = -1.0
+        self._tick_token += 1
         self.core.start(self.sim.now_ms())
         self.sim.record("agent-start", self.name, "")
         self._effects()
@@ -78,17 +76,14 @@ class SimAgent(Endpoint):
         if not self.alive or self.core is None:
             return
         now = self.sim.now_ms()
-        if reply.response is not None:
-            assert isinstance(
-                reply.response,
-                RegisterResponse | HeartbeatResponse | LeaseResponse | ReportResponse,
-            )
-            response: Response = reply.response
+        if reply.error is None:
+            response = reply.response
+            assert isinstance(response, _AGENT_RESPONSES), response
             self.core.on_response(reply.request_id, response, now)
         else:
-            assert reply.error is not None
+            error = reply.error
             self.core.on_call_failed(
-                reply.request_id, reply.error, reply.leader_hint, reply.detail, now
+                reply.request_id, error_kind(error.code), error.leader_id, error.message, now
             )
         self._effects()
 
@@ -107,22 +102,24 @@ class SimAgent(Endpoint):
         deadline = core.next_deadline_ms()
         if deadline is None:
             return
-        if self.tick_at >= self.sim.env.now and self.tick_at <= deadline:
-            return
-        self.tick_at = max(float(deadline), self.sim.env.now)
-        generation = self.generation
-        self.sim.after(self.tick_at - self.sim.env.now, lambda: self._tick(generation))
+        now = self.sim.env.now
+        if now <= self.tick_at <= deadline:
+            return  # an earlier wake-up is pending: it reschedules when it fires
+        self.tick_at = max(float(deadline), now)
+        self._tick_token += 1
+        token = self._tick_token
+        self.sim.after(self.tick_at - now, lambda: self._tick(token))
 
-    def _tick(self, generation: int) -> None:
-        if generation != self.generation or self.core is None:
+    def _tick(self, token: int) -> None:
+        # Only the latest wake-up counts (see SimNode._tick).
+        if token != self._tick_token or self.core is None:
             return
         self.tick_at = -1.0
         self.core.tick(self.sim.now_ms())
         self._effects()
 
     def _call(self, call: Call) -> None:
-        method = call.method.value
-        api_call = ApiCall(call.request_id, method, call.request, self)
+        api_call = ApiCall(call.request_id, call.request, self)
         target = self.sim.nodes[call.node_id]
         self.sim.network.send(
             self.name, self.location, target.name, target.location, lambda: target.receive(api_call)

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from goml.api.retry import Attempt, RetryConfig, RetryPolicy
-from goml.api.types import ErrorKind, TaskRequest
-from goml.cluster.commands import SubmitTasks, TaskSpec
+from goml.api.types import ErrorKind, SubmitRequest, SubmitResponse, TaskRequest, error_kind
 
 if TYPE_CHECKING:
     from goml.sim.simulation import Simulation
@@ -22,28 +21,11 @@ Done = Callable[[str | None, str], None]  # (task id or None, why not)
 
 @dataclass
 class _Submit:
-    spec: TaskSpec
+    request: SubmitRequest
     attempt: Attempt
     done: Done
     request_id: int = 0  # of the call under way
     node: str = ""  # where the call under way went
-
-
-def task_spec(request: TaskRequest) -> TaskSpec:
-    """The command's form of a task the player describes (it gives every field)."""
-    assert request.idempotency_key, request
-    assert request.max_attempts > 0 and request.timeout_ms > 0, request
-    return TaskSpec(
-        idempotency_key=request.idempotency_key,
-        function=request.function,
-        args_json=request.args_json,
-        resources=request.resources,
-        priority=request.priority,
-        max_attempts=request.max_attempts,
-        timeout_ms=request.timeout_ms,
-        cloud=request.cloud or None,
-        region=request.region or None,
-    )
 
 
 class SimClient(Endpoint):
@@ -63,7 +45,8 @@ class SimClient(Endpoint):
 
     def submit(self, request: TaskRequest, done: Done) -> None:
         """Submit one task; `done` is called exactly once (task id, or None and why)."""
-        self._call(_Submit(task_spec(request), Attempt(self.sim.now_ms()), done))
+        submit = SubmitRequest((request,))
+        self._call(_Submit(submit, Attempt(self.sim.now_ms()), done))
 
     def _call(self, op: _Submit) -> None:
         now_ms = self.sim.now_ms()
@@ -71,7 +54,7 @@ class SimClient(Endpoint):
         op.request_id = self.counter
         op.node = self.policy.leader
         self.calls[op.request_id] = op
-        call = ApiCall(op.request_id, "Submit", SubmitTasks(0, (op.spec,)), self)
+        call = ApiCall(op.request_id, op.request, self)
         target = self.sim.nodes[op.node]
         self.sim.network.send(
             self.name, self.location, target.name, target.location, lambda: target.receive(call)
@@ -89,14 +72,14 @@ class SimClient(Endpoint):
         op = self.calls.pop(reply.request_id, None)
         if op is None:
             return  # late: that call timed out and the submit moved on
-        if reply.response is not None:
-            task_ids = reply.response
-            assert isinstance(task_ids, tuple) and len(task_ids) == 1, task_ids
+        if reply.error is None:
+            response = reply.response
+            assert isinstance(response, SubmitResponse) and len(response.task_ids) == 1, response
             self.policy.succeeded(op.attempt, op.node)
-            op.done(task_ids[0], "")
+            op.done(response.task_ids[0], "")
             return
-        assert reply.error is not None, reply
-        self._failed(op, reply.error, reply.leader_hint, reply.detail)
+        error = reply.error
+        self._failed(op, error_kind(error.code), error.leader_id, error.message)
 
     def _failed(self, op: _Submit, kind: ErrorKind, hint: str, detail: str) -> None:
         decision = self.policy.failed(op.attempt, op.node, kind, hint, self.sim.now_ms())

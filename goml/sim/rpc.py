@@ -1,36 +1,16 @@
-"""The simulator's RPC envelope: what travels between simulated callers and nodes."""
+"""The simulator's RPC envelope: API requests and replies (`goml.api.types`) as they
+travel between simulated callers and nodes, with no conversion at all."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from goml.api.types import (
-    ErrorKind,
-)
-from goml.cluster.manifest import (
-    ApplyResult,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ApiCall:
-    request_id: int
-    method: str  # Submit | Register | Heartbeat | Lease | Report
-    request: object
-    caller: Endpoint
-
-
-@dataclass(frozen=True, slots=True)
-class ApiReply:
-    request_id: int
-    response: object | None  # None: failed
-    error: ErrorKind | None = None
-    leader_hint: str = ""
-    detail: str = ""
+from goml.api.types import ApiError, ApiRequest, ApiResponse
 
 
 class Endpoint:
+    """A simulated caller: where it runs, and how it takes a reply."""
+
     name: str
     location: str  # the topology node it runs on
 
@@ -38,4 +18,18 @@ class Endpoint:
         raise NotImplementedError
 
 
-Outcome = Callable[[ApplyResult | None, ErrorKind | None, str], None]
+@dataclass(frozen=True, slots=True)
+class ApiCall:
+    request_id: int  # the caller's own id for the call
+    request: ApiRequest
+    caller: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class ApiReply:
+    request_id: int
+    response: ApiResponse | None
+    error: ApiError | None
+
+    def __post_init__(self) -> None:
+        assert (self.response is None) != (self.error is None), self

@@ -22,9 +22,12 @@ import simpy
 
 from goml.api.types import TaskRequest
 from goml.cluster.commands import Resources
-from goml.cluster.manifest import ApplyResult, TaskState
+from goml.cluster.duties import DEFAULT_DUTIES
+from goml.cluster.manifest import ApplyResult, Code, TaskState
+from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT, NodeCoreConfig, standard_config
 from goml.raft.checker import SafetyChecker, SafetyViolation
-from goml.raft.types import Config, Message, Role
+from goml.raft.replica import raft_config
+from goml.raft.types import Message, Role
 from goml.scenario.faults import Pair
 from goml.scenario.player import (
     FinalState,
@@ -42,8 +45,9 @@ from goml.sim.node import SimNode
 
 SETTLE_MS_MAX = 120_000
 SETTLE_STEP_MS = 250
-_REPORT_MARK = b'"type":"ReportResult"'
-_REQUEUE_MARKS = (b'"type":"SubmitTasks"', b'"type":"ExpireLeases"', b'"type":"MarkAgentDown"')
+_REPORTS = frozenset({"ReportResult", "ReportResults"})
+# Simulated nodes compact more often than production's, so that snapshots travel.
+COMPACT_EVERY_ENTRIES = 4000
 
 
 class Simulation:
@@ -95,18 +99,28 @@ class Simulation:
             rng = self._disk_rngs[node] = random.Random(f"{self.seed}:disk:{node}")
         return rng
 
-    def raft_config(self, name: str) -> Config:
+    def node_config(self, name: str) -> NodeCoreConfig:
+        """A node's core configuration: the scenario's Raft timing, the production node's
+        standards (duties, limits, request timeout), node names as addresses."""
         timing = self.scenario.raft
-        return Config(
-            node_id=name,
-            voters=self.control_names,
-            election_timeout_ms_min=timing.election_timeout_ms_min,
-            election_timeout_ms_max=timing.election_timeout_ms_max,
-            heartbeat_interval_ms=timing.heartbeat_interval_ms,
-            inflight_messages_max=64,
-            entries_per_message_max=512,
-            uncommitted_entries_max=8192,
+        raft = raft_config(
+            name,
+            self.control_names,
+            timing.election_timeout_ms_min,
+            timing.election_timeout_ms_max,
+            timing.heartbeat_interval_ms,
         )
+        addresses = tuple((n, n) for n in self.control_names)
+        return standard_config(
+            raft, addresses, DEFAULT_DUTIES, REQUEST_TIMEOUT_MS_DEFAULT, COMPACT_EVERY_ENTRIES
+        )
+
+    def wall_ms(self, node: str) -> int:
+        """A node's wall clock: simulated time (every clock agrees in the simulator)."""
+        return int(self.env.now)
+
+    def fsync_ms(self, node: str) -> float:
+        return self.scenario.disk.fsync_ms.sample_ms(self.disk_rng(node))
 
     def send_raft(self, message: Message) -> None:
         target = self.nodes[message.target]
@@ -154,18 +168,25 @@ class Simulation:
         self.record("leader", name, str(term))
         self.player.leader_seen(name, term)
 
-    def on_applied(self, node: SimNode, data: bytes, result: ApplyResult) -> None:
+    def on_applied(self, node: SimNode, result: ApplyResult) -> None:
         self.record("apply", node.name, f"{result.index} {result.code}")
-        if result.ok and _REPORT_MARK in data:
-            for task_id in result.task_ids:
-                count = node.reports_recorded.get(task_id, 0) + 1
-                node.reports_recorded[task_id] = count
-                if count > 1:
-                    raise SafetyViolation(
-                        f"result recorded twice: task {task_id} on {node.name} at index {result.index}"
-                    )
-        if result.ok and any(mark in data for mark in _REQUEUE_MARKS):
-            node.retry_parked = True
+        if not result.ok or result.command not in _REPORTS:
+            return
+        recorded = (
+            [i.task_id for i in result.items if i.code is Code.OK]
+            if result.items
+            else list(result.task_ids)
+        )
+        for task_id in recorded:
+            task = node.manifest.get_task(task_id)
+            if task is None or task.state is not TaskState.SUCCEEDED:
+                continue  # a failed attempt: requeued or dead, nothing recorded
+            count = node.reports_recorded.get(task_id, 0) + 1
+            node.reports_recorded[task_id] = count
+            if count > 1:
+                raise SafetyViolation(
+                    f"result recorded twice: task {task_id} on {node.name} at index {result.index}"
+                )
 
     # ------------------------------------------------ the player's backend
 
