@@ -132,6 +132,8 @@ class FakeBackend:
 def played(body: str, **backend: object) -> tuple[ScenarioPlayer, FakeBackend]:
     fake = FakeBackend(**backend)  # type: ignore[arg-type]
     player = ScenarioPlayer(scenario(body), 7, fake)
+    if fake.leading is not None:
+        player.leader_seen(*fake.leading)  # both backends start playing once a leader leads
     player.start()
     return player, fake
 
@@ -377,7 +379,7 @@ def test_the_summary_counts_what_happened() -> None:
     assert summary["commands_per_task"] == commands_per_task(counts, 1)
     timeline = summary["timeline"]
     assert isinstance(timeline, dict)
-    assert timeline["leaders"] == [(1.0, "a1", 1), (3.0, "a2", 2)]
+    assert timeline["leaders"] == [(0.0, "a1", 1), (3.0, "a2", 2)]  # a1 seen as it started
     # Every second from the start; the submit due at 1 s was scheduled before that sample.
     assert timeline["tasks_by_state"][:3] == [
         (0.0, {"PENDING": 0}),
@@ -394,3 +396,16 @@ def test_commands_per_task() -> None:
     assert figures["total"] == 1.667
     assert set(figures) == {*COMMAND_TYPES, "total"}
     assert set(commands_per_task({}, 0).values()) == {None}
+
+
+def test_submits_before_any_leader_is_seen_are_not_steady() -> None:
+    player, fake = played(SCHEDULED, leading=None)
+    fake.run_until(1.0)
+    first = fake.submits[0]
+    fake.ack(first, "t-1")
+    fake.leading = ("a1", 1)
+    player.leader_seen("a1", 1)
+    fake.run_until(3.0)
+    fake.ack(fake.submits[1], "t-2")
+    assert player.obs.submit_ms == [pytest.approx(0.0), pytest.approx(0.0)]
+    assert player.obs.submit_ms_steady == [pytest.approx(0.0)]  # only the one after it

@@ -17,8 +17,8 @@ Definitions:
   the first acknowledgement of a submit STARTED at or after that moment closes it, and
   its length is one `failover_s` value. A fault while a window is open keeps it open.
 - submit_ms: from the start of the client call to its acknowledgement (retries across a
-  failover included). submit_ms_steady: only the submits that started with no failover
-  window open and with their client's location reaching a quorum of control nodes (no
+  failover included). submit_ms_steady: only the submits that started once a first leader
+  was seen, with no failover window open, and with their client's location reaching a quorum of control nodes (no
   cut or clogged link either way to more than half of them): the submit promise is
   judged on those; the others wait for a failover (judged by its own promise) or for a
   partition to heal.
@@ -244,7 +244,9 @@ class ScenarioPlayer:
         self._partitions: dict[int, frozenset[Pair]] = {}
         self._clogs: dict[int, frozenset[Pair]] = {}
         self._latency: dict[Pair, tuple[int, AnyLink]] = {}  # pair -> (fault id, link)
-        self._steadiness = [_Steadiness(float("-inf"), False, frozenset())]
+        # Until a first leader is seen, nothing is steady: submits wait for an election.
+        self._leader_ever_seen = False
+        self._steadiness = [_Steadiness(float("-inf"), True, frozenset())]
         self._pending: dict[str, _Pending] = {}  # idempotency key -> submit in flight
         self._submit_count = 0
         self._arrival_s = 0.0  # when the next Poisson arrival is due
@@ -299,6 +301,9 @@ class ScenarioPlayer:
         """A backend saw `name` lead `term` (the simulator when a core becomes leader,
         the chaos runner when its poll finds a new one)."""
         assert name in self.control_names, name
+        if not self._leader_ever_seen:
+            self._leader_ever_seen = True
+            self._steadiness_changed(self.backend.now_s())
         if self.obs.leaders and self.obs.leaders[-1][1:] == (name, term):
             return
         self.obs.leaders.append((self._now_rounded_s(), name, term))
@@ -484,7 +489,8 @@ class ScenarioPlayer:
 
     def _steadiness_changed(self, at_s: float) -> None:
         last = self._steadiness[-1]
-        state = _Steadiness(max(at_s, last.at_s), self.failover_started_s is not None, self._cut())
+        failing = self.failover_started_s is not None or not self._leader_ever_seen
+        state = _Steadiness(max(at_s, last.at_s), failing, self._cut())
         if state[1:] != last[1:]:
             self._steadiness.append(state)
 

@@ -44,6 +44,9 @@ from goml.sim.network import Network
 from goml.sim.node import SimNode
 
 SETTLE_MS_MAX = 120_000
+# The scenario's clock starts once the cluster is ready (a leader, every agent
+# registered), as the chaos runner starts it after its cluster is up.
+READY_MS_MAX = 60_000
 SETTLE_STEP_MS = 250
 _REPORTS = frozenset({"ReportResult", "ReportResults"})
 # Simulated nodes compact more often than production's, so that snapshots travel.
@@ -62,6 +65,8 @@ class Simulation:
         self.trace = hashlib.sha256()
         self.events = 0
         self.settled = False
+        self._t0_ms = 0.0  # env.now when the scenario's clock started
+        self._playing = False
         self._disk_rngs: dict[str, random.Random] = {}
         self._duration_rngs: dict[str, random.Random] = {}
         self.control_names = tuple(n.name for n in scenario.topology.control_nodes)
@@ -166,7 +171,8 @@ class Simulation:
 
     def on_leader(self, name: str, term: int) -> None:
         self.record("leader", name, str(term))
-        self.player.leader_seen(name, term)
+        if self._playing:
+            self.player.leader_seen(name, term)
 
     def on_applied(self, node: SimNode, result: ApplyResult) -> None:
         self.record("apply", node.name, f"{result.index} {result.code}")
@@ -191,7 +197,7 @@ class Simulation:
     # ------------------------------------------------ the player's backend
 
     def now_s(self) -> float:
-        return self.env.now / 1000
+        return (self.env.now - self._t0_ms) / 1000
 
     def schedule(self, delay_s: float, action: Callable[[], None]) -> None:
         self.after(delay_s * 1000, action)
@@ -263,9 +269,15 @@ class Simulation:
 
     def run(self) -> dict[str, object]:
         started = time.perf_counter()
-        self.player.start()
         try:
-            self.env.run(until=self.scenario.duration_s * 1000)
+            self._wait_ready()
+            self._t0_ms = self.env.now
+            self._playing = True
+            leader = self.leader()
+            if leader is not None:
+                self.player.leader_seen(*leader)
+            self.player.start()
+            self.env.run(until=self._t0_ms + self.scenario.duration_s * 1000)
             self._settle()
         except SafetyViolation as violation:
             raise SafetyViolation(
@@ -273,6 +285,20 @@ class Simulation:
                 f"replay: goml sim run SCENARIO --seed {self.seed}"
             ) from violation
         return self._summary(time.perf_counter() - started)
+
+    def _wait_ready(self) -> None:
+        """Run until a leader leads and has registered every agent (bounded)."""
+        deadline = self.env.now + READY_MS_MAX
+        while self.env.now < deadline and not self._ready():
+            self.env.run(until=self.env.now + SETTLE_STEP_MS / 5)
+        self.record("ready", "", f"{self.env.now:.3f}")
+
+    def _ready(self) -> bool:
+        leader = self.leading_node()
+        if leader is None or leader.node is None:
+            return False
+        agents = {a.id for a in leader.manifest.list_agents() if a.state.value == "ALIVE"}
+        return all(agent.name in agents for agent in self.agents.values())
 
     def _settle(self) -> None:
         """Faults end: links restored, what is down restarted (a pause ends on its own);
@@ -334,9 +360,10 @@ class Simulation:
         return {
             **self.player.summary(final),
             "trace_digest": self.trace.hexdigest(),
-            "sim_seconds": round(self.env.now / 1000, 3),
+            "sim_seconds": round(self.now_s(), 3),
             "wall_seconds": round(wall_s, 3),
             "speedup": round(self.env.now / 1000 / wall_s, 1) if wall_s > 0 else None,
+            "ready_s": round(self._t0_ms / 1000, 3),
             "events": self.events,
             "messages_sent": self.network.sent,
             "messages_dropped": self.network.dropped,
