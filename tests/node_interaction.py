@@ -327,6 +327,9 @@ class NodeEnv:
             for result in core.last_applied:
                 status = "ok" if result.ok else f"{result.code}: {result.message}"
                 self.out.append(f"{node_id} applied {result.index} {result.command} {status}")
+                for item in result.items:  # a batch: each item's own outcome
+                    detail = "" if item.code == "OK" else f": {item.message}"
+                    self.out.append(f"  {item.task_id} {item.code}{detail}")
         raise AssertionError(f"{node_id}: ready() never runs dry")
 
     def _persist(self, node: _Node, ready: NodeReady) -> None:

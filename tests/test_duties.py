@@ -22,6 +22,7 @@ from goml.cluster.commands import (
     ReportResult,
     Resources,
     StartTask,
+    StartTasks,
     SubmitTasks,
     TaskSpec,
     encode_command,
@@ -159,7 +160,7 @@ def test_heartbeat_listing_a_leased_task_starts_it_with_its_epoch() -> None:
     leader.duties.became_leader(1_000)
 
     leader.duties.heartbeat("a1", CAPACITY, (task_id,), 2_000)
-    assert leader.apply_due(2_000) == [StartTask(2_000, "a1", task_id, 3)]
+    assert leader.apply_due(2_000) == [StartTasks(2_000, "a1", ((task_id, 3),))]
     assert leader.task(task_id).state is TaskState.RUNNING
     # Running now: the same heartbeat starts nothing more.
     assert leader.due(2_000) == []
@@ -226,7 +227,7 @@ def test_tasks_the_agent_does_not_hold_are_ignored() -> None:
     # The holder listing it does get it started and renewed.
     leader.duties.heartbeat("a2", CAPACITY, (others,), now_ms)
     assert leader.due(now_ms) == [
-        StartTask(now_ms, "a2", others, 1),
+        StartTasks(now_ms, "a2", ((others, 1),)),
         RenewLeases(now_ms, "a2", (others,), now_ms + CONFIG.lease_ms),
     ]
 
@@ -321,8 +322,7 @@ def test_order_of_commands_is_deterministic() -> None:
     a1, a3 = held["a1"], held["a3"]
     deadline_ms = now_ms + CONFIG.lease_ms
     assert commands == [
-        StartTask(now_ms, "a1", a1[0], 1),
-        StartTask(now_ms, "a1", a1[1], 1),
+        StartTasks(now_ms, "a1", tuple(sorted((t, 1) for t in a1))),  # one per agent
         RenewLeases(now_ms, "a1", tuple(sorted(a1)), deadline_ms),
         MarkAgentDown(now_ms, "a2"),
         RenewLeases(now_ms, "a3", tuple(sorted(a3)), deadline_ms),  # sorted, as listed or not

@@ -30,7 +30,9 @@ Decisions made here:
   refused (stale epoch), which drops them with a log. An unreachable control plane never
   drops them. A result is reported only under the epoch its task was leased with.
 - A task whose control-plane lease deadline passes keeps running and is reported: the
-  control plane's epoch check decides. A task running past its `timeout_ms` is
+  control plane's epoch check decides. A task a heartbeat answer says is revoked
+  (cancelled, requeued, finished) is stopped at once (`CancelTask`) and its pending
+  results dropped: the leader would refuse them. A task running past its `timeout_ms` is
   cancelled (`CancelTask`) and reported as failed ("timed out after N ms").
 - Leader and retries: the shared policy of every caller (`goml.api.retry`), one attempt
   per lane: the node that last answered leads; NOT_LEADER hints are followed at once at
@@ -450,6 +452,7 @@ class AgentCore:
                     self._log(LogLevel.WARNING, "leader does not know this agent: registering")
                     self._register.due_ms = self._now_ms
                     self._register.attempt = Attempt(self._now_ms)
+                self._revoke(response.revoked_task_ids)
             case LeaseResponse():
                 self._leased(response)
             case ReportResponse():
@@ -731,6 +734,23 @@ class AgentCore:
             self._effects.append(RunTask(task))
         if response.tasks:
             self._lease.due_ms = self._now_ms  # more may fit: poll again at once
+
+    def _revoke(self, task_ids: tuple[str, ...]) -> None:
+        """The leader says these leases are gone (cancelled, requeued, finished): stop
+        the runs at once, freeing their slots, and drop results it would refuse (a
+        report already in flight gets its own answer)."""
+        for task_id in task_ids:
+            if task_id in self._running:
+                epoch = self._running[task_id].task.epoch
+                self._log(
+                    LogLevel.WARNING,
+                    f"task {task_id} epoch {epoch}: lease revoked by the leader; stopping it",
+                )
+                self._cancel_run(task_id)
+            for key in [k for k in self._results if k[0] == task_id]:
+                if self._results[key].lane.in_flight is None:
+                    self._log(LogLevel.INFO, f"result of task {task_id} epoch {key[1]} dropped")
+                    del self._results[key]
 
     def _reported(self, out: _Outstanding, response: ReportResponse) -> None:
         assert out.result_key is not None

@@ -181,6 +181,9 @@ class HeartbeatRequest:
 @dataclass(frozen=True, slots=True)
 class HeartbeatResponse:
     known: bool  # False: register again
+    # Listed tasks this agent holds no lease for any more (cancelled, requeued, finished):
+    # the agent stops running them and drops their results.
+    revoked_task_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

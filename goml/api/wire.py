@@ -413,7 +413,9 @@ def response_to_pb(response: ApiResponse) -> Message:
         case RegisterResponse():
             return api_pb2.RegisterResponse(heartbeat_interval_ms=response.heartbeat_interval_ms)
         case HeartbeatResponse():
-            return api_pb2.HeartbeatResponse(known=response.known)
+            return api_pb2.HeartbeatResponse(
+                known=response.known, revoked_task_ids=list(response.revoked_task_ids)
+            )
         case LeaseResponse():
             return api_pb2.LeaseResponse(tasks=[_leased_to_pb(t) for t in response.tasks])
         case ReportResponse():
@@ -441,7 +443,7 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
             return RegisterResponse(int(pb.heartbeat_interval_ms))
         case Method.HEARTBEAT:
             assert isinstance(pb, api_pb2.HeartbeatResponse)
-            return HeartbeatResponse(bool(pb.known))
+            return HeartbeatResponse(bool(pb.known), tuple(pb.revoked_task_ids))
         case Method.LEASE:
             assert isinstance(pb, api_pb2.LeaseResponse)
             return LeaseResponse(tuple(_leased_from_pb(t) for t in pb.tasks))

@@ -218,6 +218,36 @@ class ReportResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Report:
+    """One report of a ReportResults batch; as ReportResult without the time."""
+
+    agent_id: str
+    task_id: str
+    epoch: int
+    success: bool
+    result_json: str | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResults:
+    """Reports of several attempts (any agents) in one command; each is fenced and
+    applied on its own, as if it were a ReportResult of its own."""
+
+    now_ms: int
+    reports: tuple[Report, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StartTasks:
+    """Leased tasks an agent's heartbeat shows running, as one command (each a StartTask)."""
+
+    now_ms: int
+    agent_id: str
+    tasks: tuple[tuple[str, int], ...]  # (task id, epoch)
+
+
+@dataclass(frozen=True, slots=True)
 class ExpireLeases:
     now_ms: int
 
@@ -240,6 +270,8 @@ Command = (
     | ReportResult
     | ExpireLeases
     | RenewLeases
+    | ReportResults
+    | StartTasks
 )
 
 
@@ -268,17 +300,59 @@ def _submit(f: Fields) -> SubmitTasks:
     return SubmitTasks(now_ms, specs)
 
 
-def _report(f: Fields) -> ReportResult:
-    now_ms, agent_id = f.integer("now_ms"), f.text("agent_id")
+def _report_fields(f: Fields, where: str) -> Report:
+    agent_id = f.text("agent_id")
     task_id, epoch, success = f.text("task_id"), f.integer("epoch", 1), f.flag("success")
     result_json, error = f.optional_text("result_json"), f.optional_text("error")
     if success and (result_json is None or error is not None):
-        raise CommandError("ReportResult: success needs result_json and no error")
+        raise CommandError(f"{where}: success needs result_json and no error")
     if not success and (error is None or result_json is not None):
-        raise CommandError("ReportResult: failure needs error and no result_json")
+        raise CommandError(f"{where}: failure needs error and no result_json")
     if result_json is not None:
         result_json = canonical_json(result_json, "result_json")
-    return ReportResult(now_ms, agent_id, task_id, epoch, success, result_json, error)
+    return Report(agent_id, task_id, epoch, success, result_json, error)
+
+
+def _report(f: Fields) -> ReportResult:
+    now_ms = f.integer("now_ms")
+    r = _report_fields(f, "ReportResult")
+    return ReportResult(now_ms, r.agent_id, r.task_id, r.epoch, r.success, r.result_json, r.error)
+
+
+def _report_results(f: Fields) -> ReportResults:
+    now_ms = f.integer("now_ms")
+    items = f.items("reports")
+    if not items:
+        raise CommandError("ReportResults.reports: empty batch")
+    reports = []
+    for i, raw in enumerate(items):
+        where = f"ReportResults.reports[{i}]"
+        item = Fields(raw, where)
+        reports.append(_report_fields(item, where))
+        item.close()
+    return ReportResults(now_ms, tuple(reports))
+
+
+def _start_tasks(f: Fields) -> StartTasks:
+    now_ms, agent_id = f.integer("now_ms"), f.text("agent_id")
+    items = f.items("tasks")
+    tasks: list[tuple[str, int]] = []
+    for i, raw in enumerate(items):
+        if (
+            not isinstance(raw, list)
+            or len(raw) != 2
+            or not isinstance(raw[0], str)
+            or not raw[0]
+            or type(raw[1]) is not int
+            or not 1 <= raw[1] <= INT_MAX
+        ):
+            raise CommandError(f"StartTasks.tasks[{i}]: expected [task id, epoch >= 1]")
+        tasks.append((raw[0], raw[1]))
+    if not tasks:
+        raise CommandError("StartTasks.tasks: empty batch")
+    if len({t for t, _ in tasks}) != len(tasks):
+        raise CommandError("StartTasks.tasks: duplicate task id")
+    return StartTasks(now_ms, agent_id, tuple(tasks))
 
 
 def _renew(f: Fields) -> RenewLeases:
@@ -319,6 +393,8 @@ _PARSERS: dict[str, Any] = {
     "ReportResult": _report,
     "ExpireLeases": lambda f: ExpireLeases(f.integer("now_ms")),
     "RenewLeases": _renew,
+    "ReportResults": _report_results,
+    "StartTasks": _start_tasks,
 }
 _COMMAND_TYPES = (
     SubmitTasks,
@@ -330,8 +406,11 @@ _COMMAND_TYPES = (
     ReportResult,
     ExpireLeases,
     RenewLeases,
+    ReportResults,
+    StartTasks,
 )
 assert {t.__name__ for t in _COMMAND_TYPES} == set(_PARSERS)
+COMMAND_TYPE_NAMES = tuple(t.__name__ for t in _COMMAND_TYPES)  # for counters and summaries
 
 
 @functools.lru_cache(maxsize=4096)

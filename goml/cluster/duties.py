@@ -3,7 +3,7 @@ a grace period after each election, and the commands that time makes necessary.
 
 The real node and the simulator both feed it heartbeats and `now_ms` and propose the
 commands `due()` returns. Only state *changes* reach the log (as Nomad does): an agent
-going down, leases expiring, a leased task seen running, a lease renewed.
+going down, leases expiring, leased tasks seen running, leases renewed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from goml.cluster.commands import (
     MarkAgentDown,
     RenewLeases,
     Resources,
-    StartTask,
+    StartTasks,
 )
 from goml.cluster.manifest import AgentState, Manifest, TaskState
 
@@ -93,21 +93,24 @@ class LeaderDuties:
                 continue
             if seen is None:
                 continue
-            started: list[StartTask] = []
+            started: list[tuple[str, int]] = []
             renew: list[str] = []
             for task_id in seen.running:
                 task = manifest.get_task(task_id)
                 if task is None or task.lease is None or task.lease.agent_id != agent.id:
                     continue
                 if task.state is TaskState.LEASED:
-                    started.append(StartTask(now_ms, agent.id, task_id, task.epoch))
+                    started.append((task_id, task.epoch))
                 if task.lease.deadline_ms - now_ms <= self.config.renew_before_ms:
                     renew.append(task_id)
-            commands.extend(started)
-            # One RenewLeases carries at most renew_tasks_max ids (the manifest refuses a
-            # larger one whole, which would let every one of those leases expire).
-            renew.sort()
+            # One command per agent, not per task; each carries at most renew_tasks_max
+            # ids (the manifest refuses a larger one whole, which would let every one of
+            # those leases expire).
             chunk = manifest.limits.renew_tasks_max
+            started.sort()
+            for start in range(0, len(started), chunk):
+                commands.append(StartTasks(now_ms, agent.id, tuple(started[start : start + chunk])))
+            renew.sort()
             for start in range(0, len(renew), chunk):
                 commands.append(
                     RenewLeases(

@@ -32,9 +32,12 @@ from goml.cluster.commands import (
     MarkAgentDown,
     RegisterAgent,
     RenewLeases,
+    Report,
     ReportResult,
+    ReportResults,
     Resources,
     StartTask,
+    StartTasks,
     SubmitTasks,
     TaskSpec,
     decode_command,
@@ -192,6 +195,15 @@ class Agent:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemResult:
+    """The outcome of one item of a batch command (ReportResults, StartTasks)."""
+
+    task_id: str
+    code: Code
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class ApplyResult:
     index: int
     ok: bool
@@ -200,6 +212,7 @@ class ApplyResult:
     task_ids: tuple[str, ...] = ()  # submit: one per spec, in order; others: tasks touched
     tasks: tuple[Task, ...] = ()  # LeaseTasks: the leased tasks as leased
     command: str = ""  # the applied command's type name; "" when it did not decode
+    items: tuple[ItemResult, ...] = ()  # batch commands: one per item, in order
 
 
 class _Refusal(Exception):
@@ -308,6 +321,10 @@ class Manifest:
                 return self._expire(index, command)
             case RenewLeases():
                 return self._renew(index, command)
+            case ReportResults():
+                return self._report_results(index, command)
+            case StartTasks():
+                return self._start_tasks(index, command)
 
     def _check_size(self, what: str, value: str | None, limit_name: str) -> None:
         limit: int = getattr(self._limits, limit_name)
@@ -548,16 +565,71 @@ class Manifest:
         )
 
     def _start(self, index: int, cmd: StartTask) -> ApplyResult:
-        task = self._task(cmd.task_id)
-        if not self._holds(task, cmd.agent_id, cmd.epoch):
-            raise self._stale(task, cmd.agent_id, cmd.epoch)
+        task = self._start_one(cmd.agent_id, cmd.task_id, cmd.epoch)
+        return ApplyResult(index, True, Code.OK, f"task {task.id} running", task_ids=(task.id,))
+
+    def _start_one(self, agent_id: str, task_id: str, epoch: int) -> Task:
+        task = self._task(task_id)
+        if not self._holds(task, agent_id, epoch):
+            raise self._stale(task, agent_id, epoch)
         target = _target(task, TaskEvent.START)
         if target is None:
             raise _illegal(task, TaskEvent.START)
         self._store(replace(task, state=target))
-        return ApplyResult(index, True, Code.OK, f"task {task.id} running", task_ids=(task.id,))
+        return task
+
+    def _start_tasks(self, index: int, cmd: StartTasks) -> ApplyResult:
+        if len(cmd.tasks) > self._limits.renew_tasks_max:
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"{len(cmd.tasks)} tasks; limit renew_tasks_max={self._limits.renew_tasks_max}",
+            )
+        items = []
+        for task_id, epoch in cmd.tasks:
+            try:
+                self._start_one(cmd.agent_id, task_id, epoch)
+            except _Refusal as refusal:
+                items.append(ItemResult(task_id, refusal.code, refusal.message))
+                continue
+            items.append(ItemResult(task_id, Code.OK, f"task {task_id} running"))
+        return self._batch_result(index, items)
 
     def _report(self, index: int, cmd: ReportResult) -> ApplyResult:
+        report = Report(
+            cmd.agent_id, cmd.task_id, cmd.epoch, cmd.success, cmd.result_json, cmd.error
+        )
+        new = self._report_one(cmd.now_ms, report)
+        return ApplyResult(index, True, Code.OK, f"task {new.id} {new.state}", task_ids=(new.id,))
+
+    def _report_results(self, index: int, cmd: ReportResults) -> ApplyResult:
+        if len(cmd.reports) > self._limits.batch_tasks_max:
+            raise _Refusal(
+                Code.RESOURCE_EXHAUSTED,
+                f"{len(cmd.reports)} reports; limit batch_tasks_max={self._limits.batch_tasks_max}",
+            )
+        items = []
+        for report in cmd.reports:
+            try:
+                new = self._report_one(cmd.now_ms, report)
+            except _Refusal as refusal:
+                items.append(ItemResult(report.task_id, refusal.code, refusal.message))
+                continue
+            items.append(ItemResult(new.id, Code.OK, f"task {new.id} {new.state}"))
+        return self._batch_result(index, items)
+
+    @staticmethod
+    def _batch_result(index: int, items: list[ItemResult]) -> ApplyResult:
+        done = tuple(item.task_id for item in items if item.code is Code.OK)
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"{len(done)} of {len(items)} applied",
+            task_ids=done,
+            items=tuple(items),
+        )
+
+    def _report_one(self, now_ms: int, cmd: Report) -> Task:
         task = self._task(cmd.task_id)
         if not self._holds(task, cmd.agent_id, cmd.epoch):
             # The fence behind "no result recorded twice"; counted so checkers can see it.
@@ -575,7 +647,7 @@ class Manifest:
                 lease=None,
                 result_json=cmd.result_json,
                 error=None,
-                finished_ms=cmd.now_ms,
+                finished_ms=now_ms,
                 results_recorded=task.results_recorded + 1,
             )
         else:
@@ -584,10 +656,10 @@ class Manifest:
                 state=target,
                 lease=None,
                 error=cmd.error,
-                finished_ms=cmd.now_ms if target is TaskState.DEAD else None,
+                finished_ms=now_ms if target is TaskState.DEAD else None,
             )
         self._store(new)
-        return ApplyResult(index, True, Code.OK, f"task {task.id} {new.state}", task_ids=(task.id,))
+        return new
 
     def _expire(self, index: int, cmd: ExpireLeases) -> ApplyResult:
         expired = []
@@ -689,11 +761,6 @@ class Manifest:
             return None
         count = max(1, min(max_count, self._limits.lease_tasks_max))
         return tuple(t.id for t in self._select_for_lease(agent, free, count, excluded))
-
-    def leasable(self, agent_id: str, free: Resources) -> int:
-        """Transitional, for the simulator's old node (being replaced by the node core)."""
-        found = self.leasable_tasks(agent_id, free, self._limits.lease_tasks_max, frozenset())
-        return self._limits.lease_tasks_max if found is None else len(found)
 
     def get_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)

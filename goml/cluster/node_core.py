@@ -79,7 +79,8 @@ from goml.cluster.commands import (
     CommandError,
     LeaseTasks,
     RegisterAgent,
-    ReportResult,
+    Report,
+    ReportResults,
     SubmitTasks,
     TaskSpec,
     canonical_json,
@@ -91,6 +92,7 @@ from goml.cluster.manifest import (
     AgentState,
     ApplyResult,
     Code,
+    ItemResult,
     Manifest,
     ManifestLimits,
     Task,
@@ -123,7 +125,15 @@ from goml.raft.types import (
 # Commands whose success can make a PENDING task fit some agent: new tasks, requeues,
 # capacity coming back (a cancel or a finished task frees its agent), new agents.
 WAKING_COMMANDS = frozenset(
-    {"SubmitTasks", "ExpireLeases", "MarkAgentDown", "ReportResult", "CancelTask", "RegisterAgent"}
+    {
+        "SubmitTasks",
+        "ExpireLeases",
+        "MarkAgentDown",
+        "ReportResult",
+        "ReportResults",
+        "CancelTask",
+        "RegisterAgent",
+    }
 )
 # Reports refused because a newer attempt owns the task (or it ended): fenced, not errors.
 _FENCED = (Code.STALE_EPOCH, Code.NOT_FOUND, Code.FAILED_PRECONDITION)
@@ -312,6 +322,7 @@ class ManifestMachine:
 
 class _Stage(enum.Enum):
     PROPOSED = "proposed"  # waits for its command to apply
+    QUEUED = "queued"  # a report waiting for the next batch
     READING = "reading"  # waits for a read point
     PARKED = "parked"  # a lease poll waiting for work
     WATCHING = "watching"  # a watch stream
@@ -389,8 +400,11 @@ class NodeCore:
         self._parked: dict[int, None] = {}  # lease polls in arrival order
         self._claimed: set[str] = set()  # tasks lease proposals in flight will take
         self._watches: dict[int, frozenset[str]] = {}
-        self._duty_tokens = 0  # negative tokens: duties' proposals (no caller waits)
+        # Negative tokens: proposals of the node itself (duties, report batches).
+        self._internal_tokens = 0
         self._duty_commands: dict[int, str] = {}
+        self._report_queue: list[int] = []  # report requests waiting for the next batch
+        self._report_batches: dict[int, tuple[int, ...]] = {}  # token -> request ids
         self._replies: list[Reply] = []
         self._logs: list[NodeLog] = []
         self._outstanding: NodeReady | None = None
@@ -487,17 +501,7 @@ class NodeCore:
             case LeaseRequest():
                 self._lease(request_id, request)
             case ReportRequest():
-                if self._leading_or_refuse(request_id):
-                    command_r = ReportResult(
-                        wall_ms,
-                        request.agent_id,
-                        request.task_id,
-                        request.epoch,
-                        request.success,
-                        request.result_json if request.success else None,
-                        None if request.success else (request.error or "failed"),
-                    )
-                    self._propose(request_id, request, command_r)
+                self._report(request_id, request)
 
     def forget(self, request_id: int) -> None:
         """The caller went away: drop the request (a proposal may still apply)."""
@@ -697,6 +701,7 @@ class NodeCore:
             return
         agent = self.manifest.get_agent(request.agent_id)
         known = agent is not None and agent.state is AgentState.ALIVE
+        revoked: tuple[str, ...] = ()
         if known and self.duties.leading_since_ms is not None:
             self.duties.heartbeat(
                 request.agent_id,
@@ -704,7 +709,111 @@ class NodeCore:
                 tuple(sorted(request.running_task_ids)),
                 self._wall_ms,
             )
-        self._reply(request_id, HeartbeatResponse(known=known))
+            revoked = self._revoked(request.agent_id, request.running_task_ids)
+        self._reply(request_id, HeartbeatResponse(known=known, revoked_task_ids=revoked))
+
+    def _report(self, request_id: int, request: ReportRequest) -> None:
+        """Reports wait while one batch of them is being committed, then go together
+        as one ReportResults: a lone report on an idle cluster goes at once."""
+        if not self._leading_or_refuse(request_id):
+            return
+        report = _report_of(request)
+        # Checked alone (as every replica checks it), so one bad report cannot sink a
+        # batch of good ones.
+        if self._encode(request_id, ReportResults(self._wall_ms, (report,))) is None:
+            return
+        self._wait(request_id, _Pending(request, _Stage.QUEUED, self._request_deadline()))
+        self._report_queue.append(request_id)
+        if not self._report_batches:
+            self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        limits = self.config.limits
+        budget = min(self.config.replica.proposal_bytes_max, limits.command_bytes_max) // 2
+        batch: list[int] = []
+        reports: list[Report] = []
+        queue, self._report_queue = self._report_queue, []
+        for position, request_id in enumerate(queue):
+            pending = self._pending.get(request_id)
+            if pending is None or pending.stage is not _Stage.QUEUED:
+                continue  # answered meanwhile (deadline) or forgotten
+            request = pending.request
+            assert isinstance(request, ReportRequest)
+            size = len(request.result_json) + len(request.error) + 256
+            if reports and (len(reports) >= limits.batch_tasks_max or size > budget):
+                self._report_queue = queue[position:]  # the next batch
+                break
+            budget -= size
+            batch.append(request_id)
+            reports.append(_report_of(request))
+        if not batch:
+            return
+        self._internal_tokens -= 1
+        token = self._internal_tokens
+        try:
+            self.replica.propose(
+                encode_command(ReportResults(self._wall_ms, tuple(reports))), token
+            )
+        except (NotLeader, ProposalDropped) as error:
+            for request_id in batch:
+                self._pending.pop(request_id)
+                if isinstance(error, NotLeader):
+                    self._not_leader(request_id)
+                else:
+                    self._error(request_id, ErrorCode.UNAVAILABLE, f"not proposed: {error}; retry")
+            return
+        self.stats.proposed["ReportResults"] = self.stats.proposed.get("ReportResults", 0) + 1
+        for request_id in batch:
+            self._pending[request_id].stage = _Stage.PROPOSED
+        self._report_batches[token] = tuple(batch)
+
+    def _reports_outcome(self, token: int, outcome: Outcome) -> None:
+        batch = self._report_batches.pop(token)
+        items: tuple[ItemResult, ...] = ()
+        if isinstance(outcome, Applied):
+            result = outcome.result
+            assert isinstance(result, ApplyResult)
+            if result.ok:
+                items = result.items
+                assert len(items) == len(batch), (items, batch)
+        for position, request_id in enumerate(batch):
+            pending = self._pending.pop(request_id, None)
+            if pending is None:
+                continue  # answered meanwhile (deadline) or forgotten
+            if items:
+                self._report_answer(request_id, items[position].code, items[position].message)
+            elif isinstance(outcome, Applied):
+                result = outcome.result
+                assert isinstance(result, ApplyResult)
+                self._refused(request_id, result)
+            else:
+                why = outcome.why if isinstance(outcome, Lost | Unknown) else "not applied"
+                self._error(request_id, ErrorCode.UNAVAILABLE, f"not committed: {why}; retry")
+        if self._report_queue and self.is_leader:
+            self._flush_reports()
+
+    def _report_answer(self, request_id: int, code: Code, message: str) -> None:
+        if code is Code.OK:
+            self._reply(request_id, ReportResponse(recorded=True, reason=""))
+        elif code in _FENCED:
+            # A newer attempt owns the task (or it ended): the agent drops its result.
+            self._reply(request_id, ReportResponse(recorded=False, reason=message))
+        else:
+            self._error(request_id, _REFUSAL_CODES[code], message)
+
+    def _revoked(self, agent_id: str, task_ids: tuple[str, ...]) -> tuple[str, ...]:
+        """Of the tasks an agent lists, those it holds no lease for any more. Only once
+        this leader has applied everything before its own term (a leader still catching
+        up could see a fresh lease as missing and stop a task for nothing)."""
+        raft = self.replica.raft
+        if raft.log.term_at(raft.applied) != raft.term:
+            return ()
+        revoked = []
+        for task_id in sorted(set(task_ids)):
+            task = self.manifest.get_task(task_id)
+            if task is None or task.lease is None or task.lease.agent_id != agent_id:
+                revoked.append(task_id)
+        return tuple(revoked)
 
     def _lease(self, request_id: int, request: LeaseRequest) -> None:
         if not self._leading_or_refuse(request_id):
@@ -828,21 +937,24 @@ class NodeCore:
             kind = type(command).__name__
             try:
                 data = encode_command(command)
-                self._duty_tokens -= 1
-                self.replica.propose(data, self._duty_tokens)
+                self._internal_tokens -= 1
+                self.replica.propose(data, self._internal_tokens)
             except (CommandError, ProposalTooLarge) as error:
                 self._log(LogLevel.WARNING, f"leader duty {kind} not proposed: {error}")
                 continue
             except (NotLeader, ProposalDropped) as error:
                 self._log(LogLevel.WARNING, f"leader duty {kind} not proposed: {error}")
                 break
-            self._duty_commands[self._duty_tokens] = kind
+            self._duty_commands[self._internal_tokens] = kind
             self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
 
     # --------------------------------------------------------------- outcomes
 
     def _on_outcome(self, outcome: Outcome) -> None:
         token = outcome.token
+        if token in self._report_batches:
+            self._reports_outcome(token, outcome)
+            return
         if token < 0:
             kind = self._duty_commands.pop(token, "duty")
             if isinstance(outcome, Applied):
@@ -893,15 +1005,6 @@ class NodeCore:
                 self._not_leader(request_id)
                 return
         self._pending.pop(request_id)
-        if isinstance(request, ReportRequest):
-            if result.ok:
-                self._reply(request_id, ReportResponse(recorded=True, reason=""))
-            elif result.code in _FENCED:
-                # A newer attempt owns the task (or it ended): the agent drops its result.
-                self._reply(request_id, ReportResponse(recorded=False, reason=result.message))
-            else:
-                self._refused(request_id, result)
-            return
         if not result.ok:
             task = (
                 self.manifest.get_task(request.task_id)
@@ -988,6 +1091,12 @@ class NodeCore:
             self._next_duties_ms = self._now_ms + self.config.duties_interval_ms
         elif not leader and self._was_leader:
             self.duties.lost_leadership()
+            queued, self._report_queue = self._report_queue, []
+            for request_id in queued:
+                pending = self._pending.get(request_id)
+                if pending is not None and pending.stage is _Stage.QUEUED:
+                    del self._pending[request_id]
+                    self._not_leader(request_id)
             for request_id in list(self._parked):
                 self._parked.pop(request_id)
                 if self._pending.pop(request_id, None) is not None:
@@ -1067,3 +1176,14 @@ class NodeCore:
 
     def _no_ready_outstanding(self) -> None:
         assert self._outstanding is None, "input between ready() and advance()"
+
+
+def _report_of(request: ReportRequest) -> Report:
+    return Report(
+        request.agent_id,
+        request.task_id,
+        request.epoch,
+        request.success,
+        request.result_json if request.success else None,
+        None if request.success else (request.error or "failed"),
+    )

@@ -250,10 +250,12 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., free: _Optional[_Union[Resources, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "revoked_task_ids")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    revoked_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, known: _Optional[bool] = ..., revoked_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("agent_id", "free", "max_tasks", "wait_ms")

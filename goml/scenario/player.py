@@ -44,7 +44,7 @@ from typing import NamedTuple, Protocol
 
 from goml.api.retry import RetryConfig
 from goml.api.types import Resources, TaskRequest, TaskState
-from goml.cluster.commands import decode_command, dumps
+from goml.cluster.commands import COMMAND_TYPE_NAMES, decode_command, dumps
 from goml.report.summary import distribution
 from goml.scenario.faults import (
     Pair,
@@ -81,17 +81,7 @@ CLIENT_BACKOFF_MS_MAX = 500
 
 SAMPLE_EVERY_S = 1.0
 SUBMIT_ERRORS_KEPT_MAX = 20  # the first ones say why; the count says how many
-COMMAND_TYPES = (
-    "SubmitTasks",
-    "LeaseTasks",
-    "StartTask",
-    "ReportResult",
-    "RenewLeases",
-    "ExpireLeases",
-    "MarkAgentDown",
-    "RegisterAgent",
-    "CancelTask",
-)
+COMMAND_TYPES = COMMAND_TYPE_NAMES  # every command type of goml.cluster.commands
 
 
 def client_retry_config(control_nodes: tuple[str, ...]) -> RetryConfig:
