@@ -731,3 +731,44 @@ def test_answers_in_stopped_state_change_nothing() -> None:
     h.fail(h.call(Method.LEASE), ErrorKind.UNAVAILABLE)
     assert h.core.pending_results == pending
     assert of_type(h._collect(), Call) == []
+
+
+# --------------------------------------------------------------------------- revocation
+
+
+def test_a_revoked_lease_stops_the_run_frees_its_slot_and_drops_its_result() -> None:
+    h = Harness()
+    h.register(interval_ms=10)  # the heartbeat comes before the report's retry (>= 50 ms)
+    first, second = leased("t1"), leased("t2")
+    h.respond(h.call(Method.LEASE), LeaseResponse((first, second)))
+    assert h.core.running_task_ids == ("t1", "t2")
+    h.finish(second, True, '{"x":1}')  # t2's result waits for its report
+    report = h.call(Method.REPORT)
+    h.fail(report, ErrorKind.UNAVAILABLE)  # not acknowledged: the result stays pending
+    assert h.core.pending_results == (("t2", 1),)
+    h.run_until(10)
+    beat = h.call(Method.HEARTBEAT)
+    assert isinstance(beat.request, HeartbeatRequest)
+    assert set(beat.request.running_task_ids) == {"t1", "t2"}
+    effects = h.respond(beat, HeartbeatResponse(True, ("t1", "t2")))
+    assert CancelTask("t1", 1) in effects  # the run is stopped at once
+    assert h.core.running_task_ids == ()
+    assert h.core.free == Resources(2.0, 4096, 0)  # its slot is free for the next lease
+    assert h.core.pending_results == ()  # the leader would refuse it: dropped
+    assert any("revoked" in t for t in h.logs(LogLevel.WARNING))
+    h.finish(first, True, '{"late":1}')  # a run that ends anyway is ignored
+    assert h.core.pending_results == ()
+
+
+def test_a_revoked_task_whose_report_is_in_flight_keeps_its_result_until_answered() -> None:
+    h = Harness()
+    h.register()
+    only = leased("t1")
+    h.respond(h.call(Method.LEASE), LeaseResponse((only,)))
+    h.finish(only, True, '{"x":1}')
+    report = h.call(Method.REPORT)  # in flight
+    h.run_until(h.core.heartbeat_interval_ms)
+    h.respond(h.call(Method.HEARTBEAT), HeartbeatResponse(True, ("t1",)))
+    assert h.core.pending_results == (("t1", 1),)
+    h.respond(report, ReportResponse(True, ""))
+    assert h.core.pending_results == ()
