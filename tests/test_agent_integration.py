@@ -514,3 +514,27 @@ def test_kill_9_agent_mid_task_moves_task_to_other_agent(tmp_path: Path) -> None
         assert json.loads(final.result_json) == {"slept_ms": 3000}
         assert final.attempts == 2
         assert time.monotonic() - started < 45
+
+
+def test_cancelling_a_running_task_frees_its_slot_within_two_seconds(tmp_path: Path) -> None:
+    with live_cluster(tmp_path, agents=1) as cluster:
+        # One agent with 2 cpus: a 60 s task of 2 cpus holds all of it.
+        [long] = cluster.client.submit_specs([spec("sleep_ms", {"ms": 60_000}, cpu=2.0)])
+        wait_until(
+            "the long task runs",
+            lambda: state_name(cluster.client.get(long)) in ("LEASED", "RUNNING"),
+            30,
+        )
+        # Nothing is free for it until the long task's run stops.
+        [quick] = cluster.client.submit_specs([spec("matmul", {"n": 4, "m": 4, "k": 4}, cpu=2.0)])
+        cancelled_at = time.monotonic()
+        assert state_name(cluster.client.cancel(long)) == "CANCELLED"
+        done = cluster.wait_all([quick], timeout_s=30)[quick]
+        freed_s = time.monotonic() - cancelled_at
+        assert state_name(done) == "SUCCEEDED", done.error
+        # The heartbeat answer revokes the lease (agents heartbeat every 400 ms here):
+        # the long task's run is stopped and its slot taken by the quick one.
+        assert freed_s < 2.0, freed_s
+        assert cluster.process("agent-1").popen.poll() is None
+        final = cluster.client.get(long)
+        assert state_name(final) == "CANCELLED" and final.result_json == ""
