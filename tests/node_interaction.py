@@ -88,6 +88,7 @@ def node_config(node_id: str, voters: tuple[str, ...]) -> NodeCoreConfig:
         inflight_messages_max=4,
         entries_per_message_max=8,
         uncommitted_entries_max=64,
+        message_bytes_max=1 << 20,
     )
     return NodeCoreConfig(
         replica=ReplicaConfig(

@@ -12,6 +12,7 @@ line, a `----` line, the output lines, and a blank line.
 Commands (every `<node>` may be a list where noted with `...`):
 
     add-nodes <n> [pre-vote=true|false] [check-quorum=true|false] [max-entries=8]
+              [max-bytes=1048576]
     campaign <node>                     start an election now
     tick <node>... <ms>                 advance the nodes' clocks, firing every timer due
     tick-election <node>...             advance to the election deadline (leaders: by
@@ -208,6 +209,7 @@ class InteractionEnv:
         pre_vote = options.pop("pre-vote", "true") == "true"
         check_quorum = options.pop("check-quorum", "true") == "true"
         max_entries = int(options.pop("max-entries", "8"))
+        max_bytes = int(options.pop("max-bytes", str(1 << 20)))
         if options:
             raise InteractionError(f"unknown options {options}")
         ids = tuple(f"n{i + 1}" for i in range(len(self.nodes), len(self.nodes) + count))
@@ -224,6 +226,7 @@ class InteractionEnv:
                 inflight_messages_max=4,
                 entries_per_message_max=max_entries,
                 uncommitted_entries_max=64,
+                message_bytes_max=max_bytes,
                 pre_vote=pre_vote,
                 check_quorum=check_quorum,
             )

@@ -40,6 +40,7 @@ def config(node_id: str, *, pre_vote: bool = True, check_quorum: bool = True) ->
         inflight_messages_max=4,
         entries_per_message_max=8,
         uncommitted_entries_max=64,
+        message_bytes_max=1 << 20,
         pre_vote=pre_vote,
         check_quorum=check_quorum,
     )
@@ -488,3 +489,28 @@ def test_proposal_then_step_down_before_ready_sends_nothing() -> None:
     assert all(m.type is not MessageType.APPEND for m in ready.messages)
     assert [e.index for e in ready.entries] == [index]  # kept, uncommitted, until a leader decides
     leader.advance(ready)
+
+
+# ---------------------------------------------------------------- message size
+
+
+def test_an_append_carries_at_most_message_bytes_max_of_entries_but_always_one() -> None:
+    """etcd's MaxSizePerMsg: a follower catching up on large entries gets them in
+    messages under the limit (512 entries of 256 KiB would exceed gRPC's 64 MiB)."""
+    env = env_with_leader("max-entries=64", "max-bytes=1000")
+    env.run("partition n1 | n2 n3")  # n2, n3 fall behind while n1 takes proposals
+    sizes = (400, 400, 400, 5000, 10)
+    for size in sizes:
+        env.run(f"propose n1 {'x' * size}")
+    env.run("process-ready n1")
+    env.run("heal")
+    sent = record_messages(env)
+    env.run("tick-heartbeat n1")
+    env.run("stabilize")
+    appends = [m for m in sent if m.type is MessageType.APPEND and m.target == "n2" and m.entries]
+    batches = [[len(e.data) for e in m.entries] for m in appends]
+    delivered = {e.index: len(e.data) for m in appends for e in m.entries}  # resends alike
+    assert [delivered[i] for i in sorted(delivered)][-len(sizes) :] == list(sizes), batches
+    for batch in batches:
+        assert len(batch) == 1 or sum(batch) <= 1000, batches
+    assert [5000] in batches  # alone: one entry always goes, whatever its size

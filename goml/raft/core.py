@@ -661,7 +661,7 @@ class RaftCore:
             self._send_snapshot(peer, progress)
             return
         last = min(self.log.last_index, previous + self.config.entries_per_message_max)
-        entries = self.log.slice(progress.next, last + 1)
+        entries = self._bounded(self.log.slice(progress.next, last + 1))
         if not entries and not allow_empty:
             return
         self._send(
@@ -683,6 +683,15 @@ class RaftCore:
                 progress.inflight_last_indexes.append(entries[-1].index)
         else:
             progress.probe_sent = True
+
+    def _bounded(self, entries: tuple[Entry, ...]) -> tuple[Entry, ...]:
+        """At most `message_bytes_max` of entry data, and never less than one entry."""
+        budget = self.config.message_bytes_max
+        for count, entry in enumerate(entries):
+            budget -= len(entry.data)
+            if budget < 0 and count > 0:
+                return entries[:count]
+        return entries
 
     def _send_snapshot(self, peer: NodeId, progress: Progress) -> None:
         assert self.snapshot is not None, "entries were compacted, so a snapshot exists"

@@ -141,6 +141,7 @@ class Cluster:
             inflight_messages_max=8,
             entries_per_message_max=16,
             uncommitted_entries_max=256,
+            message_bytes_max=4096,
         )
         return ReplicaConfig(
             raft=raft,

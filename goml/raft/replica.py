@@ -50,6 +50,9 @@ from goml.raft.types import (
 INFLIGHT_MESSAGES_MAX = 64
 ENTRIES_PER_MESSAGE_MAX = 512
 UNCOMMITTED_ENTRIES_MAX = 8192
+# Entry data per APPEND (etcd's MaxSizePerMsg): 512 entries of 256 KiB would exceed gRPC's
+# 64 MiB message limit and wedge a follower that is catching up.
+MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 PROPOSAL_BYTES_MAX = 1024 * 1024
 
 
@@ -70,6 +73,7 @@ def raft_config(
         inflight_messages_max=INFLIGHT_MESSAGES_MAX,
         entries_per_message_max=ENTRIES_PER_MESSAGE_MAX,
         uncommitted_entries_max=UNCOMMITTED_ENTRIES_MAX,
+        message_bytes_max=MESSAGE_BYTES_MAX,
     )
 
 

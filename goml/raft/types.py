@@ -170,6 +170,7 @@ class Config:
     inflight_messages_max: int
     entries_per_message_max: int
     uncommitted_entries_max: int
+    message_bytes_max: int  # entry data per APPEND; one entry always goes, whatever its size
     pre_vote: bool = True
     check_quorum: bool = True
 
@@ -181,6 +182,7 @@ class Config:
         assert self.inflight_messages_max >= 1
         assert self.entries_per_message_max >= 1
         assert self.uncommitted_entries_max >= 1
+        assert self.message_bytes_max >= 1
 
 
 class Role(enum.Enum):
