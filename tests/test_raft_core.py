@@ -198,6 +198,8 @@ def test_follower_crash_after_persist_before_ack_is_not_counted() -> None:
     env.run("tick-heartbeat n1")
     env.run("stabilize")
     assert env.core("n1").commit == 2
+    env.run("tick-heartbeat n1")  # the commit index reaches followers on the next heartbeat
+    env.run("stabilize")
     assert env.node("n2").applied == [(2, "a")]
 
 

@@ -315,8 +315,9 @@ class RaftCore:
         assert self.applied <= self.commit
         if self.role is Role.LEADER and self._maybe_commit():
             # The leader counts itself only for what it has stored (STYLE.md: persist,
-            # then send; commit needs a durable majority).
-            self._broadcast_append(allow_empty=True)
+            # then send; commit needs a durable majority). The new commit index rides on
+            # the next append or heartbeat: no empty append just to carry it.
+            self._broadcast_append(allow_empty=False)
 
     # ---------------------------------------------------------------- queries
 
@@ -593,7 +594,9 @@ class RaftCore:
             progress.state = ProgressState.REPLICATE
             progress.inflight_last_indexes = []
         if self._maybe_commit():
-            self._broadcast_append(allow_empty=True)
+            # The commit index rides on the next append or heartbeat (an empty append per
+            # commit doubled the messages of every proposal).
+            self._broadcast_append(allow_empty=False)
         elif progress.next <= self.log.last_index:
             self._send_append(peer, allow_empty=False)
         if peer == self.transfer_target and progress.match == self.log.last_index:
