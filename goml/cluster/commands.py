@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 # Re-exported: commands carry the API's resource value.
@@ -36,6 +36,23 @@ def dumps(value: object) -> str:
 
 def _refuse_constant(name: str) -> object:
     raise CommandError(f"{name} is not a JSON number")
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def plain(value: object) -> object:
+    """A frozen dataclass value as JSON-ready dicts and lists, like `dataclasses.asdict`
+    but without its deep copies (the values are immutable): commands, digests and
+    snapshots are built with it on every proposal and every compaction."""
+    names = _FIELD_NAMES.get(type(value))
+    if names is None:
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        if not is_dataclass(value):
+            return value
+        names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
+    return {name: plain(getattr(value, name)) for name in names}
 
 
 def loads(text: str, where: str) -> object:
@@ -438,7 +455,8 @@ def decode_command(data: bytes) -> Command:
 def encode_command(command: Command) -> bytes:
     """A command to log bytes; raises CommandError if replicas would refuse to decode it."""
     assert isinstance(command, _COMMAND_TYPES), type(command)
-    body = asdict(command)
+    body = plain(command)
+    assert isinstance(body, dict)
     assert "type" not in body
     body["type"] = type(command).__name__
     try:

@@ -43,6 +43,7 @@ from goml.cluster.commands import (
     decode_command,
     dumps,
     loads,
+    plain,
     read_resources,
 )
 
@@ -225,7 +226,7 @@ class _Refusal(Exception):
 
 def content_digest(spec: TaskSpec) -> str:
     """Digest of everything a submit says, so a retry can be told from a key collision."""
-    return hashlib.sha256(dumps(asdict(spec)).encode("ascii")).hexdigest()
+    return hashlib.sha256(dumps(plain(spec)).encode("ascii")).hexdigest()
 
 
 def _target(task: Task, event: TaskEvent) -> TaskState | None:
@@ -782,9 +783,9 @@ class Manifest:
             "applied_index": self._applied_index,
             "next_seq": self._next_seq,
             "stale_reports_refused": self._stale_reports_refused,
-            "limits": asdict(self._limits),
-            "agents": [asdict(a) for a in self.list_agents()],
-            "tasks": [asdict(t) for t in self._tasks.values()],
+            "limits": plain(self._limits),
+            "agents": [plain(a) for a in self.list_agents()],
+            "tasks": [plain(t) for t in self._tasks.values()],
         }
         return dumps(body).encode("ascii")
 
