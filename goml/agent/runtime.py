@@ -37,6 +37,8 @@ retry_backoff_ms_max: 2000
 result_bytes_max: 1048576
 error_bytes_max: 8192
 kill_wait_ms: 5000              # how long a killed task process may take to disappear
+worker_tasks_max: 1000          # tasks a warm worker process runs before it is replaced
+worker_memory_mb_max: 2048      # a worker whose peak RSS passes this after a task is replaced
 seed: null                      # backoff jitter seed; null = from the OS
 ```
 
@@ -174,6 +176,8 @@ class AgentConfig(_Model):
     result_bytes_max: int = Field(default=1 << 20, ge=1)
     error_bytes_max: int = Field(default=8192, ge=64)
     kill_wait_ms: int = Field(default=5000, ge=1)
+    worker_tasks_max: int = Field(default=1000, ge=1)
+    worker_memory_mb_max: int = Field(default=2048, ge=1)
     seed: int | None = None
 
     @model_validator(mode="after")
@@ -544,6 +548,8 @@ async def run_agent(
         result_bytes_max=config.result_bytes_max,
         runs_max=config.tasks_running_max,
         kill_wait_ms=config.kill_wait_ms,
+        worker_tasks_max=config.worker_tasks_max,
+        worker_memory_mb_max=config.worker_memory_mb_max,
     )
     runtime = AgentRuntime(
         AgentCore(core_config, rng),

@@ -32,6 +32,7 @@ from goml.api.task_args import (
     ARGS_JSON_MAX,
     BUILTIN_ARGS,
     ENTRY_POINT_GROUP,
+    AllocateMbArgs,
     EighArgs,
     FailArgs,
     FftArgs,
@@ -409,6 +410,23 @@ def fail(a: FailArgs) -> dict[str, object]:
     raise RuntimeError(a.message)
 
 
+# The smallest page size: one write every this many bytes makes every page resident.
+_TOUCH_STRIDE_BYTES = 4096
+
+
+def allocate_mb(a: AllocateMbArgs) -> dict[str, object]:
+    """TEST HELPER ONLY: allocates ``mb`` MiB (a bytearray), writes to every page of it so
+    it is resident and not just reserved, holds it ``hold_ms`` milliseconds, then frees
+    it. It exists so the agent's recycling of workers by memory can be tested."""
+    block = bytearray(a.mb << 20)
+    pages = len(range(0, len(block), _TOUCH_STRIDE_BYTES))
+    block[::_TOUCH_STRIDE_BYTES] = b"\x01" * pages
+    assert len(block) == a.mb << 20 and block[0] == 1, len(block)
+    time.sleep(a.hold_ms / 1000)
+    del block
+    return {"allocated_mb": a.mb}
+
+
 # --------------------------------------------------------------------------- registry
 
 BUILTINS: dict[str, TaskFunction[Any]] = {
@@ -425,6 +443,7 @@ BUILTINS: dict[str, TaskFunction[Any]] = {
         TaskFunction("monte_carlo_pi", MonteCarloPiArgs, monte_carlo_pi, "Monte Carlo π"),
         TaskFunction("sleep_ms", SleepMsArgs, sleep_ms, "test helper: sleep"),
         TaskFunction("fail", FailArgs, fail, "test helper: raise"),
+        TaskFunction("allocate_mb", AllocateMbArgs, allocate_mb, "test helper: use memory"),
     )
 }
 

@@ -32,6 +32,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "MAX_DIM",
     "MAX_SEED",
+    "AllocateMbArgs",
     "EighArgs",
     "FailArgs",
     "FftArgs",
@@ -236,6 +237,11 @@ class FailArgs(TaskArgs):
     message: str = Field(default="task failed on purpose", max_length=10_000)
 
 
+class AllocateMbArgs(TaskArgs):
+    mb: int = Field(ge=1, le=4096)
+    hold_ms: int = Field(default=0, ge=0, le=60_000)
+
+
 # goml.agent.tasks asserts at import that its BUILTINS has exactly these names and models,
 # so the control plane and the agents cannot disagree about what a built-in accepts.
 BUILTIN_ARGS: dict[str, type[TaskArgs]] = {
@@ -250,6 +256,7 @@ BUILTIN_ARGS: dict[str, type[TaskArgs]] = {
     "monte_carlo_pi": MonteCarloPiArgs,
     "sleep_ms": SleepMsArgs,
     "fail": FailArgs,
+    "allocate_mb": AllocateMbArgs,
 }
 
 
