@@ -31,6 +31,7 @@ Commands (every `<node>` may be a list where noted with `...`):
     persist-no-send <node>              take one Ready, persist it, then crash: nothing
                                         of it leaves the node
     restart <node>                      rebuild the core from its store
+    wipe <node>                         (down) its disk is lost: a new, empty store
     compact <node> <index>              local snapshot of the state machine at index
     status <node>...
     log <node>...
@@ -160,6 +161,7 @@ class InteractionEnv:
         self.applied_by_index: dict[int, tuple[int, str]] = {}
         self.max_term: dict[NodeId, int] = {}
         self.max_commit: dict[NodeId, int] = {}
+        self.stores_printed: dict[NodeId, str] = {}
 
     # ------------------------------------------------------------------ driver
 
@@ -351,8 +353,15 @@ class InteractionEnv:
         if ready.hard_state is not None:
             hs = ready.hard_state
             sync = " sync" if ready.must_sync else ""
+            # Peers' stores are printed when they change (first contact, a replaced disk).
+            stores = ",".join(f"{p}:{i}" + (f"<{b}" if b else "") for p, i, b in hs.peers)
+            changed = self.stores_printed.get(node_id) != stores
+            self.stores_printed[node_id] = stores
+            extra = (" restoring" if hs.restoring else "") + (
+                f" stores={stores}" if stores and changed else ""
+            )
             self.out.append(
-                f"  hard-state term={hs.term} vote={hs.vote or '-'} commit={hs.commit}{sync}"
+                f"  hard-state term={hs.term} vote={hs.vote or '-'} commit={hs.commit}{extra}{sync}"
             )
         if ready.snapshot is not None:
             self.out.append(f"  snapshot: {ready.snapshot.index}/{ready.snapshot.term}")
@@ -474,6 +483,16 @@ class InteractionEnv:
         self._print_ready(node_id, ready)
         self.out.append(f"{node_id}: crashed after persisting, {len(ready.messages)} msgs unsent")
         node.core = None
+
+    def cmd_wipe(self, args: list[str]) -> None:
+        for node_id in args:
+            node = self.node(node_id)
+            if node.core is not None:
+                raise InteractionError(f"{node_id} is running: crash it first")
+            node.storage = MemoryStorage(incarnation=node.storage.incarnation + 1)
+            self.max_term[node_id] = 0  # a new store: its terms start again
+            self.max_commit[node_id] = 0
+            self.out.append(f"{node_id}: store wiped (incarnation {node.storage.incarnation})")
 
     def cmd_restart(self, args: list[str]) -> None:
         for node_id in args:

@@ -183,6 +183,14 @@ def wait_caught_up(cluster: LocalCluster, names: list[str]) -> None:
             wait_until(applied, 30.0, f"{name} to apply index {target}")
 
 
+def health_of(cluster: LocalCluster, name: str) -> int:
+    with cluster.channel(name) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[no-untyped-call]
+            health_pb2.HealthCheckRequest(service=""), timeout=CALL_TIMEOUT_S
+        )
+    return int(answer.status)
+
+
 def all_tasks(manifest: Manifest) -> list[tuple[str, str]]:
     """(task id, idempotency key) of every task in a replayed manifest."""
     return [(t.id, t.idempotency_key) for t in manifest.list_tasks(limit=manifest.limits.tasks_max)]
@@ -338,6 +346,63 @@ def test_retry_through_failover_never_duplicates(cluster: LocalCluster) -> None:
         with_k = [task_id for task_id, key in all_tasks(manifest) if key == "K"]
         assert with_k == [first], (name, with_k)
     check_replicas({n: manifests[n] for n in survivors}, {"K": first, "K2": other})
+
+
+@pytest.mark.slow
+def test_a_node_restarted_with_an_empty_disk_loses_no_acknowledged_task(
+    cluster: LocalCluster,
+) -> None:
+    """Issue 11 item 1, as a user would do it: stop follower A, submit 20 tasks (all
+    acknowledged, by the leader and B), stop B and delete its data directory, kill -9
+    the leader, start A and B. B's new store must not count as the voter it was: A (which
+    lacks the 20 tasks) is not elected with B's vote. When the old leader is back, every
+    acknowledged task is there under its id, an idempotent resubmit finds it, and B is
+    repaired from scratch."""
+    leader = cluster.leader()
+    a, b = [name for name in cluster.names() if name != leader]
+    cluster.kill(a)
+    keys = [f"amnesia-{i}" for i in range(20)]
+    ids = {key: cluster.client.submit("matmul", {"n": 3}, idempotency_key=key) for key in keys}
+    cluster.kill(b)
+    b_dir = cluster.data_dirs()[b]
+    for path in b_dir.iterdir():  # the disk is lost: every file of the store
+        path.unlink()
+    cluster.kill(leader)
+    cluster.restart(a)
+    cluster.restart(b)
+    with Client(cluster.profile, call_timeout_s=1.0, retry_s=2.0) as probe:
+
+        def someone_leads() -> str | None:
+            for name in (a, b):
+                with contextlib.suppress(ClientError):
+                    status = probe.status(name)
+                    if status.leader_id:
+                        return f"{name} sees leader {status.leader_id}"
+            return None
+
+        # Elections take well under a second here: several election rounds pass in 4 s.
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            assert someone_leads() is None, "a leader was elected without the 20 tasks"
+            time.sleep(0.1)  # polling two remote processes for the whole window
+    # Health says so: neither node is a working member now (issue 11 item 3).
+    for name in (a, b):
+        assert health_of(cluster, name) == health_pb2.HealthCheckResponse.NOT_SERVING, name
+    cluster.restart(leader)
+    cluster.leader()
+    for name in cluster.names():
+        wait_until(
+            lambda name=name: health_of(cluster, name) == health_pb2.HealthCheckResponse.SERVING,
+            30.0,
+            f"{name} to report SERVING",
+        )
+    for key, task_id in ids.items():
+        assert cluster.client.get(task_id).spec.idempotency_key == key
+        assert cluster.client.submit("matmul", {"n": 3}, idempotency_key=key) == task_id
+    wait_caught_up(cluster, cluster.names())  # B repaired: it applied everything
+    cluster.stop()
+    manifests = replay_cluster(cluster.data_dirs())
+    check_replicas(manifests, ids)
 
 
 # ------------------------------------------------------------- the shared cluster

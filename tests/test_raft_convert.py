@@ -26,6 +26,16 @@ def _inbound(proto: raft_pb2.Message) -> Message:
     [
         Message(MessageType.PRE_VOTE, "n1", "n2", 3, log_index=7, log_term=2),
         Message(MessageType.VOTE, "n1", "n2", 3, log_index=7, log_term=2, force=True),
+        Message(
+            MessageType.APPEND_RESPONSE,
+            "n1",
+            "n2",
+            3,
+            index=4,
+            incarnation=1796120051586392123,
+            restoring=True,
+            target_previous=1796120051586391999,
+        ),
         Message(MessageType.VOTE_RESPONSE, "n1", "n2", 3, reject=True),
         Message(
             MessageType.APPEND,

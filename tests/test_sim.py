@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from goml.raft.checker import SafetyChecker, SafetyViolation
+from goml.raft.types import Entry
 from goml.scenario.loader import load_scenario_text
 from goml.sim.simulation import run_scenario
 
@@ -117,9 +118,9 @@ def test_partition_of_the_leader_side_moves_leadership() -> None:
 
 def test_checker_catches_conflicting_applies() -> None:
     checker = SafetyChecker()
-    checker.applied_entry("n1", 5, 2, b"a")
+    checker.applied_entry("n1", Entry(5, 2, data=b"a"))
     with pytest.raises(SafetyViolation, match="state-machine safety"):
-        checker.applied_entry("n2", 5, 3, b"b")
+        checker.applied_entry("n2", Entry(5, 3, data=b"b"))
 
 
 def test_cli_exit_code_follows_expectations(tmp_path: Path) -> None:

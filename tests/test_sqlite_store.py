@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ CHILD_DEADLINE_S = 60.0
 
 
 # --- helpers -------------------------------------------------------------------------
+
+
+# A new store has an identity of its own: comparisons with MemoryStorage look at
+# everything else.
+EMPTY = PersistedState()
+
+
+def plain(state: PersistedState) -> PersistedState:
+    assert state.incarnation >= 1
+    return replace(state, incarnation=1)
 
 
 def fill(path: Path, count: int, commit: int, data_bytes: int = 100) -> None:
@@ -175,32 +186,32 @@ def test_matches_memory_storage(tmp_path: Path, seed: int) -> None:
     memory = MemoryStorage()
     store = SqliteStorage(path)
     try:
-        assert store.load() == memory.load() == PersistedState()
+        assert plain(store.load()) == memory.load() == EMPTY
         for step in range(250):
             op, args = script.step(memory.load())
             apply(memory, op, args)
             apply(store, op, args)
-            assert store.load() == memory.load(), f"seed {seed} step {step}: {op}"
+            assert plain(store.load()) == memory.load(), f"seed {seed} step {step}: {op}"
             if rng.random() < 0.1:
                 store.close()
                 store = SqliteStorage(path)
-                assert store.load() == memory.load(), f"seed {seed} step {step}: reopen"
+                assert plain(store.load()) == memory.load(), f"seed {seed} step {step}: reopen"
     finally:
         store.close()
     with SqliteStorage(path) as reopened:
-        assert reopened.load() == memory.load()
+        assert plain(reopened.load()) == memory.load()
 
 
 def test_new_store_is_empty_and_persists_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "raft.db"
     with SqliteStorage(path) as store:
-        assert store.load() == PersistedState()
+        assert plain(store.load()) == EMPTY
     assert path.exists()
     with SqliteStorage(path) as store:
-        assert store.load() == PersistedState()
+        assert plain(store.load()) == EMPTY
         store.persist(None, (Entry(1, 1, data=b"x"),), HardState(1, "n1", 1), True)
     with SqliteStorage(path) as store:
-        assert store.load() == PersistedState(
+        assert plain(store.load()) == PersistedState(
             HardState(1, "n1", 1), None, (Entry(1, 1, data=b"x"),)
         )
 
@@ -216,14 +227,14 @@ def test_invalid_persist_is_rolled_back(tmp_path: Path) -> None:
     path = tmp_path / "raft.db"
     fill(path, 5, commit=3)
     with SqliteStorage(path) as store:
-        before = store.load()
+        before = plain(store.load())
         with pytest.raises(AssertionError):
             # Leaves a gap after 5: the hard state would be written first in a naive store.
             store.persist(None, (Entry(7, 2),), HardState(5, "n2", 3), True)
         with pytest.raises(AssertionError, match="earlier transaction"):
-            store.load()
+            plain(store.load())
     with SqliteStorage(path) as store:
-        assert store.load() == before
+        assert plain(store.load()) == before
 
 
 # --- kill -9 ---------------------------------------------------------------------------
@@ -272,7 +283,7 @@ def test_every_acknowledged_entry_survives_kill_9(tmp_path: Path) -> None:
         return (b"entry-%d-" % i) * (1 + i % 7)
 
     with SqliteStorage(path) as store:
-        state = store.load()
+        state = plain(store.load())
     assert state.snapshot is not None
     base = state.snapshot.index
     assert state.snapshot == Snapshot(base, term(base), b"upto-%d" % base)
@@ -291,11 +302,11 @@ def test_every_acknowledged_entry_survives_kill_9(tmp_path: Path) -> None:
 
 def assert_corrupted(path: Path, match: str) -> None:
     with pytest.raises(StoreCorrupted, match=match) as info, SqliteStorage(path) as store:
-        store.load()
+        plain(store.load())
     assert str(path) in str(info.value)
     # The lock is released even when opening failed.
     with pytest.raises(StoreCorrupted), SqliteStorage(path) as store:
-        store.load()
+        plain(store.load())
 
 
 @pytest.mark.parametrize("keep", ["zero", "header", "half", "one-byte-short"])
@@ -404,7 +415,7 @@ def test_second_open_in_same_process_is_refused(tmp_path: Path) -> None:
             SqliteStorage(path)
         assert str(path) in str(info.value)
     with SqliteStorage(path) as store:
-        assert store.load() == PersistedState()
+        assert plain(store.load()) == EMPTY
 
 
 HOLDER = """
@@ -432,4 +443,49 @@ def test_open_from_another_process_is_refused(tmp_path: Path) -> None:
         kill_child(proc)
     # The kernel drops the lock of a killed holder.
     with SqliteStorage(path) as store:
-        assert store.load() == PersistedState()
+        assert plain(store.load()) == EMPTY
+
+
+# --- identity and amnesia ----------------------------------------------------------------
+
+
+def test_each_new_store_has_its_own_growing_incarnation(
+    tmp_path: Path,
+) -> None:
+    first_path, second_path = tmp_path / "a.db", tmp_path / "b.db"
+    with SqliteStorage(first_path) as first:
+        one = first.load()
+    with SqliteStorage(second_path) as second:
+        two = second.load()
+    assert one.incarnation != two.incarnation
+    assert two.incarnation > one.incarnation  # a later store: a larger identity
+    assert not one.hard_state.restoring  # a new store is trusted until a peer knew another
+    with SqliteStorage(first_path) as again:  # reopening keeps the identity
+        assert again.load().incarnation == one.incarnation
+
+
+def test_restoring_and_peer_stores_persist_with_the_hard_state(tmp_path: Path) -> None:
+    path = tmp_path / "raft.db"
+    peers = (("n2", 7, 0), ("n3", 9, 5))
+    with SqliteStorage(path) as store:
+        store.persist(None, (Entry(1, 1),), HardState(1, "n1", 1, True, peers), True)
+    with SqliteStorage(path) as store:
+        loaded = store.load().hard_state
+        assert loaded.restoring and loaded.peers == peers
+        store.persist(None, (), HardState(1, "n1", 1, False, peers[:1]), True)
+    with SqliteStorage(path) as store:
+        loaded = store.load().hard_state
+        assert not loaded.restoring and loaded.peers == peers[:1]
+
+
+def test_a_store_of_an_older_version_is_not_restoring(tmp_path: Path) -> None:
+    path = tmp_path / "raft.db"
+    with SqliteStorage(path) as store:
+        store.persist(None, (Entry(1, 1),), HardState(1, "n1", 1), True)
+    conn = sqlite3.connect(path)  # as 0.1 wrote it: no identity, no restoring flag
+    conn.execute("DELETE FROM meta WHERE key IN ('incarnation', 'restoring')")
+    conn.commit()
+    conn.close()
+    with SqliteStorage(path) as store:
+        loaded = store.load()
+    assert loaded.incarnation == 1 and not loaded.hard_state.restoring

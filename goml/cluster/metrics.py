@@ -30,6 +30,24 @@ class Metrics:
         self.tasks = Gauge("goml_tasks", "Tasks by state", ["state"], registry=r)
         self.agents = Gauge("goml_agents", "Agents by state", ["state"], registry=r)
         self.applied_commands = Counter("goml_applied_commands", "Applied commands", registry=r)
+        self.leader_changes = Counter(
+            "goml_raft_leader_changes", "Leaders this node has seen come (term changes)", registry=r
+        )
+        self.follower_lag = Gauge(
+            "goml_raft_follower_lag_entries",
+            "On the leader: entries each follower lacks",
+            ["follower"],
+            registry=r,
+        )
+        self.restoring = Gauge(
+            "goml_raft_restoring", "1 while this node's new store is being caught up", registry=r
+        )
+        self.store_repairs = Counter(
+            "goml_raft_store_repairs", "Peers seen with a new store (wiped or replaced)", registry=r
+        )
+        self.healthy = Gauge("goml_node_healthy", "1 if the node reports SERVING", registry=r)
+        self._seen_leader: tuple[int, str] = (0, "")
+        self._seen_repairs = 0
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
@@ -39,6 +57,16 @@ class Metrics:
 
     def observe_node(self, core: NodeCore) -> None:
         raft = core.replica.raft
+        if raft.leader and (raft.term, raft.leader) != self._seen_leader:
+            self._seen_leader = (raft.term, raft.leader)
+            self.leader_changes.inc()
+        for follower, lag in core.replication_lag().items():
+            self.follower_lag.labels(follower=follower).set(lag)
+        self.restoring.set(1 if raft.restoring else 0)
+        if raft.repairs > self._seen_repairs:
+            self.store_repairs.inc(raft.repairs - self._seen_repairs)
+            self._seen_repairs = raft.repairs
+        self.healthy.set(1 if core.health()[0] else 0)
         self.is_leader.set(1 if raft.role is Role.LEADER else 0)
         self.term.set(raft.term)
         self.commit_index.set(raft.commit)

@@ -156,7 +156,8 @@ LIST_LIMIT_MAX = 10_000
 MAX_ATTEMPTS_DEFAULT = 3
 TASK_TIMEOUT_MS_DEFAULT = 60_000
 REQUESTS_MAX = 16_384
-REQUEST_TIMEOUT_MS_DEFAULT = 5000  # a node file's request_timeout_s, unless it says otherwise
+REQUEST_TIMEOUT_MS_DEFAULT = 5000
+APPLY_LAG_ENTRIES_MAX = 10_000  # unhealthy beyond: this node is far behind what it knows  # a node file's request_timeout_s, unless it says otherwise
 
 
 @dataclass(frozen=True, slots=True)
@@ -554,6 +555,35 @@ class NodeCore:
 
     def take_deferred_hard_state(self) -> HardState | None:
         return self.replica.take_deferred_hard_state()
+
+    def health(self) -> tuple[bool, str]:
+        """Whether this node is a working member of a working cluster (for the gRPC
+        health service and probes): it knows a leader it heard from within an election
+        timeout (or leads with a quorum), is not restoring a lost store, and has applied
+        close to what it knows is committed."""
+        raft = self.replica.raft
+        timeout_ms = raft.config.election_timeout_ms_min
+        if raft.restoring:
+            return False, "restoring: this node's store is new and a leader has not caught it up"
+        if raft.role is Role.LEADER:
+            if not raft.quorum_active():
+                return False, "leader without a quorum in the last election timeout"
+        elif not raft.leader:
+            return False, f"no leader known ({raft.role.value})"
+        elif raft.leader_heard_ms is None or self._now_ms - raft.leader_heard_ms > timeout_ms:
+            return False, f"leader {raft.leader} not heard from for over {timeout_ms} ms"
+        lag = raft.commit - raft.applied
+        if lag > APPLY_LAG_ENTRIES_MAX:
+            return False, f"{lag} committed entries not applied yet"
+        return True, "serving"
+
+    def replication_lag(self) -> dict[str, int]:
+        """The leader's view: entries each follower lacks ({} on a follower)."""
+        raft = self.replica.raft
+        if raft.role is not Role.LEADER:
+            return {}
+        last = raft.log.last_index
+        return {peer: last - progress.match for peer, progress in sorted(raft.progress.items())}
 
     def status(self) -> StatusResponse:
         raft = self.replica.raft

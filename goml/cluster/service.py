@@ -80,6 +80,9 @@ class ControlPlane:
         self._calls: dict[int, asyncio.Future[ApiResponse | ApiError]] = {}
         self._watches: dict[int, asyncio.Queue[TaskEvent | ApiError]] = {}
         self._metrics_due_ms = 0
+        self._health: health.aio.HealthServicer | None = None
+        self._serving: bool | None = None
+        self._background: set[asyncio.Future[None]] = set()
         runtime.on_iteration(self._observe)
         runtime.on_stop(self._fail_all)
 
@@ -250,6 +253,10 @@ class ControlPlane:
                 )
             self._forget(reply.request_id)  # queued: no input between ready and advance
 
+    def serve_health(self, servicer: health.aio.HealthServicer) -> None:
+        """The gRPC health service follows the core's `health()` from now on."""
+        self._health = servicer
+
     def _observe(self) -> None:
         core = self._core
         if core is None:
@@ -258,6 +265,18 @@ class ControlPlane:
         if now >= self._metrics_due_ms:
             self._metrics_due_ms = now + METRICS_EVERY_MS
             self.metrics.observe_node(core)
+        serving, why = core.health()
+        if self._health is not None and serving != self._serving:
+            log.log(logging.INFO if serving else logging.WARNING, "health: %s", why)
+            self._serving = serving
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            update = asyncio.ensure_future(self._health.set("", status))
+            self._background.add(update)
+            update.add_done_callback(self._background.discard)
 
     def _fail_all(self, error: Exception) -> None:
         failure = ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: {error}")
@@ -350,7 +369,9 @@ async def add_services(server: grpc.aio.Server, plane: ControlPlane) -> health.a
     api_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(plane), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # NOT_SERVING until the node is a working member (a leader known, caught up).
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    plane.serve_health(health_servicer)
     names = (
         api_pb2.DESCRIPTOR.services_by_name["Client"].full_name,
         api_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,

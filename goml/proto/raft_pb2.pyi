@@ -62,7 +62,7 @@ class Snapshot(_message.Message):
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("type", "source", "target", "term", "log_index", "log_term", "entries", "commit", "index", "reject", "hint_index", "hint_term", "context", "snapshot", "force")
+    __slots__ = ("type", "source", "target", "term", "log_index", "log_term", "entries", "commit", "index", "reject", "hint_index", "hint_term", "context", "snapshot", "force", "incarnation", "restoring", "target_previous")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,9 @@ class Message(_message.Message):
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RESTORING_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     type: MessageType
     source: str
     target: str
@@ -93,7 +96,10 @@ class Message(_message.Message):
     context: bytes
     snapshot: Snapshot
     force: bool
-    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., term: _Optional[int] = ..., log_index: _Optional[int] = ..., log_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., index: _Optional[int] = ..., reject: _Optional[bool] = ..., hint_index: _Optional[int] = ..., hint_term: _Optional[int] = ..., context: _Optional[bytes] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., force: _Optional[bool] = ...) -> None: ...
+    incarnation: int
+    restoring: bool
+    target_previous: int
+    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., term: _Optional[int] = ..., log_index: _Optional[int] = ..., log_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., index: _Optional[int] = ..., reject: _Optional[bool] = ..., hint_index: _Optional[int] = ..., hint_term: _Optional[int] = ..., context: _Optional[bytes] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., force: _Optional[bool] = ..., incarnation: _Optional[int] = ..., restoring: _Optional[bool] = ..., target_previous: _Optional[int] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("cluster_id", "sender", "messages")

@@ -7,7 +7,7 @@ Used by the in-process harness and by the simulator: both feed it what they obse
 from __future__ import annotations
 
 from goml.raft.core import RaftCore
-from goml.raft.types import NodeId, Role
+from goml.raft.types import Entry, EntryKind, NodeId, Role
 
 
 class SafetyViolation(AssertionError):
@@ -18,6 +18,7 @@ class SafetyChecker:
     def __init__(self) -> None:
         self.leaders_by_term: dict[int, NodeId] = {}
         self.applied: dict[int, tuple[int, bytes]] = {}  # index -> (term, data), as applied
+        self.commands: set[int] = set()  # indexes of applied commands (not leaders' entries)
         self.applied_max = 0
         # (node, term) -> highest applied index already found in that leader's log. A
         # leader never drops entries, so each one needs checking only once per term.
@@ -46,8 +47,11 @@ class SafetyChecker:
         if core.commit > core.log.last_index:
             raise SafetyViolation(f"{node_id}: commit {core.commit} beyond its log")
 
-    def applied_entry(self, node_id: NodeId, index: int, term: int, data: bytes) -> None:
+    def applied_entry(self, node_id: NodeId, entry: Entry) -> None:
         """State-machine safety: every node applies the same entry at each index."""
+        index, term, data = entry.index, entry.term, entry.data
+        if entry.kind is EntryKind.NORMAL:
+            self.commands.add(index)
         known = self.applied.setdefault(index, (term, data))
         self.applied_max = max(self.applied_max, index)
         if known != (term, data):

@@ -72,6 +72,9 @@ def message_to_proto(message: Message) -> raft_pb2.Message:
         hint_term=message.hint_term,
         context=message.context,
         force=message.force,
+        incarnation=message.incarnation,
+        restoring=message.restoring,
+        target_previous=message.target_previous,
     )
     if message.snapshot is not None:
         proto.snapshot.CopyFrom(snapshot_to_proto(message.snapshot))
@@ -188,6 +191,9 @@ def message_from_proto(
         context=proto.context,
         snapshot=snapshot,
         force=proto.force,
+        incarnation=_number("incarnation", proto.incarnation, limits),
+        restoring=proto.restoring,
+        target_previous=_number("target_previous", proto.target_previous, limits),
     )
     assert message.target == local
     return message

@@ -14,8 +14,9 @@ applies, then advances.
 from __future__ import annotations
 
 import enum
+import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from goml.raft.log import RaftLog
 from goml.raft.types import (
@@ -91,6 +92,20 @@ class RaftCore:
         self.term = hard.term
         self.vote = hard.vote
         self.commit = max(hard.commit, self.log.snapshot_index)
+        self.incarnation = persisted.incarnation
+        self.restoring = hard.restoring
+        # Each peer's newest store seen (trusted on first contact) and, while that peer
+        # has not said it is restoring, the store it replaced (see _from_live_store).
+        self._peer_stores: dict[NodeId, tuple[int, int]] = {
+            peer: (incarnation, previous) for peer, incarnation, previous in hard.peers
+        }
+        self._peers_state = hard.peers
+        self.repairs = 0  # peers seen with a new store (repaired from scratch when leading)
+        self._stores_pending = False
+        self._told: set[NodeId] = set()  # replaced peers that said they are restoring
+        for entry in persisted.entries:
+            if entry.kind is EntryKind.NOOP and entry.data:
+                self._adopt_stores(entry.data)
         # The runtime restores the state machine from `persisted.snapshot`; every
         # committed entry after it is applied again through `ready()`.
         self.applied = self.log.snapshot_index
@@ -125,7 +140,7 @@ class RaftCore:
                 self.transfer_target = NO_NODE  # the transfer took too long: abort it
             if now_ms >= self.heartbeat_deadline_ms:
                 self.heartbeat_deadline_ms = now_ms + self.config.heartbeat_interval_ms
-                if self.config.check_quorum and not self._quorum_active():
+                if self.config.check_quorum and not self.quorum_active():
                     # CheckQuorum: a leader cut off from a majority stops serving,
                     # so clients go to the side that can commit.
                     self._become_follower(self.term, NO_NODE)
@@ -151,6 +166,8 @@ class RaftCore:
         self._advance_clock(now_ms)
         assert message.target == self.id, message
         assert message.source in self.config.voters and message.source != self.id, message
+        if not self._from_live_store(message):
+            return
         if message.term > self.term:
             if message.type in _VOTE_REQUESTS and self._in_leader_lease() and not message.force:
                 # Leader lease (with CheckQuorum): we heard from a live leader less than
@@ -167,7 +184,15 @@ class RaftCore:
             if message.type in (MessageType.APPEND, MessageType.HEARTBEAT):
                 # A stale leader: tell it our term so it steps down (it may have been
                 # partitioned away while we moved on).
-                self._send(Message(MessageType.APPEND_RESPONSE, self.id, message.source, self.term))
+                self._send(
+                    Message(
+                        MessageType.APPEND_RESPONSE,
+                        self.id,
+                        message.source,
+                        self.term,
+                        incarnation=self.incarnation,
+                    )
+                )
             elif message.type is MessageType.PRE_VOTE:
                 self._send(
                     Message(
@@ -176,6 +201,7 @@ class RaftCore:
                         message.source,
                         self.term,
                         reject=True,
+                        incarnation=self.incarnation,
                     )
                 )
             return
@@ -230,7 +256,15 @@ class RaftCore:
         self.transfer_deadline_ms = now_ms + self.config.election_timeout_ms_min
         progress = self.progress[target]
         if progress.match == self.log.last_index:
-            self._send(Message(MessageType.TIMEOUT_NOW, self.id, target, self.term))
+            self._send(
+                Message(
+                    MessageType.TIMEOUT_NOW,
+                    self.id,
+                    target,
+                    self.term,
+                    incarnation=self.incarnation,
+                )
+            )
         else:
             self._send_append(target, allow_empty=True)
 
@@ -255,6 +289,7 @@ class RaftCore:
     def has_ready(self) -> bool:
         return bool(
             self._broadcast_pending
+            or self._stores_pending
             or self._messages
             or self._pending_snapshot
             or self._read_states
@@ -265,6 +300,10 @@ class RaftCore:
 
     def ready(self) -> Ready:
         self._assert_no_ready_outstanding()
+        if self._stores_pending:
+            self._stores_pending = False
+            if self.role is Role.LEADER and self.transfer_target == NO_NODE:
+                self._append_stores_entry()
         if self._broadcast_pending:
             self._broadcast_pending = False
             # Only a leader replicates: a proposal may have been followed by a step down
@@ -290,6 +329,10 @@ class RaftCore:
                 or self._pending_snapshot
                 or hard_state.term != self._persisted_hard_state.term
                 or hard_state.vote != self._persisted_hard_state.vote
+                # What peers' stores are, and that this one is restoring: rare, durable
+                # before anything acts on it. Leaving restoring may wait (conservative).
+                or hard_state.peers != self._persisted_hard_state.peers
+                or (hard_state.restoring and not self._persisted_hard_state.restoring)
             ),
         )
         self._messages.clear()
@@ -331,6 +374,8 @@ class RaftCore:
             "applied": self.applied,
             "last_index": self.log.last_index,
             "snapshot_index": self.log.snapshot_index,
+            "restoring": self.restoring,
+            "repairs": self.repairs,
         }
 
     # ------------------------------------------------------------ role changes
@@ -378,6 +423,7 @@ class RaftCore:
                     log_index=self.log.last_index,
                     log_term=self.log.last_term,
                     force=force,
+                    incarnation=self.incarnation,
                 )
             )
 
@@ -399,10 +445,20 @@ class RaftCore:
             for peer in self.peers
         }
         self.heartbeat_deadline_ms = self.now_ms + self.config.heartbeat_interval_ms
-        # Only entries of the current term commit by counting (Figure 8): an empty
-        # entry of our own term lets the predecessors' entries commit with it.
-        self.log.append((Entry(self.log.last_index + 1, self.term, EntryKind.NOOP),))
+        # Only entries of the current term commit by counting (Figure 8): an entry of
+        # our own term lets the predecessors' entries commit with it. It carries the
+        # stores this leader trusts, so every node learns them (_adopt_stores).
+        self._append_stores_entry()
         self._broadcast_append(allow_empty=True)
+
+    def _append_stores_entry(self) -> None:
+        trusted = [[self.id, self.incarnation]]
+        for peer, (known, previous) in sorted(self._peer_stores.items()):
+            if peer in self.config.voters and (previous or known):
+                trusted.append([peer, previous or known])  # a replaced one: its old store
+        data = json.dumps({"stores": sorted(trusted)}, separators=(",", ":")).encode()
+        self.log.append((Entry(self.log.last_index + 1, self.term, EntryKind.NOOP, data),))
+        self._broadcast_pending = True
 
     # -------------------------------------------------------------- elections
 
@@ -416,7 +472,11 @@ class RaftCore:
             or (self.vote == NO_NODE and self.leader == NO_NODE)
             or (is_pre_vote and message.term > self.term)
         )
-        granted = log_ok and can_vote
+        # Amnesia: a store that may have lost entries it acknowledged must not help
+        # elect a candidate that lacks them. It votes only while the cluster has no
+        # history at all (a new cluster), until a leader has caught it up.
+        amnesiac = self.restoring and message.log_index > 0
+        granted = log_ok and can_vote and not amnesiac
         response = MessageType.PRE_VOTE_RESPONSE if is_pre_vote else MessageType.VOTE_RESPONSE
         if granted and not is_pre_vote:
             assert message.term == self.term
@@ -429,6 +489,7 @@ class RaftCore:
                 message.source,
                 message.term if granted else self.term,
                 reject=not granted,
+                incarnation=self.incarnation,
             )
         )
 
@@ -452,7 +513,10 @@ class RaftCore:
             self._become_follower(message.term, message.source)
             self._step_follower(message)
         elif message.type is expected:
-            self.votes.setdefault(message.source, not message.reject)
+            # A grant from a peer whose store was just replaced is void: that store may
+            # have lost what the old one acknowledged (it may not know it yet).
+            replaced = self._peer_stores.get(message.source, (0, 0))[1] != 0
+            self.votes.setdefault(message.source, not message.reject and not replaced)
             outcome = self._tally()
             if outcome == "won":
                 self._on_election_won()
@@ -466,6 +530,18 @@ class RaftCore:
             self.leader = message.source
             self.leader_heard_ms = self.now_ms
             self._reset_election_deadline()
+        self._step_follower_kind(message)
+        if self.restoring and message.type in _FROM_LEADER:
+            self._restored_if_caught_up()
+
+    def _restored_if_caught_up(self) -> None:
+        """A restoring node is caught up once it holds an entry of the current leader's
+        term that is committed: by leader completeness and log matching it then holds
+        everything ever committed, so its vote is safe again."""
+        if self.commit > 0 and self.log.term_at(self.commit) == self.term:
+            self.restoring = False
+
+    def _step_follower_kind(self, message: Message) -> None:
         if message.type is MessageType.APPEND:
             self._handle_append(message)
         elif message.type is MessageType.HEARTBEAT:
@@ -477,6 +553,7 @@ class RaftCore:
                     message.source,
                     self.term,
                     context=message.context,
+                    incarnation=self.incarnation,
                 )
             )
         elif message.type is MessageType.SNAPSHOT:
@@ -494,14 +571,14 @@ class RaftCore:
             for entry in message.entries:
                 existing = self.log.term_at(entry.index)
                 if existing is None:
-                    self.log.append(self._entries_from(message.entries, entry.index))
+                    self._append_from_leader(self._entries_from(message.entries, entry.index))
                     break
                 if existing != entry.term:
                     # Figure 2, AppendEntries rule 3: delete the conflicting entry and
                     # all that follow it. Committed entries never conflict.
                     assert entry.index > self.commit, "a committed entry conflicts"
                     self.log.truncate_from(entry.index)
-                    self.log.append(self._entries_from(message.entries, entry.index))
+                    self._append_from_leader(self._entries_from(message.entries, entry.index))
                     break
             last_new = message.log_index + len(message.entries)
             self.commit = max(self.commit, min(message.commit, last_new))
@@ -520,14 +597,50 @@ class RaftCore:
                     reject=True,
                     hint_index=hint_index,
                     hint_term=hint_term,
+                    incarnation=self.incarnation,
                 )
             )
             return
         self._send(
             Message(
-                MessageType.APPEND_RESPONSE, self.id, message.source, self.term, index=respond_index
+                MessageType.APPEND_RESPONSE,
+                self.id,
+                message.source,
+                self.term,
+                index=respond_index,
+                incarnation=self.incarnation,
             )
         )
+
+    def _append_from_leader(self, entries: tuple[Entry, ...]) -> None:
+        self.log.append(entries)
+        for entry in entries:
+            if entry.kind is EntryKind.NOOP and entry.data:
+                self._adopt_stores(entry.data)
+
+    def _adopt_stores(self, data: bytes) -> None:
+        """A leader's entry listing the stores it trusts: what each peer's store is, and
+        whether the cluster trusted an earlier store of this node (amnesia)."""
+        try:
+            listed = json.loads(data)["stores"]
+            stores = [(str(node), int(incarnation)) for node, incarnation in listed]
+        except (ValueError, KeyError, TypeError):
+            return  # not written by goml: nothing to learn from it
+        for node, incarnation in stores:
+            if node == self.id:
+                if 0 < incarnation < self.incarnation and not self.restoring:
+                    self.restoring = True  # the cluster trusted an earlier store of ours
+                continue
+            if node not in self.config.voters:
+                continue
+            known, previous = self._peer_stores.get(node, (0, 0))
+            if incarnation > known:
+                self._remember(node, incarnation, 0)
+            elif incarnation == known and previous:
+                self._remember(node, known, 0)  # restored: the leader trusts it again
+            elif incarnation < known and not previous:
+                # We saw a newer store directly that the leader does not trust yet.
+                self._remember(node, known, incarnation)
 
     @staticmethod
     def _entries_from(entries: tuple[Entry, ...], index: int) -> tuple[Entry, ...]:
@@ -553,7 +666,12 @@ class RaftCore:
             respond_index = snapshot.index
         self._send(
             Message(
-                MessageType.APPEND_RESPONSE, self.id, message.source, self.term, index=respond_index
+                MessageType.APPEND_RESPONSE,
+                self.id,
+                message.source,
+                self.term,
+                index=respond_index,
+                incarnation=self.incarnation,
             )
         )
 
@@ -587,6 +705,12 @@ class RaftCore:
         progress.match = index
         progress.next = max(progress.next, index + 1)
         progress.probe_sent = False
+        known, previous = self._peer_stores.get(peer, (0, 0))
+        if previous and index >= self.commit and self.log.term_at(index) == self.term:
+            # A replaced follower holds everything committed (an entry of our term at
+            # or past the commit index): trust its new store, and say so in the log.
+            self._remember(peer, known, 0)
+            self._append_stores_entry()
         if progress.state is ProgressState.SNAPSHOT:
             if index >= progress.pending_snapshot_index:
                 progress.state = ProgressState.PROBE
@@ -600,7 +724,11 @@ class RaftCore:
         elif progress.next <= self.log.last_index:
             self._send_append(peer, allow_empty=False)
         if peer == self.transfer_target and progress.match == self.log.last_index:
-            self._send(Message(MessageType.TIMEOUT_NOW, self.id, peer, self.term))
+            self._send(
+                Message(
+                    MessageType.TIMEOUT_NOW, self.id, peer, self.term, incarnation=self.incarnation
+                )
+            )
 
     def _handle_append_rejection(self, peer: NodeId, progress: Progress, message: Message) -> None:
         rejected = message.index
@@ -645,6 +773,8 @@ class RaftCore:
         return False
 
     def _on_commit_advanced(self) -> None:
+        if self.restoring and self.log.term_at(self.commit) == self.term:
+            self.restoring = False  # elected and committed in its term: it holds it all
         if self.log.term_at(self.commit) == self.term and self._reads_waiting_for_commit:
             waiting, self._reads_waiting_for_commit = self._reads_waiting_for_commit, []
             for context in waiting:
@@ -677,6 +807,7 @@ class RaftCore:
                 log_term=previous_term,
                 entries=entries,
                 commit=self.commit,
+                incarnation=self.incarnation,
             )
         )
         if progress.state is ProgressState.REPLICATE:
@@ -701,7 +832,16 @@ class RaftCore:
         progress.state = ProgressState.SNAPSHOT
         progress.pending_snapshot_index = self.snapshot.index
         progress.inflight_last_indexes = []
-        self._send(Message(MessageType.SNAPSHOT, self.id, peer, self.term, snapshot=self.snapshot))
+        self._send(
+            Message(
+                MessageType.SNAPSHOT,
+                self.id,
+                peer,
+                self.term,
+                snapshot=self.snapshot,
+                incarnation=self.incarnation,
+            )
+        )
 
     def _broadcast_heartbeat(self, context: bytes) -> None:
         for peer, progress in self.progress.items():
@@ -717,10 +857,12 @@ class RaftCore:
                     self.term,
                     commit=min(progress.match, self.commit),
                     context=context,
+                    incarnation=self.incarnation,
                 )
             )
 
-    def _quorum_active(self) -> bool:
+    def quorum_active(self) -> bool:
+        """A leader heard from a majority within the last election timeout."""
         window_start = self.now_ms - self.config.election_timeout_ms_min
         active = 1 + sum(1 for p in self.progress.values() if p.last_heard_ms >= window_start)
         return active >= self.quorum
@@ -757,10 +899,68 @@ class RaftCore:
     def _send(self, message: Message) -> None:
         assert message.source == self.id
         assert message.target != self.id
+        assert message.incarnation == self.incarnation, "every message says which store sent it"
+        previous = self._peer_stores.get(message.target, (0, 0))[1]
+        if previous and message.target in self._told:
+            previous = 0
+        if self.restoring or previous:  # rare: only while a store replacement is news
+            message = replace(message, restoring=self.restoring, target_previous=previous)
         self._messages.append(message)
 
     def _hard_state(self) -> HardState:
-        return HardState(self.term, self.vote, self.commit)
+        return HardState(self.term, self.vote, self.commit, self.restoring, self._peers_state)
+
+    def _from_live_store(self, message: Message) -> bool:
+        """Amnesia, detected by peers' memory of each other's stores (trusted on first
+        contact, persisted). A message of a store older than the newest seen of its
+        sender is from a store that no longer exists: dropped. A newer store means the
+        peer lost its disk: a leader finds its log from scratch (its old match is void),
+        and every message to it names the store it replaced, until it says it knows.
+        A node told so of itself is `restoring`: it grants no vote to a candidate with
+        history until a leader has caught it up (`_restored_if_caught_up`).
+
+        Limit: a node that comes back with an empty disk while every peer that knew its
+        old store is down cannot be told (as etcd, which asks its peers at start)."""
+        incarnation = message.incarnation
+        if not incarnation:
+            return True  # a peer that does not say (a test's hand-made message)
+        source = message.source
+        known, previous = self._peer_stores.get(source, (0, 0))
+        if incarnation < known:
+            return False
+        if incarnation > known:
+            if known:
+                previous = known
+                self.repairs += 1
+                progress = self.progress.get(source) if self.role is Role.LEADER else None
+                if progress is not None:
+                    progress.match = 0
+                    progress.next = self.log.last_index + 1
+                    progress.state = ProgressState.PROBE
+                    progress.probe_sent = False
+                    progress.inflight_last_indexes = []
+            self._remember(source, incarnation, previous)
+            if not known and self.role is Role.LEADER:
+                # A store the log does not list yet: one entry at the next ready() lists
+                # every such store (responses of one round share it).
+                self._stores_pending = True
+        if previous and message.restoring:
+            self._told.add(source)  # it knows now: no need to keep telling it
+        told = message.target_previous
+        if told and told != self.incarnation and not self.restoring:
+            self.restoring = True  # a peer knew an earlier store of this node
+        return True
+
+    def trusted_store(self, peer: NodeId) -> int:
+        """The store of `peer` this node trusts (0: none known, or a replaced one)."""
+        known, previous = self._peer_stores.get(peer, (0, 0))
+        return 0 if previous else known
+
+    def _remember(self, peer: NodeId, incarnation: int, previous: int) -> None:
+        if not previous:
+            self._told.discard(peer)
+        self._peer_stores[peer] = (incarnation, previous)
+        self._peers_state = tuple(sorted((p, i, b) for p, (i, b) in self._peer_stores.items()))
 
     def _in_leader_lease(self) -> bool:
         if not self.config.check_quorum:

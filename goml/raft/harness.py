@@ -50,6 +50,7 @@ class Faults:
     partition_every_ms: int = 2000
     heal_after_ms_max: int = 1500
     compact_every_entries: int = 12
+    wipe: float = 0.2  # share of crashes that also lose the node's disk (amnesia)
 
 
 class _Commands:
@@ -125,6 +126,8 @@ class Cluster:
         self.acknowledged: set[bytes] = set()
         self.proposal_count = 0
         self.events = 0
+        self.wipes = 0
+        self.unrepaired: dict[NodeId, int] = {}  # wiped node -> commit index at its wipe
         for node_id in self.ids:
             self.nodes[node_id] = _Node(MemoryStorage(), None, _Commands(node_id))
             self._start(node_id)
@@ -206,6 +209,8 @@ class Cluster:
             if live:
                 victim = self.rng.choice(live)
                 self._crash(victim)
+                if self.rng.random() < self.faults.wipe and self._may_wipe(victim):
+                    self._wipe(victim)
                 restart_at = self.now_ms + self.rng.randint(1, self.faults.restart_after_ms_max)
                 self._schedule(restart_at, "restart", victim)
             self._schedule(self.now_ms + self._exp(self.faults.crash_every_ms), "crash")
@@ -257,6 +262,38 @@ class Cluster:
         self._record("start", node_id, "")
         self._drain(node_id)
 
+    def _may_wipe(self, victim: NodeId) -> bool:
+        """Amnesia within what Raft with store identities promises: one disk lost at a
+        time (no earlier wiped node still lacks what was committed when it was wiped),
+        while every other node is up and trusts the victim's current store (so a peer
+        that knew it can tell the new one; see RaftCore._from_live_store)."""
+        self._forget_repaired()
+        if self.unrepaired:
+            return False
+        incarnation = self.nodes[victim].storage.incarnation
+        for node_id in self.ids:
+            if node_id == victim:
+                continue
+            core = self.nodes[node_id].core
+            if core is None or core.restoring:
+                return False
+            if core.trusted_store(victim) != incarnation:
+                return False
+        return not self.nodes[victim].storage.hard_state.restoring
+
+    def _forget_repaired(self) -> None:
+        for node_id, mark in list(self.unrepaired.items()):
+            core = self.nodes[node_id].core
+            if core is not None and core.commit >= mark and core.log.last_index >= mark:
+                del self.unrepaired[node_id]  # it holds everything committed at its wipe
+
+    def _wipe(self, node_id: NodeId) -> None:
+        node = self.nodes[node_id]
+        node.storage = MemoryStorage(incarnation=node.storage.incarnation + 1)
+        self.unrepaired[node_id] = self.checker.applied_max
+        self.wipes += 1
+        self._record("wipe", node_id, str(node.storage.incarnation))
+
     def _crash(self, node_id: NodeId) -> None:
         node = self.nodes[node_id]
         node.replica = None
@@ -288,7 +325,7 @@ class Cluster:
                 self._send(message)
             replica.advance(ready)
             for entry in ready.committed:
-                self.checker.applied_entry(node_id, entry.index, entry.term, entry.data)
+                self.checker.applied_entry(node_id, entry)
         else:
             raise SafetyViolation(f"{node_id}: ready() never ran dry")
         self._check_node(node_id, replica.raft)
@@ -386,6 +423,7 @@ class RunResult:
     acknowledged: int
     committed: int
     leader_terms: int
+    wipes: int
 
 
 def run_seed(seed: int, duration_ms: int = 8000) -> RunResult:
@@ -410,6 +448,7 @@ def run_seed(seed: int, duration_ms: int = 8000) -> RunResult:
         acknowledged=len(cluster.acknowledged),
         committed=len(cluster.committed),
         leader_terms=len(cluster.leaders_by_term),
+        wipes=cluster.wipes,
     )
 
 
@@ -433,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(
             f"seed {seed}: ok, {result.acknowledged} acknowledged, {result.committed} "
-            f"committed, {result.leader_terms} leader terms, {result.events} events, "
+            f"committed, {result.leader_terms} leader terms, {result.wipes} disks lost, "
+            f"{result.events} events, "
             f"trace {result.trace_digest[:16]}"
         )
     print(f"{len(seeds) - failures} passed, {failures} failed")

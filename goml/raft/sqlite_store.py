@@ -22,16 +22,21 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
+import secrets
 import sqlite3
 import struct
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
 from goml.raft.types import Entry, EntryKind, HardState, PersistedState, Snapshot
 
 STORE_MAGIC = "goml-raft-store"
+LEGACY_INCARNATION = 1
 SCHEMA_VERSION = 1
 _KINDS = frozenset(int(kind) for kind in EntryKind)
 
@@ -52,6 +57,13 @@ class StoreCorrupted(Exception):
 
 class StoreLocked(Exception):
     """Another opener holds the store: two nodes on one data directory."""
+
+
+def new_incarnation() -> int:
+    """A new store's identity: its creation time in microseconds (so a node's later
+    store has a larger one) plus random low digits (two stores made in the same
+    microsecond still differ)."""
+    return time.time_ns() // 1000 * 1000 + secrets.randbelow(1000)
 
 
 def _digest(person: bytes, header: bytes, data: bytes) -> bytes:
@@ -106,7 +118,11 @@ class SqliteStorage:
                 conn.execute(statement)
             conn.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("magic", STORE_MAGIC), ("schema_version", str(SCHEMA_VERSION))],
+                [
+                    ("magic", STORE_MAGIC),
+                    ("schema_version", str(SCHEMA_VERSION)),
+                    ("incarnation", str(new_incarnation())),
+                ],
             )
             empty = HardState()
             conn.execute(
@@ -160,6 +176,23 @@ class SqliteStorage:
 
     # --- Storage protocol --------------------------------------------------------
 
+    def _meta(self, conn: sqlite3.Connection) -> tuple[int, bool, tuple[tuple[str, int, int], ...]]:
+        meta = dict(
+            conn.execute(
+                "SELECT key, value FROM meta WHERE key IN ('incarnation', 'restoring', 'peers')"
+            )
+        )
+        # Stores written before incarnations existed: one fixed identity, not restoring.
+        incarnation = int(meta.get("incarnation", LEGACY_INCARNATION))
+        if incarnation < 1:
+            raise StoreCorrupted(f"{self.path}: incarnation {incarnation} is not positive")
+        try:
+            raw = json.loads(meta.get("peers", "[]"))
+            peers = tuple((str(p), int(i), int(b)) for p, i, b in raw)
+        except (ValueError, TypeError) as exc:
+            raise StoreCorrupted(f"{self.path}: unreadable peer incarnations: {exc}") from exc
+        return incarnation, meta.get("restoring") == "1", peers
+
     def load(self) -> PersistedState:
         conn = self._connection()
         try:
@@ -174,11 +207,12 @@ class SqliteStorage:
                 log_rows = conn.execute(
                     "SELECT idx, term, kind, data, checksum FROM log ORDER BY idx"
                 ).fetchall()
+                incarnation, restoring, peers = self._meta(conn)
             finally:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupted(f"{self.path}: cannot read the store: {exc}") from exc
-        hard_state = self._decode_hard_state(hard_rows)
+        hard_state = replace(self._decode_hard_state(hard_rows), restoring=restoring, peers=peers)
         snapshot = self._decode_snapshot(snapshot_rows)
         base = snapshot.index if snapshot is not None else 0
         entries = self._decode_log(log_rows, base)
@@ -188,7 +222,9 @@ class SqliteStorage:
                 f"{self.path}: hard state commit {hard_state.commit} is beyond the last"
                 f" stored index {last}"
             )
-        return PersistedState(hard_state=hard_state, snapshot=snapshot, entries=entries)
+        return PersistedState(
+            hard_state=hard_state, snapshot=snapshot, entries=entries, incarnation=incarnation
+        )
 
     def persist(
         self,
@@ -235,6 +271,13 @@ class SqliteStorage:
                         hard_state.commit,
                         hard_state_checksum(hard_state.term, hard_state.vote, hard_state.commit),
                     ),
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    [
+                        ("restoring", "1" if hard_state.restoring else "0"),
+                        ("peers", json.dumps([list(peer) for peer in hard_state.peers])),
+                    ],
                 )
             _check_commit(conn, last)
 

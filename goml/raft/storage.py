@@ -42,9 +42,14 @@ class Storage(Protocol):
 
 
 class MemoryStorage:
-    """Everything persisted is kept; nothing else is. Deterministic, no I/O."""
+    """Everything persisted is kept; nothing else is. Deterministic, no I/O.
 
-    def __init__(self) -> None:
+    A new store has the `incarnation` it is given: give a node's later store a larger
+    one (a wiped node's new store, for instance)."""
+
+    def __init__(self, incarnation: int = 1) -> None:
+        assert incarnation >= 1
+        self.incarnation = incarnation
         self.hard_state = HardState()
         self.snapshot: Snapshot | None = None
         self.entries: list[Entry] = []
@@ -52,7 +57,10 @@ class MemoryStorage:
 
     def load(self) -> PersistedState:
         return PersistedState(
-            hard_state=self.hard_state, snapshot=self.snapshot, entries=tuple(self.entries)
+            hard_state=self.hard_state,
+            snapshot=self.snapshot,
+            entries=tuple(self.entries),
+            incarnation=self.incarnation,
         )
 
     def persist(

@@ -39,10 +39,19 @@ class HardState:
     term: int = 0
     vote: NodeId = NO_NODE
     commit: int = 0
+    # Amnesia (RaftCore): this store replaced one that peers knew, so it may have lost
+    # what that one promised; it grants no vote to a candidate with history until a
+    # leader has caught it up.
+    restoring: bool = False
+    # What this node knows of its peers' stores, sorted by peer: (peer, incarnation,
+    # previous): `previous` is the incarnation a peer had before a new one was seen,
+    # kept until that peer says it is restoring (0 otherwise).
+    peers: tuple[tuple[NodeId, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         assert self.term >= 0
         assert self.commit >= 0
+        assert list(self.peers) == sorted(self.peers), self.peers
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,10 @@ class Message:
     - HEARTBEAT: `commit` (capped at the follower's match), `context` (ReadIndex).
     - SNAPSHOT: `snapshot`; answered with an APPEND_RESPONSE whose `index` is the
       snapshot's index (never more: see the PySyncObj note in DESIGN.md).
+    - every message: `incarnation`, the sender's store identity. It grows with every new
+      store of a node, so a higher one means the peer's disk was replaced (or wiped), and
+      a lower one comes from a store that no longer exists. `restoring` and
+      `target_previous` carry the amnesia protocol (see RaftCore).
     """
 
     type: MessageType
@@ -103,6 +116,11 @@ class Message:
     context: bytes = b""
     snapshot: Snapshot | None = None
     force: bool = False
+    incarnation: int = 0  # the sender's store (0: unknown, from a peer that does not say)
+    restoring: bool = False  # the sender knows it replaced a store and is catching up
+    # The target's previous store, when the sender saw it replaced (0 otherwise): tells
+    # an amnesiac node that it is one.
+    target_previous: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +169,10 @@ class PersistedState:
     hard_state: HardState = field(default_factory=HardState)
     snapshot: Snapshot | None = None
     entries: tuple[Entry, ...] = ()
+    incarnation: int = 1  # this store's identity: set when it was created, never changed
 
     def __post_init__(self) -> None:
+        assert self.incarnation >= 1, self.incarnation
         first = self.snapshot.index + 1 if self.snapshot else 1
         for offset, entry in enumerate(self.entries):
             assert entry.index == first + offset, "persisted log must be contiguous"

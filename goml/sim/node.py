@@ -187,7 +187,7 @@ class SimNode:
         node.advance(ready)
         checker = self.sim.checker
         for entry in ready.committed:
-            checker.applied_entry(self.name, entry.index, entry.term, entry.data)
+            checker.applied_entry(self.name, entry)
         for result in node.last_applied:
             self.sim.on_applied(self, result)
         checker.observe(self.name, node.replica.raft)

@@ -349,7 +349,7 @@ class Simulation:
         counts = leader.manifest.counts_by_state() if leader else {}
         # Every committed entry, as the checker saw it applied (NOOP entries carry no data).
         applied = self.checker.applied
-        commands = count_commands(data for index in sorted(applied) if (data := applied[index][1]))
+        commands = count_commands(applied[index][1] for index in sorted(self.checker.commands))
         final = FinalState(
             settled=self.settled,
             tasks_by_state={state.value: count for state, count in counts.items()},
