@@ -7,6 +7,13 @@ shares (`goml.api.retry`); failures are classified by the wire's one mapping
 (`goml.api.wire.error_from_status`, `goml.api.types.error_kind`). This module only moves
 the bytes, reads the clock and sleeps.
 
+One rule is the client's own, because only a real channel sees it: when every node of
+the profile has failed, in one operation, with the same transport failure (connection
+refused, TLS handshake failed, host not found...), the client gives up at once with
+that cause instead of retrying for the whole budget: a wrong address or a wrong CA does
+not heal by waiting. A mix (one node refusing, another answering) retries as the
+policy says.
+
 A profile (JSON) names a cluster: its nodes, credentials and token. `goml cluster up`
 writes one where `default_profile_path()` looks, so the CLI needs no flags locally.
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import random
 import threading
 import time
@@ -23,13 +31,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
-from goml.api.retry import Attempt, Decision, RetryConfig, RetryPolicy
-from goml.api.types import ApiError, ErrorKind, error_kind
+from goml.api.channels import reconnect_options
+from goml.api.retry import UNREACHABLE_MS, Attempt, Decision, RetryConfig, RetryPolicy
+from goml.api.types import LEADER_ID_KEY, ApiError, ErrorKind, error_kind
 from goml.api.wire import error_from_status
+from goml.cluster.manifest import DEFAULT_LIMITS
 from goml.proto import api_pb2, api_pb2_grpc
 
 TERMINAL_STATES = frozenset({api_pb2.SUCCEEDED, api_pb2.DEAD, api_pb2.CANCELLED})
@@ -37,9 +47,55 @@ TERMINAL_STATES = frozenset({api_pb2.SUCCEEDED, api_pb2.DEAD, api_pb2.CANCELLED}
 # a client never waits long for a cluster that is back.
 BACKOFF_MS_MIN = 20
 BACKOFF_MS_MAX = 500
-# A watch that ends with these just ends: `wait` asks again (through the policy).
-_WATCH_ENDS = frozenset({ErrorKind.UNAVAILABLE, ErrorKind.DEADLINE})
-_Response = TypeVar("_Response")
+# Task ids are names of the manifest: longer ones cannot exist, and the node's NOT_FOUND
+# answer quoting one would not fit in gRPC's metadata (a 100 KB id is an INTERNAL error).
+TASK_ID_BYTES_MAX = DEFAULT_LIMITS.name_bytes_max
+# A unary call started with `.future`: a grpc.Future that is also the grpc.Call (its
+# trailing metadata names the node that served it).
+_Unary = Callable[[api_pb2_grpc.ClientStub, float], Any]
+
+# Transport failures as gRPC reports them in an UNAVAILABLE status's details (grpc
+# core's wording, lower-cased): the cause and a hint at the fix. First match wins: the
+# TLS specifics before the generic handshake failure. An UNAVAILABLE a node answers
+# itself ("not committed; retry") matches none of these: that node is up.
+_TRANSPORT_CAUSES: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (
+        ("bad_signature", "certificate_verify_failed", "certificate verify failed", "unknown ca"),
+        "TLS handshake failed",
+        "the node's certificate is not signed by the profile's CA (wrong CA?)",
+    ),
+    (
+        ("wrong_version_number",),
+        "TLS handshake failed",
+        "the node does not speak TLS (an insecure node, a TLS profile?)",
+    ),
+    (
+        ("handshake failed", "ssl_error", "ssl routines"),
+        "TLS handshake failed",
+        "check the profile's ca, cert and key",
+    ),
+    (("connection refused",), "connection refused", "is the cluster running, at these addresses?"),
+    (
+        ("socket closed",),
+        "connection closed during setup",
+        "the node refused the client certificate, or it expects TLS from an insecure profile",
+    ),
+    (("connection reset",), "connection reset", "is it a goml node at these addresses?"),
+    (
+        ("errors resolving", "dns resolution failed", "domain name not found"),
+        "host name not found",
+        "check the profile's addresses",
+    ),
+    (("no route to host", "network is unreachable"), "network unreachable", ""),
+)
+
+
+@dataclass(frozen=True)
+class _Cause:
+    """Why a node could not be reached: `what` is compared across nodes, `hint` shown."""
+
+    what: str
+    hint: str
 
 
 class ClientError(Exception):
@@ -131,25 +187,35 @@ class _Node:
 @dataclass
 class Client:
     """A synchronous client. `call_timeout_s` bounds each RPC; `retry_s` bounds the
-    whole operation including failover retries."""
+    whole operation including failover retries. `give_up_unreachable`: give up at once
+    when every node failed with the same transport cause (see the module docstring);
+    False retries for all of `retry_s`, as the simulator's client does."""
 
     profile: Profile
     call_timeout_s: float = 5.0
     retry_s: float = 30.0
     rng: random.Random = field(default_factory=random.Random)
+    give_up_unreachable: bool = True
+    # Idempotent calls with no answer after this long go to a second node too (the
+    # policy's `hedge_target`); the first answer wins. None: no hedging.
+    hedge_after_s: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.call_timeout_s < math.inf:
             raise ValueError(f"call_timeout_s must be finite and > 0: {self.call_timeout_s!r}")
         if not 0 < self.retry_s < math.inf:
             raise ValueError(f"retry_s must be finite and > 0: {self.retry_s!r}")
+        if self.hedge_after_s is not None and not 0 < self.hedge_after_s < self.call_timeout_s:
+            raise ValueError(
+                f"hedge_after_s must be in (0, call_timeout_s): {self.hedge_after_s!r}"
+            )
         credentials = self.profile.channel_credentials()
         self._nodes: dict[str, _Node] = {}
         for node_id, address in sorted(self.profile.nodes.items()):
             channel = (
-                grpc.secure_channel(address, credentials)
+                grpc.secure_channel(address, credentials, options=reconnect_options())
                 if credentials is not None
-                else grpc.insecure_channel(address)
+                else grpc.insecure_channel(address, options=reconnect_options())
             )
             stub = api_pb2_grpc.ClientStub(channel)  # type: ignore[no-untyped-call]
             self._nodes[node_id] = _Node(address, channel, stub)
@@ -166,6 +232,8 @@ class Client:
             give_up_after_ms=self._budget_ms,  # retry_s bounds the whole operation
             # A user with wrong credentials should hear it at once, not after retry_s.
             retry_unauthenticated=False,
+            unreachable_ms=UNREACHABLE_MS,
+            hedge_after_ms=None if self.hedge_after_s is None else _ms(self.hedge_after_s),
         )
         # One belief for every thread (the chaos runner shares a client): a leader one
         # call found is where the next call of any thread goes. The policy is a plain
@@ -228,14 +296,15 @@ class Client:
                 spec.idempotency_key = str(uuid.uuid4())
         request = api_pb2.SubmitRequest(tasks=specs)
         response = self._call(
-            lambda stub, t: stub.Submit(request, timeout=t, metadata=self._metadata)
+            lambda stub, t: stub.Submit.future(request, timeout=t, metadata=self._metadata)
         )
         return list(response.task_ids)
 
     def get(self, task_id: str) -> api_pb2.Task:
+        _check_task_id(task_id)
         request = api_pb2.GetRequest(task_id=task_id)
         task: api_pb2.Task = self._call(
-            lambda stub, t: stub.Get(request, timeout=t, metadata=self._metadata)
+            lambda stub, t: stub.Get.future(request, timeout=t, metadata=self._metadata)
         )
         return task
 
@@ -253,14 +322,15 @@ class Client:
             limit=limit,
         )
         response = self._call(
-            lambda stub, t: stub.List(request, timeout=t, metadata=self._metadata)
+            lambda stub, t: stub.List.future(request, timeout=t, metadata=self._metadata)
         )
         return list(response.tasks)
 
     def cancel(self, task_id: str) -> api_pb2.Task:
+        _check_task_id(task_id)
         request = api_pb2.CancelRequest(task_id=task_id)
         response: api_pb2.CancelResponse = self._call(
-            lambda stub, t: stub.Cancel(request, timeout=t, metadata=self._metadata)
+            lambda stub, t: stub.Cancel.future(request, timeout=t, metadata=self._metadata)
         )
         return response.task
 
@@ -269,11 +339,12 @@ class Client:
         request = api_pb2.StatusRequest(local=node_id is not None)
         if node_id is not None:
             one: api_pb2.StatusResponse = self._one(
-                node_id, lambda stub, t: stub.Status(request, timeout=t, metadata=self._metadata)
+                node_id,
+                lambda stub, t: stub.Status.future(request, timeout=t, metadata=self._metadata),
             )
             return one
         response: api_pb2.StatusResponse = self._call(
-            lambda stub, t: stub.Status(request, timeout=t, metadata=self._metadata)
+            lambda stub, t: stub.Status.future(request, timeout=t, metadata=self._metadata)
         )
         return response
 
@@ -298,58 +369,157 @@ class Client:
                     return event.task
 
     def watch(self, task_ids: list[str], timeout_s: float) -> Iterator[api_pb2.TaskEvent]:
-        """Task state changes as a node applies them, until `timeout_s` passes."""
+        """Task state changes as a node applies them (any node serves a watch), until
+        `timeout_s` passes. A node that cannot be reached, or stops serving, is replaced
+        by the next one the policy names, as for any call; events applied while no node
+        streamed are not replayed. ClientError when the policy gives up (it names the
+        node and why), or at once if every node fails with the same transport cause."""
+        if not 0 < timeout_s < math.inf:
+            raise ValueError(f"timeout_s must be finite and > 0: {timeout_s!r}")
+        for task_id in task_ids:
+            _check_task_id(task_id)
         request = api_pb2.WatchRequest(task_ids=task_ids)
-        with self._lock:
-            node_id = self._policy.leader
-        stream = self._nodes[node_id].stub.Watch(
-            request, timeout=timeout_s, metadata=self._metadata
-        )
-        try:
-            yield from stream
-        except grpc.RpcError as rpc_error:
-            code, error = _classify(rpc_error)
-            # The end of `timeout_s` (DEADLINE) or a node gone: the stream just ends.
-            if error_kind(error.code) not in _WATCH_ENDS:
-                raise ClientError(code, f"{node_id}: {error.message}") from rpc_error
+        deadline_ms = _now_ms() + _ms(timeout_s)
+        # The failures in a row since the last event, as one operation of the policy.
+        attempt: Attempt | None = None
+        causes: dict[str, _Cause | None] = {}
+        tries = 0
+        while (left_ms := deadline_ms - _now_ms()) > 0:
+            tries += 1
+            assert tries <= self._tries_max, f"a watch failed more than {self._tries_max} times"
+            with self._lock:
+                node_id = self._policy.leader
+            stream = self._nodes[node_id].stub.Watch(
+                request, timeout=left_ms / 1000, metadata=self._metadata
+            )
+            try:
+                for event in stream:
+                    if attempt is not None:
+                        with self._lock:
+                            self._policy.succeeded(attempt, node_id, _now_ms())
+                        attempt, causes, tries = None, {}, 0
+                    yield event
+                return
+            except grpc.RpcError as rpc_error:
+                code, error = _classify(rpc_error)
+                kind = error_kind(error.code)
+                if kind is ErrorKind.DEADLINE:
+                    return  # the end of timeout_s: the stream's deadline is the watch's
+                if kind is not ErrorKind.UNAVAILABLE:
+                    raise ClientError(code, f"{node_id}: {error.message}") from rpc_error
+                now_ms = _now_ms()
+                attempt = attempt or Attempt(now_ms)
+                with self._lock:
+                    decision = self._policy.failed(attempt, node_id, kind, "", now_ms)
+                if not decision.retry:
+                    raise ClientError(code, _why(decision, error)) from rpc_error
+                causes[node_id] = _transport_cause(code, error.message)
+                self._give_up_if_unreachable(causes, node_id, code, error, rpc_error)
+                self._sleep_ms(attempt, min(decision.delay_ms, deadline_ms - _now_ms()))
+            finally:
+                stream.cancel()  # the caller stopped early, or the call ended: no-op then
 
     # --------------------------------------------------------------- plumbing
 
-    def _one(
-        self, node_id: str, call: Callable[[api_pb2_grpc.ClientStub, float], _Response]
-    ) -> _Response:
+    def _one(self, node_id: str, call: _Unary) -> Any:
         """One call to one node, no retry: the caller asked that node, not the cluster."""
         try:
-            return call(self._nodes[node_id].stub, self.call_timeout_s)
+            response = call(self._nodes[node_id].stub, self.call_timeout_s).result()
+            return response
         except grpc.RpcError as rpc_error:
             code, error = _classify(rpc_error)
             raise ClientError(code, f"{node_id}: {error.message}") from rpc_error
 
-    def _call(self, call: Callable[[api_pb2_grpc.ClientStub, float], _Response]) -> _Response:
+    def _call(self, call: _Unary) -> Any:
         """`call` on the node the policy believes leads, again wherever and whenever the
-        policy says, until it answers or the policy gives up (then ClientError)."""
+        policy says, until it answers or the policy gives up (then ClientError). With
+        `hedge_after_s`, a try with no answer by then is also sent to the policy's hedge
+        target; the first answer wins and the copies still out are cancelled."""
         attempt = Attempt(_now_ms())
+        causes: dict[str, _Cause | None] = {}  # node -> transport cause of its last failure
         for _ in range(self._tries_max):
             with self._lock:
                 node_id = self._policy.leader
                 timeout_ms = self._policy.call_timeout_ms(attempt, _now_ms())
             assert timeout_ms >= 1, timeout_ms
+            finished = _Finished()
+            out = {
+                node_id: finished.start(node_id, call(self._nodes[node_id].stub, timeout_ms / 1000))
+            }
+            sent_ms = {node_id: _now_ms()}
+            hedge_ms = self._policy.config.hedge_after_ms
+            hedge_at_ms = sent_ms[node_id] + hedge_ms if hedge_ms is not None else None
+            failure: tuple[grpc.RpcError, Decision, ApiError, grpc.StatusCode] | None = None
             try:
-                response = call(self._nodes[node_id].stub, timeout_ms / 1000)
-            except grpc.RpcError as rpc_error:
-                code, error = _classify(rpc_error)
-                with self._lock:
-                    decision = self._policy.failed(
-                        attempt, node_id, error_kind(error.code), error.leader_id, _now_ms()
-                    )
-                if not decision.retry:
-                    raise ClientError(code, _why(decision, error)) from rpc_error
-                self._sleep_ms(attempt, decision.delay_ms)
-                continue
-            with self._lock:
-                self._policy.succeeded(attempt, node_id)
-            return response
+                while out:
+                    wait_ms = None if hedge_at_ms is None else max(0, hedge_at_ms - _now_ms())
+                    done = finished.next(wait_ms)
+                    if done is None:  # no answer by the hedge time: a second copy
+                        hedge_at_ms = None
+                        with self._lock:
+                            target = self._policy.hedge_target(node_id, _now_ms())
+                        if target is not None and target not in out:
+                            left_ms = max(1, sent_ms[node_id] + timeout_ms - _now_ms())
+                            future = call(self._nodes[target].stub, left_ms / 1000)
+                            out[target] = finished.start(target, future)
+                            sent_ms[target] = _now_ms()
+                        continue
+                    answered_by, future = done
+                    del out[answered_by]
+                    rpc_error = future.exception()
+                    if rpc_error is None:
+                        served_by = _metadata_value(future.trailing_metadata(), LEADER_ID_KEY)
+                        now_ms = _now_ms()
+                        with self._lock:
+                            for other in out:  # asked first, still silent: slow or cut off
+                                if sent_ms[other] < sent_ms[answered_by]:
+                                    self._policy.outpaced(other, now_ms)
+                            self._policy.succeeded(attempt, answered_by, now_ms, served_by)
+                        response = future.result()
+                        return response
+                    code, error = _classify(rpc_error)
+                    with self._lock:
+                        decision = self._policy.failed(
+                            attempt, answered_by, error_kind(error.code), error.leader_id, _now_ms()
+                        )
+                    # A node that answered (even "not the leader") is up: it has no cause.
+                    causes[answered_by] = _transport_cause(code, error.message)
+                    failure = (rpc_error, decision, error, code)
+                    # Another copy still out may yet succeed: wait for it first.
+            finally:
+                for future in out.values():
+                    future.cancel()
+            assert failure is not None
+            rpc_error, decision, error, code = failure
+            if not decision.retry:
+                raise ClientError(code, _why(decision, error)) from rpc_error
+            self._give_up_if_unreachable(causes, answered_by, code, error, rpc_error)
+            self._sleep_ms(attempt, decision.delay_ms)
         raise AssertionError(f"a call took more than {self._tries_max} tries")
+
+    def _give_up_if_unreachable(
+        self,
+        causes: dict[str, _Cause | None],
+        node_id: str,
+        code: grpc.StatusCode,
+        error: ApiError,
+        rpc_error: grpc.RpcError,
+    ) -> None:
+        """Raise ClientError if every node's last failure in this operation (`causes`;
+        `node_id`'s is the one just seen) is the same transport failure: retrying for
+        the rest of the budget cannot change that."""
+        if not self.give_up_unreachable or set(causes) != set(self._order):
+            return
+        last = causes[node_id]
+        if last is None:
+            return
+        if any(cause is None or cause.what != last.what for cause in causes.values()):
+            return
+        nodes = ", ".join(f"{n} at {self._nodes[n].address}" for n in self._order)
+        hint = f": {last.hint}" if last.hint else ""
+        raise ClientError(
+            code, f"{last.what} at every node ({nodes}){hint}; last error: {error.message}"
+        ) from rpc_error
 
     def _sleep_ms(self, attempt: Attempt, delay_ms: int) -> None:
         # The policy grants a delay only if it ends within the budget; the cut guards
@@ -360,6 +530,31 @@ class Client:
             time.sleep(delay_ms / 1000)
 
 
+class _Finished:
+    """The calls of one try, in the order they end (a queue fed by gRPC's callbacks)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def start(self, node_id: str, future: Any) -> Any:
+        future.add_done_callback(lambda f: self._queue.put((node_id, f)))
+        return future
+
+    def next(self, wait_ms: int | None) -> tuple[str, Any] | None:
+        """The next call to end; None if none ends within `wait_ms` (None: wait on)."""
+        try:
+            return self._queue.get(timeout=None if wait_ms is None else wait_ms / 1000)
+        except queue.Empty:
+            return None
+
+
+def _metadata_value(metadata: Any, key: str) -> str:
+    for item_key, value in metadata or ():
+        if item_key == key:
+            return value if isinstance(value, str) else bytes(value).decode("utf-8", "replace")
+    return ""
+
+
 def _now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
@@ -368,6 +563,27 @@ def _ms(seconds: float) -> int:
     """A positive duration in whole milliseconds, rounded up (never 0)."""
     assert seconds > 0, seconds
     return max(1, math.ceil(seconds * 1000))
+
+
+def _check_task_id(task_id: str) -> None:
+    size_bytes = len(task_id.encode("utf-8", "surrogatepass"))
+    if size_bytes > TASK_ID_BYTES_MAX:
+        raise ClientError(
+            grpc.StatusCode.NOT_FOUND,
+            f"no task has an id of {size_bytes} bytes: ids are at most {TASK_ID_BYTES_MAX}",
+        )
+
+
+def _transport_cause(code: grpc.StatusCode, details: str) -> _Cause | None:
+    """The transport failure an UNAVAILABLE status reports, or None (another code, or a
+    node that answered UNAVAILABLE itself)."""
+    if code is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    lowered = details.lower()
+    for patterns, what, hint in _TRANSPORT_CAUSES:
+        if any(pattern in lowered for pattern in patterns):
+            return _Cause(what, hint)
+    return None
 
 
 def _classify(rpc_error: grpc.RpcError) -> tuple[grpc.StatusCode, ApiError]:

@@ -47,8 +47,10 @@ from pathlib import Path
 
 from goml.api.task_args import validate_args
 from goml.api.types import (
+    ApiError,
     ApiRequest,
     CancelRequest,
+    ErrorCode,
     GetRequest,
     HeartbeatRequest,
     LeaseRequest,
@@ -64,7 +66,7 @@ from goml.api.types import (
 )
 from goml.cluster.duties import DutiesConfig
 from goml.cluster.manifest import DEFAULT_LIMITS
-from goml.cluster.node_core import NodeCore, NodeCoreConfig, NodeReady, Reply
+from goml.cluster.node_core import Forward, NodeCore, NodeCoreConfig, NodeReady, Reply
 from goml.raft.replica import ReplicaConfig
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import Config, EntryKind, Message, Role
@@ -109,6 +111,7 @@ def node_config(node_id: str, voters: tuple[str, ...]) -> NodeCoreConfig:
         max_attempts_default=3,
         task_timeout_ms_default=60_000,
         requests_max=64,
+        forward_requests=True,
     )
 
 
@@ -130,6 +133,9 @@ class NodeEnv:
     out: list[str] = field(default_factory=list)
     messages: Counter[str] = field(default_factory=Counter)
     roles: dict[str, str] = field(default_factory=dict)  # node -> role/term last printed
+    # Forwarded requests in flight: (leader, id there) -> (forwarding node, id there).
+    forwarded: dict[tuple[str, int], tuple[str, int]] = field(default_factory=dict)
+    forward_ids: int = 0
 
     def run(self, command: str) -> str:
         self.out = []
@@ -325,6 +331,8 @@ class NodeEnv:
                 if (message.source, message.target) not in self.blocked:
                     self.queue.append(message)
             core.advance(ready)
+            for forward in ready.forwards:  # after advance: an answer is an input
+                self._forward(node_id, forward)
             for result in core.last_applied:
                 status = "ok" if result.ok else f"{result.code}: {result.message}"
                 self.out.append(f"{node_id} applied {result.index} {result.command} {status}")
@@ -351,7 +359,37 @@ class NodeEnv:
 
     def _print_replies(self, node_id: str, replies: tuple[Reply, ...]) -> None:
         for reply in replies:
-            self.out.append(f"r{reply.request_id} <- {node_id}: {format_reply(reply)}")
+            back = self.forwarded.pop((node_id, reply.request_id), None)
+            if back is not None:  # the leader's answer to a forwarded request
+                source, source_id = back
+                self.out.append(f"fwd r{source_id} <- {node_id}: {format_reply(reply)}")
+                outcome = reply.error if reply.error is not None else reply.response
+                assert outcome is not None
+                source_node = self.nodes[source]
+                if source_node.core is not None:
+                    source_node.core.forwarded(
+                        source_id, outcome, source_node.clock_ms, source_node.clock_ms
+                    )
+                continue
+            hint = f" (served by {reply.leader_hint})" if reply.leader_hint else ""
+            self.out.append(f"r{reply.request_id} <- {node_id}: {format_reply(reply)}{hint}")
+
+    def _forward(self, node_id: str, forward: Forward) -> None:
+        """Zero latency, as every message here: the leader gets it at once."""
+        self.out.append(f"fwd r{forward.request_id} {node_id} -> {forward.leader}")
+        leader = self.nodes[forward.leader]
+        if leader.core is None or (node_id, forward.leader) in self.blocked:
+            node = self.nodes[node_id]
+            assert node.core is not None
+            error = ApiError(ErrorCode.UNAVAILABLE, f"{forward.leader} unreachable from {node_id}")
+            node.core.forwarded(forward.request_id, error, node.clock_ms, node.clock_ms)
+            return
+        self.forward_ids += 1
+        local_id = 1_000_000 + self.forward_ids
+        self.forwarded[(forward.leader, local_id)] = (node_id, forward.request_id)
+        leader.core.request(
+            local_id, forward.request, leader.clock_ms, leader.clock_ms, forwarded=True
+        )
 
     def cmd_stabilize(self, args: list[str]) -> None:
         for _ in range(1000):

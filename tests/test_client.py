@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -27,6 +29,7 @@ import pytest
 import goml.client as client_module
 from goml.api.types import LEADER_ADDRESS_KEY, LEADER_ID_KEY
 from goml.client import Client, ClientError, Profile
+from goml.cluster.certs import init_certs
 from goml.proto import api_pb2, api_pb2_grpc
 
 TOKEN = "test-token"
@@ -34,6 +37,7 @@ CALL_TIMEOUT_S = 2.0
 SERVER_STOP_TIMEOUT_S = 5.0
 THREAD_JOIN_TIMEOUT_S = 10.0
 # The client's backoff is 20..500 ms; a draw in [d/2, d] pinned to d/2 gives these.
+SILENT_HOLD_MAX_S = 30.0  # a silent node's call ends long before this, or the test fails
 LOWEST_BACKOFFS_MS = [10, 20, 40, 80, 160, 250, 250, 250]
 
 
@@ -98,6 +102,24 @@ class Refuse:
     leader_id: str | None = None  # set: a NOT_LEADER answer naming this leader
 
 
+class Silent:
+    """A node that takes a call and never answers (cut off one way, or stuck): the
+    handler holds the call until the client cancels it or its deadline passes, and
+    keeps how much of the deadline was left then."""
+
+    def __init__(self) -> None:
+        self.ended = threading.Event()
+        self.time_left_s: float | None = None
+
+    def hold(self, context: grpc.ServicerContext) -> None:
+        gone = threading.Event()
+        context.add_callback(gone.set)
+        assert gone.wait(SILENT_HOLD_MAX_S), "the client neither cancelled nor timed out"
+        self.time_left_s = context.time_remaining()
+        self.ended.set()
+        context.abort(grpc.StatusCode.CANCELLED, "gone")
+
+
 def not_leader(node: str, leader: str) -> Refuse:
     # As goml.cluster.service.ControlPlane.require_leader answers.
     return Refuse(
@@ -109,7 +131,11 @@ def not_leader(node: str, leader: str) -> Refuse:
 
 class ScriptedNode(api_pb2_grpc.ClientServicer):
     def __init__(
-        self, name: str, refuse: Refuse | None, journal: Journal, addresses: dict[str, str]
+        self,
+        name: str,
+        refuse: Refuse | Silent | None,
+        journal: Journal,
+        addresses: dict[str, str],
     ) -> None:
         self._name = name
         self._refuse = refuse
@@ -122,7 +148,9 @@ class ScriptedNode(api_pb2_grpc.ClientServicer):
         if metadata.get("authorization") != f"Bearer {TOKEN}":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong token")
         refuse = self._refuse
-        if refuse is not None:
+        if isinstance(refuse, Silent):
+            refuse.hold(context)
+        elif refuse is not None:
             if refuse.leader_id is not None:
                 address = self._addresses.get(refuse.leader_id, "")
                 context.set_trailing_metadata(
@@ -131,10 +159,39 @@ class ScriptedNode(api_pb2_grpc.ClientServicer):
             context.abort(refuse.code, refuse.message)
         return api_pb2.Task(id=request.task_id, state=api_pb2.PENDING)
 
+    def Watch(
+        self, request: api_pb2.WatchRequest, context: grpc.ServicerContext
+    ) -> Iterator[api_pb2.TaskEvent]:
+        """One SUCCEEDED event per task id asked for, then the stream ends."""
+        self._journal.record(Call(self._name))
+        metadata = dict(context.invocation_metadata())
+        if metadata.get("authorization") != f"Bearer {TOKEN}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong token")
+        if isinstance(self._refuse, Refuse):
+            context.abort(self._refuse.code, self._refuse.message)
+        for index, task_id in enumerate(request.task_ids, start=1):
+            yield api_pb2.TaskEvent(
+                raft_index=index, task=api_pb2.Task(id=task_id, state=api_pb2.SUCCEEDED)
+            )
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Mutual TLS as the daemon sets it up: servers use `server_dir`'s CA and node
+    certificate `n1`; the profile trusts `client_dir`'s CA and presents its client
+    certificate. Two different directories make a mismatch."""
+
+    server_dir: Path
+    client_dir: Path
+
 
 @contextlib.contextmanager
 def serving(
-    script: Mapping[str, Refuse | None], journal: Journal, token: str = TOKEN
+    script: Mapping[str, Refuse | Silent | None],
+    journal: Journal,
+    token: str = TOKEN,
+    tls: Tls | None = None,
+    insecure_profile: bool = False,
 ) -> Iterator[Profile]:
     """One gRPC server per scripted node on loopback; a profile naming them all. Every
     server started is stopped on exit, also when the test fails."""
@@ -146,16 +203,61 @@ def serving(
             servers.append(server)
             servicer = ScriptedNode(name, script[name], journal, addresses)
             api_pb2_grpc.add_ClientServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-            port = server.add_insecure_port("127.0.0.1:0")
+            if tls is None:
+                port = server.add_insecure_port("127.0.0.1:0")
+            else:
+                d = tls.server_dir
+                credentials = grpc.ssl_server_credentials(
+                    [((d / "n1.key").read_bytes(), (d / "n1.pem").read_bytes())],
+                    root_certificates=(d / "ca.pem").read_bytes(),
+                    require_client_auth=True,
+                )
+                port = server.add_secure_port("127.0.0.1:0", credentials)
             assert port > 0, f"could not bind a loopback port for {name}"
             addresses[name] = f"127.0.0.1:{port}"
         for server in servers:
             server.start()
-        yield Profile(nodes=dict(addresses), token=token, insecure=True)
+        if tls is None or insecure_profile:
+            yield Profile(nodes=dict(addresses), token=token, insecure=True)
+        else:
+            c = tls.client_dir
+            yield Profile(
+                nodes=dict(addresses),
+                token=token,
+                ca=c / "ca.pem",
+                cert=c / "client.pem",
+                key=c / "client.key",
+            )
     finally:
         stopped = [server.stop(grace=None) for server in servers]
         for event in stopped:
             assert event.wait(SERVER_STOP_TIMEOUT_S), "a test server did not stop"
+
+
+@contextlib.contextmanager
+def closed_ports(count: int) -> Iterator[list[str]]:
+    """Loopback addresses that refuse connections: each port is bound (so nothing else
+    takes it while the test runs) but never listened on. Released on exit."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        yield [f"127.0.0.1:{sock.getsockname()[1]}" for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture(scope="module")
+def two_cas(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two unrelated cluster CAs, each with a node certificate `n1` and a client one."""
+    base = tmp_path_factory.mktemp("cas")
+    dirs = (base / "a", base / "b")
+    for directory in dirs:
+        init_certs(directory, ["n1"], ["127.0.0.1", "localhost"])
+    return dirs
 
 
 @pytest.fixture
@@ -178,6 +280,36 @@ def test_not_leader_hint_is_followed_at_once(journal: Journal) -> None:
         # The belief moved: the next call goes straight to n2.
         assert client.get("t-2").id == "t-2"
         assert journal.events() == [Call("n1"), Call("n2"), Call("n2")]
+
+
+def test_a_silent_node_is_hedged_to_the_next_one(journal: Journal) -> None:
+    silent = Silent()
+    with (
+        serving({"n1": silent, "n2": None}, journal) as profile,
+        Client(
+            profile, call_timeout_s=5.0, retry_s=10.0, rng=LowestDraw(), hedge_after_s=0.1
+        ) as client,
+    ):
+        assert client.get("t-1").id == "t-1"
+        assert journal.events() == [Call("n1"), Call("n2")]  # the copy, and no backoff
+        # n2's answer cancelled n1's copy long before that copy's own deadline.
+        assert silent.ended.wait(SILENT_HOLD_MAX_S)
+        assert silent.time_left_s is not None and silent.time_left_s > 2.5
+        # n1, asked first and outpaced, is avoided: the next call goes to n2 alone.
+        assert client.get("t-2").id == "t-2"
+        assert journal.calls() == ["n1", "n2", "n2"]
+
+
+def test_without_hedging_a_silent_node_costs_the_call_timeout(journal: Journal) -> None:
+    silent = Silent()
+    with (
+        serving({"n1": silent, "n2": None}, journal) as profile,
+        Client(profile, call_timeout_s=1.0, retry_s=10.0, rng=LowestDraw()) as client,
+    ):
+        assert client.get("t-1").id == "t-1"
+        assert silent.ended.wait(SILENT_HOLD_MAX_S)
+        assert silent.time_left_s is not None and silent.time_left_s < 0.5  # timed out
+        assert journal.calls() == ["n1", "n2"]
 
 
 def test_followers_naming_each_other_back_off_then_give_up(journal: Journal) -> None:
@@ -283,3 +415,235 @@ def test_budgets_must_be_finite_and_positive(call_timeout_s: float, retry_s: flo
     profile = Profile(nodes={"n1": "127.0.0.1:1"}, token=TOKEN, insecure=True)
     with pytest.raises(ValueError, match="must be finite and > 0"):
         Client(profile, call_timeout_s=call_timeout_s, retry_s=retry_s)
+
+
+# --------------------------------------------------------------------------- unreachable
+
+
+def test_closed_ports_fail_at_once_naming_the_cause(journal: Journal) -> None:
+    with closed_ports(2) as addresses:
+        profile = Profile(
+            nodes={"n1": addresses[0], "n2": addresses[1]}, token=TOKEN, insecure=True
+        )
+        with make_client(profile, retry_s=30.0) as client, pytest.raises(ClientError) as refused:
+            client.get("t-1")
+    error = refused.value
+    assert error.code is grpc.StatusCode.UNAVAILABLE, error
+    assert error.detail.startswith(
+        f"connection refused at every node (n1 at {addresses[0]}, n2 at {addresses[1]})"
+    ), error.detail
+    assert "gave up" not in error.detail, error.detail  # not the budget running out
+    # n1 refused, one backoff, n2 refused: both nodes tried once, then no more waiting.
+    assert journal.events() == [Sleep(LOWEST_BACKOFFS_MS[0])]
+
+
+def test_wrong_ca_fails_at_once_naming_the_cause(
+    journal: Journal, two_cas: tuple[Path, Path]
+) -> None:
+    server_ca, other_ca = two_cas
+    script: dict[str, Refuse | None] = {"n1": None, "n2": None, "n3": None}
+    tls = Tls(server_dir=server_ca, client_dir=other_ca)
+    with (
+        serving(script, journal, tls=tls) as profile,
+        make_client(profile, retry_s=30.0) as client,
+        pytest.raises(ClientError) as refused,
+    ):
+        client.get("t-1")
+    error = refused.value
+    assert error.code is grpc.StatusCode.UNAVAILABLE, error
+    assert error.detail.startswith("TLS handshake failed at every node (n1 at "), error.detail
+    assert "not signed by the profile's CA (wrong CA?)" in error.detail, error.detail
+    # No call reached a servicer; one backoff between each of the three nodes.
+    assert journal.events() == [Sleep(ms) for ms in LOWEST_BACKOFFS_MS[:2]]
+
+
+def test_matching_ca_is_served(journal: Journal, two_cas: tuple[Path, Path]) -> None:
+    """The TLS set-up of the test above is right but for the CA: with it, calls pass."""
+    server_ca, _ = two_cas
+    tls = Tls(server_dir=server_ca, client_dir=server_ca)
+    with serving({"n1": None}, journal, tls=tls) as profile, make_client(profile, 10.0) as client:
+        assert client.get("t-1").id == "t-1"
+    assert journal.events() == [Call("n1")]
+
+
+def test_insecure_profile_against_tls_nodes_fails_at_once(
+    journal: Journal, two_cas: tuple[Path, Path]
+) -> None:
+    server_ca, _ = two_cas
+    tls = Tls(server_dir=server_ca, client_dir=server_ca)
+    with (
+        serving({"n1": None}, journal, tls=tls, insecure_profile=True) as profile,
+        make_client(profile, retry_s=30.0) as client,
+        pytest.raises(ClientError) as refused,
+    ):
+        client.get("t-1")
+    assert refused.value.detail.startswith("connection closed during setup at every node"), (
+        refused.value.detail
+    )
+    assert journal.events() == []
+
+
+def test_one_node_refusing_one_up_is_served(journal: Journal) -> None:
+    with closed_ports(1) as (closed,), serving({"n2": None}, journal) as served:
+        profile = Profile(nodes={"n1": closed, **served.nodes}, token=TOKEN, insecure=True)
+        with make_client(profile, retry_s=10.0) as client:
+            assert client.get("t-1").id == "t-1"
+    assert journal.events() == [Sleep(LOWEST_BACKOFFS_MS[0]), Call("n2")]
+
+
+def test_refusing_and_not_committing_retries_for_the_whole_budget(journal: Journal) -> None:
+    """One node down, the other up but failing: a mix, so the client retries as the
+    policy says until its budget is spent (the old behaviour, kept)."""
+    retry_s = 1.0
+    busy = Refuse(grpc.StatusCode.UNAVAILABLE, "not committed; retry")
+    with closed_ports(1) as (closed,), serving({"n2": busy}, journal) as served:
+        profile = Profile(nodes={"n1": closed, **served.nodes}, token=TOKEN, insecure=True)
+        started_s = time.monotonic()
+        with make_client(profile, retry_s=retry_s) as client, pytest.raises(ClientError) as given:
+            client.get("t-1")
+        elapsed_s = time.monotonic() - started_s
+    assert f"gave up after {round(retry_s * 1000)} ms" in given.value.detail, given.value
+    assert len(journal.calls()) >= 2, journal.events()  # n2 asked again and again
+    assert elapsed_s >= retry_s - max(LOWEST_BACKOFFS_MS) / 1000, elapsed_s
+
+
+def test_different_transport_causes_retry_for_the_whole_budget(
+    journal: Journal, two_cas: tuple[Path, Path]
+) -> None:
+    """n1 refuses connections, n2 closes them (TLS expected): two causes, no verdict."""
+    retry_s = 1.0
+    server_ca, _ = two_cas
+    tls = Tls(server_dir=server_ca, client_dir=server_ca)
+    with (
+        closed_ports(1) as (closed,),
+        serving({"n2": None}, journal, tls=tls, insecure_profile=True) as served,
+    ):
+        profile = Profile(nodes={"n1": closed, **served.nodes}, token=TOKEN, insecure=True)
+        with make_client(profile, retry_s=retry_s) as client, pytest.raises(ClientError) as given:
+            client.get("t-1")
+    assert "gave up after 1000 ms" in given.value.detail, given.value
+    assert len(journal.sleeps_ms()) >= 3, journal.events()
+
+
+def test_giving_up_on_unreachable_nodes_can_be_turned_off(journal: Journal) -> None:
+    retry_s = 0.5
+    with closed_ports(1) as (closed,):
+        profile = Profile(nodes={"n1": closed}, token=TOKEN, insecure=True)
+        client = Client(
+            profile,
+            call_timeout_s=CALL_TIMEOUT_S,
+            retry_s=retry_s,
+            rng=LowestDraw(),
+            give_up_unreachable=False,
+        )
+        with client, pytest.raises(ClientError) as given:
+            client.get("t-1")
+    assert "gave up after 500 ms" in given.value.detail, given.value
+    assert "Connection refused" in given.value.detail, given.value
+    assert len(journal.sleeps_ms()) >= 3, journal.events()
+
+
+def test_an_id_longer_than_any_task_id_is_not_found_without_a_call(journal: Journal) -> None:
+    with serving({"n1": None}, journal) as profile, make_client(profile, 10.0) as client:
+        for call in (client.get, client.cancel):
+            with pytest.raises(ClientError) as missing:
+                call("x" * 100_000)
+            assert missing.value.code is grpc.StatusCode.NOT_FOUND, missing.value
+            assert "id of 100000 bytes: ids are at most 256" in missing.value.detail
+        assert client.get("x" * 256).id == "x" * 256  # the limit itself is fine
+    assert journal.events() == [Call("n1")]
+
+
+# --------------------------------------------------------------------------- watch
+
+
+def test_watch_skips_a_node_that_is_down(journal: Journal) -> None:
+    with closed_ports(1) as (closed,), serving({"n2": None}, journal) as served:
+        profile = Profile(nodes={"n1": closed, **served.nodes}, token=TOKEN, insecure=True)
+        with make_client(profile, retry_s=10.0) as client:
+            events = list(client.watch(["t-1", "t-2"], timeout_s=5.0))
+    assert [(e.raft_index, e.task.id) for e in events] == [(1, "t-1"), (2, "t-2")]
+    assert journal.events() == [Sleep(LOWEST_BACKOFFS_MS[0]), Call("n2")]
+
+
+def test_watch_with_every_node_down_names_them(journal: Journal) -> None:
+    with closed_ports(2) as addresses:
+        profile = Profile(
+            nodes={"n1": addresses[0], "n2": addresses[1]}, token=TOKEN, insecure=True
+        )
+        with make_client(profile, retry_s=30.0) as client, pytest.raises(ClientError) as down:
+            list(client.watch([], timeout_s=60.0))
+    assert down.value.code is grpc.StatusCode.UNAVAILABLE, down.value
+    assert down.value.detail.startswith(
+        f"connection refused at every node (n1 at {addresses[0]}, n2 at {addresses[1]})"
+    ), down.value.detail
+    assert journal.events() == [Sleep(LOWEST_BACKOFFS_MS[0])]
+
+
+def test_watch_refused_by_the_node_is_raised(journal: Journal) -> None:
+    script = {"n1": Refuse(grpc.StatusCode.INVALID_ARGUMENT, "task_ids: too many")}
+    with (
+        serving(script, journal) as profile,
+        make_client(profile, retry_s=10.0) as client,
+        pytest.raises(ClientError) as refused,
+    ):
+        list(client.watch(["t-1"], timeout_s=5.0))
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT, refused.value
+    assert refused.value.detail == "n1: task_ids: too many"
+    assert journal.events() == [Call("n1")]
+
+
+# --------------------------------------------------------------------------- reconnect
+
+
+@contextlib.contextmanager
+def hanging_up() -> Iterator[tuple[str, list[int]]]:
+    """A loopback address that accepts each connection and closes it at once (a node
+    that is not serving yet), and the count of connections it took so far."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.settimeout(0.05)  # a blocked accept() does not see close(): look at `done`
+    accepted = [0]
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            accepted[0] += 1
+            connection.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        thread.start()
+        yield f"127.0.0.1:{listener.getsockname()[1]}", accepted
+    finally:
+        done.set()
+        if thread.is_alive():
+            thread.join(THREAD_JOIN_TIMEOUT_S)
+        listener.close()
+
+
+def test_a_node_not_serving_yet_is_tried_again_every_half_second(journal: Journal) -> None:
+    """gRPC's own reconnect backoff starts at 1 s and grows 1.6x to 120 s: a node down
+    for the first seconds of a call stays "unavailable" on the client's channel long
+    after it is up (measured here: reached 4.5 s after it came up), and each retry
+    fails at once with the old error. The client's channels cap the backoff at 0.5 s
+    (goml.api.channels): in 6 s they try about 15 times; gRPC's default, 4 times."""
+    with hanging_up() as (address, accepted):
+        profile = Profile(nodes={"n1": address}, token=TOKEN, insecure=True)
+        with (
+            Client(
+                profile,
+                call_timeout_s=1.0,
+                retry_s=6.0,
+                rng=LowestDraw(),
+                give_up_unreachable=False,
+            ) as client,
+            pytest.raises(ClientError),
+        ):
+            client.get("t-1")
+        assert accepted[0] >= 9, f"{accepted[0]} connections in 6 s"

@@ -47,7 +47,7 @@ import enum
 from dataclasses import dataclass, fields
 from typing import Protocol
 
-from goml.api.retry import Attempt, RetryConfig, RetryPolicy
+from goml.api.retry import UNREACHABLE_MS, Attempt, RetryConfig, RetryPolicy
 from goml.api.types import (
     RESPONSE_TYPES,
     AgentRequest,
@@ -327,6 +327,8 @@ class AgentCore:
             backoff_ms_max=config.retry_backoff_ms_max,
             give_up_after_ms=None,  # a daemon: results are never dropped for want of a leader
             retry_unauthenticated=True,  # the token may be rotated under a running agent
+            unreachable_ms=UNREACHABLE_MS,
+            hedge_after_ms=None,  # heartbeats and leases are not idempotent copies
         )
         self._policy = RetryPolicy(retry, rng, start)
         self._outstanding: dict[int, _Outstanding] = {}
@@ -417,7 +419,10 @@ class AgentCore:
                 self._add_result(run.task, False, "", error)
         self._pump()
 
-    def on_response(self, request_id: int, response: AgentResponse, now_ms: int) -> None:
+    def on_response(
+        self, request_id: int, response: AgentResponse, now_ms: int, served_by: str = ""
+    ) -> None:
+        """`served_by`: the leader a forwarding follower named ("" if `node_id` served)."""
         out = self._outstanding.pop(request_id, None)
         if out is None:
             self._advance_clock(now_ms)
@@ -443,7 +448,9 @@ class AgentCore:
             lane.in_flight = None
         if out.node_id != self._policy.leader:
             self._log(LogLevel.INFO, f"leader is {out.node_id} (it answered)")
-        self._policy.succeeded(lane.attempt if lane is not None else None, out.node_id)
+        self._policy.succeeded(
+            lane.attempt if lane is not None else None, out.node_id, now_ms, served_by
+        )
         match response:
             case RegisterResponse():
                 self._registered(response)

@@ -411,6 +411,9 @@ class TaskRunner:
         assert worker not in self._idle
         assert self._workers_count >= 1, self._workers_count
         self._workers_count -= 1
+        # SIGKILL first, then close its end: a worker that saw EOF first would exit 0
+        # by itself, and a retired worker's exit would read as a clean one.
+        worker.process.kill()
         worker.conn.close()
         return await self._reap(worker.process, grace_ms=0)
 

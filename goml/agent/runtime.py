@@ -79,7 +79,9 @@ from goml.agent.core import (
     RunTask,
 )
 from goml.agent.runner import TaskRunner
+from goml.api.channels import reconnect_options
 from goml.api.types import (
+    LEADER_ID_KEY,
     AgentRequest,
     AgentResponse,
     ErrorKind,
@@ -102,6 +104,7 @@ __all__ = [
     "ConfigError",
     "ControlPlane",
     "GrpcControlPlane",
+    "Served",
     "classify_status",
     "detect_gpus",
     "load_config",
@@ -317,12 +320,21 @@ def classify_status(code: grpc.StatusCode, trailing: Mapping[str, str], detail: 
     return CallFailure(error_kind(error.code), error.leader_id, error.message)
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A node's answer. `served_by`: the leader that served it when the node asked
+    forwarded the call ("" when that node served it itself)."""
+
+    response: AgentResponse
+    served_by: str = ""
+
+
 class ControlPlane(Protocol):
     """How the runtime reaches control-plane nodes (gRPC here; a fake in tests)."""
 
     async def call(
         self, node_id: str, method: Method, request: AgentRequest, timeout_ms: int
-    ) -> AgentResponse | CallFailure: ...
+    ) -> Served | CallFailure: ...
 
     async def close(self) -> None: ...
 
@@ -349,9 +361,11 @@ class GrpcControlPlane:
         if stub is None:
             address = self._addresses[node_id]
             if self._credentials is None:
-                channel = grpc.aio.insecure_channel(address)
+                channel = grpc.aio.insecure_channel(address, options=reconnect_options())
             else:
-                channel = grpc.aio.secure_channel(address, self._credentials)
+                channel = grpc.aio.secure_channel(
+                    address, self._credentials, options=reconnect_options()
+                )
             self._channels[node_id] = channel
             stub = api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
             self._stubs[node_id] = stub
@@ -359,29 +373,34 @@ class GrpcControlPlane:
 
     async def call(
         self, node_id: str, method: Method, request: AgentRequest, timeout_ms: int
-    ) -> AgentResponse | CallFailure:
+    ) -> Served | CallFailure:
         if node_id not in self._addresses:
             return CallFailure(ErrorKind.UNAVAILABLE, "", f"no address for node {node_id!r}")
         rpc = getattr(self._stub(node_id), method.value)
         try:
-            reply = await rpc(
-                request_to_pb(request), timeout=timeout_ms / 1000, metadata=self._metadata
-            )
+            call = rpc(request_to_pb(request), timeout=timeout_ms / 1000, metadata=self._metadata)
+            reply = await call
+            served_by = _strings(await call.trailing_metadata()).get(LEADER_ID_KEY, "")
         except grpc.aio.AioRpcError as exc:
-            trailing = {
-                str(k): v if isinstance(v, str) else v.decode("utf-8", "replace")
-                for k, v in (exc.trailing_metadata() or ())
-            }
-            return classify_status(exc.code(), trailing, exc.details() or "")
+            return classify_status(
+                exc.code(), _strings(exc.trailing_metadata()), exc.details() or ""
+            )
         response = response_from_pb(method, reply)
         assert isinstance(response, AGENT_RESPONSES), (method, type(response).__name__)
-        return response
+        return Served(response, served_by)
 
     async def close(self) -> None:
         for node_id in sorted(self._channels):
             await self._channels[node_id].close()
         self._channels.clear()
         self._stubs.clear()
+
+
+def _strings(metadata: Any) -> dict[str, str]:
+    return {
+        str(k): v if isinstance(v, str) else v.decode("utf-8", "replace")
+        for k, v in (metadata or ())
+    }
 
 
 # --------------------------------------------------------------------------- the loop
@@ -394,7 +413,7 @@ def monotonic_ms() -> int:
 @dataclass(frozen=True, slots=True)
 class _Answered:
     request_id: int
-    outcome: AgentResponse | CallFailure
+    outcome: Served | CallFailure
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,9 +498,8 @@ class AgentRuntime:
                 self._core.on_call_failed(
                     request_id, failure.kind, failure.leader_hint, failure.detail, now
                 )
-            case _Answered(request_id, response):
-                assert not isinstance(response, CallFailure)
-                self._core.on_response(request_id, response, now)
+            case _Answered(request_id, Served(response, served_by)):
+                self._core.on_response(request_id, response, now, served_by)
             case _Finished(task, ok, text):
                 self._core.on_task_finished(task.task_id, task.epoch, ok, text, now)
 

@@ -6,12 +6,18 @@ Sans-IO: no clock, no sleep, no global randomness. Callers pass `now_ms` and a s
 RNG and carry out the decision (sleep, schedule a timer, give up).
 
 Rules:
-- Belief: the node that last answered is the leader; every call goes to the belief.
+- Belief: the node that last answered is the leader; every call goes to the belief. A
+  follower that forwarded the call names the leader that served it: the next calls go
+  to that leader directly, unless it failed from here within the last
+  DIRECT_AFTER_WINDOWS unreachable windows (then the follower that can reach it keeps
+  serving: a one-way partition).
 - NOT_LEADER naming another known node: follow the hint at once, at most
   `redirects_max` times in a row per operation (two nodes naming each other cannot spin
-  a caller); beyond that, and for a NOT_LEADER without a usable hint, rotate and back off.
-- UNAVAILABLE / DEADLINE: rotate to the next node (only if no other call has moved the
-  belief on already) and back off.
+  a caller); beyond that, for a NOT_LEADER without a usable hint, and for a hint naming a
+  node unreachable lately, rotate and back off.
+- UNAVAILABLE / DEADLINE: the node is unreachable for `unreachable_ms`; rotate to the next
+  node not unreachable lately (only if no other call has moved the belief on already)
+  and back off.
 - UNAUTHENTICATED: retried with backoff only if `retry_unauthenticated` (a daemon whose
   token may be rotated), else given up at once (a user must fix their credentials).
 - INVALID: never retried: the same request is refused again.
@@ -19,6 +25,10 @@ Rules:
   with d = min(backoff_ms_max, backoff_ms_min * 2**(n-1)).
 - An operation gives up once `give_up_after_ms` (if set) would pass before its next try;
   each call's deadline is `call_timeout_ms`, cut to what is left of that budget.
+- Hedging (`hedge_after_ms`, for idempotent calls only): a call with no answer after
+  that long is sent again to `hedge_target` (the next node not avoided); the first
+  answer wins, and the operation fails only when every copy has failed. A call in
+  flight when its path is cut (a one-way partition) no longer waits for its deadline.
 """
 
 from __future__ import annotations
@@ -29,6 +39,12 @@ from typing import Protocol
 from goml.api.types import ErrorKind
 
 BACKOFF_EXPONENT_MAX = 30  # 2**30 * any sane minimum is beyond any sane maximum
+# How long every goml caller avoids a node that timed out or refused its connection
+# (a healed partition is tried again after it).
+UNREACHABLE_MS = 10_000
+# A follower that forwarded names the leader; calls go to it directly only if it has not
+# failed from here for this many unreachable windows.
+DIRECT_AFTER_WINDOWS = 6
 
 
 class Rng(Protocol):
@@ -46,11 +62,13 @@ class RetryConfig:
     backoff_ms_max: int
     give_up_after_ms: int | None  # None: never (a daemon retries for ever)
     retry_unauthenticated: bool
+    unreachable_ms: int  # how long a node that timed out or refused is avoided
+    hedge_after_ms: int | None  # send a second copy after this long without an answer
 
     def __post_init__(self) -> None:
         if not self.nodes or len(set(self.nodes)) != len(self.nodes) or not all(self.nodes):
             raise ValueError(f"retry policy: nodes must be unique and non-empty: {self.nodes}")
-        for name in ("call_timeout_ms", "backoff_ms_min", "backoff_ms_max"):
+        for name in ("call_timeout_ms", "backoff_ms_min", "backoff_ms_max", "unreachable_ms"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"retry policy: {name} must be an integer >= 1, got {value!r}")
@@ -60,6 +78,8 @@ class RetryConfig:
             raise ValueError("retry policy: backoff_ms_min > backoff_ms_max")
         if self.give_up_after_ms is not None and self.give_up_after_ms < 1:
             raise ValueError("retry policy: give_up_after_ms must be >= 1 or None")
+        if self.hedge_after_ms is not None and not 1 <= self.hedge_after_ms < self.call_timeout_ms:
+            raise ValueError("retry policy: hedge_after_ms must be in [1, call_timeout_ms)")
 
 
 class Attempt:
@@ -92,6 +112,8 @@ class RetryPolicy:
         self.config = config
         self._rng = rng
         self._leader = start
+        self._unreachable: dict[str, int] = {}  # node -> until when it is avoided
+        self._last_failed: dict[str, int] = {}  # node -> when it last timed out or refused
 
     @property
     def leader(self) -> str:
@@ -107,13 +129,22 @@ class RetryPolicy:
             timeout = min(timeout, left)
         return max(1, timeout)
 
-    def succeeded(self, attempt: Attempt | None, node: str) -> None:
-        """`node` answered: it leads (or serves), and the operation's streak ends."""
+    def succeeded(
+        self, attempt: Attempt | None, node: str, now_ms: int, served_by: str = ""
+    ) -> None:
+        """`node` answered: it leads (or serves), and the operation's streak ends.
+        `served_by`: the leader a forwarding follower named ("" when `node` served)."""
         assert node in self.config.nodes, node
         if attempt is not None:
             attempt.failures = 0
             attempt.redirects = 0
+        self._unreachable.pop(node, None)
         self._leader = node
+        direct = served_by in self.config.nodes and served_by != node
+        if direct and not self._failed_lately(served_by, now_ms):
+            # Go direct, one hop less; but not to a leader that failed from here lately
+            # (a one-way cut: every call in flight would wait for its timeout again).
+            self._leader = served_by
 
     def failed(
         self, attempt: Attempt, node: str, kind: ErrorKind, hint: str, now_ms: int
@@ -128,7 +159,9 @@ class RetryPolicy:
                 return Decision(False, 0, f"{node} refused the request")
             case ErrorKind.UNAUTHENTICATED if not self.config.retry_unauthenticated:
                 return Decision(False, 0, f"{node} refused the credentials")
-            case ErrorKind.NOT_LEADER if hint in nodes and hint != node:
+            case ErrorKind.NOT_LEADER if (
+                hint in nodes and hint != node and not self._avoided(hint, now_ms)
+            ):
                 self._leader = hint
                 if attempt.redirects < self.config.redirects_max:
                     attempt.redirects += 1
@@ -137,10 +170,12 @@ class RetryPolicy:
             case ErrorKind.NOT_LEADER:
                 unknown = f" (unknown leader hint {hint!r})" if hint else ""
                 why = f"{node} knows no leader{unknown}"
-                self._rotate(node)
+                self._rotate(node, now_ms)
             case ErrorKind.UNAVAILABLE | ErrorKind.DEADLINE:
                 why = f"{node} unreachable ({kind})"
-                self._rotate(node)
+                self._unreachable[node] = now_ms + self.config.unreachable_ms
+                self._last_failed[node] = now_ms
+                self._rotate(node, now_ms)
             case _:
                 assert kind is ErrorKind.UNAUTHENTICATED
                 why = f"{node} refused the credentials"
@@ -166,9 +201,45 @@ class RetryPolicy:
             return Decision(False, 0, f"gave up after {budget} ms; last: {why}")
         return Decision(True, delay_ms, why)
 
-    def _rotate(self, failed: str) -> None:
+    def outpaced(self, node: str, now_ms: int) -> None:
+        """A copy sent later to another node answered while the one sent to `node` had
+        not: `node` is avoided as if it had timed out (the operation's streak is over)."""
+        assert node in self.config.nodes, node
+        self._unreachable[node] = now_ms + self.config.unreachable_ms
+        self._last_failed[node] = now_ms
+        if self._leader == node:
+            self._rotate(node, now_ms)
+
+    def hedge_target(self, primary: str, now_ms: int) -> str | None:
+        """Where a hedged copy of a call to `primary` goes: the next node in order that
+        is not avoided (None when hedging is off or there is no such node)."""
+        if self.config.hedge_after_ms is None:
+            return None
+        nodes = self.config.nodes
+        start = nodes.index(primary)
+        for k in range(1, len(nodes)):
+            node = nodes[(start + k) % len(nodes)]
+            if not self._avoided(node, now_ms):
+                return node
+        return None
+
+    def _failed_lately(self, node: str, now_ms: int) -> bool:
+        last = self._last_failed.get(node)
+        return (
+            last is not None and now_ms - last < self.config.unreachable_ms * DIRECT_AFTER_WINDOWS
+        )
+
+    def _avoided(self, node: str, now_ms: int) -> bool:
+        until = self._unreachable.get(node)
+        return until is not None and now_ms < until
+
+    def _rotate(self, failed: str, now_ms: int) -> None:
         # Only if no other call has moved the belief on already: concurrent calls that
         # fail together would otherwise rotate it off a leader another call found.
-        if self._leader == failed:
-            nodes = self.config.nodes
-            self._leader = nodes[(nodes.index(failed) + 1) % len(nodes)]
+        if self._leader != failed:
+            return
+        nodes = self.config.nodes
+        start = nodes.index(failed)
+        order = [nodes[(start + k) % len(nodes)] for k in range(1, len(nodes) + 1)]
+        usable = [n for n in order if n != failed and not self._avoided(n, now_ms)]
+        self._leader = usable[0] if usable else order[0]

@@ -38,9 +38,10 @@ from typing import Any
 
 from goml.api.types import SubmitRequest, TaskRequest
 from goml.api.wire import request_to_pb
-from goml.chaos.cluster import ChaosCluster, ManagedProcess, ProxyState, record_pids
+from goml.chaos.cluster import ChaosCluster, Member, ProxyState, Runtime, record_pids
+from goml.chaos.containers import ContainerError, container_runtime
 from goml.chaos.server import ToxiproxyUnavailable, toxiproxy_server
-from goml.chaos.toxiproxy import Stream, ToxiproxyError
+from goml.chaos.toxiproxy import Stream, Toxiproxy, ToxiproxyError
 from goml.client import Client, ClientError
 from goml.cluster.config import Duties
 from goml.cluster.inspect import agreed_prefix, read_store, replay_cluster
@@ -51,6 +52,7 @@ from goml.scenario.faults import Pair
 from goml.scenario.player import (
     CLIENT_CALL_TIMEOUT_MS,
     CLIENT_GIVE_UP_MS,
+    CLIENT_HEDGE_AFTER_MS,
     COMMAND_TYPES,
     FinalState,
     ScenarioPlayer,
@@ -141,7 +143,7 @@ class ChaosRun:
     def pause_agent(self, name: str, duration_s: float) -> None:
         self._pause(self.cluster.agent_processes[name], duration_s)
 
-    def _pause(self, process: ManagedProcess, duration_s: float) -> None:
+    def _pause(self, process: Member, duration_s: float) -> None:
         self.cluster.pause(process)
         self.schedule(duration_s, functools.partial(self.cluster.resume, process))
 
@@ -214,6 +216,10 @@ class ChaosRun:
                 call_timeout_s=CLIENT_CALL_TIMEOUT_MS / 1000,
                 retry_s=CLIENT_GIVE_UP_MS / 1000,
                 rng=random.Random(f"{self.seed}:client:{c.name}"),
+                hedge_after_s=CLIENT_HEDGE_AFTER_MS / 1000,
+                # As the simulator's client: retry for the whole budget, even when every
+                # node is cut off the same way (a scenario's faults heal).
+                give_up_unreachable=False,
             )
             for c in workload.clients
         }
@@ -446,6 +452,40 @@ def _signals_raise() -> Iterator[None]:
             signal.signal(s, h)
 
 
+RUNTIMES = ("processes", "containers")
+RUNTIME_KINDS = {
+    "processes": "chaos (real processes behind Toxiproxy)",
+    "containers": "chaos (real containers behind Toxiproxy, on a Docker network)",
+}
+
+
+@contextlib.contextmanager
+def _members_and_toxiproxy(
+    runtime: str,
+    scenario: Scenario,
+    work_dir: Path,
+    client_locations: list[str],
+    toxiproxy_url: str | None,
+    toxiproxy_bin: Path | None,
+    notes: list[str],
+    pids: list[int],
+) -> Iterator[tuple[Toxiproxy, Runtime | None]]:
+    """Toxiproxy and the runtime of the members (None: ChaosCluster's processes)."""
+    if runtime == "containers":
+        if toxiproxy_url is not None or toxiproxy_bin is not None:
+            raise ValueError(
+                "--toxiproxy-url and --toxiproxy-bin are for --runtime processes: the "
+                "container runtime runs Toxiproxy from its own image"
+            )
+        with container_runtime(scenario, client_locations, work_dir, notes) as (toxiproxy, members):
+            yield toxiproxy, members
+        return
+    with toxiproxy_server(
+        toxiproxy_url, toxiproxy_bin, work_dir / "logs" / "toxiproxy.log", notes, pids
+    ) as toxiproxy:
+        yield toxiproxy, None
+
+
 def run_chaos(
     scenario: Scenario,
     seed: int,
@@ -453,8 +493,11 @@ def run_chaos(
     toxiproxy_url: str | None = None,
     toxiproxy_bin: Path | None = None,
     log: Callable[[str], None] = print,
+    runtime: str = "processes",
 ) -> dict[str, Any]:
     """One real run; returns the summary (without expectations judged)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     if work_dir.exists():
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True)
@@ -468,14 +511,14 @@ def run_chaos(
     notes: list[str] = []
     started = time.monotonic()
     client_locations = [c.node for c in (scenario.workload.clients if scenario.workload else [])]
-    with toxiproxy_server(
-        toxiproxy_url, toxiproxy_bin, work_dir / "logs" / "toxiproxy.log", notes, pids
-    ) as toxiproxy:
+    with _members_and_toxiproxy(
+        runtime, scenario, work_dir, client_locations, toxiproxy_url, toxiproxy_bin, notes, pids
+    ) as (toxiproxy, members):
         record_pids(pid_file, pids)
         (work_dir / "toxiproxy_url").write_text(toxiproxy.url + "\n")
         for note in notes:
             log(note)
-        cluster = ChaosCluster(scenario, work_dir, toxiproxy, CHAOS_DUTIES, on_spawn)
+        cluster = ChaosCluster(scenario, work_dir, toxiproxy, CHAOS_DUTIES, on_spawn, members)
         run: ChaosRun | None = None
         try:
             cluster.create(client_locations)
@@ -494,7 +537,7 @@ def run_chaos(
             if run is not None:
                 run.close()
             cluster.stop_all()
-            errors = cluster.delete_proxies()
+            errors = cluster.delete_proxies() + cluster.collect()
             for error in errors:
                 log(f"cleanup: {error}")
         assert run is not None
@@ -509,7 +552,8 @@ def run_chaos(
     )
     summary: dict[str, Any] = {
         **run.player.summary(final),
-        "kind": "chaos (real processes behind Toxiproxy)",
+        "kind": RUNTIME_KINDS[runtime],
+        "runtime": runtime,
         "trace_digest": "",
         "sim_seconds": round(played_s, 3),
         "wall_seconds": round(time.monotonic() - started, 3),
@@ -619,6 +663,7 @@ def run_command(
     as_json: bool,
     toxiproxy_bin: Path | None = None,
     toxiproxy_url: str | None = None,
+    runtime: str = "processes",
 ) -> int:
     scenario = load_for_run(path)
     if scenario is None:
@@ -633,12 +678,16 @@ def run_command(
         with _signals_raise():
             predicted = prediction(scenario, chosen)
             summary = run_chaos(
-                scenario, chosen, target / "work", toxiproxy_url, toxiproxy_bin, log=say
+                scenario, chosen, target / "work", toxiproxy_url, toxiproxy_bin, say, runtime
             )
     except KeyboardInterrupt:
-        print("interrupted: every process and proxy this run started is stopped", file=sys.stderr)
+        if runtime == "containers":
+            gone = "every container, network, volume and proxy this run made is removed"
+        else:
+            gone = "every process and proxy this run started is stopped"
+        print(f"interrupted: {gone}", file=sys.stderr)
         return 130
-    except (ToxiproxyUnavailable, ToxiproxyError, ChaosError, ValueError) as error:
+    except (ToxiproxyUnavailable, ToxiproxyError, ChaosError, ContainerError, ValueError) as error:
         print(f"goml chaos run: {error}", file=sys.stderr)
         return 2
     summary["simulator"] = {k: predicted.get(k) for k in (*KEY_FIGURES, "error") if k in predicted}
@@ -649,7 +698,8 @@ def run_command(
     print_summary(summary, _readable(summary), report, target, as_json)
     if not passed:
         print(
-            f"FAILED; rerun: goml chaos run {path} --seed {chosen}  "
+            f"FAILED; rerun: goml chaos run {path} --seed {chosen}"
+            f"{' --runtime containers' if runtime == 'containers' else ''}  "
             f"(logs: {target / 'work' / 'logs'})",
             file=sys.stderr,
         )

@@ -93,7 +93,15 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event) -> None:
     )
     runtime.servicer().add_to_server(server)
     metrics = Metrics()
-    plane = ControlPlane(config, node_core, runtime, read_secret(config.token_file), metrics, seed)
+    plane = ControlPlane(
+        config,
+        node_core,
+        runtime,
+        read_secret(config.token_file),
+        metrics,
+        seed,
+        channel_credentials,
+    )
     await add_services(server, plane)
     if config.metrics_listen:
         metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")

@@ -177,6 +177,10 @@ class NodeCoreConfig:
     max_attempts_default: int
     task_timeout_ms_default: int
     requests_max: int  # requests waiting here at once (proposals, reads, polls, watches)
+    # A follower that knows a live leader forwards leader-only requests to it (as etcd
+    # does) instead of answering NOT_LEADER: a client that reaches this node but not
+    # the leader (a one-way partition) is still served.
+    forward_requests: bool
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.addresses]
@@ -224,6 +228,7 @@ def standard_config(
         max_attempts_default=MAX_ATTEMPTS_DEFAULT,
         task_timeout_ms_default=TASK_TIMEOUT_MS_DEFAULT,
         requests_max=REQUESTS_MAX,
+        forward_requests=True,
     )
 
 
@@ -233,6 +238,7 @@ class Reply:
     response: ApiResponse | None
     error: ApiError | None
     final: bool  # False: a watch event; the stream goes on
+    leader_hint: str = ""  # a forwarded request's answer: the leader that served it
 
     def __post_init__(self) -> None:
         assert (self.response is None) != (self.error is None), self
@@ -251,10 +257,21 @@ class NodeLog:
 
 
 @dataclass(frozen=True, slots=True)
+class Forward:
+    """Send `request` to node `leader` as a forwarded request; answer with `forwarded`."""
+
+    request_id: int
+    leader: str
+    request: ApiRequest
+    timeout_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class NodeReady:
     replica: ReplicaReady
     replies: tuple[Reply, ...]
     logs: tuple[NodeLog, ...]
+    forwards: tuple[Forward, ...] = ()
 
     @property
     def compacted(self) -> Snapshot | None:
@@ -299,6 +316,7 @@ class NodeStats:
     polls_woken: int = 0
     requests_expired: int = 0
     requests_refused_busy: int = 0
+    forwarded: int = 0
 
 
 class ManifestMachine:
@@ -327,6 +345,7 @@ class _Stage(enum.Enum):
     READING = "reading"  # waits for a read point
     PARKED = "parked"  # a lease poll waiting for work
     WATCHING = "watching"  # a watch stream
+    FORWARDED = "forwarded"  # sent on to the leader; its answer is this request's
 
 
 @dataclass(slots=True)
@@ -336,6 +355,7 @@ class _Pending:
     deadline_ms: int  # answered when it passes (never for a watch)
     poll_deadline_ms: int = 0  # lease polls: when the poll ends with an empty answer
     claim: tuple[str, ...] = ()  # lease proposals: the tasks it is expected to take
+    forwarded_to: str = ""  # the leader a forwarded request went to
 
 
 def task_view(task: Task) -> TaskView:
@@ -408,6 +428,7 @@ class NodeCore:
         self._report_batches: dict[int, tuple[int, ...]] = {}  # token -> request ids
         self._replies: list[Reply] = []
         self._logs: list[NodeLog] = []
+        self._forwards: list[Forward] = []
         self._outstanding: NodeReady | None = None
         # Apply results of the latest advance, for observers (simulator checks, metrics).
         self.last_applied: tuple[ApplyResult, ...] = ()
@@ -451,8 +472,16 @@ class NodeCore:
             self._run_duties()
             self._after_input()
 
-    def request(self, request_id: int, request: ApiRequest, now_ms: int, wall_ms: int) -> None:
-        """An API request; exactly one final reply comes back under `request_id`."""
+    def request(
+        self,
+        request_id: int,
+        request: ApiRequest,
+        now_ms: int,
+        wall_ms: int,
+        forwarded: bool = False,
+    ) -> None:
+        """An API request; exactly one final reply comes back under `request_id`.
+        `forwarded`: it came from a follower; it is never forwarded again."""
         assert request_id > 0, "request ids are positive (negative ones are the duties')"
         assert request_id not in self._pending, f"request id {request_id} reused"
         self._clock(now_ms, wall_ms)
@@ -465,8 +494,64 @@ class NodeCore:
                 f"{self.id} has {len(self._pending)} requests waiting; retry",
             )
             return
-        self._dispatch(request_id, request)
+        if not forwarded and self._forwarding(request):
+            self._forward(request_id, request)
+        else:
+            self._dispatch(request_id, request)
         self._after_input()
+
+    def forwarded(
+        self, request_id: int, outcome: ApiResponse | ApiError, now_ms: int, wall_ms: int
+    ) -> None:
+        """The leader's answer to a request this node forwarded (or the failure to get
+        one, as an ApiError)."""
+        self._clock(now_ms, wall_ms)
+        pending = self._pending.get(request_id)
+        if pending is None or pending.stage is not _Stage.FORWARDED:
+            return  # answered already (its deadline passed) or forgotten
+        del self._pending[request_id]
+        leader = pending.forwarded_to
+        if isinstance(outcome, ApiError):
+            if outcome.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                # Not the transport's words: this node answered, the leader is what it
+                # could not reach (a caller must not take this node for down).
+                outcome = ApiError(
+                    ErrorCode.UNAVAILABLE,
+                    f"{self.id} could not forward to leader {leader} ({outcome.code}); "
+                    "try another node",
+                )
+            self._replies.append(Reply(request_id, None, outcome, True))
+        else:
+            self._replies.append(Reply(request_id, outcome, None, True, leader))
+        self._after_input()
+
+    def _forwarding(self, request: ApiRequest) -> bool:
+        """Forward a leader-only request when a live leader is known here."""
+        if not self.config.forward_requests or self.is_leader:
+            return False
+        if isinstance(request, WatchRequest):
+            return False
+        if isinstance(request, StatusRequest) and request.local:
+            return False
+        raft = self.replica.raft
+        heard = raft.leader_heard_ms
+        return bool(
+            raft.leader
+            and heard is not None
+            and self._now_ms - heard < raft.config.election_timeout_ms_min
+        )
+
+    def _forward(self, request_id: int, request: ApiRequest) -> None:
+        leader = self.leader
+        timeout_ms = self.config.request_timeout_ms
+        if isinstance(request, LeaseRequest):
+            timeout_ms += min(max(request.wait_ms, 0), self.config.lease_wait_ms_max)
+        pending = _Pending(
+            request, _Stage.FORWARDED, self._now_ms + timeout_ms, forwarded_to=leader
+        )
+        self._wait(request_id, pending)
+        self._forwards.append(Forward(request_id, leader, request, timeout_ms))
+        self.stats.forwarded += 1
 
     def _dispatch(self, request_id: int, request: ApiRequest) -> None:
         wall_ms = self._wall_ms
@@ -529,15 +614,16 @@ class NodeCore:
         return deadline
 
     def has_ready(self) -> bool:
-        return bool(self._replies or self._logs) or self.replica.has_ready()
+        return bool(self._replies or self._logs or self._forwards) or self.replica.has_ready()
 
     def ready(self) -> NodeReady:
         self._no_ready_outstanding()
         replica = self.replica.ready()
         assert not replica.outcomes, "outcomes are taken as they happen (_after_input)"
-        ready = NodeReady(replica, tuple(self._replies), tuple(self._logs))
+        ready = NodeReady(replica, tuple(self._replies), tuple(self._logs), tuple(self._forwards))
         self._replies.clear()
         self._logs.clear()
+        self._forwards.clear()
         self._outstanding = ready
         return ready
 
@@ -1145,6 +1231,13 @@ class NodeCore:
                 self._reply(request_id, LeaseResponse(()))
                 continue
             self.stats.requests_expired += 1
+            if pending.stage is _Stage.FORWARDED:
+                self._error(
+                    request_id,
+                    ErrorCode.UNAVAILABLE,
+                    f"forwarded to leader {pending.forwarded_to}: no answer in time; retry",
+                )
+                continue
             self._claimed.difference_update(pending.claim)
             self._error(
                 request_id,

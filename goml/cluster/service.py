@@ -27,22 +27,41 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from goml.api.channels import reconnect_options
 from goml.api.task_args import validate_args
 from goml.api.types import (
+    LEADER_ID_KEY,
+    METHOD_OF_REQUEST,
     ApiError,
     ApiRequest,
     ApiResponse,
     ErrorCode,
+    LeaseRequest,
     Method,
     StatusResponse,
     SubmitRequest,
     TaskEvent,
     WatchRequest,
 )
-from goml.api.wire import request_from_pb, response_to_pb, status_of, trailing_metadata
+from goml.api.wire import (
+    error_from_status,
+    request_from_pb,
+    request_to_pb,
+    response_from_pb,
+    response_to_pb,
+    status_of,
+    trailing_metadata,
+)
 from goml.cluster.config import NodeFileConfig
 from goml.cluster.metrics import Metrics
-from goml.cluster.node_core import NodeCore, NodeCoreConfig, NodeReady, Reply
+from goml.cluster.node_core import (
+    LEASE_WAIT_MS_MAX,
+    Forward,
+    NodeCore,
+    NodeCoreConfig,
+    NodeReady,
+    Reply,
+)
 from goml.proto import api_pb2, api_pb2_grpc
 from goml.raft.node import NodeRuntime, NodeStopped
 from goml.raft.types import HardState, Message, ProposalDropped
@@ -50,6 +69,9 @@ from goml.raft.types import HardState, Message, ProposalDropped
 log = logging.getLogger(__name__)
 
 WATCH_QUEUE_MAX = 1024
+# Metadata of a request a follower forwards to the leader (it is never forwarded again).
+FORWARDED_KEY = "x-goml-forwarded-by"
+AGENT_METHODS = frozenset({Method.REGISTER, Method.HEARTBEAT, Method.LEASE, Method.REPORT})
 METRICS_EVERY_MS = 200
 # The core answers every request within request_timeout_ms; this margin only guards
 # against a stuck loop, so a caller is never left waiting for ever.
@@ -68,6 +90,7 @@ class ControlPlane:
         token: str,
         metrics: Metrics,
         seed: bytes,
+        channel_credentials: grpc.ChannelCredentials | None,
     ) -> None:
         self.config = config
         self.core_config = core_config
@@ -75,9 +98,12 @@ class ControlPlane:
         self.token = token
         self.metrics = metrics
         self._seed = seed
+        self._channel_credentials = channel_credentials
+        self._forward_channels: dict[str, grpc.aio.Channel] = {}
+        self._forward_metadata = (("authorization", f"Bearer {token}"),)
         self._core: NodeCore | None = None
         self._ids = itertools.count(1)
-        self._calls: dict[int, asyncio.Future[ApiResponse | ApiError]] = {}
+        self._calls: dict[int, asyncio.Future[tuple[ApiResponse | ApiError, str]]] = {}
         self._watches: dict[int, asyncio.Queue[TaskEvent | ApiError]] = {}
         self._metrics_due_ms = 0
         self._health: health.aio.HealthServicer | None = None
@@ -109,6 +135,9 @@ class ControlPlane:
 
     async def stop(self) -> None:
         await self.runtime.stop()
+        for channel in self._forward_channels.values():
+            await channel.close()
+        self._forward_channels.clear()
 
     @property
     def core(self) -> NodeCore:
@@ -128,28 +157,40 @@ class ControlPlane:
             ErrorCode.UNAUTHENTICATED, "missing token: send 'authorization: Bearer <token>'"
         )
 
-    async def call(self, request: ApiRequest) -> ApiResponse | ApiError:
-        """Hand `request` to the core; its one final reply (or UNAVAILABLE)."""
+    async def call(
+        self, request: ApiRequest, forwarded: bool = False
+    ) -> tuple[ApiResponse | ApiError, str]:
+        """Hand `request` to the core; its one final reply (or UNAVAILABLE), and the
+        leader that served it when this node forwarded it ("" otherwise)."""
         request_id = next(self._ids)
-        future: asyncio.Future[ApiResponse | ApiError] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[tuple[ApiResponse | ApiError, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._calls[request_id] = future
         started = time.monotonic()
+        timeout_s = self.config.request_timeout_s + CALL_MARGIN_S
+        if isinstance(request, LeaseRequest):  # a long poll: held up to its wait
+            timeout_s += min(max(request.wait_ms, 0), LEASE_WAIT_MS_MAX) / 1000
         try:
-            self._submit(request_id, request)
-            async with asyncio.timeout(self.config.request_timeout_s + CALL_MARGIN_S):
-                outcome = await future
+            self.runtime.submit(
+                lambda now_ms, wall_ms: self.core.request(
+                    request_id, request, now_ms, wall_ms, forwarded=forwarded
+                )
+            )
+            async with asyncio.timeout(timeout_s):
+                outcome, served_by = await future
         except (NodeStopped, ProposalDropped) as error:
-            return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: {error}")
+            return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: {error}"), ""
         except TimeoutError:
             self._forget(request_id)
-            return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: no answer in time")
+            return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: no answer in time"), ""
         finally:
             self._calls.pop(request_id, None)
         if isinstance(request, SubmitRequest) and not isinstance(outcome, ApiError):
             self.metrics.submit_seconds.observe(time.monotonic() - started)
         if isinstance(outcome, StatusResponse):
             outcome = self._with_transport(outcome)
-        return outcome
+        return outcome, served_by
 
     async def watch(self, request: WatchRequest) -> AsyncIterator[TaskEvent | ApiError]:
         """Task events as this node applies them, until the caller goes away."""
@@ -227,6 +268,55 @@ class ControlPlane:
             self._deliver(reply)
         for line in ready.logs:
             log.log(logging.WARNING if line.level == "WARNING" else logging.INFO, "%s", line.text)
+        for forward in ready.forwards:
+            task = asyncio.ensure_future(self._forward(forward))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _forward(self, forward: Forward) -> None:
+        """Carry a request the core forwards to the leader's API, and its answer back."""
+        method = METHOD_OF_REQUEST[type(forward.request)]
+        outcome: ApiResponse | ApiError
+        try:
+            stub = self._leader_stub(forward.leader, method)
+            rpc = getattr(stub, method.value)
+            answer = await rpc(
+                request_to_pb(forward.request),
+                timeout=forward.timeout_ms / 1000,
+                metadata=(*self._forward_metadata, (FORWARDED_KEY, self.config.node_id)),
+            )
+            outcome = response_from_pb(method, answer)
+        except grpc.aio.AioRpcError as error:
+            trailing = {
+                str(k): v if isinstance(v, str) else v.decode("utf-8", "replace")
+                for k, v in (error.trailing_metadata() or ())
+            }
+            failure = error_from_status(error.code(), trailing, error.details() or "")
+            if failure.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+                log.info("forward to %s failed: %s", forward.leader, failure.message)
+            outcome = failure
+        with contextlib.suppress(NodeStopped, ProposalDropped):
+            self.runtime.submit(
+                lambda now_ms, wall_ms: self.core.forwarded(
+                    forward.request_id, outcome, now_ms, wall_ms
+                )
+            )
+
+    def _leader_stub(self, leader: str, method: Method) -> Any:
+        channel = self._forward_channels.get(leader)
+        if channel is None:
+            address = self.config.peers[leader]
+            channel = (
+                grpc.aio.secure_channel(
+                    address, self._channel_credentials, options=reconnect_options()
+                )
+                if self._channel_credentials is not None
+                else grpc.aio.insecure_channel(address, options=reconnect_options())
+            )
+            self._forward_channels[leader] = channel
+        if method in AGENT_METHODS:
+            return api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        return api_pb2_grpc.ClientStub(channel)  # type: ignore[no-untyped-call]
 
     def _deliver(self, reply: Reply) -> None:
         outcome: ApiResponse | ApiError = (
@@ -235,7 +325,7 @@ class ControlPlane:
         if reply.final:
             future = self._calls.get(reply.request_id)
             if future is not None and not future.done():
-                future.set_result(outcome)
+                future.set_result((outcome, reply.leader_hint))
             return
         queue = self._watches.get(reply.request_id)
         if queue is None:
@@ -282,7 +372,7 @@ class ControlPlane:
         failure = ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: {error}")
         for future in self._calls.values():
             if not future.done():
-                future.set_result(failure)
+                future.set_result((failure, ""))
         for queue in self._watches.values():
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(failure)
@@ -307,12 +397,16 @@ async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> NoReturn
 
 
 async def _unary(plane: ControlPlane, method: Method, request: Any, context: Any) -> Any:
-    refused = plane.check_token(context.invocation_metadata())
+    metadata = context.invocation_metadata()
+    refused = plane.check_token(metadata)
     if refused is not None:
         await _abort(context, refused)
-    outcome = await plane.call(request_from_pb(method, request))
+    forwarded = any(key == FORWARDED_KEY for key, _ in metadata or ())
+    outcome, served_by = await plane.call(request_from_pb(method, request), forwarded)
     if isinstance(outcome, ApiError):
         await _abort(context, outcome)
+    if served_by:  # forwarded: the caller may go to the leader directly next time
+        context.set_trailing_metadata(((LEADER_ID_KEY, served_by),))
     return response_to_pb(outcome)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from goml.api.channels import reconnect_options
 from goml.proto import raft_pb2, raft_pb2_grpc
 from goml.raft.convert import InvalidMessage, Limits, message_from_proto, message_to_proto
 from goml.raft.types import Message, NodeId
@@ -58,6 +59,7 @@ def grpc_options(message_size_bytes_max: int = MESSAGE_SIZE_BYTES_MAX) -> list[t
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
+        *reconnect_options(),  # a restarted peer is reached within 0.5 s, not minutes
     ]
 
 

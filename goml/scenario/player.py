@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from goml.api.retry import RetryConfig
+from goml.api.retry import UNREACHABLE_MS, RetryConfig
 from goml.api.types import Resources, TaskRequest, TaskState
 from goml.cluster.commands import COMMAND_TYPE_NAMES, decode_command, dumps
 from goml.report.summary import distribution
@@ -78,6 +78,9 @@ CLIENT_CALL_TIMEOUT_MS = 1000
 CLIENT_GIVE_UP_MS = 30_000
 CLIENT_BACKOFF_MS_MIN = 20
 CLIENT_BACKOFF_MS_MAX = 500
+# A submit with no answer after this long is sent to a second node too (idempotent):
+# above the slowest steady cross-cloud submit, below the submit promise.
+CLIENT_HEDGE_AFTER_MS = 300
 
 SAMPLE_EVERY_S = 1.0
 SUBMIT_ERRORS_KEPT_MAX = 20  # the first ones say why; the count says how many
@@ -94,6 +97,8 @@ def client_retry_config(control_nodes: tuple[str, ...]) -> RetryConfig:
         backoff_ms_max=CLIENT_BACKOFF_MS_MAX,
         give_up_after_ms=CLIENT_GIVE_UP_MS,
         retry_unauthenticated=False,  # a scenario's token never changes: a refusal is a bug
+        unreachable_ms=UNREACHABLE_MS,
+        hedge_after_ms=CLIENT_HEDGE_AFTER_MS,
     )
 
 

@@ -79,7 +79,7 @@ class SimAgent(Endpoint):
         if reply.error is None:
             response = reply.response
             assert isinstance(response, _AGENT_RESPONSES), response
-            self.core.on_response(reply.request_id, response, now)
+            self.core.on_response(reply.request_id, response, now, reply.served_by)
         else:
             error = reply.error
             self.core.on_call_failed(

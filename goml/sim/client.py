@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from goml.api.retry import Attempt, RetryConfig, RetryPolicy
@@ -24,8 +24,8 @@ class _Submit:
     request: SubmitRequest
     attempt: Attempt
     done: Done
-    request_id: int = 0  # of the call under way
-    node: str = ""  # where the call under way went
+    in_flight: dict[int, tuple[str, int]] = field(default_factory=dict)  # id -> (node, sent)
+    finished: bool = False
 
 
 class SimClient(Endpoint):
@@ -48,25 +48,36 @@ class SimClient(Endpoint):
         submit = SubmitRequest((request,))
         self._call(_Submit(submit, Attempt(self.sim.now_ms()), done))
 
-    def _call(self, op: _Submit) -> None:
+    def _call(self, op: _Submit, node: str | None = None) -> None:
         now_ms = self.sim.now_ms()
         self.counter += 1
-        op.request_id = self.counter
-        op.node = self.policy.leader
-        self.calls[op.request_id] = op
-        call = ApiCall(op.request_id, op.request, self)
-        target = self.sim.nodes[op.node]
+        request_id = self.counter
+        target_name = node or self.policy.leader
+        op.in_flight[request_id] = (target_name, now_ms)
+        self.calls[request_id] = op
+        call = ApiCall(request_id, op.request, self)
+        target = self.sim.nodes[target_name]
         self.sim.network.send(
             self.name, self.location, target.name, target.location, lambda: target.receive(call)
         )
-        request_id = op.request_id
         timeout_ms = self.policy.call_timeout_ms(op.attempt, now_ms)
         self.sim.after(timeout_ms, lambda: self._timed_out(request_id))
+        hedge_ms = self.policy.config.hedge_after_ms
+        if node is None and hedge_ms is not None and hedge_ms < timeout_ms:
+            self.sim.after(hedge_ms, lambda: self._hedge(op, request_id))
+
+    def _hedge(self, op: _Submit, request_id: int) -> None:
+        """No answer yet: the same submit (same idempotency key) to another node too."""
+        if op.finished or request_id not in op.in_flight:
+            return
+        target = self.policy.hedge_target(op.in_flight[request_id][0], self.sim.now_ms())
+        if target is not None and target not in {n for n, _ in op.in_flight.values()}:
+            self._call(op, target)
 
     def _timed_out(self, request_id: int) -> None:
         op = self.calls.pop(request_id, None)
         if op is not None:  # else answered in time
-            self._failed(op, ErrorKind.DEADLINE, "", "no answer in time")
+            self._failed(op, request_id, ErrorKind.DEADLINE, "", "no answer in time")
 
     def on_reply(self, reply: ApiReply) -> None:
         op = self.calls.pop(reply.request_id, None)
@@ -75,16 +86,37 @@ class SimClient(Endpoint):
         if reply.error is None:
             response = reply.response
             assert isinstance(response, SubmitResponse) and len(response.task_ids) == 1, response
-            self.policy.succeeded(op.attempt, op.node)
-            op.done(response.task_ids[0], "")
+            node, sent_ms = op.in_flight.pop(reply.request_id)
+            now_ms = self.sim.now_ms()
+            for other, other_sent_ms in op.in_flight.values():
+                if other_sent_ms < sent_ms:  # sent first, still silent: slow or cut off
+                    self.policy.outpaced(other, now_ms)
+            self.policy.succeeded(op.attempt, node, now_ms, reply.served_by)
+            self._finish(op, response.task_ids[0], "")
             return
         error = reply.error
-        self._failed(op, error_kind(error.code), error.leader_id, error.message)
+        self._failed(op, reply.request_id, error_kind(error.code), error.leader_id, error.message)
 
-    def _failed(self, op: _Submit, kind: ErrorKind, hint: str, detail: str) -> None:
-        decision = self.policy.failed(op.attempt, op.node, kind, hint, self.sim.now_ms())
+    def _finish(self, op: _Submit, task_id: str | None, why: str) -> None:
+        if op.finished:
+            return
+        op.finished = True
+        for request_id in op.in_flight:  # the other copies' answers are ignored
+            self.calls.pop(request_id, None)
+        op.in_flight.clear()
+        op.done(task_id, why)
+
+    def _failed(
+        self, op: _Submit, request_id: int, kind: ErrorKind, hint: str, detail: str
+    ) -> None:
+        node, _ = op.in_flight.pop(request_id)
+        if op.finished:
+            return
+        decision = self.policy.failed(op.attempt, node, kind, hint, self.sim.now_ms())
+        if op.in_flight:
+            return  # another copy is still under way: it may yet succeed
         if not decision.retry:
-            op.done(None, f"{decision.why} ({detail})" if detail else decision.why)
+            self._finish(op, None, f"{decision.why} ({detail})" if detail else decision.why)
         elif decision.delay_ms == 0:
             self._call(op)  # a redirect: at once, as the real client does
         else:

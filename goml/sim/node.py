@@ -17,10 +17,11 @@ import functools
 import itertools
 import random
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from goml.api.task_args import validate_args
-from goml.api.types import ApiError, ApiResponse, ErrorCode
+from goml.api.types import ApiError, ApiRequest, ApiResponse, ErrorCode
 from goml.cluster.manifest import Manifest
 from goml.cluster.node_core import NodeCore, NodeReady
 from goml.raft.core import RaftCore
@@ -32,7 +33,13 @@ if TYPE_CHECKING:
     from goml.sim.simulation import Simulation
 
 
-class SimNode:
+@dataclass(frozen=True, slots=True)
+class _Forwarded:
+    request_id: int
+    outcome: ApiResponse | ApiError
+
+
+class SimNode(Endpoint):
     def __init__(self, sim: Simulation, name: str) -> None:
         self.sim = sim
         self.name = name
@@ -44,7 +51,7 @@ class SimNode:
         self.busy = False  # an fsync is under way
         self.node: NodeCore | None = None
         self.was_leader = False
-        self.inbox: deque[Message | ApiCall] = deque()
+        self.inbox: deque[Message | ApiCall | _Forwarded] = deque()
         self._ids = itertools.count(1)
         self._callers: dict[int, tuple[Endpoint, int]] = {}  # our request id -> (caller, its id)
         self.reports_recorded: dict[str, int] = {}
@@ -142,10 +149,12 @@ class SimNode:
             payload = self.inbox.popleft()
             if isinstance(payload, Message):
                 node.step(payload, now, wall)
+            elif isinstance(payload, _Forwarded):
+                node.forwarded(payload.request_id, payload.outcome, now, wall)
             else:
                 request_id = next(self._ids)
                 self._callers[request_id] = (payload.caller, payload.request_id)
-                node.request(request_id, payload.request, now, wall)
+                node.request(request_id, payload.request, now, wall, forwarded=payload.forwarded)
         if node.next_deadline_ms() <= now:
             node.tick(now, wall)
         self._watch_leadership(node)
@@ -176,7 +185,8 @@ class SimNode:
                 continue  # watch events: nobody watches in the simulator
             caller, caller_id = self._callers.pop(reply.request_id)
             response: ApiResponse | None = reply.response
-            self._send_reply(caller, ApiReply(caller_id, response, reply.error))
+            answer = ApiReply(caller_id, response, reply.error, reply.leader_hint)
+            self._send_reply(caller, answer)
 
     def _finish(self, node: NodeCore, ready: NodeReady) -> None:
         if ready.compacted is not None:
@@ -185,6 +195,8 @@ class SimNode:
         for message in ready.messages:
             self.sim.send_raft(message)
         node.advance(ready)
+        for forward in ready.forwards:  # after advance: their answers are inputs
+            self._forward(forward.request_id, forward.request, self.sim.nodes[forward.leader])
         checker = self.sim.checker
         for entry in ready.committed:
             checker.applied_entry(self.name, entry)
@@ -192,6 +204,21 @@ class SimNode:
             self.sim.on_applied(self, result)
         checker.observe(self.name, node.replica.raft)
         self._watch_leadership(node)
+
+    def _forward(self, request_id: int, request: ApiRequest, leader: SimNode) -> None:
+        call = ApiCall(request_id, request, self, forwarded=True)
+        self.sim.network.send(
+            self.name, self.location, leader.name, leader.location, lambda: leader.receive(call)
+        )
+
+    def on_reply(self, reply: ApiReply) -> None:
+        """The leader's answer to a request this node forwarded."""
+        if not self.alive or self.node is None:
+            return
+        outcome = reply.error if reply.error is not None else reply.response
+        assert outcome is not None
+        self.inbox.append(_Forwarded(reply.request_id, outcome))
+        self.run()
 
     def _watch_leadership(self, node: NodeCore) -> None:
         leader = node.is_leader

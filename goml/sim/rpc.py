@@ -23,6 +23,7 @@ class ApiCall:
     request_id: int  # the caller's own id for the call
     request: ApiRequest
     caller: Endpoint
+    forwarded: bool = False  # from a follower that forwards it (never forwarded again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class ApiReply:
     request_id: int
     response: ApiResponse | None
     error: ApiError | None
+    served_by: str = ""  # a forwarded request's answer: the leader that served it
 
     def __post_init__(self) -> None:
         assert (self.response is None) != (self.error is None), self
