@@ -1,63 +1,175 @@
-"""The `goml` command line. Subcommands import their modules lazily so `goml --help` is fast."""
+"""The `goml` command line. Subcommands import their modules lazily so `goml --help` is fast.
+
+Bad input is the user's, never a traceback: every value is checked where click parses
+it (ranges of the wire's types, finite numbers, name sizes), so a wrong one ends in one
+line naming the option (`Error: Invalid value for '--priority': ...`) and exit code 2,
+as click reports unknown options; failures found later (`_fail`) also exit 2.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 if TYPE_CHECKING:
     from goml.client import Client
 
+# Limits of the values the CLI accepts: the protobuf types they travel in
+# (proto/goml/proto/api.proto), the manifest's name_bytes_max for names and ids.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+NAME_BYTES_MAX = 256  # goml.cluster.manifest.DEFAULT_LIMITS.name_bytes_max
+# --args-file is read up to this much (goml.api.task_args.ARGS_JSON_MAX; nodes refuse
+# args over args_bytes_max, 64 KiB, with a message that says so).
+ARGS_FILE_BYTES_MAX = 1 << 20
+# Budget of one client operation (--timeout) and of a wait or a watch.
+TIMEOUT_S_DEFAULT = 30.0
+TIMEOUT_S_MAX = 3600.0
+WAIT_S_MAX = 86_400.0
+CALL_TIMEOUT_S_MAX = 5.0  # one RPC; --timeout cuts it when smaller
+JOBS_MAX = 64
+CPU_CORES_MAX = 1_000_000.0  # the wire carries a double; more cores than this is a typo
+PROPOSALS_MAX = 1_000_000
+SEEDS_MAX = 1_000_000  # seeds of one `raft check`
+
 app = typer.Typer(
     help="goml: a fault-tolerant orchestrator for ML and data tasks across clouds.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain click output, no rich panels: an error is the one line `Error: ...`, whatever
+    # the terminal's width.
+    rich_markup_mode=None,
 )
-raft_app = typer.Typer(
-    help="goml's own Raft core: demo and seeded safety checks.", no_args_is_help=True
-)
-app.add_typer(raft_app, name="raft")
-certs_app = typer.Typer(
-    help="Cluster credentials: CA, node and client certificates, secrets.", no_args_is_help=True
-)
-app.add_typer(certs_app, name="certs")
-cluster_app = typer.Typer(help="A real local cluster on loopback.", no_args_is_help=True)
-app.add_typer(cluster_app, name="cluster")
-node_app = typer.Typer(help="Run one control-plane node.", no_args_is_help=True)
-app.add_typer(node_app, name="node")
-agent_app = typer.Typer(help="Run a node agent.", no_args_is_help=True)
-app.add_typer(agent_app, name="agent")
-sim_app = typer.Typer(
-    help="The simulator: scenarios on a SimPy model of the cross-cloud network.",
-    no_args_is_help=True,
-)
-app.add_typer(sim_app, name="sim")
-task_app = typer.Typer(help="Inspect and control tasks.", no_args_is_help=True)
-app.add_typer(task_app, name="task")
+
+
+def _group(name: str, help: str) -> typer.Typer:
+    group = typer.Typer(help=help, no_args_is_help=True, rich_markup_mode=None)
+    app.add_typer(group, name=name)
+    return group
+
+
+raft_app = _group("raft", "goml's own Raft core: demo and seeded safety checks.")
+certs_app = _group("certs", "Cluster credentials: CA, node and client certificates, secrets.")
+cluster_app = _group("cluster", "A real local cluster on loopback.")
+node_app = _group("node", "Run one control-plane node.")
+agent_app = _group("agent", "Run a node agent.")
+sim_app = _group("sim", "The simulator: scenarios on a SimPy model of the cross-cloud network.")
+task_app = _group("task", "Inspect and control tasks.")
+scenario_app = _group("scenario", "Scenario YAML: validate, JSON Schema.")
+
+
+# --------------------------------------------------------------------------- checks
+# Callbacks click runs on each value; a BadParameter names the option in its message.
+
+
+def _number(
+    low: float, high: float, low_open: bool = False
+) -> Callable[[float | None], float | None]:
+    """A finite float in [low, high] (or (low, high]); click's FloatRange lets NaN by."""
+
+    def check(value: float | None) -> float | None:
+        if value is None:  # an optional option left out
+            return value
+        above = value > low if low_open else value >= low
+        if not (math.isfinite(value) and above and value <= high):
+            bracket = "(" if low_open else "["
+            raise typer.BadParameter(
+                f"{value} is not a finite number in {bracket}{low:g}, {high:g}]"
+            )
+        return value
+
+    return check
+
+
+def _integer(low: int, high: int, why: str) -> Callable[[int | None], int | None]:
+    """An integer in [low, high]: what the wire's type carries, or a sane bound."""
+
+    def check(value: int | None) -> int | None:
+        if value is not None and not low <= value <= high:
+            raise typer.BadParameter(f"{value} is outside [{low}, {high}] ({why})")
+        return value
+
+    return check
+
+
+def _name(value: Any) -> Any:
+    """A name or id (or each of a list): at most NAME_BYTES_MAX bytes of UTF-8."""
+    for item in value if isinstance(value, list | tuple) else [value]:
+        if item is None:
+            continue
+        size_bytes = len(str(item).encode("utf-8", "surrogatepass"))
+        if size_bytes > NAME_BYTES_MAX:
+            raise typer.BadParameter(
+                f"{size_bytes} bytes, more than the {NAME_BYTES_MAX} a name or id may have"
+            )
+    return value
+
+
+# A node name: it names files (NAME.pem, NAME.key) and certificate subjects.
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SEED_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def _node_names(values: list[str]) -> list[str]:
+    for value in _name(values):
+        if not _NODE_NAME.fullmatch(value):
+            raise typer.BadParameter(
+                f"{value!r} is not a node name (letters, digits, '_', '.', '-'; "
+                "starting with a letter or digit)"
+            )
+    return values
+
+
+def _seed_range(value: str) -> str:
+    """`LOW-HIGH` or `SEED`, as the Raft harness reads it, at most SEEDS_MAX seeds."""
+    match = _SEED_RANGE.fullmatch(value)
+    if match is None:
+        raise typer.BadParameter(f"{value!r} is not a seed range: use e.g. 1-100 or 7")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if high < low or high - low + 1 > SEEDS_MAX:
+        raise typer.BadParameter(
+            f"{value!r}: give LOW-HIGH with LOW <= HIGH, {SEEDS_MAX} seeds at most"
+        )
+    return value
+
 
 ProfileOption = typer.Option(
     None,
     "--profile",
     help="Client profile JSON (default: ~/.config/goml/profile.json or $GOML_PROFILE).",
 )
-
-
-def _mount_scenario() -> None:
-    from goml.scenario.cli import scenario_app
-
-    app.add_typer(scenario_app, name="scenario", help="Scenario YAML: validate, JSON Schema.")
-
-
-_mount_scenario()
+TimeoutOption = typer.Option(
+    TIMEOUT_S_DEFAULT,
+    "--timeout",
+    metavar="SECONDS",
+    callback=_number(0.0, TIMEOUT_S_MAX, low_open=True),
+    help="Budget of the whole operation: how long to keep trying the cluster's nodes "
+    "(through a failover) before giving up.",
+)
+SeedOption = typer.Option(
+    None,
+    callback=_integer(INT64_MIN, INT64_MAX, "an int64"),
+    help="Seed (default: the scenario's).",
+)
 
 
 @raft_app.command("check")
 def raft_check(
-    seeds: str = typer.Option("1-100", help="Seed range to run, e.g. 1-1000."),
-    seed: int | None = typer.Option(None, help="Replay exactly one seed."),
+    seeds: str = typer.Option(
+        "1-100", callback=_seed_range, help="Seed range to run, e.g. 1-1000."
+    ),
+    seed: int | None = typer.Option(
+        None, callback=_integer(INT64_MIN, INT64_MAX, "an int64"), help="Replay exactly one seed."
+    ),
 ) -> None:
     """Run the seeded in-process cluster harness (faults, crashes, partitions) and check
     Raft's safety properties; a failing seed prints the command that replays it."""
@@ -70,7 +182,11 @@ def raft_check(
 @raft_app.command("demo")
 def raft_demo(
     nodes: int = typer.Option(3, min=1, max=7, help="Number of Raft nodes."),
-    proposals: int = typer.Option(200, min=1, help="Proposals before and after the failover."),
+    proposals: int = typer.Option(
+        200,
+        callback=_integer(1, PROPOSALS_MAX, "proposals"),
+        help="Proposals before and after the failover.",
+    ),
 ) -> None:
     """Start a real Raft cluster on loopback (gRPC, SQLite, fsync), kill its leader and
     show the failover."""
@@ -88,19 +204,33 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _client(profile: Path | None) -> Client:
+def _quiet_grpc() -> None:
+    """gRPC core logs every failed TLS handshake at INFO on stderr, around the one line
+    a client command prints about it. Keep its errors only (a GRPC_VERBOSITY the user
+    set wins). Call before anything imports grpc: it reads the variable on import."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+def _client(profile: Path | None, timeout_s: float) -> Client:
     from goml.client import Client, Profile
 
+    assert 0 < timeout_s <= TIMEOUT_S_MAX, timeout_s
     try:
-        return Client(Profile.load(profile))
-    except (FileNotFoundError, ValueError) as error:
+        return Client(
+            Profile.load(profile),
+            call_timeout_s=min(CALL_TIMEOUT_S_MAX, timeout_s),
+            retry_s=timeout_s,
+        )
+    except (OSError, ValueError) as error:  # no profile, a bad one, unreadable TLS files
         raise _fail(str(error)) from None
 
 
 @certs_app.command("init")
 def certs_init(
     directory: Path = typer.Argument(..., help="Where to write the CA, certificates and secrets."),
-    nodes: list[str] = typer.Option(..., "--node", help="A node name (repeat for each node)."),
+    nodes: list[str] = typer.Option(
+        ..., "--node", callback=_node_names, help="A node name (repeat for each node)."
+    ),
     hosts: list[str] = typer.Option(
         ["127.0.0.1", "localhost"],
         "--host",
@@ -153,7 +283,7 @@ def sim_run(
     scenario: Path | None = typer.Argument(
         None, help="Scenario YAML (default: the embedded reference scenario)."
     ),
-    seed: int | None = typer.Option(None, help="Seed (default: the scenario's)."),
+    seed: int | None = SeedOption,
     out: Path | None = typer.Option(None, help="Report directory (default: reports/NAME-seedN)."),
     as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
 ) -> None:
@@ -168,18 +298,46 @@ def sim_run(
 def sim_sweep(
     scenario: Path = typer.Argument(..., help="Scenario YAML."),
     seeds: str = typer.Option("1-20", help="Seeds, e.g. 1-1000 or 3,7,10-20."),
-    jobs: int = typer.Option(2, "-j", "--jobs", min=1, help="Parallel processes."),
-    out: Path | None = typer.Option(None, help="Write every seed's summary here."),
+    jobs: int = typer.Option(
+        2,
+        "-j",
+        "--jobs",
+        callback=_integer(1, JOBS_MAX, "parallel processes"),
+        help="Parallel processes of the local executor.",
+    ),
+    out: Path = typer.Option(
+        Path("reports"),
+        help="Directory of sweep-NAME.jsonl (every seed's summary, a line each, written "
+        "as it finishes) and sweep-NAME.html (the sweep's report).",
+    ),
+    executor: str = typer.Option(
+        "local",
+        metavar="local|dask://HOST:PORT",
+        help="Where the seeds run: local processes (-j), or an existing Dask distributed "
+        "cluster through its scheduler (pip install 'goml[dask]'; start its workers "
+        "with --nthreads 1, a seed is one core's work).",
+    ),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Keep the seeds already in OUT/sweep-NAME.jsonl and run only the others "
+        "(after Ctrl-C or a lost machine); without it the file starts over.",
+    ),
 ) -> None:
     """Run many seeds in parallel, aggregate the distributions, list failing seeds
     with the exact command that replays each."""
-    from goml.sim.runner import parse_seeds, sweep_command
+    from goml.sim.runner import parse_seeds
+    from goml.sim.sweep import parse_executor, sweep_command
 
     try:
         seed_list = parse_seeds(seeds)
     except ValueError as error:
-        raise _fail(str(error)) from None
-    raise typer.Exit(sweep_command(scenario, seed_list, jobs, out))
+        raise typer.BadParameter(str(error), param_hint="'--seeds'") from None
+    try:
+        parse_executor(executor)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="'--executor'") from None
+    raise typer.Exit(sweep_command(scenario, seed_list, jobs, out, executor, resume))
 
 
 chaos_app = typer.Typer(
@@ -194,7 +352,7 @@ def chaos_run(
     scenario: Path = typer.Argument(
         ..., help="Scenario YAML (e.g. scenarios/chaos/leader-crash.yaml)."
     ),
-    seed: int | None = typer.Option(None, help="Seed (default: the scenario's)."),
+    seed: int | None = SeedOption,
     out: Path | None = typer.Option(
         None, help="Report directory (default: reports/chaos-NAME-seedN)."
     ),
@@ -209,14 +367,27 @@ def chaos_run(
         "--toxiproxy-url",
         help="Use this running Toxiproxy server, e.g. http://127.0.0.1:8474.",
     ),
+    runtime: str = typer.Option(
+        "processes",
+        "--runtime",
+        help="Where nodes and agents run: processes (on loopback) or containers (one "
+        "Docker container each, on a network the run makes; images from `nox -s image`).",
+    ),
 ) -> None:
-    """Run a scenario on a real local cluster (nodes and agents as processes, TLS on, a
-    Toxiproxy proxy on every link): plays the faults and the workload, checks every store
-    for lost or duplicated tasks, writes the report next to the simulator's prediction,
-    exits non-zero when an expectation fails."""
+    """Run a scenario on a real local cluster (nodes and agents as processes or
+    containers, TLS on, a Toxiproxy proxy on every link): plays the faults and the
+    workload, checks every store for lost or duplicated tasks, writes the report next to
+    the simulator's prediction, exits non-zero when an expectation fails."""
+    from goml.chaos.runner import RUNTIMES
     from goml.chaos.runner import run_command as chaos_command
 
-    raise typer.Exit(chaos_command(scenario, seed, out, as_json, toxiproxy_bin, toxiproxy_url))
+    if runtime not in RUNTIMES:
+        raise typer.BadParameter(
+            f"{runtime!r}: expected one of {', '.join(RUNTIMES)}", param_hint="'--runtime'"
+        )
+    raise typer.Exit(
+        chaos_command(scenario, seed, out, as_json, toxiproxy_bin, toxiproxy_url, runtime)
+    )
 
 
 @agent_app.command("run")
@@ -286,14 +457,15 @@ def cluster_up(
 
 
 @app.command("status")
-def status(profile: Path | None = ProfileOption) -> None:
+def status(profile: Path | None = ProfileOption, timeout_s: float = TimeoutOption) -> None:
     """Members, leader, term, lag, agents and tasks by state."""
+    _quiet_grpc()
     from rich.console import Console
     from rich.table import Table
 
     from goml.client import ClientError
 
-    with _client(profile) as client:
+    with _client(profile, timeout_s) as client:
         try:
             response = client.status()
         except ClientError as error:
@@ -333,29 +505,47 @@ def status(profile: Path | None = ProfileOption) -> None:
 
 @app.command("submit")
 def submit(
-    function: str = typer.Argument(..., help="A registered task function, e.g. matmul."),
-    args: str = typer.Option("{}", "--args", help="Arguments as JSON."),
+    function: str = typer.Argument(
+        ..., metavar="FUNCTION", callback=_name, help="A registered task function, e.g. matmul."
+    ),
+    args: str | None = typer.Option(
+        None, "--args", help="Arguments as a JSON object (default: {}), e.g. '{\"n\": 64}'."
+    ),
+    args_file: Path | None = typer.Option(
+        None,
+        "--args-file",
+        metavar="PATH",
+        help=f"Read the arguments (a JSON object) from PATH, '-' for stdin; at most "
+        f"{ARGS_FILE_BYTES_MAX} bytes (for args too large for a command line).",
+    ),
     wait: bool = typer.Option(False, "--wait", help="Wait for the result and print it."),
-    cpu: float = typer.Option(1.0, help="CPU cores the task needs."),
-    memory_mb: int = typer.Option(256, help="Memory the task needs."),
-    gpu: int = typer.Option(0, help="GPUs the task needs."),
-    priority: int = typer.Option(0),
-    max_attempts: int = typer.Option(3, min=1),
-    timeout_ms: int = typer.Option(60_000, min=1),
-    key: str | None = typer.Option(None, "--key", help="Idempotency key (default: random)."),
-    wait_s: float = typer.Option(120.0, help="How long --wait waits."),
+    cpu: float = typer.Option(
+        1.0, callback=_number(0.0, CPU_CORES_MAX), help="CPU cores the task needs."
+    ),
+    memory_mb: int = typer.Option(
+        256, callback=_integer(0, INT64_MAX, "an int64 >= 0"), help="Memory the task needs."
+    ),
+    gpu: int = typer.Option(
+        0, callback=_integer(0, INT64_MAX, "an int64 >= 0"), help="GPUs the task needs."
+    ),
+    priority: int = typer.Option(0, callback=_integer(INT32_MIN, INT32_MAX, "an int32")),
+    max_attempts: int = typer.Option(3, callback=_integer(1, INT32_MAX, "an int32 >= 1")),
+    timeout_ms: int = typer.Option(60_000, callback=_integer(1, INT64_MAX, "an int64 >= 1")),
+    key: str | None = typer.Option(
+        None, "--key", callback=_name, help="Idempotency key (default: random)."
+    ),
+    wait_s: float = typer.Option(
+        120.0, callback=_number(0.0, WAIT_S_MAX, low_open=True), help="How long --wait waits."
+    ),
     profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
 ) -> None:
     """Submit one task; prints its id (and, with --wait, its result)."""
-    import json
-
+    _quiet_grpc()
     from goml.client import ClientError
 
-    try:
-        parsed = json.loads(args)
-    except json.JSONDecodeError as error:
-        raise _fail(f"--args is not JSON: {error}") from None
-    with _client(profile) as client:
+    parsed = _task_args(args, args_file)
+    with _client(profile, timeout_s) as client:
         try:
             task_id = client.submit(
                 function,
@@ -378,6 +568,41 @@ def submit(
             raise _fail(str(error)) from None
 
 
+def _task_args(args: str | None, args_file: Path | None) -> dict[str, Any]:
+    """The task's arguments from --args or --args-file: a JSON object, or exit 2."""
+    if args is not None and args_file is not None:
+        raise _fail("give --args or --args-file, not both")
+    option = "--args-file" if args_file is not None else "--args"
+    if args_file is None:
+        text = args if args is not None else "{}"
+    else:
+        try:
+            if str(args_file) == "-":
+                data = sys.stdin.buffer.read(ARGS_FILE_BYTES_MAX + 1)
+            else:
+                with args_file.open("rb") as handle:
+                    data = handle.read(ARGS_FILE_BYTES_MAX + 1)
+            if len(data) > ARGS_FILE_BYTES_MAX:
+                raise _fail(f"--args-file: more than {ARGS_FILE_BYTES_MAX} bytes")
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise _fail(f"--args-file: cannot read {args_file}: {error}") from None
+
+    def refuse_constant(name: str) -> None:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        parsed = json.loads(text, parse_constant=refuse_constant)
+    except ValueError as error:  # JSONDecodeError included
+        raise _fail(f"{option} is not JSON: {error}") from None
+    except RecursionError:
+        raise _fail(f"{option}: nested too deeply") from None
+    if not isinstance(parsed, dict):
+        kind = "null" if parsed is None else type(parsed).__name__
+        raise _fail(f"{option} must be a JSON object of arguments, not {kind}")
+    return parsed
+
+
 def _print_task(task: object) -> None:
     from google.protobuf.json_format import MessageToDict
 
@@ -388,12 +613,22 @@ def _print_task(task: object) -> None:
     typer.echo(json.dumps(body, indent=2))
 
 
+TaskIdArgument = typer.Argument(
+    ..., metavar="TASK_ID", callback=_name, help="A task id, e.g. t-12-0."
+)
+
+
 @task_app.command("get")
-def task_get(task_id: str, profile: Path | None = ProfileOption) -> None:
+def task_get(
+    task_id: str = TaskIdArgument,
+    profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
+) -> None:
     """Show one task."""
+    _quiet_grpc()
     from goml.client import ClientError
 
-    with _client(profile) as client:
+    with _client(profile, timeout_s) as client:
         try:
             _print_task(client.get(task_id))
         except ClientError as error:
@@ -403,12 +638,14 @@ def task_get(task_id: str, profile: Path | None = ProfileOption) -> None:
 @task_app.command("list")
 def task_list(
     state: str = typer.Option("", help="PENDING, LEASED, RUNNING, SUCCEEDED, DEAD or CANCELLED."),
-    function: str = typer.Option(""),
-    agent: str = typer.Option(""),
-    limit: int = typer.Option(100, min=1),
+    function: str = typer.Option("", callback=_name),
+    agent: str = typer.Option("", callback=_name),
+    limit: int = typer.Option(100, callback=_integer(1, INT32_MAX, "an int32 >= 1")),
     profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
 ) -> None:
     """List tasks, newest filters first."""
+    _quiet_grpc()
     from goml.client import ClientError
     from goml.proto import api_pb2
 
@@ -417,8 +654,8 @@ def task_list(
             api_pb2.TaskState.Value(state.upper()) if state else api_pb2.TASK_STATE_UNSPECIFIED
         )
     except ValueError:
-        raise _fail(f"unknown state {state!r}") from None
-    with _client(profile) as client:
+        raise _fail(f"--state: unknown state {state!r}") from None
+    with _client(profile, timeout_s) as client:
         try:
             tasks = client.list_tasks(state_value, function, agent, limit)
         except ClientError as error:
@@ -431,15 +668,22 @@ def task_list(
 
 @task_app.command("watch")
 def task_watch(
-    task_ids: list[str] = typer.Argument(None),
-    seconds: float = typer.Option(60.0),
+    task_ids: list[str] = typer.Argument(
+        None, metavar="TASK_ID", callback=_name, help="Task ids (default: all)."
+    ),
+    seconds: float = typer.Option(
+        60.0, callback=_number(0.0, WAIT_S_MAX, low_open=True), help="How long to watch."
+    ),
     profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
 ) -> None:
-    """Stream state changes of the given tasks (or all) for a while."""
+    """Stream state changes of the given tasks (or all) for a while. A node that cannot
+    be reached is replaced by another; when none can be, the error names them."""
+    _quiet_grpc()
     from goml.client import ClientError
     from goml.proto import api_pb2
 
-    with _client(profile) as client:
+    with _client(profile, timeout_s) as client:
         try:
             for event in client.watch(task_ids or [], seconds):
                 typer.echo(
@@ -450,15 +694,51 @@ def task_watch(
 
 
 @task_app.command("cancel")
-def task_cancel(task_id: str, profile: Path | None = ProfileOption) -> None:
+def task_cancel(
+    task_id: str = TaskIdArgument,
+    profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
+) -> None:
     """Cancel a task that has not finished."""
+    _quiet_grpc()
     from goml.client import ClientError
 
-    with _client(profile) as client:
+    with _client(profile, timeout_s) as client:
         try:
             _print_task(client.cancel(task_id))
         except ClientError as error:
             raise _fail(str(error)) from None
+
+
+@scenario_app.command("validate")
+def scenario_validate(
+    files: list[Path] = typer.Argument(..., help="Scenario YAML files to check."),
+) -> None:
+    """Print `FILE: ok` (and any warnings) or every problem as FILE:LINE: field: message;
+    exit code 2 if any file has a problem."""
+    from goml.scenario.loader import ScenarioError, load_scenario
+
+    failed = False
+    for path in files:
+        try:
+            loaded = load_scenario(path)
+        except ScenarioError as exc:
+            failed = True
+            typer.echo(str(exc), err=True)
+            continue
+        typer.echo(f"{path}: ok")
+        for warning in loaded.warnings:
+            typer.echo(str(warning))
+    if failed:
+        raise typer.Exit(2)
+
+
+@scenario_app.command("schema")
+def scenario_schema() -> None:
+    """Print the JSON Schema of scenario files (for editors)."""
+    from goml.scenario.schema import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
 
 
 def main() -> None:

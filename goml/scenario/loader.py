@@ -5,11 +5,18 @@ duplicate keys (PyYAML silently keeps the last one), constructed into plain data
 validated by pydantic. Each pydantic error location is then walked through the node
 tree to find its line. Nothing here lets a traceback reach the user: every failure is
 a `ScenarioError` listing all problems found.
+
+Work is bounded before it starts: a file over `FILE_BYTES_MAX` is not parsed; a scan
+of the parser's events stops at `DEPTH_MAX` levels of nesting (PyYAML composes
+recursively: 500 levels are a RecursionError) or `VALUES_MAX` values, before any tree
+is built; and a document whose aliases expand past those limits (a "billion laughs")
+or that contains itself is refused before it is constructed and validated.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import operator
 from collections.abc import Callable, Iterable
@@ -26,6 +33,18 @@ from goml.scenario import schema
 from goml.scenario.schema import Expectation, Loc, Scenario
 
 Severity = Literal["error", "warning"]
+
+# The shipped scenarios are a few KiB; validating this much takes about a second.
+FILE_BYTES_MAX = 1024 * 1024
+# Collections (mappings and lists) nested in one another; the deepest shipped scenario
+# nests 6 (task args inside a mix inside the workload).
+DEPTH_MAX = 32
+# Values (scalars and collections) of the document with every alias expanded.
+VALUES_MAX = 100_000
+# Problems listed for one file: the first ones say what is wrong; thousands say nothing.
+PROBLEMS_SHOWN_MAX = 50
+# Characters of a value quoted in an error message.
+_QUOTED_CHARS_MAX = 40
 
 
 @dataclass(frozen=True)
@@ -68,7 +87,12 @@ class LoadedScenario:
 def load_scenario(path: str | Path) -> LoadedScenario:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # Read one byte past the limit, never the whole of a huge file (or /dev/zero).
+        with path.open("rb") as handle:
+            data = handle.read(FILE_BYTES_MAX + 1)
+        if len(data) > FILE_BYTES_MAX:
+            raise ScenarioError([_too_large(str(path))])
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError([Problem(str(path), None, "", f"cannot read: {exc}")]) from None
     loaded = load_scenario_text(text, str(path))
@@ -76,13 +100,20 @@ def load_scenario(path: str | Path) -> LoadedScenario:
 
 
 def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
+    # Characters never outnumber UTF-8 bytes: the cheap test first.
+    if len(text) > FILE_BYTES_MAX or len(text.encode("utf-8", "surrogatepass")) > FILE_BYTES_MAX:
+        raise ScenarioError([_too_large(source)])
     root, data, problems = _parse(text, source)
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
-        problems += [_from_pydantic(err, root, source) for err in exc.errors()]
+        errors = exc.errors()
+        problems += [_from_pydantic(err, root, source) for err in errors[:PROBLEMS_SHOWN_MAX]]
         # File order reads best; the sort is stable so one line keeps pydantic's order.
         problems.sort(key=lambda p: p.line or 0)
+        if len(errors) > PROBLEMS_SHOWN_MAX:
+            more = len(errors) - PROBLEMS_SHOWN_MAX
+            problems.append(Problem(source, None, "", f"... and {more} more problems"))
         raise ScenarioError(problems) from None
     problems += _task_problems(scenario, root, source)
     if problems:
@@ -108,14 +139,82 @@ def _task_problems(scenario: Scenario, root: yaml.Node, source: str) -> list[Pro
     return problems
 
 
+def _too_large(source: str) -> Problem:
+    return Problem(
+        source,
+        None,
+        "",
+        f"larger than {FILE_BYTES_MAX} bytes, the limit for a scenario file: not parsed",
+    )
+
+
 # --------------------------------------------------------------------------- YAML
+
+
+# libyaml parses about 20 times faster than PyYAML's Python parser (1 MiB: 0.5 s, not
+# 10 s); construction (SafeConstructor) is Python code in both.
+_FastBase: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_FastBase):  # type: ignore[valid-type,misc]
+    """The safe loader, with constructor failures turned into marked YAML errors."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's scalar constructors raise plain Python errors on explicitly tagged
+        nonsense (`!!int abc`: ValueError, `!!bool maybe`: KeyError, `!!timestamp x`:
+        AttributeError, an int of 5000 digits: ValueError); give them the node's mark."""
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            value = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
+            if len(value) > _QUOTED_CHARS_MAX:
+                value = value[:_QUOTED_CHARS_MAX] + "..."
+            tag = str(node.tag).removeprefix("tag:yaml.org,2002:")
+            why = f": {str(exc)[: _QUOTED_CHARS_MAX * 2]}" if isinstance(exc, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{value!r} is not a valid !!{tag}{why}", node.start_mark
+            ) from exc
+
+
+def _prescan(text: str, source: str) -> None:
+    """Walk the parser's events (iterative, no tree) and stop at the first collection
+    nested DEPTH_MAX deep or at the value past VALUES_MAX, before anything recursive
+    (the composer: 500 levels are a RecursionError) or large is built."""
+    loader = _Loader(text)
+    depth = 0
+    values = 0
+    try:
+        while loader.check_event():
+            event = loader.get_event()
+            if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+                depth += 1
+                if depth > DEPTH_MAX:
+                    raise _limit(source, event, f"nested more than {DEPTH_MAX} levels deep")
+            elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+                depth -= 1
+                assert depth >= 0, "the parser balances starts and ends"
+                continue
+            if isinstance(event, yaml.NodeEvent):
+                values += 1
+                if values > VALUES_MAX:
+                    raise _limit(source, event, f"more than {VALUES_MAX} values")
+    finally:
+        loader.dispose()
+
+
+def _limit(source: str, event: yaml.Event, what: str) -> ScenarioError:
+    line = event.start_mark.line + 1 if event.start_mark else None
+    return ScenarioError([Problem(source, line, "", f"{what} (the limit for a scenario file)")])
 
 
 def _parse(text: str, source: str) -> tuple[yaml.MappingNode, dict[str, Any], list[Problem]]:
     """Root node, plain data, and duplicate-key problems (found before construction,
     which flattens `<<` merge keys into what would look like duplicates)."""
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
+        _prescan(text, source)
         root = loader.get_single_node()
         if root is None:
             raise ScenarioError(
@@ -133,6 +232,7 @@ def _parse(text: str, source: str) -> tuple[yaml.MappingNode, dict[str, Any], li
                     )
                 ]
             )
+        _check_expansion(root, source)
         problems = _duplicate_keys(root, source)
         data = loader.construct_document(root)
     except yaml.MarkedYAMLError as exc:
@@ -147,6 +247,73 @@ def _parse(text: str, source: str) -> tuple[yaml.MappingNode, dict[str, Any], li
     # anchors shared by several sections, e.g. `x-mix: &mix {...}`.
     data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     return root, data, problems
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse what pydantic and the simulator would choke on once aliases are expanded:
+    more than VALUES_MAX values, more than DEPTH_MAX levels, a collection that contains
+    itself (`&a [*a]`). One iterative pass, each node visited once (an alias is its
+    anchor's node, so its size is memoised)."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the current node's ancestors: a cycle closes on one
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        line = node.start_mark.line + 1
+        if finished:
+            kids = _children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            open_nodes.discard(key)
+            if size[key] > VALUES_MAX:
+                raise ScenarioError(
+                    [
+                        Problem(
+                            source,
+                            line,
+                            "",
+                            f"more than {VALUES_MAX} values once its aliases are expanded "
+                            "(the limit for a scenario file)",
+                        )
+                    ]
+                )
+            if depth[key] > DEPTH_MAX:
+                raise ScenarioError(
+                    [
+                        Problem(
+                            source,
+                            line,
+                            "",
+                            f"aliases nest this more than {DEPTH_MAX} levels deep "
+                            "(the limit for a scenario file)",
+                        )
+                    ]
+                )
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise ScenarioError(
+                [Problem(source, line, "", "an alias refers to a collection that contains it")]
+            )
+        if isinstance(node, yaml.ScalarNode):
+            size[key], depth[key] = 1, 0
+            continue
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((kid, False) for kid in reversed(_children(node)))
+    assert not open_nodes, "every collection opened was finished"
+    assert id(root) in size
 
 
 def _from_yaml_error(exc: yaml.MarkedYAMLError, source: str) -> Problem:
@@ -264,11 +431,19 @@ def _is_union_tag(node: yaml.MappingNode, part: int | str) -> bool:
     return _looks_like_tag(part)
 
 
+# The members of pydantic's JsonValue union (task args), as they appear in locations.
+_JSON_VALUE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+
+
 def _looks_like_tag(part: int | str) -> bool:
     # pydantic names union members it cannot tag by `kind` after their type, e.g.
-    # `list[str]`, `function-after[...]`, `NormalLink`; field names are snake_case.
+    # `list[str]`, `function-after[...]`, `NormalLink`, `float` (in task args); field
+    # names are snake_case words that are none of these.
     return isinstance(part, str) and (
-        "[" in part or "-" in part or (part[:1].isupper() and part.isidentifier())
+        "[" in part
+        or "-" in part
+        or (part[:1].isupper() and part.isidentifier())
+        or part in _JSON_VALUE_TAGS
     )
 
 
@@ -293,17 +468,18 @@ def _from_pydantic(err: ErrorDetails, root: yaml.Node, source: str) -> Problem:
 
 
 def _suggestion(name: str) -> str:
-    close = difflib.get_close_matches(name, sorted(_all_field_names()), n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, _all_field_names(), n=1, cutoff=0.75)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _all_field_names() -> set[str]:
+@functools.cache
+def _all_field_names() -> list[str]:
     names: set[str] = set()
     for obj in vars(schema).values():
         if isinstance(obj, type) and issubclass(obj, BaseModel):
             for fname, finfo in obj.model_fields.items():
                 names.add(finfo.alias or fname)
-    return names
+    return sorted(names)
 
 
 # --------------------------------------------------------------------------- expectations

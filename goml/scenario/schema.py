@@ -8,14 +8,19 @@ point at the YAML line.
 
 Distributions sample from a `random.Random` passed in, so the simulator stays
 deterministic and both runtimes interpret a distribution the same way.
+
+Every number is finite (the models refuse `.inf` and `.nan`) and bounded by the limits
+below, and every list and name has a maximum length: a typo such as `rate_per_s: .inf`
+or `duration_s: 1e400` is an error at load, not a simulator that never ends.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -28,6 +33,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from goml.cluster import commands
+
 Loc = tuple[int | str, ...]
 
 # Names that mean something else where a node name is expected.
@@ -39,12 +46,64 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # z-score of the 99th percentile of the standard normal, to turn a p99 into sigma.
 _Z99 = 2.3263478740408408
 
+# --------------------------------------------------------------------------- limits
+# Generous for any experiment this project runs, small enough that a run ends and a
+# file validates in well under a second.
+
+# Any time in seconds (duration_s, at_s, start_s, restart_after_s, ...): one day.
+DURATION_S_MAX = 86_400.0
+# Any latency, timeout or task duration in milliseconds (distributions, jitter, Raft
+# timeouts): ten minutes.
+LATENCY_MS_MAX = 600_000.0
+# The smallest log-normal median: below a microsecond mu and sigma stop meaning a
+# latency, and a large p99/median ratio makes sigma so wide that exp() overflows.
+LOGNORMAL_MEDIAN_MS_MIN = 0.001
+# Arrivals per second of a whole workload.
+RATE_PER_S_MAX = 100_000.0
+# Tasks one schedule entry submits, and tasks a whole workload may offer (the Poisson
+# rate times its window, or the schedule's counts summed).
+TASKS_MAX = 1_000_000
+# A task's wall-clock timeout: one day, in the API's milliseconds.
+TASK_TIMEOUT_MS_MAX = 86_400_000
+# Attempts of one task (the API carries an int32; more than this is a typo).
+ATTEMPTS_MAX = 1_000
+# A mix weight (only ratios matter).
+WEIGHT_MAX = 1_000_000.0
+# Node capacity and task resources.
+CPU_MAX = 1_024.0
+MEMORY_MB_MAX = 16 * 1024 * 1024  # 16 TiB
+GPU_MAX = 1_024
+# The seed is carried as a protobuf int64 and in JSON summaries.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+# Bound on an expectation's value (any summary figure is far below it).
+EXPECTATION_VALUE_MAX = 1e12
+# Names (nodes, clouds, clients, functions): half the manifest's name_bytes_max (256),
+# so ids the runtimes build from them (e.g. agent ids) still fit.
+NAME_CHARS_MAX = 128
+DESCRIPTION_CHARS_MAX = 10_000
+# List lengths.
+NODES_MAX = 256
+CLIENTS_MAX = 256
+MIX_FUNCTIONS_MAX = 100
+EXPECTATIONS_MAX = 1_000
+ITEMS_MAX = 10_000  # faults, schedule entries, link pairs, group members
+
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf`, `.nan` and overflowing literals such as `1e400` are
+    # refused by every float field (and inside task args).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_CHARS_MAX)]
+# A node name, `leader` or `random` (checked against the topology by `Scenario`).
+Target = Annotated[str, Field(min_length=1, max_length=NAME_CHARS_MAX)]
+# A task function name (checked by the task library) or a client name.
+Ref = Annotated[str, Field(min_length=1, max_length=NAME_CHARS_MAX)]
+Seconds = Annotated[float, Field(ge=0, le=DURATION_S_MAX)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=DURATION_S_MAX)]
+Millis = Annotated[float, Field(ge=0, le=LATENCY_MS_MAX)]
 
 
 # --------------------------------------------------------------------------- distributions
@@ -63,7 +122,7 @@ class _Dist(_Model):
 
 class ConstantDist(_Dist):
     kind: Literal["constant"] = "constant"
-    value_ms: float = Field(ge=0)
+    value_ms: Millis
 
     def sample_ms(self, rng: random.Random) -> float:
         return self.value_ms
@@ -76,9 +135,9 @@ class NormalDist(_Dist):
     """Normal, clamped at `min_ms` (samples below it are raised to it)."""
 
     kind: Literal["normal"] = "normal"
-    mean_ms: float = Field(ge=0)
-    stddev_ms: float = Field(ge=0)
-    min_ms: float = Field(default=0.0, ge=0)
+    mean_ms: Millis
+    stddev_ms: Millis
+    min_ms: Millis = 0.0
 
     def sample_ms(self, rng: random.Random) -> float:
         return max(self.min_ms, rng.gauss(self.mean_ms, self.stddev_ms))
@@ -92,8 +151,8 @@ class LogNormalDist(_Dist):
     and reported (e.g. fsync p50 0.33 ms, p99 1.2 ms), so no mu/sigma arithmetic by hand."""
 
     kind: Literal["lognormal"] = "lognormal"
-    median_ms: float = Field(gt=0)
-    p99_ms: float = Field(gt=0)
+    median_ms: float = Field(ge=LOGNORMAL_MEDIAN_MS_MIN, le=LATENCY_MS_MAX)
+    p99_ms: float = Field(ge=LOGNORMAL_MEDIAN_MS_MIN, le=LATENCY_MS_MAX)
 
     @model_validator(mode="after")
     def _p99_not_below_median(self) -> LogNormalDist:
@@ -118,8 +177,8 @@ class LogNormalDist(_Dist):
 
 class UniformDist(_Dist):
     kind: Literal["uniform"] = "uniform"
-    min_ms: float = Field(ge=0)
-    max_ms: float = Field(ge=0)
+    min_ms: Millis
+    max_ms: Millis
 
     @model_validator(mode="after")
     def _ordered(self) -> UniformDist:
@@ -141,7 +200,7 @@ Distribution = Annotated[
 
 class _LinkExtras(_Dist):
     # Uniform in [-jitter_ms, +jitter_ms], as Toxiproxy's latency toxic applies it.
-    jitter_ms: float = Field(default=0.0, ge=0)
+    jitter_ms: Millis = 0.0
     # Probability that one message is dropped (simulator only: TCP hides loss).
     loss: float = Field(default=0.0, ge=0, le=1)
 
@@ -187,16 +246,18 @@ _BOTH_ROLES: list[Role] = ["control", "agent"]
 
 
 class Capacity(_Model):
-    cpu: float = Field(default=2.0, gt=0)
-    memory_mb: int = Field(default=4096, gt=0)
-    gpu: int = Field(default=0, ge=0)
+    cpu: float = Field(default=2.0, gt=0, le=CPU_MAX)
+    memory_mb: int = Field(default=4096, gt=0, le=MEMORY_MB_MAX)
+    gpu: int = Field(default=0, ge=0, le=GPU_MAX)
 
 
 class Node(_Model):
     name: Name
     cloud: Name
     region: Name
-    roles: list[Role] = Field(default_factory=lambda: _BOTH_ROLES.copy(), min_length=1)
+    roles: list[Role] = Field(
+        default_factory=lambda: _BOTH_ROLES.copy(), min_length=1, max_length=len(_BOTH_ROLES)
+    )
     # Used only when the node has the agent role.
     capacity: Capacity = Field(default_factory=Capacity)
 
@@ -227,8 +288,10 @@ class Topology(_Model):
     """Clouds, regions and nodes. `clouds` (cloud -> regions) is optional: when given,
     every node must sit in a declared cloud and region; when omitted it is derived."""
 
-    clouds: dict[Name, list[Name]] | None = None
-    nodes: list[Node] = Field(default_factory=_reference_nodes, min_length=1)
+    clouds: dict[Name, Annotated[list[Name], Field(max_length=NODES_MAX)]] | None = Field(
+        default=None, max_length=NODES_MAX
+    )
+    nodes: list[Node] = Field(default_factory=_reference_nodes, min_length=1, max_length=NODES_MAX)
 
     @model_validator(mode="after")
     def _check(self) -> Topology:
@@ -332,7 +395,7 @@ class Network(_Model):
     same_region: Link = Field(default_factory=lambda: NormalLink(mean_ms=0.5, stddev_ms=0.1))
     same_cloud: Link = Field(default_factory=lambda: NormalLink(mean_ms=10.0, stddev_ms=1.0))
     cross_cloud: Link = Field(default_factory=lambda: NormalLink(mean_ms=17.5, stddev_ms=1.5))
-    pairs: list[PairOverride] = Field(default_factory=list)
+    pairs: list[PairOverride] = Field(default_factory=list, max_length=ITEMS_MAX)
 
 
 class Disk(_Model):
@@ -344,9 +407,9 @@ class Disk(_Model):
 
 
 class Raft(_Model):
-    election_timeout_ms_min: int = Field(default=300, gt=0)
-    election_timeout_ms_max: int = Field(default=600, gt=0)
-    heartbeat_interval_ms: int = Field(default=50, gt=0)
+    election_timeout_ms_min: int = Field(default=300, gt=0, le=LATENCY_MS_MAX)
+    election_timeout_ms_max: int = Field(default=600, gt=0, le=LATENCY_MS_MAX)
+    heartbeat_interval_ms: int = Field(default=50, gt=0, le=LATENCY_MS_MAX)
 
     @model_validator(mode="after")
     def _check(self) -> Raft:
@@ -380,15 +443,15 @@ class Client(_Model):
 
 
 class Resources(_Model):
-    cpu: float = Field(default=1.0, gt=0)
-    memory_mb: int = Field(default=256, gt=0)
-    gpu: int = Field(default=0, ge=0)
+    cpu: float = Field(default=1.0, gt=0, le=CPU_MAX)
+    memory_mb: int = Field(default=256, gt=0, le=MEMORY_MB_MAX)
+    gpu: int = Field(default=0, ge=0, le=GPU_MAX)
 
 
 class TaskMix(_Model):
     """One task function in the mix: drawn with probability weight / sum(weights)."""
 
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, le=WEIGHT_MAX)
     args: dict[str, JsonValue] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     # Overrides `workload.duration_ms` for this function.
@@ -396,30 +459,30 @@ class TaskMix(_Model):
 
 
 class ScheduledSubmit(_Model):
-    at_s: float = Field(ge=0)
-    count: int = Field(default=1, ge=1)
+    at_s: Seconds
+    count: int = Field(default=1, ge=1, le=TASKS_MAX)
     # Drawn from the mix when omitted; must name a function of the mix otherwise.
-    function: str | None = None
+    function: Ref | None = None
     # Picked at random among the clients when omitted.
-    client: str | None = None
+    client: Ref | None = None
 
 
 class Workload(_Model):
     """Load offered by clients. Either `rate_per_s` (Poisson arrivals, total over all
     clients, each arrival at a client picked uniformly) or an explicit `schedule`."""
 
-    clients: list[Client] = Field(min_length=1)
-    rate_per_s: float | None = Field(default=None, gt=0)
-    schedule: list[ScheduledSubmit] | None = None
+    clients: list[Client] = Field(min_length=1, max_length=CLIENTS_MAX)
+    rate_per_s: float | None = Field(default=None, gt=0, le=RATE_PER_S_MAX)
+    schedule: list[ScheduledSubmit] | None = Field(default=None, max_length=ITEMS_MAX)
     # Arrivals happen in [start_s, stop_s); stop_s defaults to the scenario's end.
-    start_s: float = Field(default=0.0, ge=0)
-    stop_s: float | None = Field(default=None, gt=0)
-    mix: dict[str, TaskMix] = Field(min_length=1)
+    start_s: Seconds = 0.0
+    stop_s: PositiveSeconds | None = None
+    mix: dict[Ref, TaskMix] = Field(min_length=1, max_length=MIX_FUNCTIONS_MAX)
     duration_ms: Distribution = Field(
         default_factory=lambda: LogNormalDist(median_ms=50.0, p99_ms=500.0)
     )
-    max_attempts: int = Field(default=3, ge=1)
-    timeout_ms: int = Field(default=30_000, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=ATTEMPTS_MAX)
+    timeout_ms: int = Field(default=30_000, gt=0, le=TASK_TIMEOUT_MS_MAX)
 
     @model_validator(mode="after")
     def _check(self) -> Workload:
@@ -457,19 +520,23 @@ def _as_list(value: Any) -> Any:
 
 # Group members: a node name, `cloud:NAME`, `region:NAME`, or `leader` (decided when
 # the fault fires).
-Members = Annotated[list[str], BeforeValidator(_as_list, json_schema_input_type=str | list[str])]
+Members = Annotated[
+    list[Target],
+    Field(max_length=ITEMS_MAX),
+    BeforeValidator(_as_list, json_schema_input_type=str | list[str]),
+]
 
 
 class _Fault(_Model):
-    at_s: float = Field(ge=0)
+    at_s: Seconds
 
 
 class CrashFault(_Fault):
     """Kill the process (SIGKILL): it keeps only what it persisted."""
 
     kind: Literal["crash"] = "crash"
-    target: str  # node name, `leader` or `random`
-    restart_after_s: float | None = Field(default=None, gt=0)
+    target: Target  # node name, `leader` or `random`
+    restart_after_s: PositiveSeconds | None = None
 
 
 class RestartFault(_Fault):
@@ -477,16 +544,16 @@ class RestartFault(_Fault):
     `down_s` later (0: at once)."""
 
     kind: Literal["restart"] = "restart"
-    target: str  # node name, `leader` or `random`
-    down_s: float = Field(default=0.0, ge=0)
+    target: Target  # node name, `leader` or `random`
+    down_s: Seconds = 0.0
 
 
 class PauseFault(_Fault):
     """Freeze the process (SIGSTOP) for `duration_s`, then resume it (SIGCONT)."""
 
     kind: Literal["pause"] = "pause"
-    target: str  # node name, `leader` or `random`
-    duration_s: float = Field(gt=0)
+    target: Target  # node name, `leader` or `random`
+    duration_s: PositiveSeconds
 
 
 class PartitionFault(_Fault):
@@ -498,10 +565,10 @@ class PartitionFault(_Fault):
 
     kind: Literal["partition"] = "partition"
     direction: Literal["both", "one_way"] = "both"
-    groups: list[Members] | None = None
+    groups: list[Members] | None = Field(default=None, max_length=NODES_MAX)
     from_: Members | None = Field(default=None, alias="from")
     to: Members | None = None
-    heal_after_s: float | None = Field(default=None, gt=0)
+    heal_after_s: PositiveSeconds | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> PartitionFault:
@@ -535,7 +602,7 @@ class LinkLatencyFault(_Fault):
     kind: Literal["link_latency"] = "link_latency"
     between: tuple[Members, Members]
     latency: Link
-    duration_s: float | None = Field(default=None, gt=0)
+    duration_s: PositiveSeconds | None = None
 
 
 class ClogFault(_Fault):
@@ -544,7 +611,7 @@ class ClogFault(_Fault):
     kind: Literal["clog"] = "clog"
     between: tuple[Members, Members]
     # Unclog automatically after this long.
-    duration_s: float | None = Field(default=None, gt=0)
+    duration_s: PositiveSeconds | None = None
 
 
 class UnclogFault(_Fault):
@@ -558,8 +625,8 @@ class AgentCrashFault(_Fault):
     """Kill the agent process on a node (the control-plane process stays up)."""
 
     kind: Literal["agent_crash"] = "agent_crash"
-    target: str  # node name with the agent role, or `random`
-    restart_after_s: float | None = Field(default=None, gt=0)
+    target: Target  # node name with the agent role, or `random`
+    restart_after_s: PositiveSeconds | None = None
 
 
 Fault = Annotated[
@@ -595,46 +662,103 @@ _SHORTHAND = re.compile(
     r"^\s*(?P<metric>[A-Za-z0-9_.]+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>\S+)\s*$"
 )
 
-# Fields of the run summary JSON written by both the simulator and the chaos runner.
-KNOWN_METRICS = frozenset(
-    {
-        "scenario",
-        "seed",
-        "trace_digest",
-        "sim_seconds",
-        "wall_seconds",
-        "failover_s.count",
-        "failover_s.p50",
-        "failover_s.p99",
-        "failover_s.max",
-        "submit_ms.p50",
-        "submit_ms.p99",
-        "submit_ms.max",
-        "submit_ms_steady.count",
-        "submit_ms_steady.p50",
-        "submit_ms_steady.p99",
-        "submit_ms_steady.max",
-        "submit_ms.count",
-        "tasks_dead",
-        "settled",
-        "tasks_submitted",
-        "tasks_acknowledged",
-        "tasks_succeeded",
-        "tasks_lost",
-        "duplicate_results",
-        "leader_changes",
-    }
+# What an expectation may compare: the numbers of the run summary that both the
+# simulator (`goml.sim.simulation`) and the chaos runner (`goml.chaos.runner`) write,
+# both through `goml.scenario.player.Player.summary`. A metric outside this set is an
+# error at load: otherwise a typo is found only after a full run, as a failed verdict.
+DISTRIBUTIONS = ("failover_s", "submit_ms", "submit_ms_steady")
+DISTRIBUTION_STATS = ("count", "p50", "p99", "max")
+COUNTERS = (
+    "sim_seconds",
+    "wall_seconds",
+    "tasks_submitted",
+    "tasks_acknowledged",
+    "tasks_succeeded",
+    "tasks_dead",
+    "tasks_lost",
+    "duplicate_results",
+    "leader_changes",
+    "submits_given_up",
 )
+# `commands_per_task.<Type>`: committed Raft commands of each type per acknowledged
+# task, and their `total`; the type names are those `goml.cluster.commands` decodes.
+COMMAND_TYPE_NAMES = tuple(sorted(t.__name__ for t in get_args(commands.Command)))
+PER_TASK = "commands_per_task"
+NUMERIC_METRICS = frozenset(
+    [
+        *COUNTERS,
+        *(f"{d}.{stat}" for d in DISTRIBUTIONS for stat in DISTRIBUTION_STATS),
+        *(f"{PER_TASK}.{name}" for name in (*COMMAND_TYPE_NAMES, "total")),
+    ]
+)
+_DISTRIBUTION_HINT = "a distribution: compare {name}.count, .p50, .p99 or .max"
+_SIM_ONLY = "only the simulator reports it (a chaos run has no such field)"
+# Summary fields that are there but cannot be compared with a number, and why.
+NOT_COMPARABLE: dict[str, str] = {
+    "scenario": "the scenario's name, not a number",
+    "seed": "the run's input, not a measurement",
+    "kind": "a description of the run, not a number",
+    "trace_digest": "a hex digest of the trace, not a number",
+    "settled": "true or false, not a number",
+    "submit_errors": "a list of messages, not a number",
+    "timeline": "the run's time series, not a number",
+    "work_dir": "a path, not a number",
+    "speedup": _SIM_ONLY,
+    "events": _SIM_ONLY,
+    "messages_sent": _SIM_ONLY,
+    "messages_dropped": _SIM_ONLY,
+    "ready_s": _SIM_ONLY,
+    "commands_note": "a note of the chaos runner, not a number",
+    "simulator": "the simulator's prediction inside a chaos summary, not compared",
+    "expectations": "the verdicts themselves",
+    PER_TASK: f"one figure per command type: {PER_TASK}.<Type> or {PER_TASK}.total",
+    **{d: _DISTRIBUTION_HINT.format(name=d) for d in DISTRIBUTIONS},
+    **{f"{d}.values": "the samples themselves, not a number" for d in DISTRIBUTIONS},
+}
+METRIC_CHARS_MAX = 200
+
+
+def metric_problem(metric: str) -> str | None:
+    """Why an expectation cannot compare `metric` with a number, or None if it can."""
+    if metric in NUMERIC_METRICS:
+        return None
+    if metric in NOT_COMPARABLE:
+        return f"'{metric}' cannot be compared with a number: {NOT_COMPARABLE[metric]}"
+    head, _, tail = metric.partition(".")
+    if head == PER_TASK:
+        close = difflib.get_close_matches(tail, [*COMMAND_TYPE_NAMES, "total"], n=1)
+        hint = f" (did you mean '{PER_TASK}.{close[0]}'?)" if close else ""
+        return (
+            f"unknown command type '{tail}' in '{metric}'{hint}; known: "
+            f"{_list([*COMMAND_TYPE_NAMES, 'total'])}"
+        )
+    if head in DISTRIBUTIONS:
+        return f"'{metric}' is not in the summary: '{head}' is " + _DISTRIBUTION_HINT.format(
+            name=head
+        )
+    close = difflib.get_close_matches(metric, sorted(NUMERIC_METRICS), n=1, cutoff=0.75)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return (
+        f"unknown metric '{metric}'{hint}; known: {_list(sorted(COUNTERS))}, "
+        f"{_list(list(DISTRIBUTIONS))} (.count .p50 .p99 .max), {PER_TASK}.<Type>"
+    )
 
 
 class Expectation(_Model):
     """`{metric: failover_s.p99, op: "<", value: 5}`; in a scenario file also the
-    shorthand string `"failover_s.p99 < 5"`. `metric` is a dotted path into the run
-    summary."""
+    shorthand string `"failover_s.p99 < 5"`. `metric` is a dotted path to a number of
+    the run summary (`NUMERIC_METRICS`)."""
 
-    metric: str = Field(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+    metric: str = Field(pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$", max_length=METRIC_CHARS_MAX)
     op: Op
-    value: float
+    value: float = Field(ge=-EXPECTATION_VALUE_MAX, le=EXPECTATION_VALUE_MAX)
+
+    @model_validator(mode="after")
+    def _known_metric(self) -> Expectation:
+        why = metric_problem(self.metric)
+        if why is not None:
+            _raise_if(self, [(("metric",), why)])
+        return self
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.value:g}"
@@ -665,22 +789,22 @@ ExpectationItem = Annotated[
 
 class Scenario(_Model):
     name: Name
-    description: str = ""
+    description: str = Field(default="", max_length=DESCRIPTION_CHARS_MAX)
     # Simulated seconds for the simulator, wall-clock seconds for the chaos runner.
-    duration_s: float = Field(gt=0)
-    seed: int = 1
+    duration_s: PositiveSeconds
+    seed: int = Field(default=1, ge=SEED_MIN, le=SEED_MAX)
     topology: Topology = Field(default_factory=Topology)
     network: Network = Field(default_factory=Network)
     disk: Disk = Field(default_factory=Disk)
     raft: Raft = Field(default_factory=Raft)
     workload: Workload | None = None
     # In any order; see `timeline()`.
-    faults: list[Fault] = Field(default_factory=list)
-    expectations: list[ExpectationItem] = Field(default_factory=list)
+    faults: list[Fault] = Field(default_factory=list, max_length=ITEMS_MAX)
+    expectations: list[ExpectationItem] = Field(default_factory=list, max_length=EXPECTATIONS_MAX)
 
     @model_validator(mode="after")
     def _references(self) -> Scenario:
-        _raise_if(self, _reference_problems(self))
+        _raise_if(self, _reference_problems(self) + _offered_tasks_problems(self))
         return self
 
     def timeline(self) -> list[AnyFault]:
@@ -757,6 +881,31 @@ def _reference_problems(s: Scenario) -> list[tuple[Loc, str]]:
     return problems
 
 
+def _offered_tasks_problems(s: Scenario) -> list[tuple[Loc, str]]:
+    """Each bound alone still allows 100000/s for a day: 8.6e9 tasks, a simulator that
+    does not end. Bound what the workload offers in total."""
+    w = s.workload
+    if w is None:
+        return []
+    if w.rate_per_s is not None:
+        window_s = max(0.0, (w.stop_s if w.stop_s is not None else s.duration_s) - w.start_s)
+        offered = w.rate_per_s * window_s
+        if offered > TASKS_MAX:
+            return [
+                (
+                    ("workload", "rate_per_s"),
+                    f"rate_per_s {w.rate_per_s:g} over {window_s:g} s offers {offered:.3g} "
+                    f"tasks, more than {TASKS_MAX}",
+                )
+            ]
+    total = sum(entry.count for entry in w.schedule or [])
+    if total > TASKS_MAX:
+        return [
+            (("workload", "schedule"), f"the schedule submits {total} tasks, more than {TASKS_MAX}")
+        ]
+    return []
+
+
 def _overlapping_groups(topo: Topology, loc: Loc, groups: list[list[str]]) -> list[tuple[Loc, str]]:
     owner: dict[str, int] = {}
     out: list[tuple[Loc, str]] = []
@@ -817,11 +966,6 @@ def scenario_warnings(s: Scenario) -> list[tuple[Loc, str]]:
             )
     if s.workload and s.workload.stop_s is not None and s.workload.stop_s > s.duration_s:
         out.append((("workload", "stop_s"), "stop_s is after the end of the run"))
-    for i, e in enumerate(s.expectations):
-        if e.metric not in KNOWN_METRICS:
-            out.append(
-                (("expectations", i, "metric"), f"'{e.metric}' is not a known summary field")
-            )
     return out
 
 

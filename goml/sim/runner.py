@@ -1,15 +1,12 @@
-"""`goml sim run` and `goml sim sweep`: run scenarios in the simulator, judge their
-expectations, write reports, and name every failing seed with the command that replays it."""
+"""`goml sim run`: run a scenario in the simulator, judge its expectations, write the
+report, and name a failing seed with the command that replays it. `goml sim sweep` is
+`goml.sim.sweep`; it shares `simulate`, `replay_command` and `parse_seeds` from here."""
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shlex
-import statistics
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -123,78 +120,27 @@ def run_command(path: Path, seed: int | None, out_dir: Path | None, as_json: boo
     return 0 if passed else 1
 
 
+# Seeds of one sweep: a million 5-second runs is a month of one core, already more than
+# any cluster here gives a sweep; a typo like 1-10000000000 must not build a list first.
+SEEDS_MAX = 1_000_000
+# `goml sim run --seed` takes an int64; a seed it cannot replay is no use.
+SEED_MAX = 2**63 - 1
+
+
 def parse_seeds(text: str) -> list[int]:
-    """`1-1000`, `7`, or `1,5,9-12`."""
-    seeds: list[int] = []
+    """`1-1000`, `7`, or `1,5,9-12`: the seeds in the order given, each once."""
+    seeds: dict[int, None] = {}  # ordered, no repeats
     for part in text.split(","):
         low, _, high = part.strip().partition("-")
         if not low.isdigit() or (high and not high.isdigit()):
             raise ValueError(f"bad seed range {text!r}: use e.g. 1-100 or 3,7,10-20")
-        seeds.extend(range(int(low), int(high or low) + 1))
-    return seeds
-
-
-@dataclass(frozen=True)
-class _Job:
-    path: Path
-    seed: int
-
-
-def _run_job(job: _Job) -> tuple[int, dict[str, Any], bool]:
-    scenario = load_scenario(job.path).scenario
-    summary, passed = simulate(scenario, job.seed)
-    summary.pop("timeline", None)
-    return job.seed, summary, passed
-
-
-def _aggregate(values: Iterable[float]) -> str:
-    ordered = sorted(values)
-    if not ordered:
-        return "none"
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return f"n={len(ordered)} median {statistics.median(ordered):.3f}, p99 {p99:.3f}, max {ordered[-1]:.3f}"
-
-
-def sweep_command(path: Path, seeds: list[int], jobs: int, out: Path | None) -> int:
-    from rich.progress import Progress
-
-    try:
-        load_scenario(path)
-    except ScenarioError as error:
-        print(error, file=sys.stderr)
-        return 2
-    results: list[tuple[int, dict[str, Any], bool]] = []
-    # spawn, not fork: the parent may hold threads (grpc, rich), and a forked child
-    # must not inherit their locks.
-    context = multiprocessing.get_context("spawn")
-    with Progress() as progress, context.Pool(jobs) as pool:
-        bar = progress.add_task(f"{path.name}: {len(seeds)} seeds", total=len(seeds))
-        for result in pool.imap_unordered(_run_job, [_Job(path, s) for s in seeds]):
-            results.append(result)
-            progress.advance(bar)
-    results.sort(key=lambda r: r[0])
-    failing = [(seed, summary) for seed, summary, passed in results if not passed]
-    failovers = [v for _, s, _ in results for v in s.get("failover_s", {}).get("values", [])]
-    submit_p99 = [
-        s["submit_ms"]["p99"]
-        for _, s, _ in results
-        if s.get("submit_ms", {}).get("p99") is not None
-    ]
-    print(f"{path}: {len(results) - len(failing)} passed, {len(failing)} failed")
-    print(f"  failover s over all seeds: {_aggregate(failovers)}")
-    print(f"  submit p99 ms per seed: {_aggregate(submit_p99)}")
-    print(f"  tasks lost (sum): {sum(int(s.get('tasks_lost', 0)) for _, s, _ in results)}")
-    print(
-        f"  results twice (sum): {sum(int(s.get('duplicate_results', 0)) for _, s, _ in results)}"
-    )
-    for seed, summary in failing:
-        why = summary.get("violation") or "; ".join(
-            e["text"] for e in summary.get("expectations", []) if not e["passed"]
-        )
-        print(f"  FAIL seed {seed}: {why}\n    replay: {replay_command(path, seed)}")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"sweep-{path.stem}.json").write_text(
-            json.dumps([s for _, s, _ in results], indent=1)
-        )
-    return 1 if failing else 0
+        first, last = int(low), int(high or low)
+        if last < first:
+            raise ValueError(f"bad seed range {part.strip()!r}: the first seed is the lower")
+        if last > SEED_MAX:
+            raise ValueError(f"seed {last} is over {SEED_MAX}, the largest `--seed` takes")
+        if last - first + 1 + len(seeds) > SEEDS_MAX:
+            raise ValueError(f"{text!r}: more than {SEEDS_MAX} seeds in one sweep")
+        seeds.update(dict.fromkeys(range(first, last + 1)))
+    assert 0 < len(seeds) <= SEEDS_MAX
+    return list(seeds)
