@@ -1,50 +1,100 @@
-"""Benchmark: simulated seconds per wall second for the reference topology (3 AWS +
-2 GCP nodes, 5 agents) at 50 submits/s, and the wall cost per simulated event.
+"""Benchmark: how fast the simulator runs, scenario by scenario, on one core.
 
-    python bench/bench_sim.py [--seconds 30] [--rate 50]
+For the reference scenario (`goml sim run` with no argument: goml/scenario/reference.yaml)
+and each shipped scenario (scenarios/*.yaml; the one that links to the reference runs once), then
+the reference again at 30 s and 240 s of load (does a longer run cost more per simulated
+second?), one after another:
+  sim s per wall s     simulated seconds (from the scenario's start, settling included)
+                       per second of wall time
+  events per sim s     SimPy events processed (Environment.step calls) per simulated second
+  msgs per sim s       network messages sent per simulated second
+  us per event         wall microseconds per SimPy event
+
+    python bench/bench_sim.py [--seed N]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import simpy
+import yaml
 
 from goml.scenario.loader import load_scenario_text
+from goml.scenario.schema import Scenario
 from goml.sim.simulation import Simulation
 
-SCENARIO = """
-name: bench-reference
-duration_s: {seconds}
-workload:
-  clients: [{{name: c-aws, node: aws-1}}, {{name: c-gcp, node: gcp-1}}]
-  rate_per_s: {rate}
-  mix:
-    matmul: {{args: {{n: 64}}}}
-  duration_ms: {{kind: lognormal, median_ms: 50, p99_ms: 500}}
-"""
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = Path(str(files("goml.scenario") / "reference.yaml"))
+# The reference stops its load 10 s before its end, so the last tasks finish; the longer
+# and shorter variants keep that, so they differ in load time alone.
+DRAIN_S = 10
+VARIANTS_S = (30, 240)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--rate", type=float, default=50.0)
-    args = parser.parse_args()
-    scenario = load_scenario_text(SCENARIO.format(seconds=args.seconds, rate=args.rate)).scenario
-    sim = Simulation(scenario, seed=1)
+class StepCounter:
+    """Counts an Environment's step() calls: SimPy keeps no count of processed events.
+    Installed on the instance, so the Simulation builds its own env as always."""
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.steps = 0
+        self._step: Callable[[], None] = env.step
+        # Environment.run calls self.step(): an instance attribute comes first.
+        setattr(env, "step", self)  # noqa: B010 (mypy refuses assigning to a method)
+
+    def __call__(self) -> None:
+        self.steps += 1
+        self._step()
+
+
+def with_duration(text: str, duration_s: int) -> str:
+    """The scenario text with its load lasting duration_s - DRAIN_S of duration_s."""
+    data: dict[str, Any] = yaml.safe_load(text)
+    data["name"] = f"{data['name']}-{duration_s}s"
+    data["duration_s"] = duration_s
+    data["workload"]["stop_s"] = duration_s - DRAIN_S
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def measure(label: str, scenario: Scenario, seed: int) -> None:
+    sim = Simulation(scenario, seed)
+    counter = StepCounter(sim.env)
     started = time.perf_counter()
     summary = sim.run()
     wall_s = time.perf_counter() - started
     sim_s = float(summary["sim_seconds"])  # type: ignore[arg-type]
-    simpy_events = next(sim.env._eid)  # how many events SimPy scheduled (its own counter)
     messages = int(summary["messages_sent"])  # type: ignore[call-overload]
-    print(f"reference topology, 5 agents, {args.rate:g} submits/s, {args.seconds:g} s + settle")
+    assert counter.steps > 0 and sim_s > 0 and wall_s > 0
     print(
-        f"  simulated {sim_s:.1f} s in {wall_s:.1f} s wall: {sim_s / wall_s:.2f} sim s per wall s"
+        f"{label:<22} {sim_s:>7.1f} {wall_s:>7.2f} {sim_s / wall_s:>9.1f} "
+        f"{counter.steps / sim_s:>10.0f} {messages / sim_s:>9.0f} "
+        f"{wall_s / counter.steps * 1e6:>8.1f}  {summary['tasks_acknowledged']}/{summary['tasks_lost']}"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    runs: list[tuple[str, str]] = [("reference", REFERENCE.read_text())]
+    for path in sorted((ROOT / "scenarios").glob("*.yaml")):
+        if path.read_bytes() == REFERENCE.read_bytes():
+            continue  # scenarios/steady.yaml links to the reference: run it once
+        runs.append((path.stem, path.read_text()))
+    reference = REFERENCE.read_text()
+    runs += [(f"reference {s} s", with_duration(reference, s)) for s in VARIANTS_S]
+    print(f"seed {args.seed}, one run at a time on one core; reference = {REFERENCE.name}")
     print(
-        f"  {simpy_events} SimPy events, {messages} messages: {wall_s / simpy_events * 1e6:.1f} us per event"
+        f"{'scenario':<22} {'sim s':>7} {'wall s':>7} {'sim s/s':>9} "
+        f"{'ev/sim s':>10} {'msg/sim s':>9} {'us/event':>8}  acked/lost"
     )
-    print(f"  tasks {summary['tasks_acknowledged']} acknowledged, {summary['tasks_lost']} lost")
+    for label, text in runs:
+        measure(label, load_scenario_text(text, label).scenario, args.seed)
 
 
 if __name__ == "__main__":
