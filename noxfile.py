@@ -60,14 +60,17 @@ def _actionlint(session: nox.Session) -> str:
 
 @nox.session(python=PYTHON)
 def bench(session: nox.Session) -> None:
-    """Benchmarks that print numbers (not pass/fail): goml's Raft vs PySyncObj, then the
-    agent (idle CPU; tiny-task throughput vs Dask distributed, which only this session
-    installs). Arguments after `--` go to bench_raft.py."""
+    """Benchmarks that print numbers (not pass/fail): goml's Raft vs PySyncObj, the agent
+    (idle CPU; tiny-task throughput vs Dask distributed, which only this session installs),
+    the simulator, then bench/peers.py: goml's Raft beside hashicorp/raft and etcd (built
+    with Go into ~/.cache/goml/bench once; each skipped with a line saying why when Go is
+    missing) and goml's API over TLS (bench_control.py), in one table with the ratios
+    goml/peer. Arguments after `--` go to bench_raft.py."""
     session.install("-e", ".[dev]", "dask[distributed]")
     session.run("python", "bench/bench_raft.py", *session.posargs)
     session.run("python", "bench/bench_agent.py")
-    session.run("python", "bench/bench_control.py")
     session.run("python", "bench/bench_sim.py")
+    session.run("python", "bench/peers.py")
 
 
 @nox.session(python=PYTHON)

@@ -109,7 +109,7 @@ def run_goml(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def pysyncobj_node(args: argparse.Namespace) -> None:
-    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+    from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjException, replicated
 
     class Counter(SyncObj):  # type: ignore[misc]
         def __init__(self, self_address: str, partners: list[str], conf: Any) -> None:
@@ -126,14 +126,20 @@ def pysyncobj_node(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + 30
     while counter._getLeader() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    while time.monotonic() < 600:
-        if counter._isLeader():
-            break
-        time.sleep(0.05)  # followers just serve until the parent stops them
+    give_up_at = time.monotonic() + 600
+    while True:
         if os.path.exists(args.done):
-            return
-    # Let the leader settle (its first entries commit) before measuring.
-    counter.incr(sync=True, timeout=10)
+            return  # another node led and measured
+        if time.monotonic() > give_up_at:
+            raise TimeoutError("this node neither led nor saw another node's result in 600 s")
+        if not counter._isLeader():
+            time.sleep(0.05)  # followers just serve until the parent stops them
+            continue
+        try:
+            counter.incr(sync=True, timeout=10)  # let the leader's first entries commit
+            break
+        except SyncObjException:
+            continue  # leadership changed while settling (a loaded machine): wait again
     lock = threading.Lock()
     in_flight = threading.Semaphore(args.concurrency)
     stats = {"committed": 0, "errors": 0}
