@@ -21,6 +21,8 @@ Commands:
                                         deadline due (the others hear nothing meanwhile)
     run <ms>                            advance every clock together, deadline by
                                         deadline, stabilizing after each (no latency)
+    skew <node> <ms>                    that node's wall clock runs <ms> off its monotonic one
+    clock <node>...                     print monotonic, wall and cluster time
     partition <node>... | <node>...     messages across the cut are lost (both ways)
     heal
     crash <node> / restart <node>
@@ -121,8 +123,13 @@ class _Node:
     config: NodeCoreConfig
     storage: MemoryStorage
     core: NodeCore | None
-    clock_ms: int = 0
+    clock_ms: int = 0  # monotonic
     restarts: int = 0
+    wall_offset_ms: int = 0  # its wall clock is the monotonic one plus this (skew)
+
+    @property
+    def wall_ms(self) -> int:
+        return self.clock_ms + self.wall_offset_ms
 
 
 @dataclass
@@ -174,7 +181,7 @@ class NodeEnv:
     def _start(self, node: _Node) -> None:
         rng = random.Random(f"{node.id}-{node.restarts}")
         node.core = NodeCore(
-            node.config, node.storage.load(), rng, validate_args, node.clock_ms, node.clock_ms
+            node.config, node.storage.load(), rng, validate_args, node.clock_ms, node.wall_ms
         )
 
     def cmd_crash(self, args: list[str]) -> None:
@@ -217,7 +224,7 @@ class NodeEnv:
         request = self._request(kind, options)
         node = self.node(node_id)
         self.out.append(f"r{request_id} -> {node_id}: {kind}")
-        self.core(node_id).request(request_id, request, node.clock_ms, node.clock_ms)
+        self.core(node_id).request(request_id, request, node.clock_ms, node.wall_ms)
         self._drain_replies(node_id)
 
     @staticmethod
@@ -368,7 +375,7 @@ class NodeEnv:
                 source_node = self.nodes[source]
                 if source_node.core is not None:
                     source_node.core.forwarded(
-                        source_id, outcome, source_node.clock_ms, source_node.clock_ms
+                        source_id, outcome, source_node.clock_ms, source_node.wall_ms
                     )
                 continue
             hint = f" (served by {reply.leader_hint})" if reply.leader_hint else ""
@@ -382,13 +389,13 @@ class NodeEnv:
             node = self.nodes[node_id]
             assert node.core is not None
             error = ApiError(ErrorCode.UNAVAILABLE, f"{forward.leader} unreachable from {node_id}")
-            node.core.forwarded(forward.request_id, error, node.clock_ms, node.clock_ms)
+            node.core.forwarded(forward.request_id, error, node.clock_ms, node.wall_ms)
             return
         self.forward_ids += 1
         local_id = 1_000_000 + self.forward_ids
         self.forwarded[(forward.leader, local_id)] = (node_id, forward.request_id)
         leader.core.request(
-            local_id, forward.request, leader.clock_ms, leader.clock_ms, forwarded=True
+            local_id, forward.request, leader.clock_ms, leader.wall_ms, forwarded=True
         )
 
     def cmd_stabilize(self, args: list[str]) -> None:
@@ -412,7 +419,7 @@ class NodeEnv:
         node = self.nodes[message.target]
         if node.core is None or (message.source, message.target) in self.blocked:
             return
-        node.core.step(message, node.clock_ms, node.clock_ms)
+        node.core.step(message, node.clock_ms, node.wall_ms)
 
     def cmd_tick(self, args: list[str]) -> None:
         ms = int(args[-1])
@@ -425,10 +432,10 @@ class NodeEnv:
                 if deadline > target:
                     break
                 node.clock_ms = max(node.clock_ms, deadline)
-                core.tick(node.clock_ms, node.clock_ms)
+                core.tick(node.clock_ms, node.wall_ms)
                 self.process_ready(node_id)
             node.clock_ms = target
-            core.tick(node.clock_ms, node.clock_ms)
+            core.tick(node.clock_ms, node.wall_ms)
             self.process_ready(node_id)
         self._watch_roles()
 
@@ -444,11 +451,26 @@ class NodeEnv:
                 assert node.core is not None
                 node.clock_ms = now
                 if node.core.next_deadline_ms() <= now:
-                    node.core.tick(now, now)
+                    node.core.tick(now, node.wall_ms)
             self.cmd_stabilize([])
             if now >= target:
                 return
         raise AssertionError("run: deadlines never move forward")
+
+    def cmd_skew(self, args: list[str]) -> None:
+        """skew <node> <ms>: that node's wall clock is now <ms> off its monotonic clock
+        (a jump when it was set before); printed with the cluster time it stamps."""
+        node_id, offset = args
+        node = self.node(node_id)
+        node.wall_offset_ms = int(offset)
+        self.out.append(f"{node_id} wall clock {node.wall_offset_ms:+d} ms")
+
+    def cmd_clock(self, args: list[str]) -> None:
+        """clock <node>...: each node's monotonic, wall and cluster time."""
+        for node_id in args:
+            node = self.node(node_id)
+            cluster = node.core.cluster_ms if node.core is not None else "-"
+            self.out.append(f"{node_id} mono {node.clock_ms} wall {node.wall_ms} cluster {cluster}")
 
     def cmd_partition(self, args: list[str]) -> None:
         groups = [g.split() for g in " ".join(args).split("|")]

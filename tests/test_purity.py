@@ -23,6 +23,7 @@ CORES = (
     "goml/raft/checker.py",
     "goml/cluster/commands.py",
     "goml/cluster/manifest.py",
+    "goml/cluster/clock.py",
     "goml/cluster/duties.py",
     "goml/cluster/node_core.py",
     "goml/agent/core.py",

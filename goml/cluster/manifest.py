@@ -47,7 +47,9 @@ from goml.cluster.commands import (
     read_resources,
 )
 
-SNAPSHOT_FORMAT = 1
+# 2 adds `latest_command_ms` (goml.cluster.clock); format 1 snapshots are still read.
+SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMATS_READ = (1, 2)
 
 
 class TaskEvent(enum.StrEnum):
@@ -256,6 +258,13 @@ class Manifest:
         self._by_key: dict[str, str] = {}  # idempotency key -> task id
         self._agents: dict[str, Agent] = {}  # iterate sorted only
         self._stale_reports_refused = 0
+        # The latest `now_ms` of any command applied: where cluster time stands.
+        self._latest_command_ms: int | None = None
+
+    @property
+    def latest_command_ms(self) -> int | None:
+        """The latest time stamped into an applied command (None: none yet)."""
+        return self._latest_command_ms
 
     def _store(self, task: Task) -> None:
         assert self._tasks.get(task.id, task).seq == task.seq
@@ -296,6 +305,8 @@ class Manifest:
         except CommandError as exc:
             return ApplyResult(index, False, Code.INVALID_ARGUMENT, str(exc))
         kind = type(command).__name__
+        # Even a refused command moves cluster time: its leader stamped it.
+        self._latest_command_ms = max(self._latest_command_ms or 0, command.now_ms)
         try:
             return replace(self._dispatch(index, command), command=kind)
         except _Refusal as refusal:
@@ -778,8 +789,13 @@ class Manifest:
     # ---- snapshots
 
     def snapshot(self) -> bytes:
+        return self._snapshot(SNAPSHOT_FORMAT)
+
+    def _snapshot(self, snapshot_format: int) -> bytes:
+        clock = {"latest_command_ms": self._latest_command_ms} if snapshot_format >= 2 else {}
         body = {
-            "format": SNAPSHOT_FORMAT,
+            "format": snapshot_format,
+            **clock,
             "applied_index": self._applied_index,
             "next_seq": self._next_seq,
             "stale_reports_refused": self._stale_reports_refused,
@@ -793,27 +809,30 @@ class Manifest:
     def restore(cls, data: bytes) -> Manifest:
         """Inverse of `snapshot`. Bytes that parse but break an invariant assert (a bug)."""
         try:
-            manifest = cls._restore(data)
+            manifest, snapshot_format = cls._restore(data)
         except CommandError as exc:
             raise SnapshotError(f"bad snapshot: {exc}") from exc
         # Pair assertion (STYLE.md): what we load must be exactly what we would write.
-        if manifest.snapshot() != data:
+        if manifest._snapshot(snapshot_format) != data:
             raise SnapshotError("bad snapshot: bytes are not the canonical form of its state")
         return manifest
 
     @classmethod
-    def _restore(cls, data: bytes) -> Manifest:
+    def _restore(cls, data: bytes) -> tuple[Manifest, int]:
         try:
             text = data.decode("ascii")
         except UnicodeDecodeError as exc:
             raise CommandError(f"not ASCII: {exc}") from exc
         f = Fields(loads(text, "snapshot"), "snapshot")
-        if f.integer("format") != SNAPSHOT_FORMAT:
-            raise CommandError(f"unsupported format; this code reads {SNAPSHOT_FORMAT}")
+        snapshot_format = f.integer("format")
+        if snapshot_format not in SNAPSHOT_FORMATS_READ:
+            raise CommandError(f"unsupported format; this code reads {SNAPSHOT_FORMATS_READ}")
         lf = f.sub("limits")
         limits = ManifestLimits(**{x.name: lf.integer(x.name, 1) for x in fields(ManifestLimits)})
         lf.close()
         manifest = cls(limits)
+        if snapshot_format >= 2:
+            manifest._latest_command_ms = f.optional_integer("latest_command_ms")
         manifest._applied_index = f.integer("applied_index")
         manifest._next_seq = f.integer("next_seq")
         manifest._stale_reports_refused = f.integer("stale_reports_refused")
@@ -829,7 +848,18 @@ class Manifest:
             manifest._store(task)
             manifest._by_key[task.idempotency_key] = task.id
         f.close()
-        return manifest
+        if snapshot_format == 1 and (manifest._agents or manifest._tasks):
+            # Before cluster time was kept: the latest time the state holds.
+            manifest._latest_command_ms = max(
+                [
+                    *(a.registered_ms for a in manifest._agents.values()),
+                    *(t.submitted_ms for t in manifest._tasks.values()),
+                    *(t.finished_ms or 0 for t in manifest._tasks.values()),
+                    *(t.lease.leased_ms for t in manifest._tasks.values() if t.lease),
+                ],
+                default=0,
+            )
+        return manifest, snapshot_format
 
 
 _E_co = TypeVar("_E_co", bound=enum.StrEnum)

@@ -73,6 +73,7 @@ from goml.api.types import (
     TaskView,
     WatchRequest,
 )
+from goml.cluster.clock import ClusterClock
 from goml.cluster.commands import (
     CancelTask,
     Command,
@@ -414,6 +415,9 @@ class NodeCore:
         self.stats = NodeStats()
         self._now_ms = now_ms
         self._wall_ms = wall_ms
+        # What this node stamps into commands and compares leases with (leader only).
+        self._cluster_clock = ClusterClock(self.manifest.latest_command_ms, now_ms)
+        self._cluster_ms = self._cluster_clock.now_ms(now_ms, wall_ms)
         self._was_leader = False
         self._next_duties_ms = 0
         self._pending: dict[int, _Pending] = {}
@@ -554,7 +558,7 @@ class NodeCore:
         self.stats.forwarded += 1
 
     def _dispatch(self, request_id: int, request: ApiRequest) -> None:
-        wall_ms = self._wall_ms
+        wall_ms = self._cluster_ms  # commands carry cluster time, not this node's wall clock
         match request:
             case SubmitRequest():
                 self._submit(request_id, request)
@@ -633,6 +637,7 @@ class NodeCore:
         self.replica.advance(ready.replica)
         results, self.machine.results = tuple(self.machine.results), []
         self.last_applied = results
+        self._cluster_clock.applied(self.manifest.latest_command_ms, self._now_ms)
         # Outcomes first (a lease poll that leased nothing parks), then the wake-ups of
         # what was applied (which may be work for that very poll).
         self._after_input()
@@ -724,7 +729,7 @@ class NodeCore:
                     agent.arch,
                     agent.capacity,
                     agent.state.value,
-                    self._wall_ms - seen if seen is not None else -1,
+                    self._cluster_ms - seen if seen is not None else -1,
                 )
             )
         counts = self.manifest.counts_by_state()
@@ -790,7 +795,7 @@ class NodeCore:
                     region=task.region or None,
                 )
             )
-        self._propose(request_id, request, SubmitTasks(self._wall_ms, tuple(specs)))
+        self._propose(request_id, request, SubmitTasks(self._cluster_ms, tuple(specs)))
 
     def _read(self, request_id: int, request: GetRequest | ListRequest) -> None:
         if not self._leading_or_refuse(request_id):
@@ -823,7 +828,7 @@ class NodeCore:
                 request.agent_id,
                 request.free,
                 tuple(sorted(request.running_task_ids)),
-                self._wall_ms,
+                self._cluster_ms,
             )
             revoked = self._revoked(request.agent_id, request.running_task_ids)
         self._reply(request_id, HeartbeatResponse(known=known, revoked_task_ids=revoked))
@@ -836,7 +841,7 @@ class NodeCore:
         report = _report_of(request)
         # Checked alone (as every replica checks it), so one bad report cannot sink a
         # batch of good ones.
-        if self._encode(request_id, ReportResults(self._wall_ms, (report,))) is None:
+        if self._encode(request_id, ReportResults(self._cluster_ms, (report,))) is None:
             return
         self._wait(request_id, _Pending(request, _Stage.QUEUED, self._request_deadline()))
         self._report_queue.append(request_id)
@@ -868,7 +873,7 @@ class NodeCore:
         token = self._internal_tokens
         try:
             self.replica.propose(
-                encode_command(ReportResults(self._wall_ms, tuple(reports))), token
+                encode_command(ReportResults(self._cluster_ms, tuple(reports))), token
             )
         except (NotLeader, ProposalDropped) as error:
             for request_id in batch:
@@ -958,7 +963,7 @@ class NodeCore:
         # claim is None for an unknown or down agent: the command gives the refusal.
         limits = self.config.limits
         command = LeaseTasks(
-            self._wall_ms,
+            self._cluster_ms,
             request.agent_id,
             self.config.duties.lease_ms,
             max(1, min(request.max_tasks, limits.lease_tasks_max)),
@@ -1049,7 +1054,7 @@ class NodeCore:
         return data
 
     def _run_duties(self) -> None:
-        for command in self.duties.due(self.manifest, self._wall_ms):
+        for command in self.duties.due(self.manifest, self._cluster_ms):
             kind = type(command).__name__
             try:
                 data = encode_command(command)
@@ -1142,7 +1147,7 @@ class NodeCore:
                 self._reply(request_id, CancelResponse(task_view(task)))
             case RegisterRequest():
                 if self.duties.leading_since_ms is not None:
-                    self.duties.heartbeat(request.agent_id, None, (), self._wall_ms)
+                    self.duties.heartbeat(request.agent_id, None, (), self._cluster_ms)
                 interval = self.config.agent_heartbeat_interval_ms
                 self._reply(request_id, RegisterResponse(heartbeat_interval_ms=interval))
             case LeaseRequest():
@@ -1195,6 +1200,12 @@ class NodeCore:
         assert now_ms >= self._now_ms, "monotonic time never goes back"
         self._now_ms = now_ms
         self._wall_ms = wall_ms
+        self._cluster_ms = self._cluster_clock.now_ms(now_ms, wall_ms)
+
+    @property
+    def cluster_ms(self) -> int:
+        """Cluster time as of the last input (goml.cluster.clock): what a leader stamps."""
+        return self._cluster_ms
 
     def _after_input(self) -> None:
         """After anything reached the replica: take its outcomes, follow leadership."""
@@ -1202,10 +1213,13 @@ class NodeCore:
             self._on_outcome(outcome)
         leader = self.is_leader
         if leader and not self._was_leader:
+            self._cluster_clock.start_leading(self._now_ms, self._wall_ms)
+            self._cluster_ms = self._cluster_clock.now_ms(self._now_ms, self._wall_ms)
             # Heartbeats went to the old leader: the grace period starts now.
-            self.duties.became_leader(self._wall_ms)
+            self.duties.became_leader(self._cluster_ms)
             self._next_duties_ms = self._now_ms + self.config.duties_interval_ms
         elif not leader and self._was_leader:
+            self._cluster_clock.stop_leading()
             self.duties.lost_leadership()
             queued, self._report_queue = self._report_queue, []
             for request_id in queued:
