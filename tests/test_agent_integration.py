@@ -199,9 +199,15 @@ class LiveCluster:
 
 
 @contextlib.contextmanager
-def live_cluster(data_dir: Path, agents: int = 2) -> Iterator[LiveCluster]:
+def live_cluster(
+    data_dir: Path, agents: int = 2, agent_config: Callable[[Path], None] | None = None
+) -> Iterator[LiveCluster]:
+    """`agent_config`, if given, may change each agent's config file before it starts."""
     layout = local.prepare(data_dir, nodes=3, insecure=False, duties=TEST_DUTIES)
     extra = local.agent_processes(layout, agents)
+    if agent_config is not None:
+        for name, _ in extra:
+            agent_config(layout.data_dir / "config" / f"{name}.yaml")
     with (
         local.running_cluster(layout, extra) as processes,
         Client(layout.profile, call_timeout_s=5.0, retry_s=30.0) as client,

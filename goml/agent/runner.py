@@ -54,6 +54,9 @@ __all__ = ["RunnerFull", "TaskOutcome", "TaskRunner"]
 log = logging.getLogger("goml.agent.runner")
 
 _CONTEXT_NAME = "forkserver"
+# Idle workers found dead when handed a task, in a row, before the task fails: each is
+# replaced; a task that keeps meeting dead workers says so rather than loop.
+SEND_TRIES_MAX = 3
 _PRELOAD = ["goml.agent.tasks"]
 # json.dumps (ensure_ascii) writes at most 12 bytes per character of a str: a character
 # outside the BMP becomes two \uXXXX escapes. Caps count characters, frames count bytes.
@@ -475,25 +478,34 @@ class TaskRunner:
         if len(request) > _REQUEST_BYTES_MAX:  # a peer's bad input: fail it, not the worker
             text = f"task request is {len(request)} bytes, over the limit of {_REQUEST_BYTES_MAX}"
             return TaskOutcome(False, text, 0, None, False, False)
-        worker = await self._take_worker()
-        if run.cancelled:  # cancelled while a worker started: it never saw the task
-            self._idle.append(worker)
-            return _cancelled_outcome(0, None)
-        run.process, run.pid = worker.process, worker.pid
-        owned = True  # False once the worker is back in the pool or being retired
-        try:
+        for _ in range(SEND_TRIES_MAX):
+            worker = await self._take_worker()
+            if run.cancelled:  # cancelled while a worker started: it never saw the task
+                self._idle.append(worker)
+                return _cancelled_outcome(0, None)
             try:
                 # Never blocks for long: an idle worker is reading its pipe.
                 worker.conn.send_bytes(request)
                 sent = True
+                break
             except OSError:
-                sent = False  # it died just now, after the idle check
-            timed_out = False
+                # It died idle, after the idle check, before it saw the task: the task
+                # is not to blame. Another worker takes it.
+                sent = False
+                exit_code = await self._retire(worker)
+                log.info(
+                    "worker %d was dead when given a task (exit code %s)", worker.pid, exit_code
+                )
+        if not sent:
+            text = f"{SEND_TRIES_MAX} worker processes in a row were dead when given the task"
+            return TaskOutcome(False, text, worker.pid, None, False, False)
+        run.process, run.pid = worker.process, worker.pid
+        owned = True  # False once the worker is back in the pool or being retired
+        try:
             reply: _Reply | str = ""  # "": it died
-            if sent:
-                timed_out = not await _wait_readable(worker.conn.fileno(), timeout_ms / 1000)
-                if not timed_out and not run.cancelled:
-                    reply = _read_reply(worker.conn, self._reply_bytes_max)
+            timed_out = not await _wait_readable(worker.conn.fileno(), timeout_ms / 1000)
+            if not timed_out and not run.cancelled:
+                reply = _read_reply(worker.conn, self._reply_bytes_max)
             if isinstance(reply, _Reply):
                 worker.tasks_done += 1
                 reason = self._recycle_reason(worker)

@@ -495,10 +495,11 @@ class Manifest:
             task_ids=tuple(requeued),
         )
 
-    def _in_use(self, agent_id: str) -> Resources:
+    def _in_use(self, agent_id: str, releasing: frozenset[str] = frozenset()) -> Resources:
         total = Resources(0.0, 0, 0)
         for task in self.open_tasks():  # seq order: float sums add up alike everywhere
-            if task.lease is not None and task.lease.agent_id == agent_id:
+            lease = task.lease
+            if lease is not None and lease.agent_id == agent_id and task.id not in releasing:
                 total = total.plus(task.resources)
         return total
 
@@ -533,13 +534,18 @@ class Manifest:
         )
 
     def _select_for_lease(
-        self, agent: Agent, free: Resources, max_count: int, excluded: frozenset[str]
+        self,
+        agent: Agent,
+        free: Resources,
+        max_count: int,
+        excluded: frozenset[str],
+        releasing: frozenset[str] = frozenset(),
     ) -> list[Task]:
         """The one lease rule: PENDING tasks by priority then submit order, that match the
         agent's cloud and region and fit in what is free (smaller tasks behind one that
         does not fit may still fit: backfill), at most `max_count`, none in `excluded`."""
         # Never trust the proposed free capacity beyond what the log itself knows is free.
-        free = free.least(agent.capacity.minus(self._in_use(agent.id)))
+        free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
         pending = sorted(
             (t for t in self.open_tasks() if t.state is TaskState.PENDING),
             key=lambda t: (-t.priority, t.seq),
@@ -761,10 +767,17 @@ class Manifest:
         return tuple(found)
 
     def leasable_tasks(
-        self, agent_id: str, free: Resources, max_count: int, excluded: frozenset[str]
+        self,
+        agent_id: str,
+        free: Resources,
+        max_count: int,
+        excluded: frozenset[str],
+        releasing: frozenset[str] = frozenset(),
     ) -> tuple[str, ...] | None:
         """The ids a LeaseTasks for this agent would lease if applied now, leaving out
-        `excluded` (tasks that lease proposals already in flight will take). None when
+        `excluded` (tasks that lease proposals already in flight will take) and counting
+        the capacity of `releasing` as free (tasks whose results are proposed ahead of
+        this lease: applied first, they free it). None when
         the agent is unknown or down: the command would be refused, not empty. A
         read-only prediction by the same rule the command applies (`_select_for_lease`):
         the leader proposes no LeaseTasks that would lease nothing."""
@@ -772,7 +785,8 @@ class Manifest:
         if agent is None or agent.state is not AgentState.ALIVE:
             return None
         count = max(1, min(max_count, self._limits.lease_tasks_max))
-        return tuple(t.id for t in self._select_for_lease(agent, free, count, excluded))
+        chosen = self._select_for_lease(agent, free, count, excluded, releasing)
+        return tuple(t.id for t in chosen)
 
     def get_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)

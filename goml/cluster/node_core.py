@@ -424,6 +424,11 @@ class NodeCore:
         self._deadlines: list[tuple[int, int]] = []  # (deadline_ms, request id), lazy
         self._parked: dict[int, None] = {}  # lease polls in arrival order
         self._claimed: set[str] = set()  # tasks lease proposals in flight will take
+        # Tasks whose results are proposed and not yet applied, by agent: a lease proposed
+        # behind them counts their capacity as free (applied in log order, the report
+        # frees it first), so a freed slot is refilled in the same commit, not the next.
+        self._releasing: dict[str, dict[str, None]] = {}
+        self._releasing_batches: dict[int, tuple[tuple[str, str], ...]] = {}  # token -> ids
         self._watches: dict[int, frozenset[str]] = {}
         # Negative tokens: proposals of the node itself (duties, report batches).
         self._internal_tokens = 0
@@ -887,9 +892,20 @@ class NodeCore:
         for request_id in batch:
             self._pending[request_id].stage = _Stage.PROPOSED
         self._report_batches[token] = tuple(batch)
+        released = tuple((report.agent_id, report.task_id) for report in reports)
+        self._releasing_batches[token] = released
+        for agent_id, task_id in released:
+            self._releasing.setdefault(agent_id, {})[task_id] = None
+        if self._parked:
+            self._wake_parked()  # a poll waiting for this capacity goes right behind
 
     def _reports_outcome(self, token: int, outcome: Outcome) -> None:
         batch = self._report_batches.pop(token)
+        for agent_id, task_id in self._releasing_batches.pop(token, ()):
+            releasing = self._releasing.get(agent_id, {})
+            releasing.pop(task_id, None)
+            if not releasing:
+                self._releasing.pop(agent_id, None)
         items: tuple[ItemResult, ...] = ()
         if isinstance(outcome, Applied):
             result = outcome.result
@@ -951,7 +967,11 @@ class NodeCore:
         request = pending.request
         assert isinstance(request, LeaseRequest)
         claim = self.manifest.leasable_tasks(
-            request.agent_id, request.free, request.max_tasks, frozenset(self._claimed)
+            request.agent_id,
+            request.free,
+            request.max_tasks,
+            frozenset(self._claimed),
+            frozenset(self._releasing.get(request.agent_id, ())),
         )
         if claim == ():
             if self._now_ms < pending.poll_deadline_ms:
@@ -996,7 +1016,11 @@ class NodeCore:
             request = pending.request
             assert isinstance(request, LeaseRequest)
             claim = self.manifest.leasable_tasks(
-                request.agent_id, request.free, request.max_tasks, frozenset(self._claimed)
+                request.agent_id,
+                request.free,
+                request.max_tasks,
+                frozenset(self._claimed),
+                frozenset(self._releasing.get(request.agent_id, ())),
             )
             if claim == ():
                 continue
