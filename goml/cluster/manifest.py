@@ -788,6 +788,41 @@ class Manifest:
         chosen = self._select_for_lease(agent, free, count, excluded, releasing)
         return tuple(t.id for t in chosen)
 
+    def leasable_incoming(
+        self,
+        agent_id: str,
+        free: Resources,
+        max_count: int,
+        excluded: frozenset[str],
+        releasing: frozenset[str],
+        incoming: list[tuple[int, tuple[TaskSpec, ...]]],
+    ) -> tuple[str, ...]:
+        """The ids of tasks that submits proposed but not yet applied (`incoming`: log
+        index and specs) will create, that a LeaseTasks for this agent proposed behind
+        them would lease by the lease rule's fit (cloud, region, free capacity). A
+        prediction like `leasable_tasks`: the LeaseTasks decides when it applies."""
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.state is not AgentState.ALIVE:
+            return ()
+        free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
+        count = max(1, min(max_count, self._limits.lease_tasks_max))
+        chosen: list[str] = []
+        for index, specs in incoming:
+            for n, spec in enumerate(specs):
+                task_id = f"t-{index}-{n}"  # as _submit names it
+                if len(chosen) == count:
+                    return tuple(chosen)
+                if task_id in excluded or spec.idempotency_key in self._by_key:
+                    continue  # claimed already, or a retry of a task that exists
+                if spec.cloud is not None and spec.cloud != agent.cloud:
+                    continue
+                if spec.region is not None and spec.region != agent.region:
+                    continue
+                if spec.resources.fits_in(free):
+                    chosen.append(task_id)
+                    free = free.minus(spec.resources)
+        return tuple(chosen)
+
     def get_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
 

@@ -429,6 +429,10 @@ class NodeCore:
         # frees it first), so a freed slot is refilled in the same commit, not the next.
         self._releasing: dict[str, dict[str, None]] = {}
         self._releasing_batches: dict[int, tuple[tuple[str, str], ...]] = {}  # token -> ids
+        # Submits proposed and not yet applied (log index -> specs): a lease proposed
+        # behind one may take its tasks (applied in log order, they exist by then), so a
+        # parked poll is woken by the proposal, not one commit later.
+        self._incoming: dict[int, tuple[TaskSpec, ...]] = {}
         self._watches: dict[int, frozenset[str]] = {}
         # Negative tokens: proposals of the node itself (duties, report batches).
         self._internal_tokens = 0
@@ -643,6 +647,9 @@ class NodeCore:
         results, self.machine.results = tuple(self.machine.results), []
         self.last_applied = results
         self._cluster_clock.applied(self.manifest.latest_command_ms, self._now_ms)
+        applied = self.replica.raft.applied
+        for index in [i for i in self._incoming if i <= applied]:
+            del self._incoming[index]  # applied (or replaced by another term's entry)
         # Outcomes first (a lease poll that leased nothing parks), then the wake-ups of
         # what was applied (which may be work for that very poll).
         self._after_input()
@@ -800,7 +807,11 @@ class NodeCore:
                     region=task.region or None,
                 )
             )
-        self._propose(request_id, request, SubmitTasks(self._cluster_ms, tuple(specs)))
+        index = self._propose(request_id, request, SubmitTasks(self._cluster_ms, tuple(specs)))
+        if index is not None:
+            self._incoming[index] = tuple(specs)
+            if self._parked:
+                self._wake_parked()  # a poll these tasks fit goes right behind the submit
 
     def _read(self, request_id: int, request: GetRequest | ListRequest) -> None:
         if not self._leading_or_refuse(request_id):
@@ -966,13 +977,7 @@ class NodeCore:
         empty. True when it proposed."""
         request = pending.request
         assert isinstance(request, LeaseRequest)
-        claim = self.manifest.leasable_tasks(
-            request.agent_id,
-            request.free,
-            request.max_tasks,
-            frozenset(self._claimed),
-            frozenset(self._releasing.get(request.agent_id, ())),
-        )
+        claim = self._lease_claim(request)
         if claim == ():
             if self._now_ms < pending.poll_deadline_ms:
                 self._park(request_id, pending)
@@ -992,10 +997,30 @@ class NodeCore:
         pending.stage = _Stage.PROPOSED
         pending.deadline_ms = self._request_deadline()
         pending.claim = claim or ()
-        if not self._propose(request_id, request, command, pending):
+        if self._propose(request_id, request, command, pending) is None:
             return False
         self._claimed.update(pending.claim)
         return True
+
+    def _lease_claim(self, request: LeaseRequest) -> tuple[str, ...] | None:
+        """The tasks a LeaseTasks proposed now for `request` would take: of those that
+        exist, else of those that proposed submits will create. None: the agent is
+        unknown or down (the command gives the refusal)."""
+        claimed = frozenset(self._claimed)
+        releasing = frozenset(self._releasing.get(request.agent_id, ()))
+        claim = self.manifest.leasable_tasks(
+            request.agent_id, request.free, request.max_tasks, claimed, releasing
+        )
+        if claim == () and self._incoming:
+            claim = self.manifest.leasable_incoming(
+                request.agent_id,
+                request.free,
+                request.max_tasks,
+                claimed,
+                releasing,
+                sorted(self._incoming.items()),
+            )
+        return claim
 
     def _park(self, request_id: int, pending: _Pending) -> None:
         pending.stage = _Stage.PARKED
@@ -1015,14 +1040,7 @@ class NodeCore:
                 continue
             request = pending.request
             assert isinstance(request, LeaseRequest)
-            claim = self.manifest.leasable_tasks(
-                request.agent_id,
-                request.free,
-                request.max_tasks,
-                frozenset(self._claimed),
-                frozenset(self._releasing.get(request.agent_id, ())),
-            )
-            if claim == ():
+            if self._lease_claim(request) == ():
                 continue
             del self._parked[request_id]
             self.stats.polls_woken += 1
@@ -1036,28 +1054,29 @@ class NodeCore:
         request: ApiRequest,
         command: Command,
         pending: _Pending | None = None,
-    ) -> bool:
-        """Propose `command` for a request; on refusal the request is answered here."""
+    ) -> int | None:
+        """Propose `command` for a request: its log index, or None when refused (the
+        request is answered here)."""
         data = self._encode(request_id, command)
         if data is None:
             self._pending.pop(request_id, None)
-            return False
+            return None
         try:
-            self.replica.propose(data, request_id)
+            index, _ = self.replica.propose(data, request_id)
         except NotLeader:
             self._pending.pop(request_id, None)
             self._not_leader(request_id)
-            return False
+            return None
         except ProposalDropped as error:
             self._pending.pop(request_id, None)
             self._error(request_id, ErrorCode.UNAVAILABLE, f"not proposed: {error}; retry")
-            return False
+            return None
         kind = type(command).__name__
         self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
         self._wait(
             request_id, pending or _Pending(request, _Stage.PROPOSED, self._request_deadline())
         )
-        return True
+        return index
 
     def _encode(self, request_id: int, command: Command) -> bytes | None:
         try:
@@ -1244,6 +1263,7 @@ class NodeCore:
             self._next_duties_ms = self._now_ms + self.config.duties_interval_ms
         elif not leader and self._was_leader:
             self._cluster_clock.stop_leading()
+            self._incoming.clear()
             self.duties.lost_leadership()
             queued, self._report_queue = self._report_queue, []
             for request_id in queued:
