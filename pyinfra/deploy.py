@@ -385,11 +385,84 @@ def _probe(target_host: Any, with_status: bool, targets: list[str]) -> dict[str,
     return result
 
 
+# TCP to every other host's node port, from a host: "ok", "refused" (the host answers,
+# nothing listens) or "timeout" (something drops the packets: a firewall, a security group,
+# an iptables FORWARD policy of DROP on a bridge). Refusals and timeouts are retried until
+# the deadline: a node that systemd just (re)started may not listen yet.
+REACH_DEADLINE_S = 15.0
+REACH_SCRIPT = """
+import json, socket, sys, time
+targets, deadline = json.loads(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+state = {t: "timeout" for t in targets}
+while True:
+    for target in [t for t in targets if state[t] != "ok"]:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            state[target] = "ok"
+        except ConnectionRefusedError:
+            state[target] = "refused"
+        except OSError:
+            state[target] = "timeout"
+    if all(v == "ok" for v in state.values()) or time.monotonic() > deadline:
+        break
+    time.sleep(0.2)
+print(json.dumps(state))
+"""
+
+
+def _reachability(targets: dict[str, str]) -> dict[str, str]:
+    """host name -> "ok" | "refused" | "timeout" for each HOST:PORT in `targets`."""
+    if not targets:
+        return {}
+    command = (
+        f"{SYSTEM_PYTHON} -c {shlex.quote(REACH_SCRIPT)} "
+        f"{shlex.quote(json.dumps(sorted(targets.values())))} {REACH_DEADLINE_S}"
+    )
+    ok, output = host.run_shell_command(command=command)
+    if not ok:
+        raise PyinfraError(
+            f"goml reachability check failed on {host.name}: {output.stderr[-2000:]}"
+        )
+    state: dict[str, str] = json.loads(output.stdout.strip().splitlines()[-1])
+    return {name: state[target] for name, target in targets.items()}
+
+
 def measure_latency() -> None:
     port = int(host.data.get("goml_probe_port") or 22)
     others = [n for n in PLAN.nodes if n.host != ME.host]
+    PRE.setdefault("reach", {})[ME.host] = _reachability(
+        {n.host: n.endpoint for n in PLAN.control if n.host != ME.host}
+    )
     result = _probe(host, False, [f"{n.address}:{port}" for n in others])
     PRE["latency"][ME.host] = {n.host: result["latency_ms"][f"{n.address}:{port}"] for n in others}
+
+
+def check_reachability() -> None:
+    """Every host reaches every node's port: else fail now, naming the pairs, instead of
+    waiting for a leader that cannot be elected."""
+    reach: dict[str, dict[str, str]] = PRE.get("reach", {})
+    by_host = {n.host: n for n in PLAN.nodes}
+    blocked = [
+        f"{a}->{b} ({by_host[b].endpoint}: {state})"
+        for a in sorted(reach)
+        for b, state in sorted(reach[a].items())
+        if state != "ok"
+    ]
+    if not blocked:
+        return
+    timeouts = any(line.endswith("timeout)") for line in blocked)
+    hint = (
+        "packets are dropped between these hosts: a firewall or security group, or on one "
+        "machine a bridge whose forwarding iptables drops (Docker sets the FORWARD policy "
+        "to DROP; the lab adds ACCEPT rules for its bridge, see pyinfra/lab.py)"
+        if timeouts
+        else "the hosts answer but nothing listens: is goml-node running there?"
+    )
+    raise PyinfraError(
+        f"goml: {len(blocked)} host pair(s) cannot reach the node port over TCP: "
+        f"{'; '.join(blocked)}. {hint}"
+    )
 
 
 def _healthy(status: dict[str, Any] | None) -> list[str]:
@@ -417,6 +490,7 @@ def _healthy(status: dict[str, Any] | None) -> list[str]:
 
 
 def verify_cluster() -> None:
+    check_reachability()
     timeout_s = float(host.data.get("goml_verify_timeout_s") or 90)
     deadline = time.monotonic() + timeout_s
     while True:
