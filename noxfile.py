@@ -14,7 +14,7 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole test suite, including the 1,000-seed Raft cluster harness."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,containers]")
     session.run("pytest", *session.posargs)
 
 
