@@ -101,6 +101,7 @@ def chaos(session: nox.Session) -> None:
 
     session.install("-e", ".")
     session.run("python", "-m", "goml.chaos.server")  # finds or builds toxiproxy-server
+    session.run("python", "-m", "goml.chaos.node_faults")  # libfaketime (apt) for clock faults
     seed = ["--seed", session.posargs[0]] if session.posargs else []
     failed = []
     for scenario in sorted(glob.glob("scenarios/chaos/*.yaml")):

@@ -6,7 +6,8 @@ reachable and run systemd as PID 1, and the wheelhouse for each host's architect
 Python is built locally. Then, per host: a service user, data and config directories,
 an offline virtualenv install of goml==VERSION from the uploaded wheelhouse, node and
 agent configs rendered from the inventory, certificates and secrets (mode 0600, never
-logged), systemd units (Restart=on-failure), restarts only where something changed, and
+logged; each agent its own certificate and token, so it can act only as itself; nodes get
+the tokens file), systemd units (Restart=on-failure), restarts only where something changed, and
 a verification: leader elected, every agent registered and alive, and the latency of
 every pair of hosts measured against the bounds.
 
@@ -113,6 +114,7 @@ def _preflight_locked() -> dict[str, Any]:
             state_dir,
             tuple(n.node for n in plan.control),
             tuple(sorted({n.address for n in plan.nodes})),
+            tuple(n.agent_id for n in plan.agents),
         )
     except goml_build.BuildError as error:
         raise PyinfraError(f"goml build: {error}") from None
@@ -147,7 +149,7 @@ def node_config() -> str:
             "cluster_id": SETTINGS["goml_cluster_id"],
             "tls": {"ca": f"{TLS}/ca.pem", "cert": f"{TLS}/node.pem", "key": f"{TLS}/node.key"},
             "secret_file": f"{TLS}/cluster.secret",
-            "token_file": f"{TLS}/client.token",
+            "tokens_file": f"{TLS}/tokens.txt",
             "raft": {
                 "election_timeout_ms_min": SETTINGS["goml_election_timeout_ms_min"],
                 "election_timeout_ms_max": SETTINGS["goml_election_timeout_ms_max"],
@@ -166,11 +168,11 @@ def agent_config() -> str:
             "region": ME.region,
             "capacity": {"cpu": ME.capacity_cpu, "memory_mb": ME.capacity_memory_mb, "gpu": 0},
             "control_plane": PLAN.peers(),
-            "token_file": f"{TLS}/client.token",
+            "token_file": f"{TLS}/agent.token",
             "tls": {
                 "ca_file": f"{TLS}/ca.pem",
-                "cert_file": f"{TLS}/client.pem",
-                "key_file": f"{TLS}/client.key",
+                "cert_file": f"{TLS}/agent.pem",
+                "key_file": f"{TLS}/agent.key",
             },
             "heartbeat_interval_ms": SETTINGS["goml_agent_heartbeat_interval_ms"],
         },
@@ -278,6 +280,9 @@ files.put(
 node_inputs: list[Any] = []
 agent_inputs: list[Any] = []
 if ME.is_control:
+    # Not an input of the node's restart: a running node rereads it when it changes, so a
+    # token rotated or revoked by a new deploy takes effect with no restart.
+    _private("goml: accepted tokens", CERTS / "tokens.txt", f"{TLS}/tokens.txt")
     node_inputs = [
         package,
         ca,
@@ -300,10 +305,24 @@ if ME.is_control:
         ),
     ]
 if ME.is_agent:
+    # This host's agent identity: its certificate and token name ME.agent_id only. The
+    # token is no restart input: the agent rereads it, so a rotation stops no task.
+    from goml.api.auth import Identity, Role
+    from goml.cluster.certs import identity_files
+
+    own = identity_files(CERTS, Identity(Role.AGENT, ME.agent_id))
+    assert own.token is not None
+    _private("goml: agent token", own.token, f"{TLS}/agent.token")
     agent_inputs = [
         package,
         ca,
-        *client_creds,
+        files.put(
+            name="goml: agent certificate",
+            src=str(own.cert),
+            dest=f"{TLS}/agent.pem",
+            mode="644",
+        ),
+        _private("goml: agent key", own.key, f"{TLS}/agent.key"),
         files.put(
             name="goml: agent config",
             src=io.StringIO(agent_config()),

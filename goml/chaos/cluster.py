@@ -40,9 +40,10 @@ from typing import Protocol
 
 import yaml
 
+from goml.api.auth import Identity, Role
 from goml.chaos.toxiproxy import Stream, Toxiproxy
 from goml.client import Client, ClientError, Profile
-from goml.cluster.certs import init_certs
+from goml.cluster.certs import TOKENS_FILE, identity_files, init_certs
 from goml.cluster.config import (
     Duties,
     NodeFileConfig,
@@ -347,9 +348,9 @@ class ChaosCluster:
         work = self.work_dir
         certs = work / "certs"
         net = self.runtime.addressing
-        init_certs(certs, self.control, net.cert_hosts)
-        token = _write_secret(certs / "client.token", os.urandom(24).hex())
-        _write_secret(certs / "cluster.secret", os.urandom(32).hex())
+        # A certificate and token per agent: each may act only as itself.
+        init_certs(certs, self.control, net.cert_hosts, agents=self.agents)
+        token = (certs / "client.token").read_text().strip()
         self.addresses = {n: net.node_observed(n) for n in self.control}
         # Proxies: node->node, agent@X->N, client@X->N.
         for a in self.control:
@@ -382,7 +383,7 @@ class ChaosCluster:
                     ca=certs / "ca.pem", cert=certs / f"{name}.pem", key=certs / f"{name}.key"
                 ),
                 secret_file=certs / "cluster.secret",
-                token_file=certs / "client.token",
+                tokens_file=certs / TOKENS_FILE,
                 raft=RaftTiming(
                     election_timeout_ms_min=raft.election_timeout_ms_min,
                     election_timeout_ms_max=raft.election_timeout_ms_max,
@@ -401,6 +402,7 @@ class ChaosCluster:
             )
         for x in self.agents:
             node = self.scenario.topology.node(x)
+            own = identity_files(certs, Identity(Role.AGENT, x))
             body = {
                 "agent_id": x,
                 "cloud": node.cloud,
@@ -411,11 +413,11 @@ class ChaosCluster:
                     "gpu": node.capacity.gpu,
                 },
                 "control_plane": {n: self.proxies[f"agent@{x}->{n}"].listen for n in self.control},
-                "token_file": str(certs / "client.token"),
+                "token_file": str(own.token),
                 "tls": {
                     "ca_file": str(certs / "ca.pem"),
-                    "cert_file": str(certs / "client.pem"),
-                    "key_file": str(certs / "client.key"),
+                    "cert_file": str(own.cert),
+                    "key_file": str(own.key),
                 },
             }
             path = work / "config" / f"agent-{x}.yaml"

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from goml.api.types import (
+    AckExportRequest,
+    AckExportResponse,
     AgentView,
     ApiError,
     ApiRequest,
@@ -64,6 +66,7 @@ from goml.api.types import (
     RegisterResponse,
     ReportRequest,
     ReportResponse,
+    Resources,
     StatusRequest,
     StatusResponse,
     SubmitRequest,
@@ -75,6 +78,7 @@ from goml.api.types import (
 )
 from goml.cluster.clock import ClusterClock
 from goml.cluster.commands import (
+    AckExport,
     CancelTask,
     Command,
     CommandError,
@@ -97,7 +101,9 @@ from goml.cluster.manifest import (
     Manifest,
     ManifestLimits,
     Task,
+    quote,
 )
+from goml.cluster.paging import PageTokenError, list_page
 from goml.raft.replica import (
     PROPOSAL_BYTES_MAX,
     Applied,
@@ -299,6 +305,10 @@ class NodeReady:
         return self.replica.messages
 
     @property
+    def send_before_persist(self) -> bool:
+        return self.replica.send_before_persist
+
+    @property
     def committed(self) -> tuple[Entry, ...]:
         return self.replica.committed
 
@@ -373,13 +383,15 @@ def task_view(task: Task) -> TaskView:
         region=task.region or "",
         state=task.state,
         attempts=task.attempts,
-        agent_id=task.lease.agent_id if task.lease else "",
+        # Who holds it, or (lease ended: finished, failed, requeued) who last ran it.
+        agent_id=task.lease.agent_id if task.lease else (task.last_agent_id or ""),
         epoch=task.epoch,
         result_json=task.result_json or "",
         error=task.error or "",
         submitted_ms=task.submitted_ms,
         finished_ms=task.finished_ms or 0,
         lease_deadline_ms=task.lease.deadline_ms if task.lease else 0,
+        finished_seq=task.finished_seq or 0,
     )
 
 
@@ -409,7 +421,9 @@ class NodeCore:
         self.id = config.replica.raft.node_id
         self._addresses = dict(config.addresses)
         self._validate_args = validate_args
-        self.machine = ManifestMachine(config.limits)
+        # Every replica starts from the same limits; the configured ones come through the
+        # log (SetLimits, proposed by the leader's duties), so apply agrees everywhere.
+        self.machine = ManifestMachine(DEFAULT_LIMITS)
         self.replica = ReplicaCore(config.replica, persisted, self.machine, rng, now_ms)
         self.duties = LeaderDuties(config.duties)
         self.stats = NodeStats()
@@ -584,6 +598,10 @@ class NodeCore:
                     self._reply(request_id, self.status())
             case WatchRequest():
                 self._watch(request_id, request)
+            case AckExportRequest():
+                if self._leading_or_refuse(request_id):
+                    ack = AckExport(wall_ms, request.through_seq)
+                    self._propose(request_id, request, ack)
             case RegisterRequest():
                 if self._leading_or_refuse(request_id):
                     command = RegisterAgent(
@@ -744,7 +762,7 @@ class NodeCore:
                     self._cluster_ms - seen if seen is not None else -1,
                 )
             )
-        counts = self.manifest.counts_by_state()
+        counts = self.manifest.status_counts()  # every state, FAILED included
         return StatusResponse(
             node_id=self.id,
             leader_id=leader,
@@ -753,7 +771,7 @@ class NodeCore:
             commit_index=raft.commit,
             members=tuple(members),
             agents=tuple(agents),
-            tasks_by_state=tuple(sorted((str(k), v) for k, v in counts.items())),
+            tasks_by_state=tuple(sorted(counts.items())),
         )
 
     # -------------------------------------------------------------- requests
@@ -768,11 +786,43 @@ class NodeCore:
             return
         limits = self.config.limits
         specs = []
+        unplaceable: dict[tuple[Resources, str, str], str] = {}  # batches repeat shapes
         for position, task in enumerate(request.tasks):
             where = f"tasks[{position}]"
             if not task.idempotency_key:
                 self._error(
                     request_id, ErrorCode.INVALID_ARGUMENT, f"{where}.idempotency_key: required"
+                )
+                return
+            # Names checked first, as every replica would: later messages quote them.
+            for label, name in (
+                ("idempotency_key", task.idempotency_key),
+                ("function", task.function),
+                ("cloud", task.cloud),
+                ("region", task.region),
+            ):
+                size = len(name.encode("utf-8", "surrogatepass"))
+                if size > limits.name_bytes_max:
+                    self._error(
+                        request_id,
+                        ErrorCode.RESOURCE_EXHAUSTED,
+                        f"{where}.{label} {quote(name)} is {size} bytes; limit "
+                        f"name_bytes_max={limits.name_bytes_max}",
+                    )
+                    return
+            # A task no agent could ever run would wait PENDING for ever without a
+            # word: refused, saying what it needs and what the agents have.
+            shape = (task.resources, task.cloud, task.region)
+            if shape not in unplaceable:
+                unplaceable[shape] = self.manifest.unplaceable(
+                    task.resources, task.cloud or None, task.region or None
+                )
+            if unplaceable[shape]:
+                self._error(
+                    request_id,
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"{where}: no agent can ever run it: {unplaceable[shape]}; register an "
+                    "agent that big (or ask for less) and submit again",
                 )
                 return
             args_json = task.args_json or "{}"
@@ -1097,7 +1147,9 @@ class NodeCore:
         return data
 
     def _run_duties(self) -> None:
-        for command in self.duties.due(self.manifest, self._cluster_ms):
+        due = self.duties.due(self.manifest, self._cluster_ms)
+        due += self.duties.limits_due(self.manifest, self.config.limits, self._cluster_ms)
+        for command in due:
             kind = type(command).__name__
             try:
                 data = encode_command(command)
@@ -1195,6 +1247,9 @@ class NodeCore:
                 self._reply(request_id, RegisterResponse(heartbeat_interval_ms=interval))
             case LeaseRequest():
                 self._reply(request_id, LeaseResponse(tuple(_leased(t) for t in result.tasks)))
+            case AckExportRequest():
+                watermark = self.manifest.export_watermark_seq
+                self._reply(request_id, AckExportResponse(export_watermark_seq=watermark))
             case _:
                 raise AssertionError(f"no proposal is made for {type(request).__name__}")
 
@@ -1202,19 +1257,32 @@ class NodeCore:
         if isinstance(request, GetRequest):
             task = self.manifest.get_task(request.task_id)
             if task is None:
-                self._error(request_id, ErrorCode.NOT_FOUND, f"no task {request.task_id!r:.80}")
+                pruned = self.manifest.pruned_through_seq
+                why = f" (finished tasks through #{pruned} are pruned)" if pruned else ""
+                self._error(
+                    request_id, ErrorCode.NOT_FOUND, f"no task {quote(request.task_id)}{why}"
+                )
             else:
                 self._reply(request_id, GetResponse(task_view(task)))
             return
         assert isinstance(request, ListRequest)
         limit = min(request.limit or self.config.list_limit_default, self.config.list_limit_max)
-        tasks = self.manifest.list_tasks(
-            limit=max(1, limit),
-            state=request.state,
-            function=request.function or None,
-            agent_id=request.agent_id or None,
+        try:
+            tasks, next_token = list_page(self.manifest, request, max(1, limit))
+        except PageTokenError as error:
+            self._error(request_id, ErrorCode.INVALID_ARGUMENT, str(error))
+            return
+        manifest = self.manifest
+        response = ListResponse(
+            tuple(task_view(t) for t in tasks),
+            next_page_token=next_token,
+            finished_seq_last=manifest.finished_seq_last,
+            pruned_through_seq=manifest.pruned_through_seq,
+            export_watermark_seq=manifest.export_watermark_seq,
+            tasks_kept=manifest.task_count,
+            tasks_max=manifest.limits.tasks_max,
         )
-        self._reply(request_id, ListResponse(tuple(task_view(t) for t in tasks)))
+        self._reply(request_id, response)
 
     def _on_applied(self, results: tuple[ApplyResult, ...]) -> None:
         wake = False
