@@ -8,8 +8,8 @@ place that says which role may call which method (`PERMISSIONS`).
 
 Identities are ROLE:NAME. Roles:
 - client: Submit, Get, List, Watch, Cancel, Status.
-- admin: everything a client may, plus the admin operations (`ADMIN_METHODS`: membership,
-  retention, export; none exists yet, they join that set when they do).
+- admin: everything a client may, plus the admin operations (`ADMIN_METHODS`: today
+  AckExport, the acknowledgement that lets retention prune; membership joins it).
 - agent: Register, Heartbeat, Lease, Report, and only as itself: every agent request's
   `agent_id` must be the caller's name, so one agent can never register, lease or report
   as another.
