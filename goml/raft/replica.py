@@ -35,6 +35,7 @@ from goml.raft.types import (
     Entry,
     EntryKind,
     HardState,
+    MembershipChange,
     Message,
     NotLeader,
     PersistedState,
@@ -54,6 +55,10 @@ UNCOMMITTED_ENTRIES_MAX = 8192
 # 64 MiB message limit and wedge a follower that is catching up.
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 PROPOSAL_BYTES_MAX = 1024 * 1024
+# Snapshots go in chunks of 1 MiB, 4 unacknowledged at a time: a 48 MiB manifest no longer
+# travels as one message, and a lost chunk costs one chunk, not the whole snapshot again.
+SNAPSHOT_CHUNK_BYTES_MAX = 1024 * 1024
+SNAPSHOT_CHUNKS_INFLIGHT_MAX = 4
 
 
 def raft_config(
@@ -74,6 +79,8 @@ def raft_config(
         entries_per_message_max=ENTRIES_PER_MESSAGE_MAX,
         uncommitted_entries_max=UNCOMMITTED_ENTRIES_MAX,
         message_bytes_max=MESSAGE_BYTES_MAX,
+        snapshot_chunk_bytes_max=SNAPSHOT_CHUNK_BYTES_MAX,
+        snapshot_chunks_inflight_max=SNAPSHOT_CHUNKS_INFLIGHT_MAX,
     )
 
 
@@ -223,12 +230,24 @@ class ReplicaCore:
                 f"proposal of {len(data)} bytes; limit {self.config.proposal_bytes_max}"
             )
         index, term = self.raft.propose(data)
+        self._waiting(index, term, token)
+        return index, term
+
+    def propose_membership(self, change: MembershipChange, token: int) -> tuple[int, int]:
+        """Append a configuration change (`RaftCore.propose_membership`); its outcome
+        (Applied with result None once committed) comes back under `token`. Raises
+        NotLeader, ProposalDropped or MembershipRefused."""
+        self._no_ready_outstanding()
+        index, term = self.raft.propose_membership(change)
+        self._waiting(index, term, token)
+        return index, term
+
+    def _waiting(self, index: int, term: int, token: int) -> None:
         previous = self._proposals.get(index)
         if previous is not None:
             # A lower-term entry at this index was truncated: that proposal is lost.
             self._outcomes.append(Lost(previous[1], index, f"index {index} reused in term {term}"))
         self._proposals[index] = (term, token)
-        return index, term
 
     def read(self, token: int) -> None:
         """A linearizable read point (ReadIndex); answered with ReadReady or ReadFailed."""
