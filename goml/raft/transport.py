@@ -36,7 +36,7 @@ import grpc.aio
 from goml.api.channels import reconnect_options
 from goml.proto import raft_pb2, raft_pb2_grpc
 from goml.raft.convert import InvalidMessage, Limits, message_from_proto, message_to_proto
-from goml.raft.types import Message, NodeId
+from goml.raft.types import NODE_ID_CHARS_MAX, Message, NodeId
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +336,6 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         limits: Limits,
         on_messages: Callable[[list[Message]], None],
     ) -> None:
-        assert node_id in voters
         assert secret, "a cluster secret is required"
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -344,7 +343,6 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         self.limits = limits
         self._secret = secret
         self._on_messages = on_messages
-        self._tokens = {v: stream_token(secret, cluster_id, v) for v in self.voters if v != node_id}
         self.stats = ServicerStats()
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -381,9 +379,7 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
             messages: list[Message] = []
             for proto in envelope.messages:
                 try:
-                    messages.append(
-                        message_from_proto(proto, self.node_id, sender, self.voters, self.limits)
-                    )
+                    messages.append(message_from_proto(proto, self.node_id, sender, self.limits))
                 except InvalidMessage as error:
                     self.stats.invalid += 1
                     log.error(
@@ -402,9 +398,12 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         token = metadata.get(METADATA_TOKEN, "")
         if cluster != self.cluster_id:
             return f"wrong cluster id {cluster!r} (this is {self.cluster_id!r})"
-        expected = self._tokens.get(sender)
-        if expected is None:
-            return f"sender {sender!r} is not a peer voter ({self.voters})"
+        # Any node of the cluster (it holds the secret) may write, member or not yet: a
+        # leader writes to a joining node first, a removed one to its old peers. The
+        # Raft core decides who counts.
+        if not sender or sender == self.node_id or len(sender) > NODE_ID_CHARS_MAX:
+            return f"sender {sender!r} is not a peer"
+        expected = stream_token(self._secret, self.cluster_id, sender)
         if not isinstance(token, str) or not hmac.compare_digest(token, expected):
             return "wrong cluster secret"
         return ""
