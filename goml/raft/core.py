@@ -378,12 +378,37 @@ class RaftCore:
             voters.discard(node)
             learners.discard(node)
             addresses.pop(node, None)
+        if voters != set(current.voters):
+            # etcd's strict reconfiguration check: a change that leaves fewer healthy
+            # voters than a quorum would stop the cluster (and with a replaced store
+            # among them, for good: only a leader can repair it, and none could be
+            # elected). Healthy: heard from within an election timeout, store trusted.
+            healthy = [v for v in sorted(voters) if self._healthy(v)]
+            quorum = len(voters) // 2 + 1
+            if len(healthy) < quorum:
+                raise MembershipRefused(
+                    f"{change.kind.value} {node} would leave {len(healthy)} healthy of "
+                    f"{len(voters)} voters ({', '.join(healthy) or 'none'}): a quorum "
+                    f"needs {quorum}"
+                )
         try:
             return Membership(
                 tuple(sorted(voters)), tuple(sorted(learners)), tuple(sorted(addresses.items()))
             )
         except MembershipInvalid as error:
             raise MembershipRefused(str(error)) from None
+
+    def _healthy(self, node: NodeId) -> bool:
+        """A leader's view: `node` answers (within an election timeout) from a store it
+        trusts (not one replaced and still being repaired)."""
+        if node == self.id:
+            return not self.restoring
+        progress = self.progress.get(node)
+        if progress is None:
+            return False
+        recent = self.now_ms - progress.last_heard_ms < self.config.election_timeout_ms_min
+        previous = self._peer_stores.get(node, (0, 0))[1]
+        return recent and not previous
 
     def caught_up(self, node: NodeId) -> bool:
         """A leader's view: `node` replicates steadily and holds every committed entry
