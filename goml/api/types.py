@@ -82,6 +82,9 @@ class Method(enum.StrEnum):
     HEARTBEAT = "Heartbeat"
     LEASE = "Lease"
     REPORT = "Report"
+    # Membership changes (goml node add/remove/replace). TODO(auth): admin-only once
+    # roles (goml.api.auth) land; until then any holder of the cluster token may call it.
+    CHANGE_MEMBERSHIP = "ChangeMembership"
 
 
 # ------------------------------------------------------------------------------ errors
@@ -343,6 +346,8 @@ class MemberView:
     applied_index: int
     reachable: bool
     rtt_ms: float  # 0: unknown
+    voter: bool = True  # False: a learner (replicates, never votes or counts)
+    caught_up: bool = False  # the leader's view: holds every committed entry, steadily
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,15 +371,56 @@ class StatusResponse:
     members: tuple[MemberView, ...]
     agents: tuple[AgentView, ...]
     tasks_by_state: tuple[tuple[str, int], ...]
+    voters: tuple[str, ...] = ()
+    learners: tuple[str, ...] = ()
+    membership_index: int = 0  # the log index of the configuration in force (0: bootstrap)
+
+
+class MembershipChangeKind(enum.StrEnum):
+    ADD_LEARNER = "add-learner"
+    PROMOTE = "promote"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRequest:
+    """One single-server change, on the leader. ADD_LEARNER needs `address`; PROMOTE
+    waits up to `wait_ms` for the learner to catch up (then FAILED_PRECONDITION)."""
+
+    kind: str  # a MembershipChangeKind value (checked by the node: it comes off the wire)
+    node_id: str
+    address: str = ""
+    wait_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipResponse:
+    """The configuration once the change committed."""
+
+    index: int
+    voters: tuple[str, ...]
+    learners: tuple[str, ...]
 
 
 AgentRequest = RegisterRequest | HeartbeatRequest | LeaseRequest | ReportRequest
 AgentResponse = RegisterResponse | HeartbeatResponse | LeaseResponse | ReportResponse
 ClientRequest = (
-    SubmitRequest | GetRequest | ListRequest | CancelRequest | StatusRequest | WatchRequest
+    SubmitRequest
+    | GetRequest
+    | ListRequest
+    | CancelRequest
+    | StatusRequest
+    | WatchRequest
+    | MembershipRequest
 )
 ClientResponse = (
-    SubmitResponse | GetResponse | ListResponse | CancelResponse | StatusResponse | TaskEvent
+    SubmitResponse
+    | GetResponse
+    | ListResponse
+    | CancelResponse
+    | StatusResponse
+    | TaskEvent
+    | MembershipResponse
 )
 ApiRequest = AgentRequest | ClientRequest
 ApiResponse = AgentResponse | ClientResponse
@@ -390,6 +436,7 @@ METHOD_OF_REQUEST: dict[type[ApiRequest], Method] = {
     HeartbeatRequest: Method.HEARTBEAT,
     LeaseRequest: Method.LEASE,
     ReportRequest: Method.REPORT,
+    MembershipRequest: Method.CHANGE_MEMBERSHIP,
 }
 RESPONSE_TYPES: dict[Method, type[ApiResponse]] = {
     Method.SUBMIT: SubmitResponse,
@@ -402,5 +449,6 @@ RESPONSE_TYPES: dict[Method, type[ApiResponse]] = {
     Method.HEARTBEAT: HeartbeatResponse,
     Method.LEASE: LeaseResponse,
     Method.REPORT: ReportResponse,
+    Method.CHANGE_MEMBERSHIP: MembershipResponse,
 }
 assert set(METHOD_OF_REQUEST.values()) == set(Method) == set(RESPONSE_TYPES)

@@ -13,6 +13,9 @@ Example:
     token_file: certs/client.token      # the bearer token clients and agents present
     # insecure: true                    # plaintext gRPC: local development only
     raft: {election_timeout_ms_min: 300, election_timeout_ms_max: 600, heartbeat_interval_ms: 50}
+    # join: true                        # joins a running cluster (`goml node add`): the
+                                        # peers are whom to reach; the node learns its
+                                        # configuration from the leader
 
 Relative paths are resolved against the config file's directory.
 """
@@ -84,6 +87,10 @@ class NodeFileConfig(_Strict):
     raft: RaftTiming = RaftTiming()
     duties: Duties = Duties()
     request_timeout_s: float = Field(REQUEST_TIMEOUT_MS_DEFAULT / 1000, gt=0)
+    # False: `peers` are the bootstrap voters of a new cluster. True: this node joins a
+    # running one (added by `goml node add`); it has no configuration of its own until
+    # the leader sends it one, so it never campaigns by a list that may be stale.
+    join: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> NodeFileConfig:

@@ -54,7 +54,7 @@ def core_config(config: NodeFileConfig) -> NodeCoreConfig:
     timing, d = config.raft, config.duties
     raft = raft_config(
         config.node_id,
-        tuple(sorted(config.peers)),
+        () if config.join else tuple(sorted(config.peers)),
         timing.election_timeout_ms_min,
         timing.election_timeout_ms_max,
         timing.heartbeat_interval_ms,

@@ -35,8 +35,10 @@ from goml.raft.types import (
     Entry,
     EntryKind,
     HardState,
+    Membership,
     MembershipChange,
     Message,
+    NodeId,
     NotLeader,
     PersistedState,
     ProposalDropped,
@@ -82,6 +84,36 @@ def raft_config(
         snapshot_chunk_bytes_max=SNAPSHOT_CHUNK_BYTES_MAX,
         snapshot_chunks_inflight_max=SNAPSHOT_CHUNKS_INFLIGHT_MAX,
     )
+
+
+class PeerAddresses:
+    """Which peers a node keeps streams to, and where they listen: the members of its
+    configuration (addresses from the configuration, else from the node's config file),
+    or, while it knows no configuration (it joins), the peers its config file names.
+    The same dict is returned until the configuration changes (runtimes compare by
+    identity)."""
+
+    def __init__(self, node_id: NodeId, configured: dict[NodeId, str]) -> None:
+        self.node_id = node_id
+        self._configured = dict(configured)
+        self._membership: Membership | None = None
+        self._current: dict[NodeId, str] = {}
+
+    def current(self, membership: Membership) -> dict[NodeId, str]:
+        if membership is not self._membership:
+            self._membership = membership
+            known = {**self._configured, **dict(membership.addresses)}
+            members = membership.members if membership.voters else tuple(self._configured)
+            self._current = {
+                m: known[m] for m in sorted(members) if m != self.node_id and m in known
+            }
+        return self._current
+
+    def address(self, node: NodeId) -> str:
+        """Where `node` listens, as far as this node knows ("" if it does not)."""
+        membership = self._membership
+        found = membership.address(node) if membership is not None else ""
+        return found or self._configured.get(node, "")
 
 
 class StateMachine(Protocol):

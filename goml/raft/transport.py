@@ -153,6 +153,11 @@ class PeerTransport:
             for node_id, address in sorted(peers.items())
         }
         self._token = stream_token(config.secret, config.cluster_id, config.node_id)
+        # Every address ever given (membership changes add some): a message to a node
+        # outside the current peers (a leader this node does not know as a member yet)
+        # still finds its way; `dropped_unknown` counts those with no address at all.
+        self._addresses = dict(peers)
+        self.dropped_unknown = 0
         self._started = False
         self._stopping = False
 
@@ -172,11 +177,43 @@ class PeerTransport:
         for peer in self._peers.values():
             peer.task = None
 
+    def set_peers(self, peers: dict[NodeId, str]) -> None:
+        """Keep streams to exactly these peers (the members, after a membership change):
+        new ones are started, gone ones stopped, a changed address reconnects."""
+        assert self.config.node_id not in peers, "a node does not send to itself"
+        self._addresses.update(peers)
+        for node_id in sorted(set(self._peers) - set(peers)):
+            self._drop_peer(node_id)
+        for node_id, address in sorted(peers.items()):
+            known = self._peers.get(node_id)
+            if known is not None and known.address != address:
+                self._drop_peer(node_id)
+            if node_id not in self._peers:
+                self._add_peer(node_id, address)
+
+    def _add_peer(self, node_id: NodeId, address: str) -> _Peer:
+        peer = _Peer(node_id, address, asyncio.Queue(maxsize=self.config.queue_messages_max))
+        self._peers[node_id] = peer
+        if self._started and not self._stopping:
+            peer.task = asyncio.create_task(self._run_peer(peer), name=f"raft-send-{node_id}")
+        return peer
+
+    def _drop_peer(self, node_id: NodeId) -> None:
+        peer = self._peers.pop(node_id)
+        if peer.task is not None:
+            peer.task.cancel()  # its stream closes; nothing waits for it
+
     def send(self, message: Message) -> bool:
         """Queue a message for its target; never blocks. False when dropped."""
         assert message.source == self.config.node_id
+        assert message.target != self.config.node_id
         peer = self._peers.get(message.target)
-        assert peer is not None, f"no address for peer {message.target!r}"
+        if peer is None:
+            address = self._addresses.get(message.target)
+            if address is None or self._stopping:
+                self.dropped_unknown += 1
+                return False
+            peer = self._add_peer(message.target, address)
         if self._stopping:
             return False
         try:
@@ -188,6 +225,10 @@ class PeerTransport:
 
     def stats(self) -> dict[NodeId, PeerStats]:
         return {node_id: peer.stats for node_id, peer in self._peers.items()}
+
+    def addresses(self) -> dict[NodeId, str]:
+        """Every peer address this transport was given."""
+        return dict(self._addresses)
 
     # ------------------------------------------------------------- internals
 
