@@ -14,7 +14,7 @@ PYTHON = "3.11"
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """The whole test suite, including the 1,000-seed Raft cluster harness."""
-    session.install("-e", ".[dev]")
+    session.install("-e", ".[dev,containers]")
     session.run("pytest", *session.posargs)
 
 
@@ -101,6 +101,7 @@ def chaos(session: nox.Session) -> None:
 
     session.install("-e", ".")
     session.run("python", "-m", "goml.chaos.server")  # finds or builds toxiproxy-server
+    session.run("python", "-m", "goml.chaos.node_faults")  # libfaketime (apt) for clock faults
     seed = ["--seed", session.posargs[0]] if session.posargs else []
     failed = []
     for scenario in sorted(glob.glob("scenarios/chaos/*.yaml")):
@@ -130,3 +131,59 @@ def deploy_lab(session: nox.Session) -> None:
         *session.posargs,
         env={"GOML_LAB": "1"},
     )
+
+
+def _build_images(session: nox.Session) -> None:
+    """The deploy lab's Debian root file system (debootstrapped once into
+    /var/cache/goml-lab; root), then the container runtime's images from it."""
+    session.run("python", "pyinfra/lab.py", "rootfs")
+    session.run("python", "-m", "goml.chaos.image")
+
+
+@nox.session(python=PYTHON)
+def image(session: nox.Session) -> None:
+    """The images of `goml chaos run --runtime containers`, built offline (nothing is
+    pulled): goml-base:bookworm (`docker import` of the lab's root file system),
+    goml:VERSION (goml from a wheelhouse built here), goml-toxiproxy:2.12.0 (built from
+    its Go sources). Needs root and a running Docker engine. Cached at every step: with
+    no change it takes seconds."""
+    session.install("-e", ".[containers]")
+    _build_images(session)
+
+
+@nox.session(python=PYTHON)
+def chaos_containers(session: nox.Session) -> None:
+    """Every scenario under scenarios/chaos/ with each node and agent in its own
+    container (`goml chaos run --runtime containers`), judged against its expectations
+    like `nox -s chaos` (those with disk or clock faults, which act on host processes,
+    are skipped with a line saying so), then tests/test_chaos_containers.py (the runtime's cleanup and
+    its errors in bad environments). Builds the images first (`nox -s image`). Needs root
+    and a running Docker engine. `nox -s chaos_containers -- SEED` picks another seed."""
+    import glob
+
+    session.install("-e", ".[dev,containers]")
+    _build_images(session)
+    seed = ["--seed", session.posargs[0]] if session.posargs else []
+    listing = session.run(
+        "python", "-m", "goml.chaos.containers", "runnable",
+        *sorted(glob.glob("scenarios/chaos/*.yaml")), silent=True,
+    )  # fmt: skip
+    scenarios = []
+    for line in str(listing).splitlines():
+        if line.startswith("skip "):
+            session.log(line)  # e.g. disk and clock faults: processes only
+        elif line.startswith("run "):
+            scenarios.append(line.split()[1])
+    failed = []
+    for scenario in scenarios:
+        name = scenario.rsplit("/", 1)[-1].removesuffix(".yaml")
+        out = f"reports/chaos-containers/{name}"
+        try:
+            session.run(
+                "goml", "chaos", "run", scenario, "--runtime", "containers", *seed, "--out", out
+            )
+        except nox.command.CommandFailed:
+            failed.append(scenario)
+    session.run("pytest", "-p", "no:cacheprovider", "tests/test_chaos_containers.py")
+    if failed:
+        session.error(f"expectations failed in: {', '.join(failed)}")

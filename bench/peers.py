@@ -33,7 +33,7 @@ goml's API as a client sees it (mutual TLS) comes from bench/bench_control.py, r
 Builds are cached under ~/.cache/goml/bench/ (keyed by the sources and the Go version);
 without Go (or apt-get download), that peer is skipped with one line saying why.
 
-    python bench/peers.py [--only goml,hashicorp,etcd,control] [--seconds 5] [--trials 10]
+    python bench/peers.py [--only goml,hashicorp,etcd,control] [--seconds 5] [--trials 20]
 """
 
 from __future__ import annotations
@@ -647,7 +647,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-count", type=int, default=200)
-    parser.add_argument("--trials", type=int, default=10, help="failovers per system")
+    parser.add_argument("--trials", type=int, default=20, help="failovers per system")
     parser.add_argument("--settle-seconds", type=float, default=0.5, help="idle before a kill")
     parser.add_argument("--etcd-from", choices=["go", "apt"], default="go")
     parser.add_argument("--no-tls", action="store_true", help="skip etcd over TLS")

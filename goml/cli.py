@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
+    from goml.api.auth import Identity
     from goml.client import Client
 
 # Limits of the values the CLI accepts: the protobuf types they travel in
@@ -39,6 +40,13 @@ JOBS_MAX = 64
 CPU_CORES_MAX = 1_000_000.0  # the wire carries a double; more cores than this is a typo
 PROPOSALS_MAX = 1_000_000
 SEEDS_MAX = 1_000_000  # seeds of one `raft check`
+# What `goml status` says beside a count whose meaning is not plain from its name.
+TASK_STATE_NOTES = {
+    "PENDING": "waiting for a first lease",
+    "FAILED": "an attempt failed (error, timeout, lost agent); waiting for a retry",
+    "DEAD": "failed on every attempt",
+}
+LIST_TASKS_MAX = 1_000_000  # `task list --limit`: above any manifest's tasks_max (paged)
 
 app = typer.Typer(
     help="goml: a fault-tolerant orchestrator for ML and data tasks across clouds.",
@@ -237,18 +245,83 @@ def certs_init(
         help="A host name or IP the node certificates are valid for.",
     ),
     force: bool = typer.Option(False, help="Replace an existing CA."),
+    agents: list[str] = typer.Option(
+        [], "--agent", callback=_name, help="An agent id (repeat for each agent)."
+    ),
 ) -> None:
-    """Create a cluster CA, a certificate per node, a client certificate, the Raft cluster
-    secret and a client token (private files are mode 0600)."""
+    """Create a cluster CA, a certificate per node, a certificate and token per agent (its
+    identity: it may act only as itself), a client and an admin identity, the tokens file
+    nodes check and the Raft cluster secret (private files are mode 0600)."""
     from goml.cluster.certs import init_certs
 
     try:
-        init_certs(directory, nodes, hosts, force=force)
+        init_certs(directory, nodes, hosts, force=force, agents=agents)
     except (FileExistsError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(
-        f"wrote CA, {len(nodes)} node certificate(s), client certificate and secrets to {directory}"
+        f"wrote CA, {len(nodes)} node and {len(agents)} agent certificate(s), client and "
+        f"admin identities, tokens.txt and secrets to {directory}"
     )
+
+
+def _identity(value: str) -> Identity:
+    """ROLE:NAME (agent:agent-1, client:alice, admin:ops) as an Identity."""
+    from goml.api.auth import Role, parse_identity
+
+    parsed = parse_identity(value)
+    if isinstance(parsed, str):
+        raise _fail(f"IDENTITY: {parsed}")
+    if parsed.role is Role.NODE:
+        raise _fail("IDENTITY: node certificates come from `goml certs init`")
+    return parsed
+
+
+@certs_app.command("issue")
+def certs_issue(
+    directory: Path = typer.Argument(..., help="The credentials directory (holds the CA)."),
+    identity: str = typer.Argument(
+        ..., callback=_name, help="ROLE:NAME, e.g. agent:gpu-7, client:alice, admin:ops."
+    ),
+) -> None:
+    """Issue one more identity: a certificate signed by the cluster CA and a token, whose
+    digest joins tokens.txt (running nodes using that file accept it at once)."""
+    from goml.cluster.certs import issue_identity
+
+    try:
+        files = issue_identity(directory, _identity(identity))
+    except (OSError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"issued {identity}: {files.cert}, {files.key}, {files.token}")
+
+
+@certs_app.command("token")
+def certs_token(
+    action: str = typer.Argument(
+        ...,
+        metavar="rotate|retire|revoke",
+        help="rotate: a new token, the old one still accepted; retire: drop all but the one "
+        "in its token file; revoke: drop them all (its certificate alone is refused).",
+    ),
+    directory: Path = typer.Argument(..., help="The credentials directory."),
+    identity: str = typer.Argument(..., callback=_name, help="ROLE:NAME."),
+) -> None:
+    """Rotate or revoke tokens without downtime: nodes reread tokens.txt when it changes
+    (or on SIGHUP); agents reread their token file. Copy tokens.txt to nodes elsewhere."""
+    from goml.cluster.certs import retire_tokens, revoke_tokens, rotate_token
+
+    who = _identity(identity)
+    try:
+        if action == "rotate":
+            files = rotate_token(directory, who)
+            typer.echo(f"new token for {identity} in {files.token}; the old one still works")
+        elif action == "retire":
+            typer.echo(f"retired {retire_tokens(directory, who)} older token(s) of {identity}")
+        elif action == "revoke":
+            typer.echo(f"revoked {revoke_tokens(directory, who)} token(s) of {identity}")
+        else:
+            raise _fail(f"unknown action {action!r}: use rotate, retire or revoke")
+    except (OSError, ValueError) as error:
+        raise _fail(str(error)) from None
 
 
 @node_app.command("run")
@@ -259,7 +332,7 @@ def node_run(config: Path = typer.Option(..., "--config", help="Node config YAML
     from goml.raft.sqlite_store import StoreCorrupted, StoreLocked
 
     try:
-        run(config)
+        code = run(config)  # 1: its loop failed (logged); a supervisor starts it again
     except (
         ConfigError,
         StoreCorrupted,
@@ -269,6 +342,7 @@ def node_run(config: Path = typer.Option(..., "--config", help="Node config YAML
         OSError,
     ) as error:
         raise _fail(str(error)) from None
+    raise typer.Exit(code)
 
 
 def _reference_scenario() -> Path:
@@ -409,51 +483,37 @@ def cluster_up(
     ),
 ) -> None:
     """Start a real local cluster (separate processes on loopback, TLS on) in the
-    foreground; Ctrl-C stops it. Leaves a client profile so `goml status` and
-    `goml submit` work with no flags."""
-    import signal
-    import time
-
+    foreground and supervise it: a node or agent that dies is restarted with a backoff
+    (given up on after 5 crashes in 2 minutes); Ctrl-C or SIGTERM stops every process it
+    started. Leaves a client profile so `goml status` and `goml submit` work with no
+    flags."""
     from goml.cluster import local
+    from goml.cluster.config import ConfigError
+    from goml.cluster.supervise import DEFAULT_POLICY
 
     try:
         layout = local.prepare(data_dir, nodes, insecure)
-    except (ValueError, FileExistsError) as error:
+        extra = local.agent_processes(layout, agents)  # issues each agent's identity
+    except (ValueError, OSError, ConfigError) as error:  # e.g. a data dir from before
         raise _fail(str(error)) from None
-    extra = local.agent_processes(layout, agents)
-    stop = False
 
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
+    def say(line: str) -> None:
+        typer.secho(line, fg=typer.colors.YELLOW, err=True)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    with local.running_cluster(layout, extra) as processes:
-        try:
-            leader = local.wait_for_leader(layout.profile, timeout_s=30)
-        except TimeoutError as error:
-            raise _fail(f"{error}; see the logs in {layout.data_dir / 'logs'}") from None
+    def announce(leader: str) -> None:
         profile_path = local.publish_profile(layout)
         typer.echo(f"goml cluster up: {nodes} node(s), {agents} agent(s), leader {leader}")
         for name, address in sorted(layout.profile.nodes.items()):
             typer.echo(f"  {name}  {address}")
         typer.echo(f"data in {layout.data_dir}; client profile {profile_path}")
+        typer.echo(f"logs in {layout.data_dir / 'logs'}, PIDs in {layout.data_dir / 'run'}")
         typer.echo("try: goml status   |   goml submit matmul --args '{\"n\": 64}' --wait")
         typer.echo("Ctrl-C stops the cluster.")
-        while not stop:
-            for process in processes:
-                if process.popen.poll() is not None:
-                    typer.secho(
-                        f"{process.name} exited with {process.popen.returncode}; see {process.log_path}",
-                        fg=typer.colors.YELLOW,
-                        err=True,
-                    )
-                    processes.remove(process)
-                    break
-            time.sleep(0.2)  # the foreground loop waits for Ctrl-C
-        typer.echo("stopping...")
-    typer.echo("stopped")
+
+    code = local.cluster_up(layout, extra, DEFAULT_POLICY, say, announce, leader_timeout_s=30)
+    if code == 0:
+        typer.echo("stopped")
+    raise typer.Exit(code)
 
 
 @app.command("status")
@@ -497,9 +557,16 @@ def status(profile: Path | None = ProfileOption, timeout_s: float = TimeoutOptio
             age,
         )
     console.print(agents)
-    tasks = Table("task state", "count")
-    for state, count in sorted(response.tasks_by_state.items()):
-        tasks.add_row(state, str(count))
+    from goml.proto import api_pb2
+
+    # Every state of the API in lifecycle order, zeros too (the node sends them all);
+    # anything else a newer node sends comes after.
+    order = [name for name, _ in api_pb2.TaskState.items() if name != "TASK_STATE_UNSPECIFIED"]
+    counts = dict(response.tasks_by_state)
+    tasks = Table("task state", "count", "")
+    for state in [*order, *sorted(set(counts) - set(order))]:
+        note = TASK_STATE_NOTES.get(state, "")
+        tasks.add_row(state, str(counts.get(state, 0)), note)
     console.print(tasks)
 
 
@@ -640,11 +707,18 @@ def task_list(
     state: str = typer.Option("", help="PENDING, LEASED, RUNNING, SUCCEEDED, DEAD or CANCELLED."),
     function: str = typer.Option("", callback=_name),
     agent: str = typer.Option("", callback=_name),
-    limit: int = typer.Option(100, callback=_integer(1, INT32_MAX, "an int32 >= 1")),
+    limit: int = typer.Option(
+        100,
+        callback=_integer(1, LIST_TASKS_MAX, "tasks to list"),
+        help="At most this many (paged: any number up to the manifest's size).",
+    ),
+    newest_first: bool = typer.Option(
+        False, "--newest-first", help="Newest submitted first (default: oldest first)."
+    ),
     profile: Path | None = ProfileOption,
     timeout_s: float = TimeoutOption,
 ) -> None:
-    """List tasks, newest filters first."""
+    """List tasks in submit order, oldest (or with --newest-first, newest) first."""
     _quiet_grpc()
     from goml.client import ClientError
     from goml.proto import api_pb2
@@ -657,12 +731,61 @@ def task_list(
         raise _fail(f"--state: unknown state {state!r}") from None
     with _client(profile, timeout_s) as client:
         try:
-            tasks = client.list_tasks(state_value, function, agent, limit)
+            tasks = client.list_tasks(state_value, function, agent, limit, newest_first)
         except ClientError as error:
             raise _fail(str(error)) from None
     for t in tasks:
         typer.echo(
             f"{t.id}  {api_pb2.TaskState.Name(t.state):9}  {t.spec.function:14} attempts={t.attempts} agent={t.agent_id or '-'}"
+        )
+
+
+@task_app.command("export")
+def task_export(
+    out: Path | None = typer.Option(
+        None, "--out", help="Write here (a new file; default: stdout). Needed with --ack."
+    ),
+    since: int | None = typer.Option(
+        None,
+        "--since",
+        metavar="FINISHED_SEQ",
+        callback=_integer(0, INT64_MAX, "a finished_seq, as an export reports it"),
+        help="Only tasks that finished after this one (default: the export watermark "
+        "with --ack, else the oldest kept).",
+    ),
+    ack: bool = typer.Option(
+        False,
+        "--ack",
+        help="Once the file is on disk, tell the cluster these tasks are archived (an "
+        "admin's call; with retention.require_export only archived tasks are pruned).",
+    ),
+    profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
+) -> None:
+    """Write finished tasks (SUCCEEDED, DEAD, CANCELLED) as JSON lines in the order they
+    finished, for an archive before retention prunes them; a summary goes to stderr."""
+    _quiet_grpc()
+    from goml.client import ClientError
+    from goml.export import ExportError, export_finished
+
+    with _client(profile, timeout_s) as client:
+        try:
+            summary = export_finished(client, out, since, ack)
+        except (ClientError, ExportError, OSError) as error:
+            raise _fail(str(error)) from None
+    where = str(out) if out is not None else "stdout"
+    typer.echo(
+        f"exported {summary.tasks} finished task(s), finished_seq "
+        f"{summary.since_seq + 1}..{summary.through_seq}, to {where}; export watermark "
+        f"{summary.watermark_seq}; next: --since {summary.through_seq}",
+        err=True,
+    )
+    if summary.gap:
+        typer.secho(
+            f"warning: finished_seq {summary.since_seq + 1}..{summary.pruned_through_seq} "
+            "were pruned before this export read them: they are not in it",
+            fg=typer.colors.YELLOW,
+            err=True,
         )
 
 
@@ -677,20 +800,28 @@ def task_watch(
     profile: Path | None = ProfileOption,
     timeout_s: float = TimeoutOption,
 ) -> None:
-    """Stream state changes of the given tasks (or all) for a while. A node that cannot
-    be reached is replaced by another; when none can be, the error names them."""
+    """Stream state changes of the given tasks for a while; with no TASK_ID, of every
+    task (as `kubectl get --watch` does: naming none asks for all). A node that cannot
+    be reached is replaced by another; when none can be, the error names them. What
+    was watched and how many events came is said on stderr, also when none did."""
     _quiet_grpc()
     from goml.client import ClientError
     from goml.proto import api_pb2
 
+    what = f"{len(task_ids)} task(s)" if task_ids else "every task"
+    # On stderr, so stdout keeps only events: an idle watch still says what it did.
+    typer.echo(f"watching {what} for {seconds:g} s (Ctrl-C stops)", err=True)
+    events = 0
     with _client(profile, timeout_s) as client:
         try:
             for event in client.watch(task_ids or [], seconds):
+                events += 1
                 typer.echo(
                     f"{event.raft_index}  {event.task.id}  {api_pb2.TaskState.Name(event.task.state)}"
                 )
         except ClientError as error:
             raise _fail(str(error)) from None
+    typer.echo(f"watch ended after {seconds:g} s: {events} event(s)", err=True)
 
 
 @task_app.command("cancel")

@@ -43,6 +43,7 @@ from goml.cluster.manifest import DEFAULT_LIMITS
 from goml.proto import api_pb2, api_pb2_grpc
 
 TERMINAL_STATES = frozenset({api_pb2.SUCCEEDED, api_pb2.DEAD, api_pb2.CANCELLED})
+LIST_PAGE_MAX = 10_000  # goml.cluster.node_core.LIST_LIMIT_MAX: one List call's most
 # Backoff between tries of one call: short enough for a failover to be quick, capped so
 # a client never waits long for a cluster that is back.
 BACKOFF_MS_MIN = 20
@@ -314,17 +315,59 @@ class Client:
         function: str = "",
         agent_id: str = "",
         limit: int = 0,
+        newest_first: bool = False,
     ) -> list[api_pb2.Task]:
+        """Up to `limit` tasks (0: one page of the server's default size), paging as
+        needed: a limit above the server's page maximum takes several calls."""
+        assert limit >= 0, limit
+        found: list[api_pb2.Task] = []
+        token = ""
+        while True:
+            want = min(limit - len(found), LIST_PAGE_MAX) if limit else 0
+            page = self.list_page(
+                state, function, agent_id, want, page_token=token, newest_first=newest_first
+            )
+            found.extend(page.tasks)
+            token = page.next_page_token
+            if not limit or not token or len(found) >= limit:
+                return found[:limit] if limit else found
+
+    def list_page(
+        self,
+        state: int = 0,
+        function: str = "",
+        agent_id: str = "",
+        limit: int = 0,
+        *,
+        page_token: str = "",
+        newest_first: bool = False,
+        finished: bool = False,
+        finished_after_seq: int = 0,
+    ) -> api_pb2.ListResponse:
+        """One page of List; page on with its `next_page_token` ("" on the last page)."""
         request = api_pb2.ListRequest(
             state=state,  # type: ignore[arg-type]  # the stubs want the enum type; ints are it
             function=function,
             agent_id=agent_id,
             limit=limit,
+            page_token=page_token,
+            newest_first=newest_first,
+            finished=finished,
+            finished_after_seq=finished_after_seq,
         )
-        response = self._call(
+        response: api_pb2.ListResponse = self._call(
             lambda stub, t: stub.List.future(request, timeout=t, metadata=self._metadata)
         )
-        return list(response.tasks)
+        return response
+
+    def ack_export(self, through_seq: int) -> int:
+        """Tell the cluster every finished task up to `through_seq` is archived (an
+        admin's call); returns the export watermark."""
+        request = api_pb2.AckExportRequest(through_seq=through_seq)
+        response: api_pb2.AckExportResponse = self._call(
+            lambda stub, t: stub.AckExport.future(request, timeout=t, metadata=self._metadata)
+        )
+        return int(response.export_watermark_seq)
 
     def cancel(self, task_id: str) -> api_pb2.Task:
         _check_task_id(task_id)

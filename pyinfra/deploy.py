@@ -6,7 +6,8 @@ reachable and run systemd as PID 1, and the wheelhouse for each host's architect
 Python is built locally. Then, per host: a service user, data and config directories,
 an offline virtualenv install of goml==VERSION from the uploaded wheelhouse, node and
 agent configs rendered from the inventory, certificates and secrets (mode 0600, never
-logged), systemd units (Restart=on-failure), restarts only where something changed, and
+logged; each agent its own certificate and token, so it can act only as itself; nodes get
+the tokens file), systemd units (Restart=on-failure), restarts only where something changed, and
 a verification: leader elected, every agent registered and alive, and the latency of
 every pair of hosts measured against the bounds.
 
@@ -113,6 +114,7 @@ def _preflight_locked() -> dict[str, Any]:
             state_dir,
             tuple(n.node for n in plan.control),
             tuple(sorted({n.address for n in plan.nodes})),
+            tuple(n.agent_id for n in plan.agents),
         )
     except goml_build.BuildError as error:
         raise PyinfraError(f"goml build: {error}") from None
@@ -147,7 +149,7 @@ def node_config() -> str:
             "cluster_id": SETTINGS["goml_cluster_id"],
             "tls": {"ca": f"{TLS}/ca.pem", "cert": f"{TLS}/node.pem", "key": f"{TLS}/node.key"},
             "secret_file": f"{TLS}/cluster.secret",
-            "token_file": f"{TLS}/client.token",
+            "tokens_file": f"{TLS}/tokens.txt",
             "raft": {
                 "election_timeout_ms_min": SETTINGS["goml_election_timeout_ms_min"],
                 "election_timeout_ms_max": SETTINGS["goml_election_timeout_ms_max"],
@@ -166,11 +168,11 @@ def agent_config() -> str:
             "region": ME.region,
             "capacity": {"cpu": ME.capacity_cpu, "memory_mb": ME.capacity_memory_mb, "gpu": 0},
             "control_plane": PLAN.peers(),
-            "token_file": f"{TLS}/client.token",
+            "token_file": f"{TLS}/agent.token",
             "tls": {
                 "ca_file": f"{TLS}/ca.pem",
-                "cert_file": f"{TLS}/client.pem",
-                "key_file": f"{TLS}/client.key",
+                "cert_file": f"{TLS}/agent.pem",
+                "key_file": f"{TLS}/agent.key",
             },
             "heartbeat_interval_ms": SETTINGS["goml_agent_heartbeat_interval_ms"],
         },
@@ -278,6 +280,9 @@ files.put(
 node_inputs: list[Any] = []
 agent_inputs: list[Any] = []
 if ME.is_control:
+    # Not an input of the node's restart: a running node rereads it when it changes, so a
+    # token rotated or revoked by a new deploy takes effect with no restart.
+    _private("goml: accepted tokens", CERTS / "tokens.txt", f"{TLS}/tokens.txt")
     node_inputs = [
         package,
         ca,
@@ -300,10 +305,24 @@ if ME.is_control:
         ),
     ]
 if ME.is_agent:
+    # This host's agent identity: its certificate and token name ME.agent_id only. The
+    # token is no restart input: the agent rereads it, so a rotation stops no task.
+    from goml.api.auth import Identity, Role
+    from goml.cluster.certs import identity_files
+
+    own = identity_files(CERTS, Identity(Role.AGENT, ME.agent_id))
+    assert own.token is not None
+    _private("goml: agent token", own.token, f"{TLS}/agent.token")
     agent_inputs = [
         package,
         ca,
-        *client_creds,
+        files.put(
+            name="goml: agent certificate",
+            src=str(own.cert),
+            dest=f"{TLS}/agent.pem",
+            mode="644",
+        ),
+        _private("goml: agent key", own.key, f"{TLS}/agent.key"),
         files.put(
             name="goml: agent config",
             src=io.StringIO(agent_config()),
@@ -385,11 +404,84 @@ def _probe(target_host: Any, with_status: bool, targets: list[str]) -> dict[str,
     return result
 
 
+# TCP to every other host's node port, from a host: "ok", "refused" (the host answers,
+# nothing listens) or "timeout" (something drops the packets: a firewall, a security group,
+# an iptables FORWARD policy of DROP on a bridge). Refusals and timeouts are retried until
+# the deadline: a node that systemd just (re)started may not listen yet.
+REACH_DEADLINE_S = 15.0
+REACH_SCRIPT = """
+import json, socket, sys, time
+targets, deadline = json.loads(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+state = {t: "timeout" for t in targets}
+while True:
+    for target in [t for t in targets if state[t] != "ok"]:
+        host, _, port = target.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            state[target] = "ok"
+        except ConnectionRefusedError:
+            state[target] = "refused"
+        except OSError:
+            state[target] = "timeout"
+    if all(v == "ok" for v in state.values()) or time.monotonic() > deadline:
+        break
+    time.sleep(0.2)
+print(json.dumps(state))
+"""
+
+
+def _reachability(targets: dict[str, str]) -> dict[str, str]:
+    """host name -> "ok" | "refused" | "timeout" for each HOST:PORT in `targets`."""
+    if not targets:
+        return {}
+    command = (
+        f"{SYSTEM_PYTHON} -c {shlex.quote(REACH_SCRIPT)} "
+        f"{shlex.quote(json.dumps(sorted(targets.values())))} {REACH_DEADLINE_S}"
+    )
+    ok, output = host.run_shell_command(command=command)
+    if not ok:
+        raise PyinfraError(
+            f"goml reachability check failed on {host.name}: {output.stderr[-2000:]}"
+        )
+    state: dict[str, str] = json.loads(output.stdout.strip().splitlines()[-1])
+    return {name: state[target] for name, target in targets.items()}
+
+
 def measure_latency() -> None:
     port = int(host.data.get("goml_probe_port") or 22)
     others = [n for n in PLAN.nodes if n.host != ME.host]
+    PRE.setdefault("reach", {})[ME.host] = _reachability(
+        {n.host: n.endpoint for n in PLAN.control if n.host != ME.host}
+    )
     result = _probe(host, False, [f"{n.address}:{port}" for n in others])
     PRE["latency"][ME.host] = {n.host: result["latency_ms"][f"{n.address}:{port}"] for n in others}
+
+
+def check_reachability() -> None:
+    """Every host reaches every node's port: else fail now, naming the pairs, instead of
+    waiting for a leader that cannot be elected."""
+    reach: dict[str, dict[str, str]] = PRE.get("reach", {})
+    by_host = {n.host: n for n in PLAN.nodes}
+    blocked = [
+        f"{a}->{b} ({by_host[b].endpoint}: {state})"
+        for a in sorted(reach)
+        for b, state in sorted(reach[a].items())
+        if state != "ok"
+    ]
+    if not blocked:
+        return
+    timeouts = any(line.endswith("timeout)") for line in blocked)
+    hint = (
+        "packets are dropped between these hosts: a firewall or security group, or on one "
+        "machine a bridge whose forwarding iptables drops (Docker sets the FORWARD policy "
+        "to DROP; the lab adds ACCEPT rules for its bridge, see pyinfra/lab.py)"
+        if timeouts
+        else "the hosts answer but nothing listens: is goml-node running there?"
+    )
+    raise PyinfraError(
+        f"goml: {len(blocked)} host pair(s) cannot reach the node port over TCP: "
+        f"{'; '.join(blocked)}. {hint}"
+    )
 
 
 def _healthy(status: dict[str, Any] | None) -> list[str]:
@@ -417,6 +509,7 @@ def _healthy(status: dict[str, Any] | None) -> list[str]:
 
 
 def verify_cluster() -> None:
+    check_reachability()
     timeout_s = float(host.data.get("goml_verify_timeout_s") or 90)
     deadline = time.monotonic() + timeout_s
     while True:

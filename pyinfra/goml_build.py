@@ -134,15 +134,23 @@ def wheelhouse(build_dir: Path, version: str, arch: str, python: str) -> tuple[P
 
 
 @cache
-def credentials(state_dir: Path, nodes: tuple[str, ...], hosts: tuple[str, ...]) -> Path:
+def credentials(
+    state_dir: Path, nodes: tuple[str, ...], hosts: tuple[str, ...], agents: tuple[str, ...] = ()
+) -> Path:
     """The cluster's credentials under state_dir/certs, created once and then reused
-    (the CA is never replaced silently)."""
-    from goml.cluster.certs import init_certs
+    (the CA is never replaced silently). Each agent has its own certificate and token
+    (`goml.api.auth`: an agent may act only as itself); an agent added to the inventory
+    later is issued one with the existing CA."""
+    from goml.api.auth import Identity, Role
+    from goml.cluster.certs import TOKENS_FILE, ensure_identity, init_certs
 
     certs = state_dir / "certs"
     if not (certs / "ca.pem").exists():
         state_dir.mkdir(parents=True, exist_ok=True)
-        init_certs(certs, list(nodes), list(hosts))
+        try:
+            init_certs(certs, list(nodes), list(hosts), agents=agents)
+        except ValueError as error:
+            raise BuildError(str(error)) from None
         return certs
     missing = [n for n in nodes if not (certs / f"{n}.pem").is_file()]
     if missing:
@@ -151,4 +159,11 @@ def credentials(state_dir: Path, nodes: tuple[str, ...], hosts: tuple[str, ...])
             "directory belongs to another cluster (set goml_state_dir, or issue the new "
             "certificates with the existing CA)"
         )
+    if not (certs / TOKENS_FILE).is_file():
+        raise BuildError(
+            f"{certs} predates per-identity credentials (no {TOKENS_FILE}): move it away "
+            "to issue new ones (every host then gets new certificates)"
+        )
+    for agent in agents:
+        ensure_identity(certs, Identity(Role.AGENT, agent), certificate=True)
     return certs

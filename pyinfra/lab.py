@@ -4,7 +4,16 @@ Each host is a systemd-nspawn container booted with systemd as PID 1 and a real 
 from one overlayfs copy of a cached Debian bookworm root file system, inside its own
 network namespace joined to a bridge by a veth pair (10.200.0.0/24). Taking a host's veth
 down cuts it off. Everything the lab creates is recorded in DIR/lab.json (process ids,
-mounts, namespaces, links) and torn down from there.
+mounts, namespaces, links, firewall rules) and torn down from there.
+
+Docker and the lab on one machine: once dockerd has run, the iptables FORWARD policy is
+DROP, and with br_netfilter's net.bridge.bridge-nf-call-iptables = 1 the frames bridged
+between two lab hosts go through FORWARD too, so the bridge carries nothing between them.
+The lab therefore inserts ACCEPT rules for its own bridge (in FORWARD, and in DOCKER-USER,
+Docker's chain for rules of its users, when that exists) and deletes exactly those at
+teardown. They are added whether or not Docker has run yet: dockerd started after the
+lab puts its own rules in front and changes the policy, but never removes ours, so the
+lab keeps working in either order. Nothing else of the firewall or sysctls is changed.
 
     python pyinfra/lab.py up   [--dir DIR]   boot the hosts, print the inventory command
     python pyinfra/lab.py down [--dir DIR]   tear down what `up` created
@@ -64,8 +73,12 @@ def unavailable_reason() -> str | None:
         return "the lab needs root (network namespaces, overlay mounts, systemd-nspawn)"
     if sys.platform != "linux":
         return "the lab needs Linux"
-    missing = [t for t in ("systemd-nspawn", "debootstrap") if shutil.which(t) is None]
-    if (missing and not ROOTFS.joinpath(READY).exists()) or "systemd-nspawn" in missing:
+    missing = [t for t in ("systemd-nspawn", "debootstrap", "iptables") if shutil.which(t) is None]
+    needed = {"systemd-nspawn", "iptables"} | (
+        set() if ROOTFS.joinpath(READY).exists() else {"debootstrap"}
+    )
+    missing = [t for t in missing if t in needed]
+    if missing:
         if shutil.which("apt-get") is None:
             return f"{', '.join(missing)} missing and no apt-get to install it"
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -195,7 +208,12 @@ class Lab:
         self.dir = directory.resolve()
         self.state_path = self.dir / "lab.json"
         self.hosts: dict[str, LabHost] = {}
-        self.created: dict[str, list[str]] = {"bridge": [], "netns": [], "mounts": []}
+        self.created: dict[str, list[Any]] = {
+            "bridge": [],
+            "netns": [],
+            "mounts": [],
+            "iptables": [],  # [chain, *rule] as inserted
+        }
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.key = self.dir / "id_ed25519"
 
@@ -242,6 +260,7 @@ class Lab:
         self._save()
         run("ip", "addr", "add", f"{BRIDGE_ADDRESS}/24", "dev", BRIDGE)
         run("ip", "link", "set", BRIDGE, "up")
+        self._accept_bridge_traffic()
         for name, cloud, region in HOSTS:
             self._create_host(name, cloud, region, public_key)
         for host in self.hosts.values():
@@ -354,6 +373,34 @@ class Lab:
 
         _wait_for(banner, timeout_s, f"sshd on {name} ({host.address})")
 
+    def _accept_bridge_traffic(self) -> None:
+        """ACCEPT what the bridge forwards between its own ports, ahead of any DROP
+        (see the module's docstring: Docker's FORWARD policy)."""
+        rule = [
+            *("-i", BRIDGE, "-o", BRIDGE),
+            *("-m", "comment", "--comment", f"goml-lab {self.dir}"),
+            *("-j", "ACCEPT"),
+        ]
+        chains = ["FORWARD"]
+        if run("iptables", "-w", "-S", "DOCKER-USER", check=False).returncode == 0:
+            chains.append("DOCKER-USER")
+        for chain in chains:
+            run("iptables", "-w", "-I", chain, "1", *rule)
+            self.created.setdefault("iptables", []).append([chain, *rule])
+            self._save()
+
+    def _delete_rules(self, problems: list[str]) -> None:
+        for entry in list(self.created.get("iptables", [])):
+            chain, *rule = entry
+            if run("iptables", "-w", "-C", chain, *rule, check=False).returncode == 0:
+                result = run("iptables", "-w", "-D", chain, *rule, check=False)
+                if result.returncode != 0:
+                    problems.append(
+                        f"iptables -D {chain} {' '.join(rule)}: {result.stderr.strip()}"
+                    )
+                    continue
+            self.created["iptables"].remove(entry)
+
     # -------------------------------------------------------------- faults
 
     def link(self, name: str, up: bool) -> None:
@@ -423,6 +470,7 @@ class Lab:
             if Path(f"/sys/class/net/{bridge}").exists():
                 run("ip", "link", "del", bridge, check=False)
         self.created["bridge"] = []
+        self._delete_rules(problems)
         if not problems and self.dir.is_dir():
             for host in self.hosts.values():
                 if not os.path.ismount(host.root):

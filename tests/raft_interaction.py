@@ -36,6 +36,10 @@ Commands (every `<node>` may be a list where noted with `...`):
     crash <node>                        drop the core; the store survives
     persist-no-send <node>              take one Ready, persist it, then crash: nothing
                                         of it leaves the node
+    send-no-persist <node>              take one Ready; if the core lets its messages go
+                                        before its write (a leader's appends), send them
+                                        and crash before storing anything; else crash
+                                        with nothing sent nor stored
     restart <node>                      rebuild the core from its store
     wipe <node>                         (down) its disk is lost: a new, empty store
     compact <node> <index>              local snapshot of the state machine at index
@@ -46,7 +50,9 @@ Commands (every `<node>` may be a list where noted with `...`):
 Output lines: `n1->n2 APPEND term=2 log=5/1 entries=[6/2 7/2:x] commit=5` for a message
 (entries: index/term, `:data` for commands, none for the leader's empty entry), `n2:
 follower/1 -> pre-candidate/1` for a role/term change, and for each Ready the stored
-hard state, entries, snapshot, messages sent and entries applied.
+hard state, entries, snapshot, messages sent and entries applied; `n1 ready
+(send-first):` when the core lets the runtime send the messages before it persists
+(`Ready.send_before_persist`).
 
 Invariants are checked after every command (a violation raises): one leader per term,
 terms and commit indexes never go back (across restarts too), every node applies the
@@ -401,7 +407,7 @@ class InteractionEnv:
         raise InvariantViolation(f"{node_id}: ready() never runs dry")
 
     def _print_ready(self, node_id: NodeId, ready: Ready) -> None:
-        self.out.append(f"{node_id} ready:")
+        self.out.append(f"{node_id} ready{' (send-first)' if ready.send_before_persist else ''}:")
         if ready.hard_state is not None:
             hs = ready.hard_state
             sync = " sync" if ready.must_sync else ""
@@ -535,6 +541,27 @@ class InteractionEnv:
         self._print_ready(node_id, ready)
         self.out.append(f"{node_id}: crashed after persisting, {len(ready.messages)} msgs unsent")
         node.core = None
+
+    def cmd_send_no_persist(self, args: list[str]) -> None:
+        (node_id,) = args
+        node = self.node(node_id)
+        core = self.core(node_id)
+        ready = core.ready()
+        self._print_ready(node_id, ready)
+        if ready.send_before_persist:
+            for message in ready.messages:
+                self._send(message)
+            self.out.append(
+                f"{node_id}: crashed after sending {len(ready.messages)} msgs, before persisting"
+            )
+        else:
+            self.out.append(f"{node_id}: crashed before persisting: its messages wait for it")
+        node.core = None
+        # What this Ready would have stored is gone, and nothing promised it: the term
+        # and commit index restart from the store (the invariants hold them from there).
+        stored = node.storage.hard_state
+        self.max_term[node_id] = stored.term
+        self.max_commit[node_id] = stored.commit
 
     def cmd_wipe(self, args: list[str]) -> None:
         for node_id in args:

@@ -35,9 +35,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from goml.api.auth import Identity, Role
 from goml.client import Client, ClientError, Profile
 from goml.cluster import local
-from goml.cluster.certs import init_certs
+from goml.cluster.certs import ensure_identity, init_certs
 from goml.cluster.commands import Resources, SubmitTasks, TaskSpec, encode_command
 from goml.cluster.config import Duties, load_node_config, write_node_config
 from goml.cluster.inspect import STORE_FILE, read_store, replay_cluster, replay_store
@@ -416,9 +417,19 @@ def test_agent_lease_report_and_epoch_fencing(shared: LocalCluster) -> None:
     client = shared.client
     capacity = api_pb2.Resources(cpu=4.0, memory_mb=4096, gpu=0)
     agent_id = "agent-flow"
-    with shared.channel(shared.leader()) as channel:
+    # Its own identity: a client's credentials may not act as an agent (goml.api.auth).
+    own = ensure_identity(
+        shared.layout.data_dir / "certs", Identity(Role.AGENT, agent_id), certificate=True
+    )
+    credentials = grpc.ssl_channel_credentials(
+        (shared.layout.data_dir / "certs" / "ca.pem").read_bytes(),
+        own.key.read_bytes(),
+        own.cert.read_bytes(),
+    )
+    address = shared.profile.nodes[shared.leader()]
+    with grpc.secure_channel(address, credentials) as channel:
         agent = api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
-        md = shared.metadata
+        md = (("authorization", f"Bearer {own.read_token()}"),)
         registered = agent.Register(
             api_pb2.RegisterRequest(
                 agent_id=agent_id, cloud="local", region="lab", arch="x86_64", capacity=capacity

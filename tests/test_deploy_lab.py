@@ -8,9 +8,11 @@ otherwise. Everything the lab creates is torn down by PID and name, also on fail
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -427,6 +429,105 @@ def test_unreachable_host_stops_the_deploy_before_any_change(deployed: Deployed)
     assert "unreachable host(s): gcp-3" in output, output[-3000:]
     assert "--> Results:" not in output  # no operation ran
     assert deployed.main_pids() == before
+
+
+# ------------------------------------------------------- Docker on the same machine
+
+
+def _sh(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+
+
+def _forward_policy() -> str:
+    first = _sh("iptables", "-w", "-S", "FORWARD").stdout.splitlines()[0]  # "-P FORWARD ACCEPT"
+    return first.split()[-1]
+
+
+BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+
+
+@contextlib.contextmanager
+def dockers_firewall() -> Iterator[None]:
+    """The state dockerd leaves (FORWARD policy DROP, bridged frames through iptables),
+    made here whether or not dockerd has run, and put back as it was afterwards."""
+    policy = _forward_policy()
+    bridge_nf = BRIDGE_NF.read_text().strip() if BRIDGE_NF.exists() else None
+    try:
+        assert _sh("iptables", "-w", "-P", "FORWARD", "DROP").returncode == 0
+        if bridge_nf is not None:
+            BRIDGE_NF.write_text("1\n")
+        yield
+    finally:
+        _sh("iptables", "-w", "-P", "FORWARD", policy)
+        if bridge_nf is not None:
+            BRIDGE_NF.write_text(f"{bridge_nf}\n")
+
+
+def node_ports_from(deployed: Deployed, source: str) -> dict[str, str]:
+    """TCP to every other host's node port (7000), from `source`, as the deploy checks it."""
+    targets = {
+        name: f"{deployed.lab.hosts[name].address}:7000"
+        for name in deployed.names
+        if name != source
+    }
+    script = (
+        "import json, socket, sys\n"
+        "out = {}\n"
+        "for name, target in json.loads(sys.argv[1]).items():\n"
+        "    host, _, port = target.rpartition(':')\n"
+        "    try:\n"
+        "        socket.create_connection((host, int(port)), timeout=2).close(); out[name] = 'ok'\n"
+        "    except OSError as error:\n"
+        "        out[name] = type(error).__name__\n"
+        "print(json.dumps(out))\n"
+    )
+    command = f"python3 -c {shlex.quote(script)} {shlex.quote(json.dumps(targets))}"
+    result: dict[str, str] = json.loads(deployed.ssh(source, command))
+    return result
+
+
+def test_the_bridge_carries_the_cluster_under_dockers_firewall(deployed: Deployed) -> None:
+    """Once dockerd has run, FORWARD drops by default and bridged frames are filtered: the
+    lab's own ACCEPT rules (recorded in lab.json, removed at teardown) keep it working."""
+    rules = deployed.lab.created["iptables"]
+    assert [rule[0] for rule in rules][:1] == ["FORWARD"], rules
+    for chain, *rule in rules:
+        assert _sh("iptables", "-w", "-C", chain, *rule).returncode == 0, (chain, rule)
+    with dockers_firewall():
+        assert _forward_policy() == "DROP"
+        for name in deployed.names:
+            assert set(node_ports_from(deployed, name).values()) == {"ok"}, name
+        wait_for(deployed.healthy, 30, "a healthy cluster under Docker's firewall")
+        with deployed.client() as client:
+            task_id = client.submit("matmul", {"n": 4}, idempotency_key=str(uuid.uuid4()))
+            assert client.wait(task_id, 60).state == api_pb2.SUCCEEDED
+
+
+def test_a_blocked_pair_is_named_by_the_deploy_check(deployed: Deployed) -> None:
+    """Packets dropped between aws-1 and aws-2 (as a firewall would): the deploy fails in
+    its reachability check, naming both directions, instead of waiting for a leader."""
+    a, b = deployed.lab.hosts["aws-1"].address, deployed.lab.hosts["aws-2"].address
+    drop = ["-s", a, "-d", b, "-m", "comment", "--comment", "goml-lab-test", "-j", "DROP"]
+    chains = ["FORWARD"] + (
+        ["DOCKER-USER"] if _sh("iptables", "-w", "-S", "DOCKER-USER").returncode == 0 else []
+    )
+    try:
+        for chain in chains:
+            assert _sh("iptables", "-w", "-I", chain, "1", *drop).returncode == 0
+        started = time.monotonic()
+        run = deployed.pyinfra(timeout_s=300)
+        elapsed = time.monotonic() - started
+    finally:
+        for chain in chains:
+            _sh("iptables", "-w", "-D", chain, *drop)
+    print(f"lab: deploy with aws-1 <-> aws-2 blocked failed after {elapsed:.1f} s")
+    assert run.returncode != 0
+    out = run.stdout
+    assert "2 host pair(s) cannot reach the node port over TCP" in out, out[-3000:]
+    assert f"aws-1->aws-2 ({b}:7000: timeout)" in out and f"aws-2->aws-1 ({a}:7000: timeout)" in out
+    assert "packets are dropped between these hosts" in out
+    assert "not healthy after" not in out  # failed on the cause, not on its symptom
+    wait_for(deployed.healthy, 60, "the cluster to heal once the pair is unblocked")
 
 
 def test_rolling_upgrade_loses_no_task(deployed: Deployed, tmp_path: Path) -> None:

@@ -106,6 +106,18 @@ class FakeBackend:
     def pause_agent(self, name: str, duration_s: float) -> None:
         self._did("pause_agent", f"{name} {duration_s:g}")
 
+    def disk_stall(self, name: str, stall_ms: float | None) -> None:
+        self._did("disk_stall", f"{name} {stall_ms}")
+
+    def disk_full(self, name: str, full: bool) -> None:
+        self._did("disk_full", f"{name} {full}")
+
+    def wipe_node(self, name: str) -> None:
+        self._did("wipe_node", name)
+
+    def set_clock(self, name: str, offset_ms: int) -> None:
+        self._did("set_clock", f"{name} {offset_ms}")
+
     def set_links(
         self, blocked: frozenset[Pair], clogged: frozenset[Pair], latency: Mapping[Pair, AnyLink]
     ) -> None:
@@ -369,7 +381,8 @@ def test_the_summary_counts_what_happened() -> None:
     player.leader_seen("a2", 2)  # seen again: no change
     fake.submits[1].done(SubmitOutcome(3.0, 3.0, None, "gave up after 30000 ms"))
     counts = dict.fromkeys(COMMAND_TYPES, 0) | {"SubmitTasks": 1, "LeaseTasks": 3}
-    summary = player.summary(FinalState(True, {"SUCCEEDED": 1}, 0, 0, counts))
+    summary = player.summary(FinalState(True, {"SUCCEEDED": 1}, 0, 0, counts, 3))
+    assert summary["tasks_retried"] == 3
     assert summary["tasks_submitted"] == 2
     assert summary["tasks_acknowledged"] == 1
     assert summary["submits_given_up"] == 1

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORES = (
     "goml/api/types.py",
     "goml/api/retry.py",
+    "goml/api/auth.py",
     "goml/raft/types.py",
     "goml/raft/log.py",
     "goml/raft/core.py",
@@ -25,7 +26,9 @@ CORES = (
     "goml/cluster/manifest.py",
     "goml/cluster/clock.py",
     "goml/cluster/duties.py",
+    "goml/cluster/paging.py",
     "goml/cluster/node_core.py",
+    "goml/cluster/supervise.py",
     "goml/agent/core.py",
     "goml/scenario/faults.py",
 )

@@ -17,11 +17,12 @@ capacity:                       # required: what this agent offers to tasks
 control_plane:                  # required: control-plane node id -> host:port
   aws-1: 10.0.0.1:7000
   aws-2: 10.0.0.2:7000
-token_file: /etc/goml/agent.token   # required; sent as `authorization: Bearer <token>`
+token_file: /etc/goml/agent.token   # required; this agent's own token (`goml certs`), sent
+                                #   as `authorization: Bearer <token>`; re-read when it changes
 tls:                            # required unless `insecure: true`
   ca_file: /etc/goml/ca.pem     #   cluster CA
-  cert_file: /etc/goml/agent.pem   # mutual TLS: both or neither
-  key_file: /etc/goml/agent.key
+  cert_file: /etc/goml/agent.pem   # mutual TLS: both or neither; the certificate must name
+  key_file: /etc/goml/agent.key    #   this agent (SAN URI goml:agent:<agent_id>)
 # insecure: true                # plaintext, local development only
 # Optional, with their defaults:
 heartbeat_interval_ms: 1000     # until the leader's RegisterResponse says otherwise
@@ -43,6 +44,9 @@ seed: null                      # backoff jitter seed; null = from the OS
 ```
 
 Relative paths are relative to the config file. `arch` is `platform.machine()`.
+A node admits an agent's calls only for the agent its certificate and token name
+(`goml.api.auth`): a config whose certificate names another agent is refused at load.
+A rotated token (`goml certs token rotate`) is picked up from `token_file` without a restart.
 Entry points: `main(config_path)` (for `goml agent run --config FILE`) and
 `python -m goml.agent --config FILE`; `run_agent(config)` for embedding.
 """
@@ -259,8 +263,42 @@ def read_token(config: AgentConfig) -> str:
     return token
 
 
+class TokenSource:
+    """The agent's token, read again when its file changes (one stat() a call), so a
+    rotated token is used without a restart. A file that is briefly unreadable or empty
+    (mid-write) keeps the token read before."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.path = config.token_file
+        self._token = read_token(config)
+        self._stamp = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            info = self.path.stat()
+        except OSError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+    def __call__(self) -> str:
+        stamp = self._stat()
+        if stamp is not None and stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                token = self.path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                log.warning("token_file %s: %s; keeping the token read before", self.path, exc)
+                return self._token
+            if token and token != self._token:
+                log.info("token_file %s changed: using its new token", self.path)
+                self._token = token
+        return self._token
+
+
 def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
-    """TLS credentials from the config; None when `insecure: true`."""
+    """TLS credentials from the config; None when `insecure: true`. A certificate that
+    names another identity than this agent's is a ConfigError (the nodes would refuse
+    every call)."""
     if config.tls is None:
         return None
     tls = config.tls
@@ -270,6 +308,17 @@ def channel_credentials(config: AgentConfig) -> grpc.ChannelCredentials | None:
         chain = tls.cert_file.read_bytes() if tls.cert_file is not None else None
     except OSError as exc:
         raise ConfigError(f"tls: {exc}") from exc
+    if chain is not None:
+        from goml.cluster.certs import certificate_identity
+
+        named = certificate_identity(chain)
+        if isinstance(named, str):
+            raise ConfigError(f"tls.cert_file {tls.cert_file}: {named}")
+        if (named.role, named.name) != ("agent", config.agent_id):
+            raise ConfigError(
+                f"tls.cert_file {tls.cert_file} is {named}'s certificate, not that of agent "
+                f"{config.agent_id!r}: use this agent's own (`goml certs issue`)"
+            )
     credentials: grpc.ChannelCredentials = grpc.ssl_channel_credentials(root, key, chain)
     return credentials
 
@@ -346,13 +395,13 @@ class GrpcControlPlane:
         self,
         addresses: Mapping[str, str],
         credentials: grpc.ChannelCredentials | None,
-        token: str,
+        token: str | Callable[[], str],
     ) -> None:
         assert addresses, "at least one control-plane node"
         assert token, "a token is required"
         self._addresses = dict(addresses)
         self._credentials = credentials
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._token = token
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, Any] = {}
 
@@ -377,8 +426,10 @@ class GrpcControlPlane:
         if node_id not in self._addresses:
             return CallFailure(ErrorKind.UNAVAILABLE, "", f"no address for node {node_id!r}")
         rpc = getattr(self._stub(node_id), method.value)
+        token = self._token if isinstance(self._token, str) else self._token()
+        metadata = (("authorization", f"Bearer {token}"),)
         try:
-            call = rpc(request_to_pb(request), timeout=timeout_ms / 1000, metadata=self._metadata)
+            call = rpc(request_to_pb(request), timeout=timeout_ms / 1000, metadata=metadata)
             reply = await call
             served_by = _strings(await call.trailing_metadata()).get(LEADER_ID_KEY, "")
         except grpc.aio.AioRpcError as exc:
@@ -560,7 +611,7 @@ async def run_agent(
     rng = random.Random(config.seed)  # seed None: from the OS
     if control_plane is None:
         control_plane = GrpcControlPlane(
-            config.control_plane, channel_credentials(config), read_token(config)
+            config.control_plane, channel_credentials(config), TokenSource(config)
         )
     runner = TaskRunner(
         result_bytes_max=config.result_bytes_max,

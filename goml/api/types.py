@@ -78,12 +78,12 @@ class Method(enum.StrEnum):
     CANCEL = "Cancel"
     STATUS = "Status"
     WATCH = "Watch"
+    ACK_EXPORT = "AckExport"
     REGISTER = "Register"
     HEARTBEAT = "Heartbeat"
     LEASE = "Lease"
     REPORT = "Report"
-    # Membership changes (goml node add/remove/replace). TODO(auth): admin-only once
-    # roles (goml.api.auth) land; until then any holder of the cluster token may call it.
+    # Membership changes (goml node add/remove/replace): an admin's call (goml.api.auth).
     CHANGE_MEMBERSHIP = "ChangeMembership"
 
 
@@ -283,6 +283,7 @@ class TaskView:
     submitted_ms: int
     finished_ms: int  # 0 until terminal
     lease_deadline_ms: int  # 0 without a lease
+    finished_seq: int = 0  # its place in the order tasks finished in; 0 until terminal
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,12 +301,32 @@ class ListRequest:
     state: TaskState | None  # None: any
     function: str  # "": any
     agent_id: str  # "": any
-    limit: int  # 0: the server's maximum
+    limit: int  # 0: the server's default page size; above its maximum: the maximum
+    page_token: str = ""  # ListResponse.next_page_token of the previous page; "": first
+    newest_first: bool = False  # submit order, newest first
+    finished: bool = False  # terminal tasks only, in finish order (not with newest_first)
+    finished_after_seq: int = 0  # with finished: finished_seq > this
 
 
 @dataclass(frozen=True, slots=True)
 class ListResponse:
     tasks: tuple[TaskView, ...]
+    next_page_token: str = ""  # "": the last page
+    finished_seq_last: int = 0  # retention as of this read (see the proto)
+    pruned_through_seq: int = 0
+    export_watermark_seq: int = 0
+    tasks_kept: int = 0  # tasks in the manifest, of every state
+    tasks_max: int = 0  # the manifest's limit on tasks_kept
+
+
+@dataclass(frozen=True, slots=True)
+class AckExportRequest:
+    through_seq: int  # every finished task up to this finished_seq is archived
+
+
+@dataclass(frozen=True, slots=True)
+class AckExportResponse:
+    export_watermark_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +432,7 @@ ClientRequest = (
     | CancelRequest
     | StatusRequest
     | WatchRequest
+    | AckExportRequest
     | MembershipRequest
 )
 ClientResponse = (
@@ -420,6 +442,7 @@ ClientResponse = (
     | CancelResponse
     | StatusResponse
     | TaskEvent
+    | AckExportResponse
     | MembershipResponse
 )
 ApiRequest = AgentRequest | ClientRequest
@@ -432,6 +455,7 @@ METHOD_OF_REQUEST: dict[type[ApiRequest], Method] = {
     CancelRequest: Method.CANCEL,
     StatusRequest: Method.STATUS,
     WatchRequest: Method.WATCH,
+    AckExportRequest: Method.ACK_EXPORT,
     RegisterRequest: Method.REGISTER,
     HeartbeatRequest: Method.HEARTBEAT,
     LeaseRequest: Method.LEASE,
@@ -445,6 +469,7 @@ RESPONSE_TYPES: dict[Method, type[ApiResponse]] = {
     Method.CANCEL: CancelResponse,
     Method.STATUS: StatusResponse,
     Method.WATCH: TaskEvent,
+    Method.ACK_EXPORT: AckExportResponse,
     Method.REGISTER: RegisterResponse,
     Method.HEARTBEAT: HeartbeatResponse,
     Method.LEASE: LeaseResponse,

@@ -13,6 +13,8 @@ from google.protobuf.message import Message
 from goml.api.types import (
     LEADER_ADDRESS_KEY,
     LEADER_ID_KEY,
+    AckExportRequest,
+    AckExportResponse,
     AgentView,
     ApiError,
     ApiRequest,
@@ -207,6 +209,7 @@ def task_to_pb(t: TaskView) -> api_pb2.Task:
         submitted_ms=t.submitted_ms,
         finished_ms=t.finished_ms,
         lease_deadline_ms=t.lease_deadline_ms,
+        finished_seq=t.finished_seq,
     )
 
 
@@ -232,6 +235,7 @@ def task_from_pb(pb: api_pb2.Task) -> TaskView:
         submitted_ms=int(pb.submitted_ms),
         finished_ms=int(pb.finished_ms),
         lease_deadline_ms=int(pb.lease_deadline_ms),
+        finished_seq=int(pb.finished_seq),
     )
 
 
@@ -366,6 +370,10 @@ def request_to_pb(request: ApiRequest) -> Message:
                 function=request.function,
                 agent_id=request.agent_id,
                 limit=request.limit,
+                page_token=request.page_token,
+                newest_first=request.newest_first,
+                finished=request.finished,
+                finished_after_seq=request.finished_after_seq,
             )
         case CancelRequest():
             return api_pb2.CancelRequest(task_id=request.task_id)
@@ -373,6 +381,8 @@ def request_to_pb(request: ApiRequest) -> Message:
             return api_pb2.StatusRequest(local=request.local)
         case WatchRequest():
             return api_pb2.WatchRequest(task_ids=list(request.task_ids))
+        case AckExportRequest():
+            return api_pb2.AckExportRequest(through_seq=request.through_seq)
         case MembershipRequest():
             return api_pb2.MembershipChangeRequest(
                 kind=request.kind,
@@ -412,7 +422,16 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
             return GetRequest(pb.task_id)
         case Method.LIST:
             assert isinstance(pb, api_pb2.ListRequest)
-            return ListRequest(PB_TO_STATE.get(pb.state), pb.function, pb.agent_id, int(pb.limit))
+            return ListRequest(
+                PB_TO_STATE.get(pb.state),
+                pb.function,
+                pb.agent_id,
+                int(pb.limit),
+                pb.page_token,
+                bool(pb.newest_first),
+                bool(pb.finished),
+                int(pb.finished_after_seq),
+            )
         case Method.CANCEL:
             assert isinstance(pb, api_pb2.CancelRequest)
             return CancelRequest(pb.task_id)
@@ -422,6 +441,9 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
         case Method.WATCH:
             assert isinstance(pb, api_pb2.WatchRequest)
             return WatchRequest(tuple(pb.task_ids))
+        case Method.ACK_EXPORT:
+            assert isinstance(pb, api_pb2.AckExportRequest)
+            return AckExportRequest(int(pb.through_seq))
         case Method.CHANGE_MEMBERSHIP:
             assert isinstance(pb, api_pb2.MembershipChangeRequest)
             return MembershipRequest(pb.kind, pb.node_id, pb.address, int(pb.wait_ms))
@@ -449,13 +471,23 @@ def response_to_pb(response: ApiResponse) -> Message:
         case GetResponse():
             return task_to_pb(response.task)  # Get returns the Task itself
         case ListResponse():
-            return api_pb2.ListResponse(tasks=[task_to_pb(t) for t in response.tasks])
+            return api_pb2.ListResponse(
+                tasks=[task_to_pb(t) for t in response.tasks],
+                next_page_token=response.next_page_token,
+                finished_seq_last=response.finished_seq_last,
+                pruned_through_seq=response.pruned_through_seq,
+                export_watermark_seq=response.export_watermark_seq,
+                tasks_kept=response.tasks_kept,
+                tasks_max=response.tasks_max,
+            )
         case CancelResponse():
             return api_pb2.CancelResponse(task=task_to_pb(response.task))
         case StatusResponse():
             return _status_to_pb(response)
         case TaskEvent():
             return api_pb2.TaskEvent(task=task_to_pb(response.task), raft_index=response.raft_index)
+        case AckExportResponse():
+            return api_pb2.AckExportResponse(export_watermark_seq=response.export_watermark_seq)
         case MembershipResponse():
             return api_pb2.MembershipChangeResponse(
                 index=response.index, voters=list(response.voters), learners=list(response.learners)
@@ -484,7 +516,15 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
             return GetResponse(task_from_pb(pb))
         case Method.LIST:
             assert isinstance(pb, api_pb2.ListResponse)
-            return ListResponse(tuple(task_from_pb(t) for t in pb.tasks))
+            return ListResponse(
+                tuple(task_from_pb(t) for t in pb.tasks),
+                pb.next_page_token,
+                int(pb.finished_seq_last),
+                int(pb.pruned_through_seq),
+                int(pb.export_watermark_seq),
+                int(pb.tasks_kept),
+                int(pb.tasks_max),
+            )
         case Method.CANCEL:
             assert isinstance(pb, api_pb2.CancelResponse)
             return CancelResponse(task_from_pb(pb.task))
@@ -494,6 +534,9 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
         case Method.WATCH:
             assert isinstance(pb, api_pb2.TaskEvent)
             return TaskEvent(task_from_pb(pb.task), int(pb.raft_index))
+        case Method.ACK_EXPORT:
+            assert isinstance(pb, api_pb2.AckExportResponse)
+            return AckExportResponse(int(pb.export_watermark_seq))
         case Method.CHANGE_MEMBERSHIP:
             assert isinstance(pb, api_pb2.MembershipChangeResponse)
             return MembershipResponse(int(pb.index), tuple(pb.voters), tuple(pb.learners))

@@ -15,6 +15,12 @@ A proxy "S->D" carries S's connections to D: its `upstream` stream is what S sen
 ("messages from x to y") is the upstream of every proxy from x to y plus the downstream
 of every proxy from y to x. The harness itself (leader lookups, the final checks) talks
 to the nodes' real addresses: it is an observer, not part of the scenario's network.
+
+Where the members run is a `Runtime`: `ProcessRuntime` (here: processes on loopback,
+SIGKILL/SIGSTOP) or `goml.chaos.containers.ContainerRuntime` (a container each on a Docker
+network, `docker kill`/`docker pause`). A runtime brings its `Addressing` (who dials which
+address) and its members; everything else (configs, certificates, proxies, toxics, the
+observer) is this module's, the same for both.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import yaml
 
+from goml.api.auth import Identity, Role
 from goml.chaos.toxiproxy import Stream, Toxiproxy
 from goml.client import Client, ClientError, Profile
-from goml.cluster.certs import init_certs
+from goml.cluster.certs import TOKENS_FILE, identity_files, init_certs
 from goml.cluster.config import (
     Duties,
     NodeFileConfig,
@@ -49,6 +57,88 @@ from goml.scenario.schema import AnyLink, Scenario
 STOP_TIMEOUT_S = 10.0
 STATUS_TIMEOUT_S = 0.5
 BLACK_HOLE = {"timeout": 0}  # Toxiproxy timeout toxic: hold every byte, never close
+
+
+class Member(Protocol):
+    """A node or agent the cluster may kill, pause and start again (a process or a
+    container): `name` is "node:aws-1" or "agent:aws-1"."""
+
+    name: str
+    paused: bool
+
+    @property
+    def running(self) -> bool: ...
+
+
+class Addressing(Protocol):
+    """Who dials which address: the members (inside the scenario's network), Toxiproxy
+    (to reach a node) and the harness on the host (the clients and the observer)."""
+
+    @property
+    def cert_hosts(self) -> list[str]:
+        """Names and addresses the node certificates must be valid for."""
+        ...
+
+    def node_listen(self, name: str) -> str: ...
+
+    def node_upstream(self, name: str) -> str:
+        """Where Toxiproxy reaches node `name`."""
+        ...
+
+    def node_observed(self, name: str) -> str:
+        """Where the harness reaches node `name` directly (no proxy)."""
+        ...
+
+    def proxy_listen(self, index: int, host_side: bool) -> str:
+        """What Toxiproxy is asked to listen on for the index-th proxy (`host_side`: a
+        proxy the harness dials, i.e. a workload client's)."""
+        ...
+
+    def proxy_for_members(self, listen: str) -> str:
+        """How a member reaches the proxy Toxiproxy says listens on `listen`."""
+        ...
+
+    def proxy_for_host(self, listen: str) -> str:
+        """How the harness (the workload's clients) reaches a host-side proxy."""
+        ...
+
+
+class Runtime(Protocol):
+    """Runs the members: builds them from a goml command line, starts, kills, pauses,
+    resumes and stops them; `collect` makes what they left (stores, logs) readable on the
+    host under the paths they were given, once they are stopped."""
+
+    @property
+    def kind(self) -> str:
+        """ "processes" or "containers"."""
+        ...
+
+    @property
+    def addressing(self) -> Addressing: ...
+
+    @property
+    def owns_toxiproxy(self) -> bool:
+        """True when the Toxiproxy server is the runtime's own and goes away with it (and
+        its proxies with it): they are then not deleted one by one."""
+        ...
+
+    def node(self, name: str, goml_args: list[str], data_dir: Path, log_path: Path) -> Member: ...
+
+    def agent(self, name: str, goml_args: list[str], log_path: Path) -> Member: ...
+
+    def start(self, member: Member) -> None: ...
+
+    def kill(self, member: Member) -> None: ...
+
+    def pause(self, member: Member) -> None: ...
+
+    def resume(self, member: Member) -> None: ...
+
+    def stop_all(self, members: list[Member], timeout_s: float) -> None: ...
+
+    def collect(self, members: list[Member]) -> list[str]:
+        """After stop_all; returns the problems met (if any)."""
+        ...
 
 
 @dataclass
@@ -70,6 +160,118 @@ class ManagedProcess:
         return self.popen.pid if self.popen is not None else None
 
 
+class LoopbackAddressing:
+    """Processes on 127.0.0.1: every party dials the same addresses."""
+
+    def __init__(self, control: list[str]) -> None:
+        ports = free_ports(len(control))
+        self._nodes = {n: f"127.0.0.1:{ports[i]}" for i, n in enumerate(control)}
+
+    @property
+    def cert_hosts(self) -> list[str]:
+        return ["127.0.0.1", "localhost"]
+
+    def node_listen(self, name: str) -> str:
+        return self._nodes[name]
+
+    def node_upstream(self, name: str) -> str:
+        return self._nodes[name]
+
+    def node_observed(self, name: str) -> str:
+        return self._nodes[name]
+
+    def proxy_listen(self, index: int, host_side: bool) -> str:
+        return "127.0.0.1:0"  # Toxiproxy picks a free port
+
+    def proxy_for_members(self, listen: str) -> str:
+        return listen
+
+    def proxy_for_host(self, listen: str) -> str:
+        return listen
+
+
+class ProcessRuntime:
+    """Members as local processes: SIGKILL, SIGSTOP/SIGCONT, SIGTERM to stop."""
+
+    kind = "processes"
+    owns_toxiproxy = False  # a server given with --toxiproxy-url outlives the run
+
+    def __init__(self, control: list[str], on_spawn: Callable[[int], None] | None = None) -> None:
+        self.addressing = LoopbackAddressing(control)
+        self.on_spawn = on_spawn
+
+    def node(self, name: str, goml_args: list[str], data_dir: Path, log_path: Path) -> Member:
+        return ManagedProcess(f"node:{name}", [sys.executable, "-m", "goml", *goml_args], log_path)
+
+    def agent(self, name: str, goml_args: list[str], log_path: Path) -> Member:
+        return ManagedProcess(f"agent:{name}", [sys.executable, "-m", "goml", *goml_args], log_path)
+
+    def start(self, member: Member) -> None:
+        process = _process(member)
+        if process.running:
+            return
+        process.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(process.log_path, "ab") as log_file:
+            process.popen = subprocess.Popen(
+                process.argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches the runner, which stops us
+            )
+        process.paused = False
+        if self.on_spawn is not None:
+            self.on_spawn(process.popen.pid)
+
+    def kill(self, member: Member) -> None:
+        """SIGKILL: the process keeps only what it persisted."""
+        process = _process(member)
+        if process.popen is not None and process.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.popen.pid, signal.SIGKILL)
+            process.popen.wait(timeout=STOP_TIMEOUT_S)
+        process.paused = False
+
+    def pause(self, member: Member) -> None:
+        process = _process(member)
+        if process.running and process.popen is not None:
+            os.kill(process.popen.pid, signal.SIGSTOP)
+            process.paused = True
+
+    def resume(self, member: Member) -> None:
+        process = _process(member)
+        if process.running and process.popen is not None and process.paused:
+            os.kill(process.popen.pid, signal.SIGCONT)
+        process.paused = False
+
+    def stop_all(self, members: list[Member], timeout_s: float) -> None:
+        """SIGCONT what is paused, SIGTERM everything (in order), wait, SIGKILL the rest."""
+        processes = [p for p in map(_process, members) if p.popen is not None]
+        for process in processes:
+            assert process.popen is not None
+            if process.popen.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.popen.pid, signal.SIGCONT)
+                    os.kill(process.popen.pid, signal.SIGTERM)
+            process.paused = False
+        deadline = time.monotonic() + timeout_s
+        for process in processes:
+            assert process.popen is not None
+            try:
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.popen.pid, signal.SIGKILL)
+                process.popen.wait(timeout=STOP_TIMEOUT_S)
+
+    def collect(self, members: list[Member]) -> list[str]:
+        return []  # the stores and logs are already where the processes wrote them
+
+
+def _process(member: Member) -> ManagedProcess:
+    assert isinstance(member, ManagedProcess), f"{member.name} is not a process"
+    return member
+
+
 @dataclass
 class ProxyState:
     """What a proxy should look like; `apply` makes Toxiproxy match it."""
@@ -85,6 +287,7 @@ class ProxyState:
     clogged: set[Stream] = field(default_factory=set)
     applied: dict[str, dict[str, float | int]] = field(default_factory=dict)  # toxic -> attrs
     enabled: bool = True
+    host_listen: str = ""  # how the harness reaches it (a client proxy; "" for the others)
 
     def wanted(self) -> tuple[bool, dict[str, tuple[Stream, str, dict[str, float | int]]]]:
         """(enabled, toxic name -> (stream, type, attributes))."""
@@ -108,7 +311,8 @@ class ProxyState:
 
 
 class ChaosCluster:
-    """Build (`create`), run and tear down (`close`) the processes and proxies."""
+    """Build (`create`), run and tear down (`stop_all`, `collect`, `delete_proxies`) the
+    members and proxies, on a runtime (processes on loopback unless one is given)."""
 
     def __init__(
         self,
@@ -117,20 +321,21 @@ class ChaosCluster:
         toxiproxy: Toxiproxy,
         duties: Duties | None = None,
         on_spawn: Callable[[int], None] | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.scenario = scenario
         self.work_dir = work_dir.resolve()
         self.toxiproxy = toxiproxy
         self.duties = duties or Duties()
-        self.on_spawn = on_spawn
         topology = scenario.topology
         self.control = [n.name for n in topology.control_nodes]
         self.agents = [n.name for n in topology.agent_nodes]
         self.locations = topology.node_names
-        self.addresses: dict[str, str] = {}  # control node -> real listen address
+        self.runtime: Runtime = runtime or ProcessRuntime(self.control, on_spawn)
+        self.addresses: dict[str, str] = {}  # control node -> address the harness dials
         self.proxies: dict[str, ProxyState] = {}
-        self.nodes: dict[str, ManagedProcess] = {}
-        self.agent_processes: dict[str, ManagedProcess] = {}
+        self.nodes: dict[str, Member] = {}
+        self.agent_processes: dict[str, Member] = {}
         self.data_dirs: dict[str, Path] = {}
         self.profiles: dict[str, Profile] = {}  # client location -> profile through proxies
         self.observer: Profile | None = None  # real addresses: the harness's own view
@@ -142,11 +347,11 @@ class ChaosCluster:
     def create(self, client_locations: list[str]) -> None:
         work = self.work_dir
         certs = work / "certs"
-        init_certs(certs, self.control, ["127.0.0.1", "localhost"])
-        token = _write_secret(certs / "client.token", os.urandom(24).hex())
-        _write_secret(certs / "cluster.secret", os.urandom(32).hex())
-        ports = free_ports(len(self.control))
-        self.addresses = {n: f"127.0.0.1:{ports[i]}" for i, n in enumerate(self.control)}
+        net = self.runtime.addressing
+        # A certificate and token per agent: each may act only as itself.
+        init_certs(certs, self.control, net.cert_hosts, agents=self.agents)
+        token = (certs / "client.token").read_text().strip()
+        self.addresses = {n: net.node_observed(n) for n in self.control}
         # Proxies: node->node, agent@X->N, client@X->N.
         for a in self.control:
             for b in self.control:
@@ -157,20 +362,20 @@ class ChaosCluster:
                 self._proxy(f"agent@{x}->{n}", x, n)
         for x in sorted(set(client_locations)):
             for n in self.control:
-                self._proxy(f"client@{x}->{n}", x, n)
+                self._proxy(f"client@{x}->{n}", x, n, host_side=True)
         for state in self.proxies.values():
             self._apply(state)
         raft = self.scenario.raft
         for name in self.control:
             peers = {
-                n: self.addresses[n] if n == name else self.proxies[f"{name}->{n}"].listen
+                n: net.node_listen(n) if n == name else self.proxies[f"{name}->{n}"].listen
                 for n in self.control
             }
             data_dir = work / "nodes" / name
             self.data_dirs[name] = data_dir
             config = NodeFileConfig(
                 node_id=name,
-                listen=self.addresses[name],
+                listen=net.node_listen(name),
                 data_dir=data_dir,
                 peers=peers,
                 cluster_id=f"chaos-{self.scenario.name}",
@@ -178,7 +383,7 @@ class ChaosCluster:
                     ca=certs / "ca.pem", cert=certs / f"{name}.pem", key=certs / f"{name}.key"
                 ),
                 secret_file=certs / "cluster.secret",
-                token_file=certs / "client.token",
+                tokens_file=certs / TOKENS_FILE,
                 raft=RaftTiming(
                     election_timeout_ms_min=raft.election_timeout_ms_min,
                     election_timeout_ms_max=raft.election_timeout_ms_max,
@@ -189,13 +394,15 @@ class ChaosCluster:
             path = work / "config" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_node_config(path, config)
-            self.nodes[name] = ManagedProcess(
-                f"node:{name}",
-                [sys.executable, "-m", "goml", "node", "run", "--config", str(path)],
+            self.nodes[name] = self.runtime.node(
+                name,
+                ["node", "run", "--config", str(path)],
+                data_dir,
                 work / "logs" / f"{name}.log",
             )
         for x in self.agents:
             node = self.scenario.topology.node(x)
+            own = identity_files(certs, Identity(Role.AGENT, x))
             body = {
                 "agent_id": x,
                 "cloud": node.cloud,
@@ -206,19 +413,17 @@ class ChaosCluster:
                     "gpu": node.capacity.gpu,
                 },
                 "control_plane": {n: self.proxies[f"agent@{x}->{n}"].listen for n in self.control},
-                "token_file": str(certs / "client.token"),
+                "token_file": str(own.token),
                 "tls": {
                     "ca_file": str(certs / "ca.pem"),
-                    "cert_file": str(certs / "client.pem"),
-                    "key_file": str(certs / "client.key"),
+                    "cert_file": str(own.cert),
+                    "key_file": str(own.key),
                 },
             }
             path = work / "config" / f"agent-{x}.yaml"
             path.write_text(yaml.safe_dump(body, sort_keys=False))
-            self.agent_processes[x] = ManagedProcess(
-                f"agent:{x}",
-                [sys.executable, "-m", "goml", "agent", "run", "--config", str(path)],
-                work / "logs" / f"agent-{x}.log",
+            self.agent_processes[x] = self.runtime.agent(
+                x, ["agent", "run", "--config", str(path)], work / "logs" / f"agent-{x}.log"
             )
 
         def profile(nodes: dict[str, str]) -> Profile:
@@ -232,16 +437,25 @@ class ChaosCluster:
 
         for x in sorted(set(client_locations)):
             self.profiles[x] = profile(
-                {n: self.proxies[f"client@{x}->{n}"].listen for n in self.control}
+                {n: self.proxies[f"client@{x}->{n}"].host_listen for n in self.control}
             )
         self.observer = profile(dict(self.addresses))
 
-    def _proxy(self, name: str, source: str, target: str) -> None:
+    def _proxy(self, name: str, source: str, target: str, host_side: bool = False) -> None:
+        net = self.runtime.addressing
         latency = None if source == target else self.scenario.link(source, target)
-        created = self.toxiproxy.create_proxy(name, "127.0.0.1:0", self.addresses[target])
+        upstream = net.node_upstream(target)
+        listen = net.proxy_listen(len(self._created), host_side)
+        created = self.toxiproxy.create_proxy(name, listen, upstream)
         self._created.append(name)
         self.proxies[name] = ProxyState(
-            name, source, target, created.listen, self.addresses[target], latency
+            name,
+            source,
+            target,
+            net.proxy_for_members(created.listen),
+            upstream,
+            latency,
+            host_listen=net.proxy_for_host(created.listen) if host_side else "",
         )
 
     def _apply(self, state: ProxyState) -> None:
@@ -293,7 +507,12 @@ class ChaosCluster:
                 self._apply(state)
 
     def delete_proxies(self) -> list[str]:
-        """Delete every proxy this cluster created; returns the errors (if any)."""
+        """Delete every proxy this cluster created; returns the errors (if any). Nothing
+        to do when the runtime's own Toxiproxy goes away with them (a container: deleting
+        a proxy whose peers' containers are gone waits for Toxiproxy's 5 s timeout)."""
+        if self.runtime.owns_toxiproxy:
+            self._created.clear()
+            return []
         errors = []
         for name in self._created:
             try:
@@ -303,68 +522,38 @@ class ChaosCluster:
         self._created.clear()
         return errors
 
-    # --------------------------------------------------------------- processes
+    # ----------------------------------------------------------------- members
 
-    def start(self, process: ManagedProcess) -> None:
+    def start(self, member: Member) -> None:
         with self._lock:
-            if process.running:
-                return
-            process.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(process.log_path, "ab") as log_file:
-                process.popen = subprocess.Popen(
-                    process.argv,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # Ctrl-C reaches the runner, which stops us
-                )
-            process.paused = False
-            if self.on_spawn is not None:
-                self.on_spawn(process.popen.pid)
+            self.runtime.start(member)
 
-    def kill(self, process: ManagedProcess) -> None:
-        """SIGKILL: the process keeps only what it persisted."""
+    def kill(self, member: Member) -> None:
+        """Crash: SIGKILL or `docker kill`; the member keeps only what it persisted."""
         with self._lock:
-            if process.popen is not None and process.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.popen.pid, signal.SIGKILL)
-                process.popen.wait(timeout=STOP_TIMEOUT_S)
-            process.paused = False
+            self.runtime.kill(member)
 
-    def pause(self, process: ManagedProcess) -> None:
+    def pause(self, member: Member) -> None:
         with self._lock:
-            if process.running and process.popen is not None:
-                os.kill(process.popen.pid, signal.SIGSTOP)
-                process.paused = True
+            self.runtime.pause(member)
 
-    def resume(self, process: ManagedProcess) -> None:
+    def resume(self, member: Member) -> None:
         with self._lock:
-            if process.running and process.popen is not None and process.paused:
-                os.kill(process.popen.pid, signal.SIGCONT)
-            process.paused = False
+            self.runtime.resume(member)
 
-    def all_processes(self) -> list[ManagedProcess]:
+    def all_processes(self) -> list[Member]:
         return [*self.agent_processes.values(), *self.nodes.values()]
 
     def stop_all(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGCONT what is paused, SIGTERM everything (agents first), wait, SIGKILL the rest."""
+        """Resume what is paused, stop everything (agents first), kill what outlives the
+        deadline."""
         with self._lock:
-            processes = [p for p in self.all_processes() if p.popen is not None]
-            for process in processes:
-                assert process.popen is not None
-                if process.popen.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.popen.pid, signal.SIGCONT)
-                        os.kill(process.popen.pid, signal.SIGTERM)
-                process.paused = False
-            deadline = time.monotonic() + timeout_s
-            for process in processes:
-                assert process.popen is not None
-                try:
-                    process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(process.popen.pid, signal.SIGKILL)
-                    process.popen.wait(timeout=STOP_TIMEOUT_S)
+            self.runtime.stop_all(self.all_processes(), timeout_s)
+
+    def collect(self) -> list[str]:
+        """After stop_all: the stores under data_dirs and the logs, readable here."""
+        with self._lock:
+            return self.runtime.collect(self.all_processes())
 
     # ---------------------------------------------------------------- observer
 
@@ -395,9 +584,14 @@ class ChaosCluster:
 
     def describe(self) -> dict[str, object]:
         return {
+            "runtime": self.runtime.kind,
             "nodes": dict(self.addresses),
             "proxies": {
-                name: {"listen": s.listen, "upstream": s.upstream_address}
+                name: {
+                    "listen": s.listen,
+                    "host_listen": s.host_listen,
+                    "upstream": s.upstream_address,
+                }
                 for name, s in self.proxies.items()
             },
         }

@@ -38,8 +38,16 @@ from typing import Any
 
 from goml.api.types import SubmitRequest, TaskRequest
 from goml.api.wire import request_to_pb
-from goml.chaos.cluster import ChaosCluster, Member, ProxyState, Runtime, record_pids
+from goml.chaos.cluster import (
+    ChaosCluster,
+    ManagedProcess,
+    Member,
+    ProxyState,
+    Runtime,
+    record_pids,
+)
 from goml.chaos.containers import ContainerError, container_runtime
+from goml.chaos.node_faults import NodeFaults, NodeFaultsUnavailable, node_faults
 from goml.chaos.server import ToxiproxyUnavailable, toxiproxy_server
 from goml.chaos.toxiproxy import Stream, Toxiproxy, ToxiproxyError
 from goml.client import Client, ClientError
@@ -59,8 +67,9 @@ from goml.scenario.player import (
     SubmitDone,
     SubmitOutcome,
     count_commands,
+    count_retried,
 )
-from goml.scenario.schema import AnyLink, Scenario
+from goml.scenario.schema import AnyLink, ClockFault, DiskFault, Scenario
 from goml.sim.runner import judge, load_for_run, print_summary, simulate
 
 SUBMIT_THREADS = 6
@@ -70,7 +79,8 @@ SETTLE_TIMEOUT_S = 120.0
 SETTLE_CHECK_EVERY_S = 0.25
 MONITOR_EVERY_S = 0.1  # leader polls: how soon a new leader is seen
 STOP_SUBMITTERS_TIMEOUT_S = CLIENT_GIVE_UP_MS / 1000 + 5  # a call in flight ends by then
-UNFINISHED = ("PENDING", "LEASED", "RUNNING")
+# As `status` counts them: FAILED is a PENDING task waiting for its retry.
+UNFINISHED = ("PENDING", "FAILED", "LEASED", "RUNNING")
 # Agents are noticed dead after agent_timeout_ms: the defaults (as the simulator's).
 CHAOS_DUTIES = Duties()
 
@@ -90,10 +100,19 @@ class _Work:
 class ChaosRun:
     """The scenario player's backend on a running `ChaosCluster`."""
 
-    def __init__(self, scenario: Scenario, seed: int, cluster: ChaosCluster) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        seed: int,
+        cluster: ChaosCluster,
+        node_faults: NodeFaults | None = None,
+    ) -> None:
         self.scenario = scenario
         self.seed = seed
         self.cluster = cluster
+        # Disks and clocks of the nodes (set up by run_chaos when the scenario has such
+        # faults; a disk or clock fault without it is a harness error).
+        self.node_faults = node_faults
         self.t0 = time.monotonic()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
@@ -146,6 +165,25 @@ class ChaosRun:
     def _pause(self, process: Member, duration_s: float) -> None:
         self.cluster.pause(process)
         self.schedule(duration_s, functools.partial(self.cluster.resume, process))
+
+    # ------------------------------------------------ backend: disks, clocks
+
+    def _faults(self) -> NodeFaults:
+        if self.node_faults is None:
+            raise ChaosError("a disk or clock fault fired, but no disks or clocks were set up")
+        return self.node_faults
+
+    def disk_stall(self, name: str, stall_ms: float | None) -> None:
+        self._faults().stall(name, stall_ms)
+
+    def disk_full(self, name: str, full: bool) -> None:
+        self._faults().full(name, full)
+
+    def wipe_node(self, name: str) -> None:
+        self._faults().wipe(name)
+
+    def set_clock(self, name: str, offset_ms: int) -> None:
+        self._faults().set_clock(name, offset_ms)
 
     # ------------------------------------------------------ backend: links
 
@@ -385,8 +423,9 @@ def _override(link: AnyLink | None, state: ProxyState, stream: Stream) -> None:
 
 def check_stores(
     cluster: ChaosCluster, acknowledged: dict[str, str]
-) -> tuple[int, int, dict[str, int]]:
-    """(tasks lost, extra results, task counts by state) from every stopped node's store."""
+) -> tuple[int, int, dict[str, int], int]:
+    """(tasks lost, extra results, task counts by state, tasks retried) from every stopped
+    node's store (counts and retries: the replica that holds the most tasks)."""
     manifests = replay_cluster(cluster.data_dirs)
     lost: set[str] = set()
     for manifest in manifests.values():
@@ -403,7 +442,7 @@ def check_stores(
         duplicate += max(0, max(recorded, default=0) - 1)
     reference = max(manifests.values(), key=lambda m: sum(m.counts_by_state().values()))
     counts = {state.value: count for state, count in reference.counts_by_state().items()}
-    return len(lost), duplicate, counts
+    return len(lost), duplicate, counts, count_retried(reference, acknowledged.values())
 
 
 def count_store_commands(cluster: ChaosCluster) -> tuple[dict[str, int], str | None]:
@@ -511,9 +550,18 @@ def run_chaos(
     notes: list[str] = []
     started = time.monotonic()
     client_locations = [c.node for c in (scenario.workload.clients if scenario.workload else [])]
-    with _members_and_toxiproxy(
-        runtime, scenario, work_dir, client_locations, toxiproxy_url, toxiproxy_bin, notes, pids
-    ) as (toxiproxy, members):
+    disk_or_clock = any(isinstance(f, DiskFault | ClockFault) for f in scenario.faults)
+    if disk_or_clock and runtime != "processes":
+        raise ValueError(
+            "disk and clock faults need --runtime processes (loop devices, the block I/O "
+            "throttle and libfaketime act on host processes)"
+        )
+    with (
+        _members_and_toxiproxy(
+            runtime, scenario, work_dir, client_locations, toxiproxy_url, toxiproxy_bin, notes, pids
+        ) as (toxiproxy, members),
+        node_faults(work_dir, log) as faults,  # exits last: the stores are read before
+    ):
         record_pids(pid_file, pids)
         (work_dir / "toxiproxy_url").write_text(toxiproxy.url + "\n")
         for note in notes:
@@ -522,13 +570,16 @@ def run_chaos(
         run: ChaosRun | None = None
         try:
             cluster.create(client_locations)
+            if disk_or_clock:
+                for note in faults.setup(scenario, cluster.data_dirs, _preloader(cluster)):
+                    log(note)
             (work_dir / "cluster.json").write_text(json.dumps(cluster.describe(), indent=2))
             for process in cluster.all_processes():
                 cluster.start(process)
             _wait_ready(cluster, STARTUP_TIMEOUT_S)
             log(f"cluster up: {len(cluster.control)} nodes, {len(cluster.agents)} agents, "
                 f"{len(cluster.proxies)} proxies; playing {scenario.duration_s:g} s")  # fmt: skip
-            run = ChaosRun(scenario, seed, cluster)
+            run = ChaosRun(scenario, seed, cluster, faults if disk_or_clock else None)
             run.play()
             settled = run.settle(SETTLE_TIMEOUT_S)
             # As the simulator's sim_seconds: the scenario plus the settling after it.
@@ -541,7 +592,7 @@ def run_chaos(
             for error in errors:
                 log(f"cleanup: {error}")
         assert run is not None
-        lost, duplicate, counts = check_stores(cluster, run.player.obs.acknowledged)
+        lost, duplicate, counts, retried = check_stores(cluster, run.player.obs.acknowledged)
         commands, commands_note = count_store_commands(cluster)
     final = FinalState(
         settled=settled,
@@ -549,6 +600,7 @@ def run_chaos(
         tasks_lost=lost,
         duplicate_results=duplicate,
         commands=commands,
+        tasks_retried=retried,
     )
     summary: dict[str, Any] = {
         **run.player.summary(final),
@@ -562,6 +614,18 @@ def run_chaos(
     if commands_note is not None:
         summary["commands_note"] = commands_note
     return summary
+
+
+def _preloader(cluster: ChaosCluster) -> Callable[[str, dict[str, str]], None]:
+    """Run a node's process with extra environment (libfaketime): `env` before its argv,
+    so the PID is still the node's (env execs it)."""
+
+    def preload(name: str, env: dict[str, str]) -> None:
+        process = cluster.nodes[name]
+        assert isinstance(process, ManagedProcess), "processes runtime only (checked above)"
+        process.argv = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *process.argv]
+
+    return preload
 
 
 def _wait_ready(cluster: ChaosCluster, timeout_s: float) -> None:
@@ -687,7 +751,14 @@ def run_command(
             gone = "every process and proxy this run started is stopped"
         print(f"interrupted: {gone}", file=sys.stderr)
         return 130
-    except (ToxiproxyUnavailable, ToxiproxyError, ChaosError, ContainerError, ValueError) as error:
+    except (
+        ToxiproxyUnavailable,
+        ToxiproxyError,
+        ChaosError,
+        ContainerError,
+        NodeFaultsUnavailable,
+        ValueError,
+    ) as error:
         print(f"goml chaos run: {error}", file=sys.stderr)
         return 2
     summary["simulator"] = {k: predicted.get(k) for k in (*KEY_FIGURES, "error") if k in predicted}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 # Re-exported: commands carry the API's resource value.
@@ -85,6 +85,10 @@ class Fields:
         self._raw: dict[str, Any] = raw
         self._where = where
         self._used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        """Whether the object holds `key` (for a field that is left out when unset)."""
+        return key in self._raw
 
     def _take(self, key: str) -> object:
         if key not in self._raw:
@@ -157,6 +161,37 @@ def read_resources(f: Fields) -> Resources:
     )
     f.close()
     return resources
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestLimits:
+    """The manifest's size and count limits (re-exported by goml.cluster.manifest).
+
+    They decide what apply accepts, so they are replicated state: every manifest starts
+    from `goml.cluster.manifest.DEFAULT_LIMITS`, a `SetLimits` command changes them, and
+    snapshots carry them. A node's configured limits reach the manifest only that way."""
+
+    command_bytes_max: int
+    batch_tasks_max: int  # tasks per submit, reports per batch, tasks pruned per PruneTasks
+    tasks_max: int  # tasks kept in the manifest, terminal ones included
+    agents_max: int
+    args_bytes_max: int
+    result_bytes_max: int
+    error_bytes_max: int
+    name_bytes_max: int  # ids, idempotency keys, function names, labels
+    lease_tasks_max: int  # per LeaseTasks
+    renew_tasks_max: int  # per RenewLeases
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            assert type(value) is int, name
+            assert value >= 1, name
+
+
+def read_limits(f: Fields) -> ManifestLimits:
+    limits = ManifestLimits(**{x.name: f.integer(x.name, 1) for x in fields(ManifestLimits)})
+    f.close()
+    return limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +312,37 @@ class RenewLeases:
     deadline_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class PruneTasks:
+    """Retention (goml.cluster.duties): remove finished tasks from the front of the order
+    they finished in, every one with `finished_seq <= tasks_through_seq` (at most
+    `batch_tasks_max` per command), each leaving a tombstone of its idempotency key; and
+    drop tombstones with `finished_seq <= tombstones_through_seq` (as many at most).
+    Both bounds name a position, not a count: a repeat, or one proposed twice before it
+    applied, removes nothing more. 0 = nothing of that kind."""
+
+    now_ms: int
+    tasks_through_seq: int
+    tombstones_through_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class AckExport:
+    """An operator archived every finished task with `finished_seq <= through_seq`
+    (`goml task export --ack`): the export watermark moves there (never back)."""
+
+    now_ms: int
+    through_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetLimits:
+    """The leader's configured limits, made the manifest's (see ManifestLimits)."""
+
+    now_ms: int
+    limits: ManifestLimits
+
+
 Command = (
     SubmitTasks
     | CancelTask
@@ -289,6 +355,9 @@ Command = (
     | RenewLeases
     | ReportResults
     | StartTasks
+    | PruneTasks
+    | AckExport
+    | SetLimits
 )
 
 
@@ -385,6 +454,15 @@ def _renew(f: Fields) -> RenewLeases:
     return RenewLeases(now_ms, agent_id, tuple(str(t) for t in task_ids), deadline_ms)
 
 
+def _prune(f: Fields) -> PruneTasks:
+    command = PruneTasks(
+        f.integer("now_ms"), f.integer("tasks_through_seq"), f.integer("tombstones_through_seq")
+    )
+    if not command.tasks_through_seq and not command.tombstones_through_seq:
+        raise CommandError("PruneTasks: nothing to prune (both bounds are 0)")
+    return command
+
+
 _PARSERS: dict[str, Any] = {
     "SubmitTasks": _submit,
     "CancelTask": lambda f: CancelTask(f.integer("now_ms"), f.text("task_id")),
@@ -412,6 +490,9 @@ _PARSERS: dict[str, Any] = {
     "RenewLeases": _renew,
     "ReportResults": _report_results,
     "StartTasks": _start_tasks,
+    "PruneTasks": _prune,
+    "AckExport": lambda f: AckExport(f.integer("now_ms"), f.integer("through_seq", 1)),
+    "SetLimits": lambda f: SetLimits(f.integer("now_ms"), read_limits(f.sub("limits"))),
 }
 _COMMAND_TYPES = (
     SubmitTasks,
@@ -425,6 +506,9 @@ _COMMAND_TYPES = (
     RenewLeases,
     ReportResults,
     StartTasks,
+    PruneTasks,
+    AckExport,
+    SetLimits,
 )
 assert {t.__name__ for t in _COMMAND_TYPES} == set(_PARSERS)
 COMMAND_TYPE_NAMES = tuple(t.__name__ for t in _COMMAND_TYPES)  # for counters and summaries

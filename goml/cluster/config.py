@@ -10,9 +10,12 @@ Example:
     cluster_id: local
     tls: {ca: certs/ca.pem, cert: certs/n1.pem, key: certs/n1.key}
     secret_file: certs/cluster.secret   # the Raft cluster secret
-    token_file: certs/client.token      # the bearer token clients and agents present
+    tokens_file: certs/tokens.txt       # accepted tokens: ROLE NAME sha256:DIGEST a line
+                                        # (goml.api.auth); reloaded on change or SIGHUP
     # insecure: true                    # plaintext gRPC: local development only
     raft: {election_timeout_ms_min: 300, election_timeout_ms_max: 600, heartbeat_interval_ms: 50}
+    retention: {retention_ms: 604800000, finished_tasks_max: 50000, require_export: false}
+    limits: {tasks_max: 200000}         # every node the same (the leader's are applied)
     # join: true                        # joins a running cluster (`goml node add`): the
                                         # peers are whom to reach; the node learns its
                                         # configuration from the leader
@@ -28,7 +31,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from goml.cluster.duties import DEFAULT_DUTIES
+from goml.cluster.duties import DEFAULT_DUTIES, DEFAULT_RETENTION
+from goml.cluster.manifest import DEFAULT_LIMITS
 from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT
 
 
@@ -73,6 +77,40 @@ class Duties(_Strict):
     renew_before_ms: int = Field(DEFAULT_DUTIES.renew_before_ms, gt=0)
 
 
+class Retention(_Strict):
+    """When finished tasks leave the manifest (goml.cluster.duties, module docstring).
+    Defaults: goml.cluster.duties.DEFAULT_RETENTION."""
+
+    retention_ms: int = Field(DEFAULT_RETENTION.retention_ms, gt=0)
+    finished_tasks_max: int = Field(DEFAULT_RETENTION.finished_tasks_max, gt=0)
+    finished_bytes_max: int = Field(DEFAULT_RETENTION.finished_bytes_max, gt=0)
+    prune_tasks_max: int = Field(
+        DEFAULT_RETENTION.prune_tasks_max, gt=0, le=DEFAULT_LIMITS.batch_tasks_max
+    )
+    tombstone_ms: int = Field(DEFAULT_RETENTION.tombstone_ms, ge=0)
+    tombstones_max: int = Field(DEFAULT_RETENTION.tombstones_max, gt=0)
+    require_export: bool = DEFAULT_RETENTION.require_export
+
+
+class Limits(_Strict):
+    """The manifest's limits (goml.cluster.manifest.ManifestLimits). They decide what
+    every replica accepts, so they travel through the log: the leader proposes its own
+    (SetLimits) when the manifest's differ. Give every node the same. A lower tasks_max
+    than the manifest holds waits until retention has pruned enough.
+    Defaults: goml.cluster.manifest.DEFAULT_LIMITS."""
+
+    command_bytes_max: int = Field(DEFAULT_LIMITS.command_bytes_max, gt=0)
+    batch_tasks_max: int = Field(DEFAULT_LIMITS.batch_tasks_max, gt=0)
+    tasks_max: int = Field(DEFAULT_LIMITS.tasks_max, gt=0)
+    agents_max: int = Field(DEFAULT_LIMITS.agents_max, gt=0)
+    args_bytes_max: int = Field(DEFAULT_LIMITS.args_bytes_max, gt=0)
+    result_bytes_max: int = Field(DEFAULT_LIMITS.result_bytes_max, gt=0)
+    error_bytes_max: int = Field(DEFAULT_LIMITS.error_bytes_max, gt=0)
+    name_bytes_max: int = Field(DEFAULT_LIMITS.name_bytes_max, gt=0)
+    lease_tasks_max: int = Field(DEFAULT_LIMITS.lease_tasks_max, gt=0)
+    renew_tasks_max: int = Field(DEFAULT_LIMITS.renew_tasks_max, gt=0)
+
+
 class NodeFileConfig(_Strict):
     node_id: str = Field(min_length=1)
     listen: str
@@ -83,14 +121,26 @@ class NodeFileConfig(_Strict):
     tls: TlsFiles | None = None
     insecure: bool = False
     secret_file: Path
-    token_file: Path
+    tokens_file: Path
     raft: RaftTiming = RaftTiming()
     duties: Duties = Duties()
+    retention: Retention = Retention()
+    limits: Limits = Limits()
     request_timeout_s: float = Field(REQUEST_TIMEOUT_MS_DEFAULT / 1000, gt=0)
     # False: `peers` are the bootstrap voters of a new cluster. True: this node joins a
     # running one (added by `goml node add`); it has no configuration of its own until
     # the leader sends it one, so it never campaigns by a list that may be stale.
     join: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_shared_token(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "token_file" in raw:
+            raise ValueError(
+                "token_file (one token shared by every client and agent) was replaced by "
+                "tokens_file (a token per identity; `goml certs init` writes tokens.txt)"
+            )
+        return raw
 
     @model_validator(mode="after")
     def _consistent(self) -> NodeFileConfig:
@@ -121,7 +171,7 @@ def load_node_config(path: Path) -> NodeFileConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = path.parent
-    for key in ("data_dir", "secret_file", "token_file"):
+    for key in ("data_dir", "secret_file", "tokens_file"):
         if key in raw:
             raw[key] = _resolve(base, raw[key])
     if isinstance(raw.get("tls"), dict):

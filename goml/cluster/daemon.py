@@ -17,9 +17,11 @@ from pathlib import Path
 
 import grpc
 
-from goml.cluster.certs import read_secret
-from goml.cluster.config import NodeFileConfig, load_node_config
-from goml.cluster.duties import DutiesConfig
+from goml.api.auth import TokensError
+from goml.cluster.certs import TokensFile, node_entries, node_token, read_secret
+from goml.cluster.config import ConfigError, NodeFileConfig, load_node_config
+from goml.cluster.duties import DutiesConfig, RetentionConfig
+from goml.cluster.manifest import ManifestLimits
 from goml.cluster.metrics import Metrics
 from goml.cluster.node_core import NodeCoreConfig, NodeReady, standard_config
 from goml.cluster.service import ControlPlane, add_services
@@ -49,6 +51,14 @@ def _credentials(
     return server, channel
 
 
+def _tokens(config: NodeFileConfig, secret: bytes) -> TokensFile:
+    """The tokens this node accepts: its tokens file and every node's forwarding token."""
+    try:
+        return TokensFile(config.tokens_file, node_entries(secret, config.cluster_id, config.peers))
+    except TokensError as error:
+        raise ConfigError(f"tokens_file: {error}") from None
+
+
 def core_config(config: NodeFileConfig) -> NodeCoreConfig:
     """The node core configuration of this node: the file's settings, goml's standards."""
     timing, d = config.raft, config.duties
@@ -59,18 +69,31 @@ def core_config(config: NodeFileConfig) -> NodeCoreConfig:
         timing.election_timeout_ms_max,
         timing.heartbeat_interval_ms,
     )
-    duties = DutiesConfig(d.agent_timeout_ms, d.election_grace_ms, d.lease_ms, d.renew_before_ms)
-    return standard_config(
+    duties = DutiesConfig(
+        d.agent_timeout_ms,
+        d.election_grace_ms,
+        d.lease_ms,
+        d.renew_before_ms,
+        RetentionConfig(**config.retention.model_dump()),
+    )
+    standard = standard_config(
         raft,
         tuple(sorted(config.peers.items())),
         duties,
         request_timeout_ms=int(config.request_timeout_s * 1000),
         compact_every_entries=default_node_config(raft).replica.compact_every_entries,
     )
+    # The limits this node's leader duties make the manifest's (SetLimits).
+    return replace(standard, limits=ManifestLimits(**config.limits.model_dump()))
 
 
-async def serve(config: NodeFileConfig, stop: asyncio.Event) -> None:
-    """Run the node until `stop` is set."""
+async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | None = None) -> int:
+    """Run the node until `stop` is set, or its loop fails; `why` (if given) names what
+    set it, for the one line a clean stop logs. The exit code: 0 after a clean stop,
+    1 when the loop failed (a process left up with a dead loop would only answer
+    UNAVAILABLE; exiting lets its supervisor start it again from its store)."""
+    secret = read_secret(config.secret_file).encode()
+    tokens = _tokens(config, secret)  # before anything binds: a bad file stops the start
     server_credentials, channel_credentials = _credentials(config)
     host, _, port = config.listen.rpartition(":")
     server, bound = bind_server(host, int(port), server_credentials, config.insecure)
@@ -80,7 +103,7 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event) -> None:
         dict(config.peers),
         config.data_dir,
         config.cluster_id,
-        read_secret(config.secret_file).encode(),
+        secret,
         channel_credentials,
         config.insecure,
         random.Random(seed),
@@ -92,12 +115,14 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event) -> None:
         transport,
     )
     runtime.servicer().add_to_server(server)
+    runtime.on_stop(lambda _error: stop.set())  # the loop failed (or stops): so do we
     metrics = Metrics()
     plane = ControlPlane(
         config,
         node_core,
         runtime,
-        read_secret(config.token_file),
+        tokens,
+        node_token(secret, config.cluster_id, config.node_id),
         metrics,
         seed,
         channel_credentials,
@@ -109,27 +134,47 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event) -> None:
     await server.start()
     await plane.start()
     log.info("node %s serving on %s:%d", config.node_id, host, bound)
+    loop = asyncio.get_running_loop()
+    # SIGHUP re-reads the tokens file (a change is also seen without it). Only the main
+    # thread may set signal handlers: elsewhere (an embedding test) there is none.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGHUP, tokens.reload)
     try:
         await stop.wait()
     finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signal.SIGHUP)
         await plane.stop()
         await server.stop(SERVER_GRACE_S)
-        log.info("node %s stopped", config.node_id)
+        failure = runtime.failure
+        if failure is not None:
+            log.error("node %s stopped: its loop failed (%r); exit code 1", config.node_id, failure)
+        else:
+            cause = f" on {why[0]}" if why else ""
+            log.info("node %s stopped cleanly%s", config.node_id, cause)
+    return 1 if failure is not None else 0
 
 
-def run(config_path: Path) -> None:
+def run(config_path: Path) -> int:
+    """Run the node of `config_path` until SIGTERM/SIGINT; its exit code (see serve)."""
     config = load_node_config(config_path)
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {config.node_id} %(levelname)s %(name)s: %(message)s",
     )
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
+        why: list[str] = []
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: signal.Signals) -> None:
+            why.append(signum.name)
+            stop.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signum, stop.set)
-        await serve(config, stop)
+                loop.add_signal_handler(signum, on_signal, signum)
+        return await serve(config, stop, why)
 
-    asyncio.run(main())
+    return asyncio.run(main())

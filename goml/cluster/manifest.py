@@ -15,14 +15,18 @@ back to PENDING while attempts remain, else to DEAD (DESIGN.md "FAILED -> retry 
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
-from dataclasses import asdict, dataclass, fields, replace
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields, replace
 from typing import TypeVar
 
 from goml.api.types import TaskState as TaskState  # re-exported: the API's task states
 from goml.cluster.commands import (
     INT_MAX,
+    AckExport,
     CancelTask,
     Command,
     CommandError,
@@ -30,12 +34,14 @@ from goml.cluster.commands import (
     Fields,
     LeaseTasks,
     MarkAgentDown,
+    PruneTasks,
     RegisterAgent,
     RenewLeases,
     Report,
     ReportResult,
     ReportResults,
     Resources,
+    SetLimits,
     StartTask,
     StartTasks,
     SubmitTasks,
@@ -46,10 +52,14 @@ from goml.cluster.commands import (
     plain,
     read_resources,
 )
+from goml.cluster.commands import (
+    ManifestLimits as ManifestLimits,  # re-exported: defined with SetLimits, which carries one
+)
 
-# 2 adds `latest_command_ms` (goml.cluster.clock); format 1 snapshots are still read.
-SNAPSHOT_FORMAT = 2
-SNAPSHOT_FORMATS_READ = (1, 2)
+# 2 adds `latest_command_ms` (goml.cluster.clock); 3 adds retention (each task's
+# `finished_seq`, the `retention` section with tombstones); older formats are still read.
+SNAPSHOT_FORMAT = 3
+SNAPSHOT_FORMATS_READ = (1, 2, 3)
 
 
 class TaskEvent(enum.StrEnum):
@@ -82,6 +92,10 @@ TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
     (_S.RUNNING, _E.RENEW): _S.RUNNING,
 }
 LEASE_HOLDING = frozenset({TaskState.LEASED, TaskState.RUNNING})
+# What `status` counts tasks by: the API's states (proto TaskState) in lifecycle order,
+# FAILED included (see `Manifest.status_counts`).
+STATUS_FAILED = "FAILED"
+STATUS_STATES = ("PENDING", "LEASED", "RUNNING", "SUCCEEDED", STATUS_FAILED, "DEAD", "CANCELLED")
 TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED})
 
 
@@ -114,29 +128,22 @@ class Code(enum.StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 
 
+# The most of a user-supplied name an error message quotes (see `quote`).
+QUOTE_CHARS_MAX = 64
+
+
+def quote(name: str) -> str:
+    """A user-supplied name (task id, agent id, key, function) as every node-side error
+    quotes it: its repr, cut to QUOTE_CHARS_MAX characters with its length said. A
+    message travels back as the gRPC status details (a header): a 100 KB id echoed in
+    full breaks the call instead of answering it."""
+    if len(name) <= QUOTE_CHARS_MAX:
+        return repr(name)
+    return f"{name[:QUOTE_CHARS_MAX]!r}... ({len(name)} characters)"
+
+
 class SnapshotError(ValueError):
     """Snapshot bytes that do not describe a manifest (or not in canonical form)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ManifestLimits:
-    """Must be identical on every replica (it is carried inside snapshots)."""
-
-    command_bytes_max: int
-    batch_tasks_max: int
-    tasks_max: int  # tasks kept in the manifest, terminal ones included
-    agents_max: int
-    args_bytes_max: int
-    result_bytes_max: int
-    error_bytes_max: int
-    name_bytes_max: int  # ids, idempotency keys, function names, labels
-    lease_tasks_max: int  # per LeaseTasks
-    renew_tasks_max: int  # per RenewLeases
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            assert type(value) is int, name
-            assert value >= 1, name
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,16 +181,50 @@ class Task:
     result_json: str | None
     error: str | None  # the latest failure, kept across retries
     results_recorded: int
+    # Its place in the order tasks finished in (1, 2, ...), given by `Manifest._store`
+    # when it turns terminal; retention prunes and exports page in this order.
+    finished_seq: int | None = None
+    # The agent of the latest lease, kept when the lease ends: who ran (or last tried)
+    # the task. None until its first lease. Left out of snapshots while None, so the
+    # snapshots of earlier versions read back byte for byte.
+    last_agent_id: str | None = None
 
     def __post_init__(self) -> None:
         # Invariants, checked on every change since every change builds a new Task.
         assert (self.lease is not None) == (self.state in LEASE_HOLDING), self
+        # None with a lease only in a task restored from an earlier version's snapshot.
+        assert self.lease is None or self.last_agent_id in (None, self.lease.agent_id), self
+        assert self.last_agent_id is None or self.attempts >= 1, self
         assert 0 <= self.attempts <= self.max_attempts, self
         assert self.state is not TaskState.PENDING or self.attempts < self.max_attempts, self
         assert self.results_recorded == (1 if self.state is TaskState.SUCCEEDED else 0), self
         assert (self.result_json is not None) == (self.state is TaskState.SUCCEEDED), self
         assert (self.finished_ms is not None) == (self.state in TERMINAL), self
         assert self.epoch >= self.attempts, self
+        assert self.finished_seq is None or self.state in TERMINAL, self
+        assert self.finished_seq is None or self.finished_seq >= 1, self
+
+
+def retained_bytes(task: Task) -> int:
+    """What a task costs the Raft state beyond its fixed fields: its args, result and
+    error (what retention's `finished_bytes_max` counts)."""
+    return (
+        len(task.args_json)
+        + (len(task.result_json) if task.result_json is not None else 0)
+        + (len(task.error) if task.error is not None else 0)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """What is left of a pruned task: enough for a resubmit of its idempotency key to
+    get its id back (same content) or be refused (other content), not to run it again."""
+
+    idempotency_key: str
+    task_id: str
+    content_digest: str
+    finished_seq: int
+    pruned_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,19 +301,40 @@ class Manifest:
         self._stale_reports_refused = 0
         # The latest `now_ms` of any command applied: where cluster time stands.
         self._latest_command_ms: int | None = None
+        # Retention. Terminal tasks in the order they finished (ids); entries before
+        # `_finished_head` are pruned ones not yet cut off the list (pruning only ever
+        # removes from the front, so what is left is always a suffix of that order).
+        self._finished: list[str] = []
+        self._finished_head = 0
+        self._finished_seq_last = 0  # the finished_seq last given
+        self._finished_bytes = 0  # retained_bytes of the terminal tasks kept
+        self._pruned_through_seq = 0  # every finished task up to here is gone
+        self._tasks_pruned = 0
+        self._export_watermark_seq = 0  # every finished task up to here was archived
+        # Keys of pruned tasks, in the order they were pruned (== finished_seq order).
+        self._tombstones: dict[str, Tombstone] = {}
 
     @property
     def latest_command_ms(self) -> int | None:
         """The latest time stamped into an applied command (None: none yet)."""
         return self._latest_command_ms
 
-    def _store(self, task: Task) -> None:
-        assert self._tasks.get(task.id, task).seq == task.seq
+    def _store(self, task: Task) -> Task:
+        old = self._tasks.get(task.id)
+        assert old is None or old.seq == task.seq
+        assert old is None or old.state not in TERMINAL, "terminal is final"
+        if task.state in TERMINAL and task.finished_seq is None:
+            self._finished_seq_last += 1
+            task = replace(task, finished_seq=self._finished_seq_last)
+            self._finished.append(task.id)
+            self._finished_bytes += retained_bytes(task)
         self._tasks[task.id] = task
         if task.state in TERMINAL:
+            assert task.finished_seq is not None
             self._open.pop(task.id, None)
         else:
             self._open[task.id] = None
+        return task
 
     def open_tasks(self) -> list[Task]:
         """Tasks not yet terminal (PENDING, LEASED, RUNNING), in submit order."""
@@ -337,6 +399,12 @@ class Manifest:
                 return self._report_results(index, command)
             case StartTasks():
                 return self._start_tasks(index, command)
+            case PruneTasks():
+                return self._prune(index, command)
+            case AckExport():
+                return self._ack_export(index, command)
+            case SetLimits():
+                return self._set_limits(index, command)
 
     def _check_size(self, what: str, value: str | None, limit_name: str) -> None:
         limit: int = getattr(self._limits, limit_name)
@@ -349,13 +417,13 @@ class Manifest:
     def _task(self, task_id: str) -> Task:
         task = self._tasks.get(task_id)
         if task is None:
-            raise _Refusal(Code.NOT_FOUND, f"no task {task_id!r}")
+            raise _Refusal(Code.NOT_FOUND, f"no task {quote(task_id)}")
         return task
 
     def _agent(self, agent_id: str, event: AgentEvent) -> Agent:
         agent = self._agents.get(agent_id)
         if agent is None:
-            raise _Refusal(Code.NOT_FOUND, f"no agent {agent_id!r}")
+            raise _Refusal(Code.NOT_FOUND, f"no agent {quote(agent_id)}")
         if (agent.state, event) not in AGENT_TRANSITIONS:
             raise _Refusal(Code.FAILED_PRECONDITION, f"agent {agent_id} is {agent.state}")
         return agent
@@ -373,7 +441,7 @@ class Manifest:
         for n, spec in enumerate(cmd.tasks):
             where = f"tasks[{n}]"
             for name in (spec.idempotency_key, spec.function, spec.cloud, spec.region):
-                self._check_size(f"{where}: name {name!r:.40}", name, "name_bytes_max")
+                self._check_size(f"{where}: name {quote(name or '')}", name, "name_bytes_max")
             self._check_size(f"{where}: args_json", spec.args_json, "args_bytes_max")
             digest = content_digest(spec)
             existing_id = self._by_key.get(spec.idempotency_key)
@@ -382,6 +450,19 @@ class Manifest:
                 if existing_id is not None
                 else in_batch.get(spec.idempotency_key)
             )
+            tombstone = self._tombstones.get(spec.idempotency_key)
+            if existing is None and tombstone is not None:
+                # The task ran to its end and retention pruned it: a retry within the
+                # tombstone window gets its id back and never runs it a second time.
+                if tombstone.content_digest != digest:
+                    raise _Refusal(
+                        Code.ALREADY_EXISTS,
+                        f"{where}: idempotency key {spec.idempotency_key!r} already "
+                        f"named task {tombstone.task_id} (finished, pruned) with "
+                        "different content",
+                    )
+                ids.append(tombstone.task_id)
+                continue
             if existing is not None:
                 if existing.content_digest != digest:
                     raise _Refusal(
@@ -418,10 +499,17 @@ class Manifest:
             in_batch[spec.idempotency_key] = task
             ids.append(task.id)
         if len(self._tasks) + len(created) > lim.tasks_max:
+            finished = self.finished_count
+            unexported = self._finished_seq_last - max(
+                self._export_watermark_seq, self._pruned_through_seq
+            )
             raise _Refusal(
                 Code.RESOURCE_EXHAUSTED,
-                f"manifest holds {len(self._tasks)} tasks, batch adds {len(created)}; "
-                f"limit tasks_max={lim.tasks_max}",
+                f"manifest holds {len(self._tasks)} tasks ({finished} finished, "
+                f"{min(finished, unexported)} of them not exported), batch adds "
+                f"{len(created)}; limit tasks_max={lim.tasks_max} (retention prunes "
+                "finished tasks; with retention.require_export only exported ones: "
+                "goml task export --ack)",
             )
         for task in created:
             assert task.id not in self._tasks
@@ -448,7 +536,7 @@ class Manifest:
 
     def _register(self, index: int, cmd: RegisterAgent) -> ApplyResult:
         for name in (cmd.agent_id, cmd.cloud, cmd.region, cmd.arch):
-            self._check_size(f"name {name!r:.40}", name, "name_bytes_max")
+            self._check_size(f"name {quote(name)}", name, "name_bytes_max")
         old = self._agents.get(cmd.agent_id)
         if old is None and len(self._agents) >= self._limits.agents_max:
             raise _Refusal(
@@ -521,6 +609,7 @@ class Manifest:
                 attempts=task.attempts + 1,
                 epoch=task.epoch + 1,
                 lease=Lease(agent.id, cmd.now_ms, deadline_ms),
+                last_agent_id=agent.id,
             )
             self._store(new)
             leased.append(new)
@@ -579,7 +668,7 @@ class Manifest:
         return _Refusal(
             Code.STALE_EPOCH,
             f"task {task.id} is {task.state} at epoch {task.epoch} held by "
-            f"{holder}; report from {agent_id} at epoch {epoch} refused",
+            f"{holder}; report from {quote(agent_id)} at epoch {epoch} refused",
         )
 
     def _start(self, index: int, cmd: StartTask) -> ApplyResult:
@@ -676,8 +765,7 @@ class Manifest:
                 error=cmd.error,
                 finished_ms=now_ms if target is TaskState.DEAD else None,
             )
-        self._store(new)
-        return new
+        return self._store(new)
 
     def _expire(self, index: int, cmd: ExpireLeases) -> ApplyResult:
         expired = []
@@ -720,6 +808,91 @@ class Manifest:
             task_ids=tuple(renewed),
         )
 
+    def _prune(self, index: int, cmd: PruneTasks) -> ApplyResult:
+        if cmd.tasks_through_seq > self._finished_seq_last:
+            raise _Refusal(
+                Code.INVALID_ARGUMENT,
+                f"prune through finished_seq {cmd.tasks_through_seq}: only "
+                f"{self._finished_seq_last} tasks have finished",
+            )
+        batch_max = self._limits.batch_tasks_max
+        pruned: list[str] = []
+        while self._finished_head < len(self._finished) and len(pruned) < batch_max:
+            task = self._tasks[self._finished[self._finished_head]]
+            assert task.finished_seq is not None and task.state in TERMINAL, task
+            assert task.finished_seq > self._pruned_through_seq, task
+            if task.finished_seq > cmd.tasks_through_seq:
+                break
+            del self._tasks[task.id]
+            del self._by_key[task.idempotency_key]
+            assert task.idempotency_key not in self._tombstones
+            self._tombstones[task.idempotency_key] = Tombstone(
+                task.idempotency_key, task.id, task.content_digest, task.finished_seq, cmd.now_ms
+            )
+            self._finished_bytes -= retained_bytes(task)
+            self._finished_head += 1
+            self._pruned_through_seq = task.finished_seq
+            pruned.append(task.id)
+        # Cut the pruned front off once it is most of the list: amortised O(1) a task.
+        if self._finished_head > 1024 and 2 * self._finished_head > len(self._finished):
+            self._finished = self._finished[self._finished_head :]
+            self._finished_head = 0
+        self._tasks_pruned += len(pruned)
+        dropped = 0
+        # Dicts keep insertion order: the oldest tombstones come first.
+        for key in list(itertools.islice(self._tombstones, batch_max)):
+            if self._tombstones[key].finished_seq > cmd.tombstones_through_seq:
+                break
+            del self._tombstones[key]
+            dropped += 1
+        assert self._finished_bytes >= 0
+        assert len(self._finished) - self._finished_head == self.finished_count
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"{len(pruned)} finished task(s) pruned (through finished_seq "
+            f"{self._pruned_through_seq}), {dropped} tombstone(s) dropped",
+        )
+
+    def _ack_export(self, index: int, cmd: AckExport) -> ApplyResult:
+        if cmd.through_seq > self._finished_seq_last:
+            raise _Refusal(
+                Code.FAILED_PRECONDITION,
+                f"export acknowledged through finished_seq {cmd.through_seq}: only "
+                f"{self._finished_seq_last} tasks have finished",
+            )
+        self._export_watermark_seq = max(self._export_watermark_seq, cmd.through_seq)
+        return ApplyResult(
+            index,
+            True,
+            Code.OK,
+            f"export watermark at finished_seq {self._export_watermark_seq}",
+        )
+
+    def _set_limits(self, index: int, cmd: SetLimits) -> ApplyResult:
+        limits = cmd.limits
+        if len(self._tasks) > limits.tasks_max:
+            raise _Refusal(
+                Code.FAILED_PRECONDITION,
+                f"manifest holds {len(self._tasks)} tasks; tasks_max={limits.tasks_max} "
+                "must wait until retention has pruned enough of them",
+            )
+        if len(self._agents) > limits.agents_max:
+            raise _Refusal(
+                Code.FAILED_PRECONDITION,
+                f"{len(self._agents)} agents registered; agents_max={limits.agents_max} too low",
+            )
+        changed = sorted(
+            f"{f.name}={getattr(limits, f.name)}"
+            for f in fields(ManifestLimits)
+            if getattr(limits, f.name) != getattr(self._limits, f.name)
+        )
+        self._limits = limits
+        return ApplyResult(
+            index, True, Code.OK, f"limits set: {', '.join(changed) or 'as they were'}"
+        )
+
     # ---- read-only queries
 
     @property
@@ -748,13 +921,32 @@ class Manifest:
         function: str | None = None,
         agent_id: str | None = None,
         after_seq: int = -1,
+        newest_first: bool = False,
+        before_seq: int | None = None,
+        finished_after_seq: int | None = None,
     ) -> tuple[Task, ...]:
-        """Tasks in submit order, seq > after_seq, at most `limit` (page with the last seq)."""
+        """At most `limit` tasks that pass the filters, in one of three orders; page on
+        with the last one's seq (or finished_seq):
+        - submit order, seq > after_seq (the default);
+        - `newest_first`: newest submit first, seq < before_seq (None: from the newest);
+        - `finished_after_seq` given: terminal tasks only, in the order they finished,
+          finished_seq > finished_after_seq (what `goml task export` pages through)."""
         assert limit >= 1
+        assert finished_after_seq is None or not newest_first, "finished order runs one way"
+        assert after_seq == -1 or not newest_first, "newest first pages with before_seq"
+        candidates: Iterable[Task]
+        if finished_after_seq is not None:
+            candidates = self.finished_tasks(finished_after_seq)
+        elif newest_first:
+            candidates = reversed(self._tasks.values())
+        else:
+            candidates = self._tasks.values()
         found: list[Task] = []
-        for task in self._tasks.values():
+        for task in candidates:
             if len(found) == limit:
                 break
+            if newest_first and before_seq is not None and task.seq >= before_seq:
+                continue
             if (
                 task.seq <= after_seq
                 or (state is not None and task.state is not state)
@@ -765,6 +957,62 @@ class Manifest:
                 continue
             found.append(task)
         return tuple(found)
+
+    def finished_tasks(self, after_seq: int = 0) -> Iterator[Task]:
+        """Terminal tasks in the order they finished, finished_seq > after_seq (oldest
+        first): found by bisection, so a page costs what it returns."""
+        start = bisect.bisect_right(
+            self._finished,
+            after_seq,
+            lo=self._finished_head,
+            key=lambda task_id: self._tasks[task_id].finished_seq or 0,
+        )
+        for position in range(start, len(self._finished)):
+            yield self._tasks[self._finished[position]]
+
+    def tombstones(self) -> Iterator[Tombstone]:
+        """Tombstones of pruned tasks, oldest first."""
+        yield from self._tombstones.values()
+
+    def tombstone(self, idempotency_key: str) -> Tombstone | None:
+        return self._tombstones.get(idempotency_key)
+
+    @property
+    def task_count(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def finished_count(self) -> int:
+        """Terminal tasks kept (not pruned yet)."""
+        return len(self._finished) - self._finished_head
+
+    @property
+    def finished_bytes(self) -> int:
+        """`retained_bytes` summed over the terminal tasks kept."""
+        return self._finished_bytes
+
+    @property
+    def finished_seq_last(self) -> int:
+        """The finished_seq of the task that finished last (0: none has)."""
+        return self._finished_seq_last
+
+    @property
+    def pruned_through_seq(self) -> int:
+        """Every task with finished_seq up to this one was pruned, none after it."""
+        return self._pruned_through_seq
+
+    @property
+    def export_watermark_seq(self) -> int:
+        """Every task with finished_seq up to this one was archived (AckExport)."""
+        return self._export_watermark_seq
+
+    @property
+    def tasks_pruned(self) -> int:
+        return self._tasks_pruned
+
+    @property
+    def tombstone_count(self) -> int:
+        return len(self._tombstones)
 
     def leasable_tasks(
         self,
@@ -788,11 +1036,92 @@ class Manifest:
         chosen = self._select_for_lease(agent, free, count, excluded, releasing)
         return tuple(t.id for t in chosen)
 
+    def unplaceable(self, resources: Resources, cloud: str | None, region: str | None) -> str:
+        """Why no registered agent could ever run a task of this shape, or "" when one
+        could (free or busy) or when no agent has registered yet (nothing to judge by:
+        a cluster starting up takes work before its agents). DOWN agents count: they
+        may come back. A read-only query; the node core refuses such a submit."""
+        agents = self.list_agents()
+        if not agents:
+            return ""
+        placed = [
+            a
+            for a in agents
+            if (cloud is None or a.cloud == cloud) and (region is None or a.region == region)
+        ]
+        if any(resources.fits_in(a.capacity) for a in placed):
+            return ""
+        where = "".join(
+            f" in {label} {quote(value)}"
+            for label, value in (("cloud", cloud), ("region", region))
+            if value is not None
+        )
+        needs = f"needs cpu {resources.cpu:g}, memory {resources.memory_mb} MB, gpu {resources.gpu}"
+        if not placed:
+            return f"{needs}{where}, and no registered agent is{where}"
+        most = (
+            f"cpu {max(a.capacity.cpu for a in placed):g}, "
+            f"memory {max(a.capacity.memory_mb for a in placed)} MB, "
+            f"gpu {max(a.capacity.gpu for a in placed)}"
+        )
+        return (
+            f"{needs}, more than any of the {len(placed)} registered agent(s){where} has "
+            f"(the most any has: {most})"
+        )
+
+    def leasable_incoming(
+        self,
+        agent_id: str,
+        free: Resources,
+        max_count: int,
+        excluded: frozenset[str],
+        releasing: frozenset[str],
+        incoming: list[tuple[int, tuple[TaskSpec, ...]]],
+    ) -> tuple[str, ...]:
+        """The ids of tasks that submits proposed but not yet applied (`incoming`: log
+        index and specs) will create, that a LeaseTasks for this agent proposed behind
+        them would lease by the lease rule's fit (cloud, region, free capacity). A
+        prediction like `leasable_tasks`: the LeaseTasks decides when it applies."""
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.state is not AgentState.ALIVE:
+            return ()
+        free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
+        count = max(1, min(max_count, self._limits.lease_tasks_max))
+        chosen: list[str] = []
+        for index, specs in incoming:
+            for n, spec in enumerate(specs):
+                task_id = f"t-{index}-{n}"  # as _submit names it
+                if len(chosen) == count:
+                    return tuple(chosen)
+                if task_id in excluded or spec.idempotency_key in self._by_key:
+                    continue  # claimed already, or a retry of a task that exists
+                if spec.cloud is not None and spec.cloud != agent.cloud:
+                    continue
+                if spec.region is not None and spec.region != agent.region:
+                    continue
+                if spec.resources.fits_in(free):
+                    chosen.append(task_id)
+                    free = free.minus(spec.resources)
+        return tuple(chosen)
+
     def get_agent(self, agent_id: str) -> Agent | None:
         return self._agents.get(agent_id)
 
     def list_agents(self) -> tuple[Agent, ...]:
         return tuple(self._agents[a] for a in sorted(self._agents))
+
+    def status_counts(self) -> dict[str, int]:
+        """Tasks by the states `goml status` shows (STATUS_STATES), each task once and
+        every state present, zeros too. FAILED, not a state the manifest rests in (a
+        failed attempt goes straight back to PENDING, or to DEAD), counts the PENDING
+        tasks that have had an attempt (it failed, timed out or lost its agent) and
+        wait for a retry; PENDING counts the ones never leased yet."""
+        counts = dict.fromkeys(STATUS_STATES, 0)
+        for task in self._tasks.values():
+            retrying = task.state is TaskState.PENDING and task.attempts > 0
+            counts[STATUS_FAILED if retrying else task.state.value] += 1
+        assert sum(counts.values()) == len(self._tasks)
+        return counts
 
     def counts_by_state(self) -> dict[TaskState, int]:
         counts = dict.fromkeys(TaskState, 0)
@@ -815,8 +1144,26 @@ class Manifest:
             "stale_reports_refused": self._stale_reports_refused,
             "limits": plain(self._limits),
             "agents": [plain(a) for a in self.list_agents()],
-            "tasks": [plain(t) for t in self._tasks.values()],
+            "tasks": [_plain_task(t) for t in self._tasks.values()],
         }
+        if snapshot_format >= 3:
+            body["retention"] = {
+                "finished_seq_last": self._finished_seq_last,
+                "pruned_through_seq": self._pruned_through_seq,
+                "tasks_pruned": self._tasks_pruned,
+                "export_watermark_seq": self._export_watermark_seq,
+                # Lists, not objects: there may be 100,000 of them.
+                "tombstones": [
+                    [t.idempotency_key, t.task_id, t.content_digest, t.finished_seq, t.pruned_ms]
+                    for t in self._tombstones.values()
+                ],
+            }
+        else:  # what an older format knew of a task: no finished_seq
+            tasks = body["tasks"]
+            assert isinstance(tasks, list)
+            for task in tasks:
+                assert isinstance(task, dict)
+                del task["finished_seq"]
         return dumps(body).encode("ascii")
 
     @classmethod
@@ -853,14 +1200,25 @@ class Manifest:
         for i, raw in enumerate(f.items("agents")):
             agent = _read_agent(Fields(raw, f"snapshot.agents[{i}]"))
             manifest._agents[agent.id] = agent
+        retention = snapshot_format >= 3
+        if retention:
+            rf = f.sub("retention")
+            manifest._read_retention(rf)
         for i, raw in enumerate(f.items("tasks")):
-            task = _read_task(Fields(raw, f"snapshot.tasks[{i}]"))
+            task = _read_task(Fields(raw, f"snapshot.tasks[{i}]"), retention)
             if task.id in manifest._tasks or task.idempotency_key in manifest._by_key:
                 raise CommandError(f"task {task.id}: duplicate id or idempotency key")
             if not task.seq < manifest._next_seq:
                 raise CommandError(f"task {task.id}: seq {task.seq} >= next_seq")
+            if task.idempotency_key in manifest._tombstones:
+                raise CommandError(f"task {task.id}: idempotency key of a tombstone")
+            if retention and (task.finished_seq is None) != (task.state not in TERMINAL):
+                raise CommandError(f"task {task.id}: finished_seq set iff terminal")
+            # An older format's terminal tasks get their finished_seq here, in submit order.
             manifest._store(task)
             manifest._by_key[task.idempotency_key] = task.id
+        if retention:
+            manifest._finish_order_from_tasks()
         f.close()
         if snapshot_format == 1 and (manifest._agents or manifest._tasks):
             # Before cluster time was kept: the latest time the state holds.
@@ -874,6 +1232,53 @@ class Manifest:
                 default=0,
             )
         return manifest, snapshot_format
+
+    def _read_retention(self, f: Fields) -> None:
+        self._finished_seq_last = f.integer("finished_seq_last")
+        self._pruned_through_seq = f.integer("pruned_through_seq")
+        self._tasks_pruned = f.integer("tasks_pruned")
+        self._export_watermark_seq = f.integer("export_watermark_seq")
+        if not self._pruned_through_seq <= self._finished_seq_last:
+            raise CommandError("retention: pruned_through_seq > finished_seq_last")
+        if not self._export_watermark_seq <= self._finished_seq_last:
+            raise CommandError("retention: export_watermark_seq > finished_seq_last")
+        previous = 0
+        for i, raw in enumerate(f.items("tombstones")):
+            where = f"snapshot.retention.tombstones[{i}]"
+            if (
+                not isinstance(raw, list)
+                or len(raw) != 5
+                or not all(isinstance(x, str) and x for x in raw[:3])
+                or not all(type(x) is int and 0 <= x <= INT_MAX for x in raw[3:])
+            ):
+                raise CommandError(f"{where}: expected [key, task id, digest, finished_seq, ms]")
+            tombstone = Tombstone(raw[0], raw[1], raw[2], raw[3], raw[4])
+            if not previous < tombstone.finished_seq <= self._pruned_through_seq:
+                raise CommandError(f"{where}: finished_seq out of order or not pruned")
+            if tombstone.idempotency_key in self._tombstones:
+                raise CommandError(f"{where}: duplicate idempotency key")
+            previous = tombstone.finished_seq
+            self._tombstones[tombstone.idempotency_key] = tombstone
+        f.close()
+
+    def _finish_order_from_tasks(self) -> None:
+        """The finish order of restored tasks (their finished_seq says it)."""
+        finished = sorted(
+            (t for t in self._tasks.values() if t.state in TERMINAL),
+            key=lambda t: t.finished_seq or 0,
+        )
+        seqs = [t.finished_seq or 0 for t in finished]
+        if len(set(seqs)) != len(seqs):
+            raise CommandError("tasks: duplicate finished_seq")
+        if seqs and not (
+            self._pruned_through_seq < seqs[0] and seqs[-1] <= self._finished_seq_last
+        ):
+            raise CommandError(
+                "tasks: finished_seq outside (pruned_through_seq, finished_seq_last]"
+            )
+        self._finished = [t.id for t in finished]
+        self._finished_head = 0
+        self._finished_bytes = sum(retained_bytes(t) for t in finished)
 
 
 _E_co = TypeVar("_E_co", bound=enum.StrEnum)
@@ -901,7 +1306,7 @@ def _read_agent(f: Fields) -> Agent:
     return agent
 
 
-def _read_task(f: Fields) -> Task:
+def _read_task(f: Fields, with_finished_seq: bool) -> Task:
     lease = None
     lf = f.optional_sub("lease")
     if lf is not None:
@@ -929,9 +1334,20 @@ def _read_task(f: Fields) -> Task:
         result_json=f.optional_text("result_json"),
         error=f.optional_text("error"),
         results_recorded=f.integer("results_recorded"),
+        finished_seq=f.optional_integer("finished_seq") if with_finished_seq else None,
+        last_agent_id=f.text("last_agent_id") if f.has("last_agent_id") else None,
     )
     f.close()
     return task
+
+
+def _plain_task(task: Task) -> object:
+    """A task as a snapshot stores it (`last_agent_id` only once it has one)."""
+    body = plain(task)
+    assert isinstance(body, dict)
+    if task.last_agent_id is None:
+        del body["last_agent_id"]
+    return body
 
 
 # The limits every goml node runs with (they must agree across replicas: see ManifestLimits).

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from goml.api.types import (
+    AckExportRequest,
+    AckExportResponse,
     AgentView,
     ApiError,
     ApiRequest,
@@ -67,6 +69,7 @@ from goml.api.types import (
     RegisterResponse,
     ReportRequest,
     ReportResponse,
+    Resources,
     StatusRequest,
     StatusResponse,
     SubmitRequest,
@@ -78,6 +81,7 @@ from goml.api.types import (
 )
 from goml.cluster.clock import ClusterClock
 from goml.cluster.commands import (
+    AckExport,
     CancelTask,
     Command,
     CommandError,
@@ -100,7 +104,9 @@ from goml.cluster.manifest import (
     Manifest,
     ManifestLimits,
     Task,
+    quote,
 )
+from goml.cluster.paging import PageTokenError, list_page
 from goml.raft.replica import (
     PROPOSAL_BYTES_MAX,
     Applied,
@@ -313,6 +319,10 @@ class NodeReady:
         return self.replica.messages
 
     @property
+    def send_before_persist(self) -> bool:
+        return self.replica.send_before_persist
+
+    @property
     def committed(self) -> tuple[Entry, ...]:
         return self.replica.committed
 
@@ -388,13 +398,15 @@ def task_view(task: Task) -> TaskView:
         region=task.region or "",
         state=task.state,
         attempts=task.attempts,
-        agent_id=task.lease.agent_id if task.lease else "",
+        # Who holds it, or (lease ended: finished, failed, requeued) who last ran it.
+        agent_id=task.lease.agent_id if task.lease else (task.last_agent_id or ""),
         epoch=task.epoch,
         result_json=task.result_json or "",
         error=task.error or "",
         submitted_ms=task.submitted_ms,
         finished_ms=task.finished_ms or 0,
         lease_deadline_ms=task.lease.deadline_ms if task.lease else 0,
+        finished_seq=task.finished_seq or 0,
     )
 
 
@@ -424,7 +436,9 @@ class NodeCore:
         self.id = config.replica.raft.node_id
         self._peer_addresses = PeerAddresses(self.id, dict(config.addresses))
         self._validate_args = validate_args
-        self.machine = ManifestMachine(config.limits)
+        # Every replica starts from the same limits; the configured ones come through the
+        # log (SetLimits, proposed by the leader's duties), so apply agrees everywhere.
+        self.machine = ManifestMachine(DEFAULT_LIMITS)
         self.replica = ReplicaCore(config.replica, persisted, self.machine, rng, now_ms)
         self.duties = LeaderDuties(config.duties)
         self.stats = NodeStats()
@@ -445,6 +459,10 @@ class NodeCore:
         # frees it first), so a freed slot is refilled in the same commit, not the next.
         self._releasing: dict[str, dict[str, None]] = {}
         self._releasing_batches: dict[int, tuple[tuple[str, str], ...]] = {}  # token -> ids
+        # Submits proposed and not yet applied (log index -> specs): a lease proposed
+        # behind one may take its tasks (applied in log order, they exist by then), so a
+        # parked poll is woken by the proposal, not one commit later.
+        self._incoming: dict[int, tuple[TaskSpec, ...]] = {}
         self._watches: dict[int, frozenset[str]] = {}
         # Negative tokens: proposals of the node itself (duties, report batches).
         self._internal_tokens = 0
@@ -607,6 +625,10 @@ class NodeCore:
                     self._reply(request_id, self.status())
             case WatchRequest():
                 self._watch(request_id, request)
+            case AckExportRequest():
+                if self._leading_or_refuse(request_id):
+                    ack = AckExport(wall_ms, request.through_seq)
+                    self._propose(request_id, request, ack)
             case RegisterRequest():
                 if self._leading_or_refuse(request_id):
                     command = RegisterAgent(
@@ -673,6 +695,9 @@ class NodeCore:
         results, self.machine.results = tuple(self.machine.results), []
         self.last_applied = results
         self._cluster_clock.applied(self.manifest.latest_command_ms, self._now_ms)
+        applied = self.replica.raft.applied
+        for index in [i for i in self._incoming if i <= applied]:
+            del self._incoming[index]  # applied (or replaced by another term's entry)
         # Outcomes first (a lease poll that leased nothing parks), then the wake-ups of
         # what was applied (which may be work for that very poll).
         self._after_input()
@@ -777,7 +802,7 @@ class NodeCore:
                     self._cluster_ms - seen if seen is not None else -1,
                 )
             )
-        counts = self.manifest.counts_by_state()
+        counts = self.manifest.status_counts()  # every state, FAILED included
         return StatusResponse(
             node_id=self.id,
             leader_id=leader,
@@ -786,7 +811,7 @@ class NodeCore:
             commit_index=raft.commit,
             members=tuple(members),
             agents=tuple(agents),
-            tasks_by_state=tuple(sorted((str(k), v) for k, v in counts.items())),
+            tasks_by_state=tuple(sorted(counts.items())),
             voters=membership.voters,
             learners=membership.learners,
             membership_index=max(0, raft.membership_index),
@@ -807,11 +832,43 @@ class NodeCore:
             return
         limits = self.config.limits
         specs = []
+        unplaceable: dict[tuple[Resources, str, str], str] = {}  # batches repeat shapes
         for position, task in enumerate(request.tasks):
             where = f"tasks[{position}]"
             if not task.idempotency_key:
                 self._error(
                     request_id, ErrorCode.INVALID_ARGUMENT, f"{where}.idempotency_key: required"
+                )
+                return
+            # Names checked first, as every replica would: later messages quote them.
+            for label, name in (
+                ("idempotency_key", task.idempotency_key),
+                ("function", task.function),
+                ("cloud", task.cloud),
+                ("region", task.region),
+            ):
+                size = len(name.encode("utf-8", "surrogatepass"))
+                if size > limits.name_bytes_max:
+                    self._error(
+                        request_id,
+                        ErrorCode.RESOURCE_EXHAUSTED,
+                        f"{where}.{label} {quote(name)} is {size} bytes; limit "
+                        f"name_bytes_max={limits.name_bytes_max}",
+                    )
+                    return
+            # A task no agent could ever run would wait PENDING for ever without a
+            # word: refused, saying what it needs and what the agents have.
+            shape = (task.resources, task.cloud, task.region)
+            if shape not in unplaceable:
+                unplaceable[shape] = self.manifest.unplaceable(
+                    task.resources, task.cloud or None, task.region or None
+                )
+            if unplaceable[shape]:
+                self._error(
+                    request_id,
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"{where}: no agent can ever run it: {unplaceable[shape]}; register an "
+                    "agent that big (or ask for less) and submit again",
                 )
                 return
             args_json = task.args_json or "{}"
@@ -846,7 +903,11 @@ class NodeCore:
                     region=task.region or None,
                 )
             )
-        self._propose(request_id, request, SubmitTasks(self._cluster_ms, tuple(specs)))
+        index = self._propose(request_id, request, SubmitTasks(self._cluster_ms, tuple(specs)))
+        if index is not None:
+            self._incoming[index] = tuple(specs)
+            if self._parked:
+                self._wake_parked()  # a poll these tasks fit goes right behind the submit
 
     def _read(self, request_id: int, request: GetRequest | ListRequest) -> None:
         if not self._leading_or_refuse(request_id):
@@ -1012,13 +1073,7 @@ class NodeCore:
         empty. True when it proposed."""
         request = pending.request
         assert isinstance(request, LeaseRequest)
-        claim = self.manifest.leasable_tasks(
-            request.agent_id,
-            request.free,
-            request.max_tasks,
-            frozenset(self._claimed),
-            frozenset(self._releasing.get(request.agent_id, ())),
-        )
+        claim = self._lease_claim(request)
         if claim == ():
             if self._now_ms < pending.poll_deadline_ms:
                 self._park(request_id, pending)
@@ -1038,10 +1093,30 @@ class NodeCore:
         pending.stage = _Stage.PROPOSED
         pending.deadline_ms = self._request_deadline()
         pending.claim = claim or ()
-        if not self._propose(request_id, request, command, pending):
+        if self._propose(request_id, request, command, pending) is None:
             return False
         self._claimed.update(pending.claim)
         return True
+
+    def _lease_claim(self, request: LeaseRequest) -> tuple[str, ...] | None:
+        """The tasks a LeaseTasks proposed now for `request` would take: of those that
+        exist, else of those that proposed submits will create. None: the agent is
+        unknown or down (the command gives the refusal)."""
+        claimed = frozenset(self._claimed)
+        releasing = frozenset(self._releasing.get(request.agent_id, ()))
+        claim = self.manifest.leasable_tasks(
+            request.agent_id, request.free, request.max_tasks, claimed, releasing
+        )
+        if claim == () and self._incoming:
+            claim = self.manifest.leasable_incoming(
+                request.agent_id,
+                request.free,
+                request.max_tasks,
+                claimed,
+                releasing,
+                sorted(self._incoming.items()),
+            )
+        return claim
 
     def _park(self, request_id: int, pending: _Pending) -> None:
         pending.stage = _Stage.PARKED
@@ -1061,14 +1136,7 @@ class NodeCore:
                 continue
             request = pending.request
             assert isinstance(request, LeaseRequest)
-            claim = self.manifest.leasable_tasks(
-                request.agent_id,
-                request.free,
-                request.max_tasks,
-                frozenset(self._claimed),
-                frozenset(self._releasing.get(request.agent_id, ())),
-            )
-            if claim == ():
+            if self._lease_claim(request) == ():
                 continue
             del self._parked[request_id]
             self.stats.polls_woken += 1
@@ -1082,28 +1150,29 @@ class NodeCore:
         request: ApiRequest,
         command: Command,
         pending: _Pending | None = None,
-    ) -> bool:
-        """Propose `command` for a request; on refusal the request is answered here."""
+    ) -> int | None:
+        """Propose `command` for a request: its log index, or None when refused (the
+        request is answered here)."""
         data = self._encode(request_id, command)
         if data is None:
             self._pending.pop(request_id, None)
-            return False
+            return None
         try:
-            self.replica.propose(data, request_id)
+            index, _ = self.replica.propose(data, request_id)
         except NotLeader:
             self._pending.pop(request_id, None)
             self._not_leader(request_id)
-            return False
+            return None
         except ProposalDropped as error:
             self._pending.pop(request_id, None)
             self._error(request_id, ErrorCode.UNAVAILABLE, f"not proposed: {error}; retry")
-            return False
+            return None
         kind = type(command).__name__
         self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
         self._wait(
             request_id, pending or _Pending(request, _Stage.PROPOSED, self._request_deadline())
         )
-        return True
+        return index
 
     def _encode(self, request_id: int, command: Command) -> bytes | None:
         try:
@@ -1124,7 +1193,9 @@ class NodeCore:
         return data
 
     def _run_duties(self) -> None:
-        for command in self.duties.due(self.manifest, self._cluster_ms):
+        due = self.duties.due(self.manifest, self._cluster_ms)
+        due += self.duties.limits_due(self.manifest, self.config.limits, self._cluster_ms)
+        for command in due:
             kind = type(command).__name__
             try:
                 data = encode_command(command)
@@ -1313,6 +1384,9 @@ class NodeCore:
                 self._reply(request_id, RegisterResponse(heartbeat_interval_ms=interval))
             case LeaseRequest():
                 self._reply(request_id, LeaseResponse(tuple(_leased(t) for t in result.tasks)))
+            case AckExportRequest():
+                watermark = self.manifest.export_watermark_seq
+                self._reply(request_id, AckExportResponse(export_watermark_seq=watermark))
             case _:
                 raise AssertionError(f"no proposal is made for {type(request).__name__}")
 
@@ -1320,19 +1394,32 @@ class NodeCore:
         if isinstance(request, GetRequest):
             task = self.manifest.get_task(request.task_id)
             if task is None:
-                self._error(request_id, ErrorCode.NOT_FOUND, f"no task {request.task_id!r:.80}")
+                pruned = self.manifest.pruned_through_seq
+                why = f" (finished tasks through #{pruned} are pruned)" if pruned else ""
+                self._error(
+                    request_id, ErrorCode.NOT_FOUND, f"no task {quote(request.task_id)}{why}"
+                )
             else:
                 self._reply(request_id, GetResponse(task_view(task)))
             return
         assert isinstance(request, ListRequest)
         limit = min(request.limit or self.config.list_limit_default, self.config.list_limit_max)
-        tasks = self.manifest.list_tasks(
-            limit=max(1, limit),
-            state=request.state,
-            function=request.function or None,
-            agent_id=request.agent_id or None,
+        try:
+            tasks, next_token = list_page(self.manifest, request, max(1, limit))
+        except PageTokenError as error:
+            self._error(request_id, ErrorCode.INVALID_ARGUMENT, str(error))
+            return
+        manifest = self.manifest
+        response = ListResponse(
+            tuple(task_view(t) for t in tasks),
+            next_page_token=next_token,
+            finished_seq_last=manifest.finished_seq_last,
+            pruned_through_seq=manifest.pruned_through_seq,
+            export_watermark_seq=manifest.export_watermark_seq,
+            tasks_kept=manifest.task_count,
+            tasks_max=manifest.limits.tasks_max,
         )
-        self._reply(request_id, ListResponse(tuple(task_view(t) for t in tasks)))
+        self._reply(request_id, response)
 
     def _on_applied(self, results: tuple[ApplyResult, ...]) -> None:
         wake = False
@@ -1381,6 +1468,7 @@ class NodeCore:
             self._next_duties_ms = self._now_ms + self.config.duties_interval_ms
         elif not leader and self._was_leader:
             self._cluster_clock.stop_leading()
+            self._incoming.clear()
             self.duties.lost_leadership()
             queued, self._report_queue = self._report_queue, []
             for request_id in queued:

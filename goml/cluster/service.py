@@ -5,15 +5,17 @@ driven by the asyncio runtime (`goml.raft.node.NodeRuntime`), and the gRPC servi
 Nothing here decides: a gRPC call is converted to an API request (`goml.api.wire`),
 handed to the core, and its reply converted back; a refusal becomes the status code
 and trailing metadata of `goml.api.wire.status_of` (NOT_LEADER: FAILED_PRECONDITION
-with the leader's id and address, which the client library follows). Tokens are
-checked here, before a request reaches the core.
+with the leader's id and address, which the client library follows). Every call is
+admitted here, before it reaches the core, by `goml.api.auth.admit` (the one table of
+which role may call what): the caller's identity from its certificate and its token from
+the node's tokens file (`goml.cluster.certs.TokensFile`). A request this node forwards
+carries the identity it admitted, and the leader admits it again as that caller's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import logging
 import random
@@ -27,6 +29,17 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from goml.api.auth import (
+    AGENT_METHODS,
+    AUTHORIZATION_KEY,
+    FORWARDED_BY_KEY,
+    FORWARDED_FOR_KEY,
+    Admission,
+    CallCredentials,
+    Identity,
+    admit,
+    bearer,
+)
 from goml.api.channels import reconnect_options
 from goml.api.task_args import validate_args
 from goml.api.types import (
@@ -53,6 +66,7 @@ from goml.api.wire import (
     status_of,
     trailing_metadata,
 )
+from goml.cluster.certs import TokensFile
 from goml.cluster.config import NodeFileConfig
 from goml.cluster.metrics import Metrics
 from goml.cluster.node_core import (
@@ -71,9 +85,11 @@ from goml.raft.types import HardState, Message, NodeId, ProposalDropped
 log = logging.getLogger(__name__)
 
 WATCH_QUEUE_MAX = 1024
+ERROR_MESSAGE_CHARS_MAX = 2048  # of a refusal's gRPC status details (see _abort)
 # Metadata of a request a follower forwards to the leader (it is never forwarded again).
-FORWARDED_KEY = "x-goml-forwarded-by"
-AGENT_METHODS = frozenset({Method.REGISTER, Method.HEARTBEAT, Method.LEASE, Method.REPORT})
+FORWARDED_KEY = FORWARDED_BY_KEY
+# The metadata admission reads; each may appear once.
+_AUTH_KEYS = (AUTHORIZATION_KEY, FORWARDED_BY_KEY, FORWARDED_FOR_KEY)
 METRICS_EVERY_MS = 200
 # The core answers every request within request_timeout_ms; this margin only guards
 # against a stuck loop, so a caller is never left waiting for ever.
@@ -89,7 +105,8 @@ class ControlPlane:
         config: NodeFileConfig,
         core_config: NodeCoreConfig,
         runtime: NodeRuntime[NodeReady],
-        token: str,
+        tokens: TokensFile,
+        node_token: str,
         metrics: Metrics,
         seed: bytes,
         channel_credentials: grpc.ChannelCredentials | None,
@@ -97,12 +114,17 @@ class ControlPlane:
         self.config = config
         self.core_config = core_config
         self.runtime = runtime
-        self.token = token
+        self.tokens = tokens
         self.metrics = metrics
         self._seed = seed
         self._channel_credentials = channel_credentials
         self._forward_channels: dict[str, grpc.aio.Channel] = {}
-        self._forward_metadata = (("authorization", f"Bearer {token}"),)
+        # A forwarding node shows its own token (and certificate); FORWARDED_FOR names whom for.
+        self._forward_metadata = (
+            (AUTHORIZATION_KEY, f"Bearer {node_token}"),
+            (FORWARDED_BY_KEY, config.node_id),
+        )
+        self._acting: dict[int, Identity] = {}  # request id -> the identity it runs as
         self._core: NodeCore | None = None
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[tuple[ApiResponse | ApiError, str]]] = {}
@@ -148,23 +170,40 @@ class ControlPlane:
 
     # ------------------------------------------------------------ calls
 
-    def check_token(self, metadata: tuple[tuple[str, Any], ...] | None) -> ApiError | None:
-        for key, value in metadata or ():
-            if key == "authorization" and isinstance(value, str):
-                presented = value.removeprefix("Bearer ").strip()
-                if hmac.compare_digest(presented.encode(), self.token.encode()):
-                    return None
-                return ApiError(ErrorCode.UNAUTHENTICATED, "wrong token")
-        return ApiError(
-            ErrorCode.UNAUTHENTICATED, "missing token: send 'authorization: Bearer <token>'"
+    def admit(self, method: Method, request: ApiRequest, context: Any) -> Admission | ApiError:
+        """Who makes this call and whether they may (`goml.api.auth.admit`): the peer
+        certificate from the TLS session, the token and forwarding from the metadata."""
+        values: dict[str, list[str]] = {key: [] for key in _AUTH_KEYS}
+        for key, value in context.invocation_metadata() or ():
+            if key in values:
+                values[key].append(value if isinstance(value, str) else "")
+        for key, found in values.items():
+            if len(found) > 1:
+                return ApiError(
+                    ErrorCode.UNAUTHENTICATED, f"metadata {key} given {len(found)} times"
+                )
+        tls = self.config.tls is not None
+        uris = context.auth_context().get("peer_uri", []) if tls else []
+        authorization = values[AUTHORIZATION_KEY]
+        forwarded_by, forwarded_for = values[FORWARDED_BY_KEY], values[FORWARDED_FOR_KEY]
+        call = CallCredentials(
+            tls=tls,
+            peer_uris=tuple(u.decode("utf-8", "replace") for u in uris),
+            token=bearer(authorization[0]) if authorization else None,
+            forwarded_by=forwarded_by[0] if forwarded_by else None,
+            forwarded_for=forwarded_for[0] if forwarded_for else None,
         )
+        return admit(call, method, request, self.tokens.table())
 
     async def call(
-        self, request: ApiRequest, forwarded: bool = False
+        self, request: ApiRequest, admission: Admission
     ) -> tuple[ApiResponse | ApiError, str]:
         """Hand `request` to the core; its one final reply (or UNAVAILABLE), and the
-        leader that served it when this node forwarded it ("" otherwise)."""
+        leader that served it when this node forwarded it ("" otherwise). A request a
+        node forwarded here is never forwarded again."""
+        forwarded = admission.forwarded
         request_id = next(self._ids)
+        self._acting[request_id] = admission.acting
         future: asyncio.Future[tuple[ApiResponse | ApiError, str]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -190,6 +229,7 @@ class ControlPlane:
             return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: no answer in time"), ""
         finally:
             self._calls.pop(request_id, None)
+            self._acting.pop(request_id, None)
         if isinstance(request, SubmitRequest) and not isinstance(outcome, ApiError):
             self.metrics.submit_seconds.observe(time.monotonic() - started)
         if isinstance(outcome, StatusResponse):
@@ -284,15 +324,20 @@ class ControlPlane:
         """Carry a request the core forwards to the leader's API, and its answer back."""
         method = METHOD_OF_REQUEST[type(forward.request)]
         outcome: ApiResponse | ApiError
+        acting = self._acting.get(forward.request_id)
         try:
+            if acting is None:  # the caller timed out and went: nobody to act for
+                raise _CallerGone
             stub = self._leader_stub(forward.leader, method)
             rpc = getattr(stub, method.value)
             answer = await rpc(
                 request_to_pb(forward.request),
                 timeout=forward.timeout_ms / 1000,
-                metadata=(*self._forward_metadata, (FORWARDED_KEY, self.config.node_id)),
+                metadata=(*self._forward_metadata, (FORWARDED_FOR_KEY, str(acting))),
             )
             outcome = response_from_pb(method, answer)
+        except _CallerGone:
+            outcome = ApiError(ErrorCode.UNAVAILABLE, "the caller went before it was forwarded")
         except grpc.aio.AioRpcError as error:
             trailing = {
                 str(k): v if isinstance(v, str) else v.decode("utf-8", "replace")
@@ -386,6 +431,10 @@ class ControlPlane:
                 queue.put_nowait(failure)
 
 
+class _CallerGone(Exception):
+    """A forward whose caller is no longer waiting."""
+
+
 def _present(response: ApiResponse | None) -> ApiResponse:
     assert response is not None
     return response
@@ -395,22 +444,27 @@ def _present(response: ApiResponse | None) -> ApiResponse:
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> NoReturn:
+    # The details travel as a header: messages quote user input bounded already
+    # (manifest.quote); this cut only keeps a message nobody bounded from breaking the
+    # call instead of answering it.
+    message = error.message
+    if len(message) > ERROR_MESSAGE_CHARS_MAX:
+        message = f"{message[:ERROR_MESSAGE_CHARS_MAX]}... ({len(message)} characters)"
     if error.code is not ErrorCode.NOT_LEADER:
-        log.info("refused: %s %s", error.code, error.message)
+        log.info("refused: %s %s", error.code, message)
     trailing = trailing_metadata(error)
     if trailing:
         context.set_trailing_metadata(trailing)
-    await context.abort(status_of(error), error.message)
+    await context.abort(status_of(error), message)
     raise AssertionError("abort returned")
 
 
 async def _unary(plane: ControlPlane, method: Method, request: Any, context: Any) -> Any:
-    metadata = context.invocation_metadata()
-    refused = plane.check_token(metadata)
-    if refused is not None:
-        await _abort(context, refused)
-    forwarded = any(key == FORWARDED_KEY for key, _ in metadata or ())
-    outcome, served_by = await plane.call(request_from_pb(method, request), forwarded)
+    api_request = request_from_pb(method, request)
+    admission = plane.admit(method, api_request, context)
+    if isinstance(admission, ApiError):
+        await _abort(context, admission)
+    outcome, served_by = await plane.call(api_request, admission)
     if isinstance(outcome, ApiError):
         await _abort(context, outcome)
     if served_by:  # forwarded: the caller may go to the leader directly next time
@@ -437,16 +491,18 @@ class ClientServicer(api_pb2_grpc.ClientServicer):
     async def Status(self, request: Any, context: Any) -> Any:
         return await _unary(self.plane, Method.STATUS, request, context)
 
+    async def AckExport(self, request: Any, context: Any) -> Any:
+        return await _unary(self.plane, Method.ACK_EXPORT, request, context)
+
     async def ChangeMembership(self, request: Any, context: Any) -> Any:
-        # TODO(auth): admin-only once roles (goml.api.auth) land.
         return await _unary(self.plane, Method.CHANGE_MEMBERSHIP, request, context)
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        refused = self.plane.check_token(context.invocation_metadata())
-        if refused is not None:
-            await _abort(context, refused)
         watch = request_from_pb(Method.WATCH, request)
         assert isinstance(watch, WatchRequest)
+        admission = self.plane.admit(Method.WATCH, watch, context)
+        if isinstance(admission, ApiError):
+            await _abort(context, admission)
         async for item in self.plane.watch(watch):
             if isinstance(item, ApiError):
                 await _abort(context, item)

@@ -59,7 +59,7 @@ class TaskSpec(_message.Message):
     def __init__(self, function: _Optional[str] = ..., args_json: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "spec", "state", "attempts", "agent_id", "epoch", "result_json", "error", "submitted_ms", "finished_ms", "lease_deadline_ms")
+    __slots__ = ("id", "spec", "state", "attempts", "agent_id", "epoch", "result_json", "error", "submitted_ms", "finished_ms", "lease_deadline_ms", "finished_seq")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class Task(_message.Message):
     SUBMITTED_MS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_SEQ_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TaskSpec
     state: TaskState
@@ -82,7 +83,8 @@ class Task(_message.Message):
     submitted_ms: int
     finished_ms: int
     lease_deadline_ms: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., agent_id: _Optional[str] = ..., epoch: _Optional[int] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., submitted_ms: _Optional[int] = ..., finished_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ...) -> None: ...
+    finished_seq: int
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempts: _Optional[int] = ..., agent_id: _Optional[str] = ..., epoch: _Optional[int] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., submitted_ms: _Optional[int] = ..., finished_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ..., finished_seq: _Optional[int] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("tasks",)
@@ -105,22 +107,54 @@ class GetRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("state", "function", "agent_id", "limit")
+    __slots__ = ("state", "function", "agent_id", "limit", "page_token", "newest_first", "finished", "finished_after_seq")
     STATE_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_FIRST_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     state: TaskState
     function: str
     agent_id: str
     limit: int
-    def __init__(self, state: _Optional[_Union[TaskState, str]] = ..., function: _Optional[str] = ..., agent_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    newest_first: bool
+    finished: bool
+    finished_after_seq: int
+    def __init__(self, state: _Optional[_Union[TaskState, str]] = ..., function: _Optional[str] = ..., agent_id: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ..., newest_first: _Optional[bool] = ..., finished: _Optional[bool] = ..., finished_after_seq: _Optional[int] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "next_page_token", "finished_seq_last", "pruned_through_seq", "export_watermark_seq", "tasks_kept", "tasks_max")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_SEQ_LAST_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_WATERMARK_SEQ_FIELD_NUMBER: _ClassVar[int]
+    TASKS_KEPT_FIELD_NUMBER: _ClassVar[int]
+    TASKS_MAX_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    finished_seq_last: int
+    pruned_through_seq: int
+    export_watermark_seq: int
+    tasks_kept: int
+    tasks_max: int
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., finished_seq_last: _Optional[int] = ..., pruned_through_seq: _Optional[int] = ..., export_watermark_seq: _Optional[int] = ..., tasks_kept: _Optional[int] = ..., tasks_max: _Optional[int] = ...) -> None: ...
+
+class AckExportRequest(_message.Message):
+    __slots__ = ("through_seq",)
+    THROUGH_SEQ_FIELD_NUMBER: _ClassVar[int]
+    through_seq: int
+    def __init__(self, through_seq: _Optional[int] = ...) -> None: ...
+
+class AckExportResponse(_message.Message):
+    __slots__ = ("export_watermark_seq",)
+    EXPORT_WATERMARK_SEQ_FIELD_NUMBER: _ClassVar[int]
+    export_watermark_seq: int
+    def __init__(self, export_watermark_seq: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("task_ids",)

@@ -15,6 +15,8 @@ configuration from its log itself (not from what the core says), and checks that
 
 from __future__ import annotations
 
+import bisect
+
 from goml.raft.core import RaftCore
 from goml.raft.types import Entry, EntryKind, Membership, NodeId, Role
 
@@ -35,6 +37,13 @@ class SafetyChecker:
         self.configs: dict[int, bytes] = {}  # index -> configuration, as applied
         self._elected: set[tuple[NodeId, int]] = set()
         self._commit_checked: dict[tuple[NodeId, int], int] = {}
+        # When each index was first seen committed: (highest index, term of the leader
+        # whose commit reached it), both increasing. Leader completeness is about the
+        # leaders of that term and later ones: a stale leader (say one whose disk
+        # stalled while a newer term elected and committed) may lack what a newer term
+        # committed until it hears of that term, as Raft allows.
+        self._commit_indexes: list[int] = []
+        self._commit_terms: list[int] = []
 
     def observe(self, node_id: NodeId, core: RaftCore) -> None:
         """Call after every step of `core`."""
@@ -46,12 +55,18 @@ class SafetyChecker:
                 raise SafetyViolation(
                     f"election safety: {holder} and {node_id} both lead term {core.term}"
                 )
-            # Leader completeness: every entry applied anywhere is in this leader's log.
+            if core.commit > (self._commit_indexes[-1] if self._commit_indexes else 0):
+                self._commit_indexes.append(core.commit)
+                self._commit_terms.append(core.term)
+            # Leader completeness: every entry committed in this term or an earlier one,
+            # and applied anywhere, is in this leader's log.
             key = (node_id, core.term)
             start = max(self._completeness_checked.get(key, 0), core.log.snapshot_index) + 1
             for index in range(start, self.applied_max + 1):
                 known = self.applied.get(index)
-                if known is not None and core.log.term_at(index) != known[0]:
+                if known is None or self._committed_in(index, known[0]) > core.term:
+                    continue
+                if core.log.term_at(index) != known[0]:
                     raise SafetyViolation(
                         f"leader completeness: {node_id} (term {core.term}) lacks committed "
                         f"entry {index}/{known[0]}"
@@ -113,6 +128,14 @@ class SafetyChecker:
                     f"{node_id} appended a configuration at {index} before committing an "
                     f"entry of its term {core.term}"
                 )
+
+    def _committed_in(self, index: int, entry_term: int) -> int:
+        """The term in which `index` was first seen committed (its own term when no
+        leader was seen committing it: never later than its commit)."""
+        found = bisect.bisect_left(self._commit_indexes, index)
+        if found == len(self._commit_indexes):
+            return entry_term
+        return max(entry_term, self._commit_terms[found])
 
     def applied_entry(self, node_id: NodeId, entry: Entry) -> None:
         """State-machine safety: every node applies the same entry at each index."""

@@ -62,6 +62,9 @@ from goml.raft.types import (
 )
 
 _FROM_LEADER = (MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT)
+# What a leader sends of its own accord: replication and transfer, never an answer that
+# promises a vote or stored entries (those wait for the write: `Ready.send_before_persist`).
+_LEADER_TRAFFIC = frozenset((*_FROM_LEADER, MessageType.TIMEOUT_NOW))
 _VOTE_REQUESTS = (MessageType.PRE_VOTE, MessageType.VOTE)
 
 
@@ -509,6 +512,7 @@ class RaftCore:
         # Apply only what is committed and stored here (the commit index can run ahead
         # of this node's log only transiently and never past its last entry).
         apply_to = min(self.commit, self.log.last_index)
+        persisted = self._persisted_hard_state
         ready = Ready(
             snapshot=self._pending_snapshot,
             entries=entries,
@@ -526,7 +530,22 @@ class RaftCore:
                 or hard_state.peers != self._persisted_hard_state.peers
                 or (hard_state.restoring and not self._persisted_hard_state.restoring)
             ),
+            # Raft dissertation §10.2.1: a leader may send its entries while it writes
+            # them, because it counts itself for them only at `advance` (`_maybe_commit`
+            # reads the stable index). Only a leader's own traffic, and only when what
+            # its messages rest on is stored already: its term and vote (a candidate
+            # stored them before asking for votes), its peers' stores and restoring.
+            send_before_persist=bool(
+                self.role is Role.LEADER
+                and self._pending_snapshot is None
+                and hard_state.term == persisted.term
+                and hard_state.vote == persisted.vote
+                and hard_state.restoring == persisted.restoring
+                and hard_state.peers == persisted.peers
+                and all(m.type in _LEADER_TRAFFIC for m in self._messages)
+            ),
         )
+        assert not (ready.send_before_persist and ready.snapshot), "a leader installs none"
         self._messages.clear()
         self._read_states.clear()
         self._ready_outstanding = True

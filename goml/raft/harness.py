@@ -6,12 +6,16 @@ compaction and deferred commit writes), over a state machine that keeps every co
 One thread, one event queue, virtual time. The network delays, drops, duplicates,
 reorders and partitions messages; nodes crash (sometimes after persisting but before
 sending, the nastiest moment) and restart from exactly what their store holds; logs
-are compacted so that snapshots travel. Members come and go: new nodes join as
-learners and are promoted, voters and learners (the leader too) are removed and their
-processes stopped a while later, and a removed name may come back, with a fresh disk
-or with the one it had. Every step is checked against Raft's safety properties and
-against two quorums deciding apart (SafetyChecker); at the end the cluster is healed
-and every acknowledged proposal must be applied exactly once on every member.
+are compacted so that snapshots travel. Disks fail too: a node's disk may be lost
+(amnesia), may refuse a write (a full disk: the runtime stops, nothing of that Ready is
+stored or sent, and the node is restarted later) or may stall one (nothing of that node
+moves until the write is durable; a crash meanwhile loses it). Members come and go: new
+nodes join as learners and are promoted, voters and learners (the leader too) are
+removed and their processes stopped a while later, and a removed name may come back,
+with a fresh disk or with the one it had. Every step is checked against Raft's safety
+properties and against two quorums deciding apart (SafetyChecker); at the end the
+cluster is healed and every acknowledged proposal must be applied exactly once on every
+member.
 
 Replay a seed: `python -m goml.raft.harness --seed N` (the failure message says so).
 """
@@ -23,12 +27,13 @@ import hashlib
 import heapq
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass, field
 
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.core import RaftCore
-from goml.raft.replica import Applied, ReplicaConfig, ReplicaCore
+from goml.raft.replica import Applied, ReplicaConfig, ReplicaCore, ReplicaReady
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import (
     ChangeKind,
@@ -56,6 +61,11 @@ class Faults:
     heal_after_ms_max: int = 1500
     compact_every_entries: int = 12
     wipe: float = 0.2  # share of crashes that also lose the node's disk (amnesia)
+    # Per Ready with something to write: the write fails (a full disk), or stalls for up
+    # to stall_ms_max (a slow fsync).
+    persist_fail: float = 0.004
+    stall: float = 0.004
+    stall_ms_max: int = 400
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,10 @@ class _Node:
     replica: ReplicaCore | None
     machine: _Commands
     tick_generation: int = 0
+    # A stalled write: the Ready waiting for its disk, and what arrived meanwhile.
+    stalled: ReplicaReady | None = None
+    stall_id: int = 0
+    inbox: list[Message] = field(default_factory=list)
 
     @property
     def core(self) -> RaftCore | None:
@@ -155,6 +169,8 @@ class Cluster:
         self.proposal_count = 0
         self.events = 0
         self.wipes = 0
+        self.disk_full = 0  # writes refused
+        self.stalls = 0
         self.unrepaired: dict[NodeId, int] = {}  # wiped node -> commit index at its wipe
         for node_id in self.ids:
             self.nodes[node_id] = _Node(MemoryStorage(), None, _Commands(node_id))
@@ -202,7 +218,7 @@ class Cluster:
     def settle(self, settle_ms: int) -> None:
         """Heal everything, restart every node, stop faults, and let the cluster converge."""
         self.blocked.clear()
-        self._queue = [e for e in self._queue if e.kind in ("deliver", "tick")]
+        self._queue = [e for e in self._queue if e.kind in ("deliver", "tick", "persisted")]
         heapq.heapify(self._queue)
         for node_id in sorted(self.retiring):
             self._retire(node_id)
@@ -211,7 +227,12 @@ class Cluster:
                 self._start(node_id)
         saved = self.faults
         self.faults = Faults(
-            drop=0.0, duplicate=0.0, crash_every_ms=10**9, partition_every_ms=10**9
+            drop=0.0,
+            duplicate=0.0,
+            crash_every_ms=10**9,
+            partition_every_ms=10**9,
+            persist_fail=0.0,
+            stall=0.0,
         )
         end = self.now_ms + settle_ms
         while self._queue and self._queue[0].at_ms <= end:
@@ -229,15 +250,23 @@ class Cluster:
         if kind == "deliver":
             assert event.message is not None
             node = self.nodes[event.node]
-            if node.replica is not None:
+            if node.replica is not None and node.stalled is not None:
+                node.inbox.append(event.message)  # the runtime is waiting for its disk
+            elif node.replica is not None:
                 self._record("deliver", event.node, event.message.type.name)
                 node.replica.step(event.message, self.now_ms)
                 self._drain(event.node)
         elif kind == "tick":
             node = self.nodes[event.node]
-            if node.replica is not None and event.generation == node.tick_generation:
+            if (
+                node.replica is not None
+                and node.stalled is None  # rescheduled once the stalled write completes
+                and event.generation == node.tick_generation
+            ):
                 node.replica.tick(self.now_ms)
                 self._drain(event.node)
+        elif kind == "persisted":
+            self._persisted(event.node, event.generation)
         elif kind == "propose":
             self._propose()
             self._schedule(self.now_ms + self.rng.randint(1, 40), "propose")
@@ -279,12 +308,14 @@ class Cluster:
     # ------------------------------------------------------------- membership
 
     def _leader(self) -> ReplicaCore | None:
-        """The live leader of the highest term, if any."""
+        """The live leader of the highest term, if any (not one waiting for its disk:
+        its runtime takes no input, as _propose knows)."""
         best: ReplicaCore | None = None
         for node_id in self.ids:
             replica = self.nodes[node_id].replica
             if (
                 replica is not None
+                and self.nodes[node_id].stalled is None
                 and replica.raft.role is Role.LEADER
                 and (best is None or replica.raft.term > best.raft.term)
             ):
@@ -379,7 +410,10 @@ class Cluster:
         self._record("retire", node_id, "")
 
     def _propose(self) -> None:
-        live = [n for n in self.ids if self.nodes[n].core is not None]
+        # A node waiting for its disk takes no input (its runtime is blocked).
+        live = [
+            n for n in self.ids if self.nodes[n].core is not None and self.nodes[n].stalled is None
+        ]
         if not live:
             return
         # Clients mostly find the leader; sometimes they hit a follower and are refused.
@@ -409,12 +443,14 @@ class Cluster:
     def _may_wipe(self, victim: NodeId) -> bool:
         """Amnesia within what Raft with store identities promises: one disk lost at a
         time (no earlier wiped node still lacks what was committed when it was wiped),
-        while every other node is up and trusts the victim's current store (so a peer
-        that knew it can tell the new one; see RaftCore._from_live_store)."""
+        while every other node is up and trusts the current store of every node (so a
+        peer that knew the victim's can tell the new one, see RaftCore._from_live_store;
+        and no earlier replacement is still news to anyone: a node that still holds one
+        tells the replaced node again after a restart of its own, and with the victim
+        wiped too, two of three would refuse their votes for good)."""
         self._forget_repaired()
         if self.unrepaired:
             return False
-        incarnation = self.nodes[victim].storage.incarnation
         for node_id in self.ids:
             core = self.nodes[node_id].core
             voters = core.voters if core is not None else ()
@@ -428,8 +464,12 @@ class Cluster:
             core = self.nodes[node_id].core
             if core is None or core.restoring:
                 return False
-            if core.trusted_store(victim) != incarnation:
-                return False
+            for peer in self.ids:
+                if (
+                    peer != node_id
+                    and core.trusted_store(peer) != self.nodes[peer].storage.incarnation
+                ):
+                    return False
         return not self.nodes[victim].storage.hard_state.restoring
 
     def _forget_repaired(self) -> None:
@@ -449,12 +489,15 @@ class Cluster:
         node = self.nodes[node_id]
         node.replica = None
         node.tick_generation += 1
+        node.stalled = None  # a write under way is lost (the store's transaction is atomic)
+        node.inbox = []
         self._record("crash", node_id, "")
 
     def _drain(self, node_id: NodeId) -> None:
         node = self.nodes[node_id]
         replica = node.replica
         assert replica is not None
+        assert node.stalled is None, "nothing runs while a write stalls"
         for _ in range(1000):  # bounded: a core that never runs dry is a bug
             if not replica.has_ready():
                 break
@@ -463,22 +506,80 @@ class Cluster:
                 if isinstance(outcome, Applied) and outcome.token in self.proposed:
                     # Acknowledged: this is what a caller of the proposing node is told.
                     self.acknowledged.add(self.proposed[outcome.token])
-            if ready.compacted is not None:
-                node.storage.compact(ready.compacted)
-            node.storage.persist(ready.snapshot, ready.entries, ready.hard_state, ready.must_sync)
+            if ready.send_before_persist:
+                # As goml.raft.node does: a leader's appends leave before its write, so a
+                # crash, a full disk or a stall below hits a Ready already sent.
+                for message in ready.messages:
+                    self._send(message)
+                if self.rng.random() < 0.002 * self.faults.crash_before_send:
+                    # Sent, nothing stored: nothing acknowledged may be lost.
+                    self._crash(node_id)
+                    self._schedule(self.now_ms + self.rng.randint(1, 500), "restart", node_id)
+                    return
+            if ready.writes() and self.rng.random() < self.faults.persist_fail:
+                # The disk is full: the write is refused whole and the runtime stops (as
+                # goml.raft.node does on StoreFull). Nothing of this Ready is stored or
+                # sent; the node is restarted once an operator has freed space.
+                self.disk_full += 1
+                self._record("disk-full", node_id, "")
+                self._crash(node_id)
+                restart_at = self.now_ms + self.rng.randint(1, self.faults.restart_after_ms_max)
+                self._schedule(restart_at, "restart", node_id)
+                return
+            if ready.writes() and self.rng.random() < self.faults.stall:
+                # A slow fsync: the runtime waits for it; messages to it queue up.
+                self.stalls += 1
+                node.stalled = ready
+                node.stall_id += 1
+                done_at = self.now_ms + self.rng.randint(1, self.faults.stall_ms_max)
+                self._record("stall", node_id, str(done_at - self.now_ms))
+                self._schedule(done_at, "persisted", node_id, None, node.stall_id)
+                return
+            if not self._finish(node_id, ready):
+                return
+        else:
+            raise SafetyViolation(f"{node_id}: ready() never ran dry")
+        self._schedule_tick(node_id, replica)
+
+    def _finish(self, node_id: NodeId, ready: ReplicaReady) -> bool:
+        """Persist, send (unless sent first), advance; False if the node crashed between."""
+        node = self.nodes[node_id]
+        replica = node.replica
+        assert replica is not None
+        if ready.compacted is not None:
+            node.storage.compact(ready.compacted)
+        node.storage.persist(ready.snapshot, ready.entries, ready.hard_state, ready.must_sync)
+        if not ready.send_before_persist:  # else sent already (_drain)
             if self.rng.random() < 0.002 * self.faults.crash_before_send:
                 # Crash after the write, before anything leaves: what was persisted
                 # must be enough, and nothing unsent may have been promised.
                 self._crash(node_id)
                 self._schedule(self.now_ms + self.rng.randint(1, 500), "restart", node_id)
-                return
+                return False
             for message in ready.messages:
                 self._send(message)
-            replica.advance(ready)
-            for entry in ready.committed:
-                self.checker.applied_entry(node_id, entry)
-        else:
-            raise SafetyViolation(f"{node_id}: ready() never ran dry")
+        replica.advance(ready)
+        for entry in ready.committed:
+            self.checker.applied_entry(node_id, entry)
+        return True
+
+    def _persisted(self, node_id: NodeId, stall_id: int) -> None:
+        """A stalled write is durable: finish its Ready, then what arrived meanwhile."""
+        node = self.nodes[node_id]
+        ready = node.stalled
+        if ready is None or node.replica is None or stall_id != node.stall_id:
+            return  # crashed meanwhile: the write never happened
+        node.stalled = None
+        if not self._finish(node_id, ready):
+            return
+        inbox, node.inbox = node.inbox, []
+        for message in inbox:
+            self._record("deliver", node_id, message.type.name)
+            node.replica.step(message, self.now_ms)
+        self._drain(node_id)
+
+    def _schedule_tick(self, node_id: NodeId, replica: ReplicaCore) -> None:
+        node = self.nodes[node_id]
         self._check_node(node_id, replica.raft)
         if self.changes.change_every_ms and replica.raft.role is Role.LEADER:
             self._retire_removed(at_once=False)
@@ -577,6 +678,8 @@ class RunResult:
     committed: int
     leader_terms: int
     wipes: int
+    disk_full: int  # writes refused (the node stopped and was restarted)
+    stalls: int  # writes that stalled
     changes: int  # membership changes committed
 
 
@@ -603,20 +706,41 @@ def run_seed(seed: int, duration_ms: int = 8000) -> RunResult:
         committed=len(cluster.committed),
         leader_terms=len(cluster.leaders_by_term),
         wipes=cluster.wipes,
+        disk_full=cluster.disk_full,
+        stalls=cluster.stalls,
         changes=len(cluster.checker.configs),
     )
 
 
+SEEDS_MAX = 1_000_000  # seeds of one run (as `goml raft check`)
+_SEED_RANGE = re.compile(r"(\d+)(?:-(\d+))?")
+
+
+def seed_range(text: str) -> range:
+    """`LOW-HIGH` or `SEED` (argparse calls this: a bad one is a usage error, exit 2)."""
+    match = _SEED_RANGE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a seed range: use e.g. 1-100 or 7")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if high < low:
+        raise argparse.ArgumentTypeError(f"{text!r}: LOW must not be above HIGH")
+    if high - low + 1 > SEEDS_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {SEEDS_MAX} seeds in one run")
+    return range(low, high + 1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser = argparse.ArgumentParser(
+        prog="python -m goml.raft.harness",
+        description=__doc__.splitlines()[0] if __doc__ else "",
+    )
     parser.add_argument("--seed", type=int, default=None, help="replay one seed")
-    parser.add_argument("--seeds", default="1-100", help="a range of seeds, e.g. 1-1000")
+    parser.add_argument(
+        "--seeds", type=seed_range, default="1-100", help="a range of seeds, e.g. 1-1000 or 7"
+    )
     args = parser.parse_args(argv)
-    if args.seed is not None:
-        seeds = [args.seed]
-    else:
-        low, _, high = args.seeds.partition("-")
-        seeds = list(range(int(low), int(high or low) + 1))
+    seeds = [args.seed] if args.seed is not None else list(args.seeds)
     failures = 0
     for seed in seeds:
         try:
@@ -628,6 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"seed {seed}: ok, {result.acknowledged} acknowledged, {result.committed} "
             f"committed, {result.leader_terms} leader terms, {result.wipes} disks lost, "
+            f"{result.disk_full} writes refused, {result.stalls} writes stalled, "
             f"{result.changes} membership changes, "
             f"{result.events} events, "
             f"trace {result.trace_digest[:16]}"

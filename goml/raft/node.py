@@ -10,8 +10,11 @@ drains `ready()` (STYLE.md "Order of effects"):
     hand out outputs -> store (fsync, in a worker thread) -> send -> advance
 
 Outputs (proposal outcomes, API replies) depend on nothing the same Ready stores, so
-they go first. While the store's fsync runs in its thread, new inputs queue up and join
-the next batch: that is the batching. The runtime decides nothing: the core does.
+they go first. When the core says a Ready's messages depend on nothing it stores
+(`send_before_persist`: a leader's appends), they go before the store and travel to
+the followers while the fsync runs (Raft dissertation §10.2.1). While the store's fsync
+runs in its thread, new inputs queue up and join the next batch: that is the batching.
+The runtime decides nothing: the core does.
 
 Every queue is bounded (full -> the input is refused or dropped and counted) and every
 await has a deadline.
@@ -163,6 +166,9 @@ class DrivenReady(Protocol):
     @property
     def messages(self) -> tuple[Message, ...]: ...
 
+    @property
+    def send_before_persist(self) -> bool: ...
+
     def writes(self) -> bool: ...
 
 
@@ -259,6 +265,7 @@ class NodeRuntime(Generic[R]):
         self._failure: BaseException | None = None
         self._on_iteration: list[Callable[[], None]] = []
         self._on_stop: list[Callable[[Exception], None]] = []
+        self._servicers: list[RaftPeerServicer] = []
         self._last_now_ms = 0
         self._peers_seen: dict[NodeId, str] | None = None
         self._rtt: dict[NodeId, PeerRtt] = {}
@@ -275,7 +282,7 @@ class NodeRuntime(Generic[R]):
     def servicer(self) -> RaftPeerServicer:
         """The inbound gRPC servicer for this node: add it to a `grpc.aio.Server`."""
         t = self._transport.config
-        return RaftPeerServicer(
+        servicer = RaftPeerServicer(
             node_id=self.id,
             cluster_id=t.cluster_id,
             secret=t.secret,
@@ -283,6 +290,8 @@ class NodeRuntime(Generic[R]):
             limits=self.limits,
             on_messages=self.receive,
         )
+        self._servicers.append(servicer)  # `stop` ends its inbound streams
+        return servicer
 
     async def load(self) -> PersistedState:
         """What the store holds: the input to build the core that `start` drives."""
@@ -308,6 +317,10 @@ class NodeRuntime(Generic[R]):
             return
         self._stopping = True
         self._wakeup.set()
+        # Peers' streams into this node end now with OK, before the server stops (it
+        # would cancel them, and gRPC logs every cancelled handler as an ERROR).
+        for servicer in self._servicers:
+            servicer.close()
         if self._task is not None:
             try:
                 async with asyncio.timeout(self.config.stop_timeout_s):
@@ -531,7 +544,20 @@ class NodeRuntime(Generic[R]):
                 return
             ready = core.ready()
             core.deliver(ready)
+            peers = core.peer_addresses()
+            if peers is not self._peers_seen:  # the membership changed: follow it first,
+                self._peers_seen = peers  # so messages to a new member find their stream
+                self._transport.set_peers(peers)
+            early = ready.send_before_persist
+            if early:
+                self._send(ready.messages)
             if ready.writes():
+                if early and ready.messages:
+                    # Yield once (no wait: the loop runs what is ready, in order) so
+                    # each peer's sender task hands its write to gRPC before the store's
+                    # thread starts: started after it, the writes queued behind that
+                    # thread for the GIL and left ~0.2 ms later (bench/trace_lone_write.py).
+                    await asyncio.sleep(0)
                 await self._write(
                     ready.compacted,
                     ready.snapshot,
@@ -539,16 +565,16 @@ class NodeRuntime(Generic[R]):
                     ready.hard_state,
                     ready.must_sync,
                 )
-            peers = core.peer_addresses()
-            if peers is not self._peers_seen:  # the membership changed: follow it
-                self._peers_seen = peers
-                self._transport.set_peers(peers)
-            for message in ready.messages:
-                sent = self._transport.send(message)
-                if message.type is MessageType.HEARTBEAT:
-                    self._heartbeat_sent(message.target, sent)
+            if not early:
+                self._send(ready.messages)
             core.advance(ready)
         raise AssertionError(f"node {self.id}: ready() never ran dry")
+
+    def _send(self, messages: tuple[Message, ...]) -> None:
+        for message in messages:
+            sent = self._transport.send(message)
+            if message.type is MessageType.HEARTBEAT:
+                self._heartbeat_sent(message.target, sent)
 
     async def _write(
         self,

@@ -208,6 +208,12 @@ class ReplicaReady:
         return self.raft.messages
 
     @property
+    def send_before_persist(self) -> bool:
+        # The compaction and the deferred commit index ride on this Ready's write, and
+        # no message depends on either.
+        return self.raft.send_before_persist
+
+    @property
     def committed(self) -> tuple[Entry, ...]:
         return self.raft.committed
 

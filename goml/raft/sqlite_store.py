@@ -15,11 +15,18 @@ Safety rules:
   process, or the same one) gets `StoreLocked`. The kernel releases it when the holder dies.
 - Calls must be serialised by the caller (one runtime owns one store). After any error
   inside a transaction the store refuses further use: its on-disk state is unknown.
+- A full disk is `StoreFull` (an OSError, ENOSPC), never `StoreCorrupted`: the write is
+  rolled back whole, so nothing it carried is stored, and a runtime that persists before
+  it sends has acknowledged none of it. The store stays intact: free space and restart.
+  SQLite says SQLITE_FULL while writing, but only "disk I/O error" when it cannot create
+  its shared-memory index at open: an I/O error on a file system with no free space
+  left is taken for what it almost always is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,6 +54,8 @@ STORE_MAGIC = "goml-raft-store"
 LEGACY_INCARNATION = 1
 SCHEMA_VERSION = 1
 _KINDS = frozenset(int(kind) for kind in EntryKind)
+# Below this much free space on the store's file system, an I/O error is a full disk.
+FULL_FREE_BYTES_MAX = 1024 * 1024
 
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT",
@@ -65,6 +74,47 @@ class StoreCorrupted(Exception):
 
 class StoreLocked(Exception):
     """Another opener holds the store: two nodes on one data directory."""
+
+
+class StoreFull(OSError):
+    """The file system holding the store has no space left. The write (or the opening)
+    was refused whole: nothing it carried is stored. The store is intact: free space
+    and restart the node."""
+
+
+def disk_full(path: Path, error: BaseException) -> StoreFull | None:
+    """`error` (met on the store at `path`) as a StoreFull when the disk is full, else None."""
+    if isinstance(error, StoreFull):
+        return error
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        full = primary == sqlite3.SQLITE_FULL or (
+            primary == sqlite3.SQLITE_IOERR and _free_bytes(path) < FULL_FREE_BYTES_MAX
+        )
+    elif isinstance(error, OSError):
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    else:
+        full = False
+    if not full:
+        return None
+    free = _free_bytes(path)
+    shown = f"{free} bytes" if free >= 0 else "unknown space"
+    return StoreFull(
+        errno.ENOSPC,
+        f"{path}: disk full ({error}; {shown} free on the file system holding "
+        f"{path.parent}): the write was refused whole and nothing it carried was stored or "
+        "acknowledged; free space there and restart the node (the store is intact)",
+    )
+
+
+def _free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use next to `path` (-1 if unknown)."""
+    try:
+        stat = os.statvfs(path.parent)
+    except OSError:
+        return -1
+    return stat.f_bavail * stat.f_frsize
 
 
 def new_incarnation() -> int:
@@ -102,14 +152,26 @@ class SqliteStorage:
         self.path = path
         if not path.parent.is_dir():
             raise FileNotFoundError(f"{path}: parent directory {path.parent} does not exist")
-        self._lock_fd = _acquire_lock(path)
+        try:
+            self._lock_fd = _acquire_lock(path)
+        except OSError as exc:
+            full = disk_full(path, exc)
+            if full is None:
+                raise
+            raise full from exc
         self._broken = False
+        # (restoring, peers) as the meta table holds them, once known: unchanged, they
+        # are not rewritten (one page less to write and fsync per persist).
+        self._meta_stored: tuple[bool, tuple[tuple[str, int, int], ...]] | None = None
         try:
             if not path.exists():
                 self._create()
             self._conn: sqlite3.Connection | None = self._open()
-        except BaseException:
+        except BaseException as exc:
             os.close(self._lock_fd)
+            full = disk_full(path, exc)
+            if full is not None:
+                raise full from exc
             raise
 
     # --- opening -----------------------------------------------------------------
@@ -162,6 +224,9 @@ class SqliteStorage:
             assert conn.execute("PRAGMA synchronous").fetchone() == (2,)
         except sqlite3.DatabaseError as exc:
             conn.close()
+            full = disk_full(self.path, exc)
+            if full is not None:
+                raise full from exc
             raise StoreCorrupted(f"{self.path}: not a readable SQLite database: {exc}") from exc
         except BaseException:
             conn.close()
@@ -226,8 +291,12 @@ class SqliteStorage:
             finally:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
+            full = disk_full(self.path, exc)
+            if full is not None:
+                raise full from exc
             raise StoreCorrupted(f"{self.path}: cannot read the store: {exc}") from exc
         hard_state = replace(self._decode_hard_state(hard_rows), restoring=restoring, peers=peers)
+        self._meta_stored = (restoring, peers)
         snapshot = self._decode_snapshot(snapshot_rows)
         if snapshot is not None and membership_rows:
             membership = self._decode_membership(str(membership_rows[0][0]), snapshot.index)
@@ -264,7 +333,8 @@ class SqliteStorage:
                 assert first <= last + 1, "entries must not leave a gap"
                 for offset, entry in enumerate(entries):
                     assert entry.index == first + offset, "entries must be contiguous"
-                conn.execute("DELETE FROM log WHERE idx >= ?", (first,))
+                if first <= last:  # a conflicting suffix (else nothing to delete)
+                    conn.execute("DELETE FROM log WHERE idx >= ?", (first,))
                 conn.executemany(
                     "INSERT INTO log (idx, term, kind, data, checksum) VALUES (?, ?, ?, ?, ?)",
                     [
@@ -290,14 +360,18 @@ class SqliteStorage:
                         hard_state_checksum(hard_state.term, hard_state.vote, hard_state.commit),
                     ),
                 )
-                conn.executemany(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                    [
-                        ("restoring", "1" if hard_state.restoring else "0"),
-                        ("peers", json.dumps([list(peer) for peer in hard_state.peers])),
-                    ],
-                )
+                meta = (hard_state.restoring, hard_state.peers)
+                if meta != self._meta_stored:
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                        [
+                            ("restoring", "1" if hard_state.restoring else "0"),
+                            ("peers", json.dumps([list(peer) for peer in hard_state.peers])),
+                        ],
+                    )
             _check_commit(conn, last)
+        if hard_state is not None:
+            self._meta_stored = (hard_state.restoring, hard_state.peers)  # committed
 
     def compact(self, snapshot: Snapshot) -> None:
         with self._transaction() as conn:
@@ -341,10 +415,13 @@ class SqliteStorage:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             self._broken = True
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
+            full = disk_full(self.path, exc)
+            if full is not None:
+                raise full from exc
             raise
         assert not conn.in_transaction
 
@@ -480,8 +557,12 @@ def _acquire_lock(path: Path) -> int:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # fails with ENOSPC on a full disk
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -385,11 +385,42 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         self._secret = secret
         self._on_messages = on_messages
         self.stats = ServicerStats()
+        self._streams: set[asyncio.Task[Any]] = set()  # the handlers of open inbound streams
+        self._closed = False
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         raft_pb2_grpc.add_RaftPeerServicer_to_server(self, server)  # type: ignore[no-untyped-call]
 
+    def close(self) -> None:
+        """End every inbound stream now and refuse new ones (the node is stopping).
+
+        Each open stream then ends UNAVAILABLE ("stopping") for its peer. Left open,
+        the server's shutdown cancels their handlers once its grace period is over, and
+        gRPC logs each as an unhandled error with a traceback: noise on every clean stop."""
+        self._closed = True
+        for task in sorted(self._streams, key=lambda t: t.get_name()):
+            task.cancel()
+
     async def Stream(
+        self, request_iterator: AsyncIterator[raft_pb2.Envelope], context: Any
+    ) -> raft_pb2.Ack:
+        if self._closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} is stopping")
+        task = asyncio.current_task()
+        assert task is not None, "a gRPC aio handler runs in a task"
+        self._streams.add(task)
+        try:
+            return await self._stream(request_iterator, context)
+        except asyncio.CancelledError:
+            if not self._closed:
+                raise  # not ours (the server or the loop): let it through
+            task.uncancel()  # ours (close): the peer hears why its stream ended
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node_id} is stopping")
+            raise AssertionError("abort returned") from None
+        finally:
+            self._streams.discard(task)
+
+    async def _stream(
         self, request_iterator: AsyncIterator[raft_pb2.Envelope], context: Any
     ) -> raft_pb2.Ack:
         metadata = {key: value for key, value in context.invocation_metadata()}

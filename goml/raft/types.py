@@ -274,6 +274,12 @@ class Ready:
     3. install `snapshot` into the state machine (if any), then apply `committed`;
        hand out `read_states`;
     4. call `advance(ready)`.
+
+    `send_before_persist`: the messages promise nothing that this Ready's writes make
+    durable (a leader's own appends and heartbeats, in a term already stored), so the
+    runtime may send them first and persist while they travel (Raft dissertation
+    §10.2.1, as etcd does). The leader counts itself for its new entries only once
+    `advance` says they are stored.
     """
 
     snapshot: Snapshot | None = None
@@ -283,6 +289,7 @@ class Ready:
     committed: tuple[Entry, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     must_sync: bool = False
+    send_before_persist: bool = False
 
     def is_empty(self) -> bool:
         return not (

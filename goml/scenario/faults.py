@@ -10,7 +10,7 @@ import json
 import random
 from collections.abc import Callable
 
-from goml.scenario.schema import LEADER, RANDOM, AnyFault, PartitionFault, Topology
+from goml.scenario.schema import LEADER, RANDOM, AnyFault, DiskFault, PartitionFault, Topology
 
 Leader = Callable[[], str | None]
 Pair = tuple[str, str]
@@ -18,6 +18,9 @@ Pair = tuple[str, str]
 
 def describe_fault(fault: AnyFault) -> str:
     body = fault.model_dump(exclude={"at_s", "kind"}, exclude_none=True, by_alias=True)
+    if isinstance(fault, DiskFault):
+        # The action given, not the two that are not (`full: false`, `wipe: false`).
+        body = {k: v for k, v in body.items() if v is not False}
     return f"{fault.kind} {json.dumps(body, sort_keys=True, separators=(',', ':'))}"
 
 

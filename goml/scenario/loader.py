@@ -200,6 +200,14 @@ def _prescan(text: str, source: str) -> None:
                 values += 1
                 if values > VALUES_MAX:
                     raise _limit(source, event, f"more than {VALUES_MAX} values")
+    except yaml.MarkedYAMLError as exc:
+        # libyaml 0.2.6 and later have their own nesting limit, which its scanner can
+        # reach (on a flow collection) before the parser hands us the 33rd start event.
+        if "nesting depth" not in str(exc.problem):
+            raise
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        what = f"nested more than {DEPTH_MAX} levels deep (the limit for a scenario file)"
+        raise ScenarioError([Problem(source, line, "", what)]) from exc
     finally:
         loader.dispose()
 

@@ -11,6 +11,13 @@ The player owns what decides or measures:
   items, the task mix drawn by weight, one idempotency key per submit;
 - the observations and the common part of the run summary (`summary`).
 
+Disk and clock faults (`kind: disk`, `kind: clock`) are decided here too: which node, how
+long a stall or a full disk lasts (the strongest stall in force wins), that a node whose
+disk was full is restarted once the space is freed (the node stops serving at its first
+failed write; an operator frees space and restarts it), that a wiped node is stopped,
+emptied and started `down_s` later, and each node's wall-clock offset (`skew_ms` sets it,
+`jump_ms` adds to it). The backends only carry them out.
+
 Definitions:
 - failover: a fault that hits the leader (a crash, pause or restart of the leader; a
   partition or clog that cuts the leader off from a majority) opens a failover window;
@@ -23,6 +30,8 @@ Definitions:
   judged on those; the others wait for a failover (judged by its own promise) or for a
   partition to heal.
 - leader_changes: distinct (leader, term) seen, minus 1.
+- tasks_retried: acknowledged tasks the final manifest shows leased more than once (an
+  agent lost, a failed attempt, or a lease that expired early, e.g. under a clock fault).
 
 Randomness: only `random.Random(f"{seed}:faults")` (targets named `random`) and
 `random.Random(f"{seed}:workload")` (arrivals, clients, the mix), so a simulator run stays
@@ -45,6 +54,7 @@ from typing import NamedTuple, Protocol
 from goml.api.retry import UNREACHABLE_MS, RetryConfig
 from goml.api.types import Resources, TaskRequest, TaskState
 from goml.cluster.commands import COMMAND_TYPE_NAMES, decode_command, dumps
+from goml.cluster.manifest import Manifest
 from goml.report.summary import distribution
 from goml.scenario.faults import (
     Pair,
@@ -55,11 +65,14 @@ from goml.scenario.faults import (
     resolve_target,
 )
 from goml.scenario.schema import (
+    CLOCK_OFFSET_MS_MAX,
     AgentCrashFault,
     AnyFault,
     AnyLink,
+    ClockFault,
     ClogFault,
     CrashFault,
+    DiskFault,
     HealFault,
     LinkLatencyFault,
     Members,
@@ -160,6 +173,27 @@ class Backend(Protocol):
         held (clogged) until released, or delayed by another link than the scenario's."""
         ...
 
+    def disk_stall(self, name: str, stall_ms: float | None) -> None:
+        """Every write of control node `name`'s store takes `stall_ms` longer before it
+        is durable; None: as the scenario's disk again."""
+        ...
+
+    def disk_full(self, name: str, full: bool) -> None:
+        """Control node `name`'s disk has no space left (True), or has it again (False).
+        A node whose write fails on a full disk stops serving (it says why) until it is
+        restarted; nothing that write carried is acknowledged."""
+        ...
+
+    def wipe_node(self, name: str) -> None:
+        """Delete control node `name`'s store (the player has stopped the node): it
+        starts next with an empty one."""
+        ...
+
+    def set_clock(self, name: str, offset_ms: int) -> None:
+        """Control node `name`'s wall clock reads true time plus `offset_ms` from now on
+        (its monotonic clock is untouched)."""
+        ...
+
     def leader(self) -> tuple[str, int] | None:
         """(node, term) of the running node that leads the highest term, if any."""
         ...
@@ -201,6 +235,9 @@ class FinalState:
     tasks_lost: int  # acknowledged tasks missing (or with another id) on some replica
     duplicate_results: int  # extra results of tasks recorded more than once
     commands: Mapping[str, int]  # committed Raft commands by type (COMMAND_TYPES)
+    # Tasks leased more than once (attempts > 1) in the same replica as tasks_by_state:
+    # a lease that expired early, an agent lost or a failed attempt each cost a retry.
+    tasks_retried: int
 
 
 class _Steadiness(NamedTuple):
@@ -239,6 +276,9 @@ class ScenarioPlayer:
         self._partitions: dict[int, frozenset[Pair]] = {}
         self._clogs: dict[int, frozenset[Pair]] = {}
         self._latency: dict[Pair, tuple[int, AnyLink]] = {}  # pair -> (fault id, link)
+        self._stalls: dict[str, dict[int, float]] = {}  # node -> fault id -> stall ms
+        self._full: dict[str, set[int]] = {}  # node -> ids of the disk-full faults under way
+        self._clock_ms: dict[str, int] = {}  # node -> wall-clock offset set so far
         # Until a first leader is seen, nothing is steady: submits wait for an election.
         self._leader_ever_seen = False
         self._steadiness = [_Steadiness(float("-inf"), True, frozenset())]
@@ -286,6 +326,16 @@ class ScenarioPlayer:
         self._clogs.clear()
         self._latency.clear()
         self._links_changed()
+        # Disks as the scenario's again; a node whose disk was full is restarted (the
+        # backend starts it as it settles). Clocks stay as the faults left them.
+        for name in sorted(self._stalls):
+            self.backend.disk_stall(name, None)
+        self._stalls.clear()
+        for name in sorted(self._full):
+            self.backend.disk_full(name, False)
+            self.backend.crash_node(name)
+            self.backend.note("disk-freed", name, "end")
+        self._full.clear()
 
     @property
     def in_flight(self) -> int:
@@ -325,6 +375,10 @@ class ScenarioPlayer:
                 self._later(fault.heal_after_s, functools.partial(self._heal_one, fault_id))
         elif isinstance(fault, HealFault):
             self.heal()
+        elif isinstance(fault, DiskFault):
+            self._disk_fault(fault, leader)
+        elif isinstance(fault, ClockFault):
+            self._clock_fault(fault, leader)
         elif isinstance(fault, LinkLatencyFault):
             fault_id = next(self._fault_ids)
             for pair in sorted(self._pairs(fault.between, leader)):
@@ -392,6 +446,80 @@ class ScenarioPlayer:
         else:
             self.backend.crash_node(name)
             self._later(fault.down_s, start)
+
+    def _control_target(self, target: str, leader: str | None) -> str | None:
+        name = resolve_target(target, lambda: leader, list(self.control_names), self._fault_rng)
+        assert name is None or name in self.control_names, name  # validated at load
+        return name
+
+    def _disk_fault(self, fault: DiskFault, leader: str | None) -> None:
+        name = self._control_target(fault.target, leader)
+        if name is None:  # `leader` while there is none: nothing to hit
+            return
+        fault_id = next(self._fault_ids)
+        if fault.action == "wipe":
+            if name == leader:
+                self._failover_starts(f"wipe of leader {name}")
+            self.backend.crash_node(name)
+            self.backend.wipe_node(name)
+            self._later(fault.down_s or 0.0, functools.partial(self.backend.start_node, name))
+            return
+        assert fault.duration_s is not None, "validated: a stall or a full disk ends"
+        if fault.action == "stall":
+            assert fault.fsync_stall_ms is not None
+            self._stalls.setdefault(name, {})[fault_id] = fault.fsync_stall_ms
+            self.backend.disk_stall(name, max(self._stalls[name].values()))
+            self._later(fault.duration_s, functools.partial(self._stall_ends, name, fault_id))
+            return
+        if name == leader:
+            # Its next write fails and it stops leading: a failover, as a crash is.
+            self._failover_starts(f"disk of leader {name} full")
+        if not self._full.get(name):
+            self.backend.disk_full(name, True)
+        self._full.setdefault(name, set()).add(fault_id)
+        self._later(fault.duration_s, functools.partial(self._space_freed, name, fault_id))
+
+    def _stall_ends(self, name: str, fault_id: int) -> None:
+        stalls = self._stalls.get(name, {})
+        if stalls.pop(fault_id, None) is None:
+            return
+        if stalls:
+            self.backend.disk_stall(name, max(stalls.values()))
+        else:
+            del self._stalls[name]
+            self.backend.disk_stall(name, None)
+
+    def _space_freed(self, name: str, fault_id: int) -> None:
+        """The last full-disk fault of `name` ends: space again, and the node restarted
+        (it stopped serving at its first failed write and does not recover by itself)."""
+        ids = self._full.get(name, set())
+        if fault_id not in ids:
+            return
+        ids.discard(fault_id)
+        if ids:
+            return
+        del self._full[name]
+        self.backend.disk_full(name, False)
+        seen = self.backend.leader()
+        if seen is not None and seen[0] == name:
+            self._failover_starts(f"restart of leader {name} after its disk was freed")
+        self.backend.crash_node(name)
+        self.backend.start_node(name)
+        self.backend.note("disk-freed", name, str(fault_id))
+
+    def _clock_fault(self, fault: ClockFault, leader: str | None) -> None:
+        name = self._control_target(fault.target, leader)
+        if name is None:
+            return
+        if fault.skew_ms is not None:
+            offset_ms = fault.skew_ms
+        else:
+            assert fault.jump_ms is not None, "validated: skew_ms or jump_ms"
+            offset_ms = self._clock_ms.get(name, 0) + fault.jump_ms
+        # Several faults may add up past the bound one fault is held to.
+        offset_ms = max(-CLOCK_OFFSET_MS_MAX, min(CLOCK_OFFSET_MS_MAX, offset_ms))
+        self._clock_ms[name] = offset_ms
+        self.backend.set_clock(name, offset_ms)
 
     def _agent_only_fault(self, fault: CrashFault | RestartFault | PauseFault, name: str) -> None:
         """A node with only the agent role: its process is the agent; the fault means
@@ -595,6 +723,7 @@ class ScenarioPlayer:
             "tasks_dead": final.tasks_by_state.get(TaskState.DEAD.value, 0),
             "tasks_lost": final.tasks_lost,
             "duplicate_results": final.duplicate_results,
+            "tasks_retried": final.tasks_retried,
             "leader_changes": max(0, len(terms) - 1),
             "settled": final.settled,
             "submits_given_up": obs.gave_up,
@@ -617,6 +746,16 @@ def count_commands(entries: Iterable[bytes]) -> dict[str, int]:
         assert name in counts, f"a command type the parity figures do not know: {name}"
         counts[name] += 1
     return counts
+
+
+def count_retried(manifest: Manifest, task_ids: Iterable[str]) -> int:
+    """`tasks_retried`: the acknowledged tasks that `manifest` shows leased more than once."""
+    retried = 0
+    for task_id in task_ids:
+        task = manifest.get_task(task_id)
+        if task is not None and task.attempts > 1:
+            retried += 1
+    return retried
 
 
 def commands_per_task(counts: Mapping[str, int], acknowledged: int) -> dict[str, float | None]:

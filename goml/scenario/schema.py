@@ -82,6 +82,10 @@ EXPECTATION_VALUE_MAX = 1e12
 # so ids the runtimes build from them (e.g. agent ids) still fit.
 NAME_CHARS_MAX = 128
 DESCRIPTION_CHARS_MAX = 10_000
+# The firings of one repeated fault, and of a whole timeline once repeats are expanded.
+FIRINGS_MAX = 10_000
+# A wall clock's offset from true time (clock faults): a day.
+CLOCK_OFFSET_MS_MAX = 86_400_000
 # List lengths.
 NODES_MAX = 256
 CLIENTS_MAX = 256
@@ -388,14 +392,46 @@ class PairOverride(_Model):
     link: Link
 
 
+# A pair of clouds or of regions, written `A-B` (`aws-gcp`, `us-east-1-eu-west-1`): names
+# may hold `-` themselves, so the key is split where both halves are declared names.
+PairKey = Annotated[str, Field(min_length=3, max_length=2 * NAME_CHARS_MAX + 1)]
+
+
 class Network(_Model):
     """One-way latency per link class; the reference setup is AWS us-east-1 + GCP
-    us-central1 (~30-40 ms RTT between them)."""
+    us-central1 (~30-40 ms RTT between them).
+
+    The link between two nodes is, most specific first: a `pairs` entry naming both
+    nodes; a `region_pairs` entry for their two regions (`A-A`: two nodes of region A);
+    a `cloud_pairs` entry for their two clouds (`A-A`: two regions of cloud A); else its
+    class (`same_region`, `same_cloud`, `cross_cloud`)."""
 
     same_region: Link = Field(default_factory=lambda: NormalLink(mean_ms=0.5, stddev_ms=0.1))
     same_cloud: Link = Field(default_factory=lambda: NormalLink(mean_ms=10.0, stddev_ms=1.0))
     cross_cloud: Link = Field(default_factory=lambda: NormalLink(mean_ms=17.5, stddev_ms=1.5))
+    cloud_pairs: dict[PairKey, Link] = Field(default_factory=dict, max_length=ITEMS_MAX)
+    region_pairs: dict[PairKey, Link] = Field(default_factory=dict, max_length=ITEMS_MAX)
     pairs: list[PairOverride] = Field(default_factory=list, max_length=ITEMS_MAX)
+
+
+def split_pair_key(key: str, known: list[str]) -> tuple[str, str] | str:
+    """`A-B` as the pair (A, B) of known names, or why it names no such pair."""
+    names = set(known)
+    splits = [
+        (key[:i], key[i + 1 :])
+        for i, char in enumerate(key)
+        if char == "-" and key[:i] in names and key[i + 1 :] in names
+    ]
+    if len(splits) == 1:
+        return splits[0]
+    if splits:
+        shown = " or ".join(f"'{a}' and '{b}'" for a, b in splits)
+        return f"'{key}' is ambiguous: it reads as {shown}"
+    close = difflib.get_close_matches(
+        key, [f"{a}-{b}" for a in sorted(names) for b in sorted(names)], n=1, cutoff=0.75
+    )
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"'{key}' is not NAME-NAME of two declared names{hint} (known: {_list(known)})"
 
 
 class Disk(_Model):
@@ -528,7 +564,69 @@ Members = Annotated[
 
 
 class _Fault(_Model):
+    """When a fault fires: at `at_s`; with `every_s`, again every `every_s` seconds, `count`
+    times in all or as long as the next firing is at or before `until_s` (a flapping link
+    is one partition with `heal_after_s: 2, every_s: 5, count: 10`). `Scenario.timeline()`
+    expands the repeats, so every world plays the same firings."""
+
     at_s: Seconds
+    every_s: PositiveSeconds | None = None
+    count: int | None = Field(default=None, ge=1, le=FIRINGS_MAX)
+    until_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _repeat(self) -> _Fault:
+        problems: list[tuple[Loc, str]] = []
+        if self.every_s is None:
+            for name in ("count", "until_s"):
+                if getattr(self, name) is not None:
+                    problems.append(((name,), f"{name} repeats a fault: give every_s too"))
+        elif (self.count is None) == (self.until_s is None):
+            problems.append(
+                (
+                    ("every_s",),
+                    "every_s needs exactly one of count (how many firings) or until_s "
+                    "(the last firing time)",
+                )
+            )
+        elif self.until_s is not None and self.until_s < self.at_s:
+            problems.append(
+                (("until_s",), f"until_s ({self.until_s:g}) is before at_s ({self.at_s:g})")
+            )
+        elif self.firings() > FIRINGS_MAX:
+            problems.append(
+                (
+                    ("every_s",),
+                    f"every_s {self.every_s:g} until_s {self.until_s:g} fires "
+                    f"{self.firings()} times, more than {FIRINGS_MAX}",
+                )
+            )
+        _raise_if(self, problems)
+        return self
+
+    def firings(self) -> int:
+        """How many times this fault fires."""
+        if self.every_s is None:
+            return 1
+        if self.count is not None:
+            return self.count
+        if self.until_s is None:
+            return 1  # refused by `_repeat` (every_s without count or until_s)
+        # A hair of tolerance: `at_s: 0.1, every_s: 0.1, until_s: 0.3` fires 3 times.
+        return math.floor((self.until_s - self.at_s) / self.every_s + 1e-9) + 1
+
+    def firing_times_s(self) -> list[float]:
+        assert self.firings() <= FIRINGS_MAX, "validated"
+        step = self.every_s or 0.0
+        return [self.at_s + k * step for k in range(self.firings())]
+
+    def length_s(self) -> float:
+        """How long one firing lasts before it undoes itself (0: it does not)."""
+        for name in ("heal_after_s", "duration_s", "restart_after_s", "down_s"):
+            value = getattr(self, name, None)
+            if value is not None:
+                return float(value)
+        return 0.0
 
 
 class CrashFault(_Fault):
@@ -629,6 +727,94 @@ class AgentCrashFault(_Fault):
     restart_after_s: PositiveSeconds | None = None
 
 
+class DiskFault(_Fault):
+    """A control node's disk, one of:
+    - `fsync_stall_ms`: for `duration_s`, every write of the node's store waits this much
+      longer before it is durable;
+    - `full: true`: for `duration_s` the disk has no space left: the node's next write fails
+      and the node stops serving (saying why) without acknowledging anything that write
+      carried; when the space is freed the node is restarted, as an operator would;
+    - `wipe: true`: the node is stopped, its data directory deleted, and it is started
+      `down_s` later with an empty store (amnesia)."""
+
+    kind: Literal["disk"] = "disk"
+    target: Target  # control node name, `leader` or `random`
+    fsync_stall_ms: float | None = Field(default=None, gt=0, le=LATENCY_MS_MAX)
+    full: bool = False
+    wipe: bool = False
+    duration_s: PositiveSeconds | None = None
+    down_s: Seconds | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> DiskFault:
+        problems: list[tuple[Loc, str]] = []
+        actions = [
+            name
+            for name, given in (
+                ("fsync_stall_ms", self.fsync_stall_ms is not None),
+                ("full", self.full),
+                ("wipe", self.wipe),
+            )
+            if given
+        ]
+        if len(actions) != 1:
+            problems.append(
+                (
+                    (),
+                    "a disk fault takes exactly one of fsync_stall_ms, full: true or wipe: true"
+                    + (f" (got {', '.join(actions)})" if actions else ""),
+                )
+            )
+        elif self.wipe:
+            if self.duration_s is not None:
+                problems.append(
+                    (("duration_s",), "wipe takes down_s (how long the node stays down)")
+                )
+        else:
+            if self.duration_s is None:
+                problems.append(((actions[0],), f"{actions[0]} needs duration_s"))
+            if self.down_s is not None:
+                problems.append((("down_s",), "down_s is only for wipe: true"))
+        _raise_if(self, problems)
+        return self
+
+    @property
+    def action(self) -> Literal["stall", "full", "wipe"]:
+        if self.wipe:
+            return "wipe"
+        return "full" if self.full else "stall"
+
+
+ClockOffsetMs = Annotated[int, Field(ge=-CLOCK_OFFSET_MS_MAX, le=CLOCK_OFFSET_MS_MAX)]
+
+
+class ClockFault(_Fault):
+    """A control node's wall clock (what a leader stamps into commands; its monotonic clock
+    is untouched): `skew_ms` sets its offset from true time (0: back to true time),
+    `jump_ms` moves it by that much at once (repeated, a drifting clock)."""
+
+    kind: Literal["clock"] = "clock"
+    target: Target  # control node name, `leader` or `random`
+    skew_ms: ClockOffsetMs | None = None
+    jump_ms: ClockOffsetMs | None = None
+
+    @model_validator(mode="after")
+    def _one_change(self) -> ClockFault:
+        problems: list[tuple[Loc, str]] = []
+        if (self.skew_ms is None) == (self.jump_ms is None):
+            problems.append(((), "a clock fault takes exactly one of skew_ms or jump_ms"))
+        elif self.jump_ms is not None and abs(self.jump_ms) * self.firings() > CLOCK_OFFSET_MS_MAX:
+            problems.append(
+                (
+                    ("jump_ms",),
+                    f"{self.firings()} jumps of {self.jump_ms} ms move the clock more than "
+                    f"{CLOCK_OFFSET_MS_MAX} ms",
+                )
+            )
+        _raise_if(self, problems)
+        return self
+
+
 Fault = Annotated[
     CrashFault
     | RestartFault
@@ -638,7 +824,9 @@ Fault = Annotated[
     | LinkLatencyFault
     | ClogFault
     | UnclogFault
-    | AgentCrashFault,
+    | AgentCrashFault
+    | DiskFault
+    | ClockFault,
     Field(discriminator="kind"),
 ]
 AnyFault = (
@@ -651,6 +839,8 @@ AnyFault = (
     | ClogFault
     | UnclogFault
     | AgentCrashFault
+    | DiskFault
+    | ClockFault
 )
 
 
@@ -679,6 +869,7 @@ COUNTERS = (
     "duplicate_results",
     "leader_changes",
     "submits_given_up",
+    "tasks_retried",
 )
 # `commands_per_task.<Type>`: committed Raft commands of each type per acknowledged
 # task, and their `total`; the type names are those `goml.cluster.commands` decodes.
@@ -808,20 +999,48 @@ class Scenario(_Model):
         return self
 
     def timeline(self) -> list[AnyFault]:
-        """Faults ordered by `at_s` (ties keep file order)."""
-        return sorted(self.faults, key=lambda f: f.at_s)
+        """Every firing, repeats expanded (each a copy of its fault at its own `at_s`,
+        without the repeat fields), ordered by `at_s`; ties keep file order."""
+        firings: list[AnyFault] = []
+        for fault in self.faults:
+            if fault.every_s is None:
+                firings.append(fault)
+                continue
+            for at_s in fault.firing_times_s():
+                firings.append(
+                    fault.model_copy(
+                        update={"at_s": at_s, "every_s": None, "count": None, "until_s": None}
+                    )
+                )
+        assert len(firings) <= FIRINGS_MAX, "validated by _firings_problems"
+        return sorted(firings, key=lambda f: f.at_s)
 
     def link(self, a: str, b: str) -> AnyLink:
-        """The link from node `a` to node `b`: a pair override, else its class."""
+        """The link from node `a` to node `b`, most specific first: a node pair, a region
+        pair, a cloud pair, else its class (see `Network`)."""
         for pair in self.network.pairs:
             if {a, b} == set(pair.between):
                 return pair.link
         na, nb = self.topology.node(a), self.topology.node(b)
+        regions = sorted({r for rs in self.topology.cloud_regions.values() for r in rs})
+        for key, link in self.network.region_pairs.items():
+            if sorted(_as_pair(split_pair_key(key, regions))) == sorted((na.region, nb.region)):
+                return link
+        clouds = sorted(self.topology.cloud_regions)
+        if na.cloud != nb.cloud or na.region != nb.region:
+            for key, link in self.network.cloud_pairs.items():
+                if sorted(_as_pair(split_pair_key(key, clouds))) == sorted((na.cloud, nb.cloud)):
+                    return link
         if na.cloud != nb.cloud:
             return self.network.cross_cloud
         if na.region != nb.region:
             return self.network.same_cloud
         return self.network.same_region
+
+
+def _as_pair(split: tuple[str, str] | str) -> tuple[str, str]:
+    assert not isinstance(split, str), f"validated: {split}"
+    return split
 
 
 def _reference_problems(s: Scenario) -> list[tuple[Loc, str]]:
@@ -852,6 +1071,24 @@ def _reference_problems(s: Scenario) -> list[tuple[Loc, str]]:
         if pair.between[0] == pair.between[1]:
             problems.append((("network", "pairs", i, "between"), "a pair needs two nodes"))
 
+    clouds = sorted(topo.cloud_regions)
+    regions = sorted({r for rs in topo.cloud_regions.values() for r in rs})
+    for field, known in (("cloud_pairs", clouds), ("region_pairs", regions)):
+        seen_pairs: dict[tuple[str, str], str] = {}
+        for key in getattr(s.network, field):
+            split = split_pair_key(key, known)
+            if isinstance(split, str):
+                problems.append((("network", field, key), split))
+                continue
+            normal = (min(split), max(split))
+            if normal in seen_pairs:
+                problems.append(
+                    (("network", field, key), f"the same pair as '{seen_pairs[normal]}'")
+                )
+            seen_pairs.setdefault(normal, key)
+
+    controls = {n.name for n in topo.control_nodes}
+
     for i, f in enumerate(s.faults):
         loc: Loc = ("faults", i)
         if isinstance(f, CrashFault | RestartFault | PauseFault):
@@ -878,6 +1115,23 @@ def _reference_problems(s: Scenario) -> list[tuple[Loc, str]]:
         elif isinstance(f, LinkLatencyFault | ClogFault | UnclogFault) and f.between:
             for j, side in enumerate(f.between):
                 members((*loc, "between", j), side)
+        elif isinstance(f, DiskFault | ClockFault):
+            if f.target in nodes and f.target not in controls:
+                what = "store" if isinstance(f, DiskFault) else "wall clock"
+                problems.append(
+                    (
+                        (*loc, "target"),
+                        f"node '{f.target}' has no control role: a {f.kind} fault hits a "
+                        f"control node's {what}",
+                    )
+                )
+            else:
+                node_ref((*loc, "target"), f.target, RESERVED_NAMES)
+    firings = sum(f.firings() for f in s.faults)
+    if firings > FIRINGS_MAX:
+        problems.append(
+            (("faults",), f"the faults fire {firings} times in all, more than {FIRINGS_MAX}")
+        )
     return problems
 
 
@@ -964,6 +1218,24 @@ def scenario_warnings(s: Scenario) -> list[tuple[Loc, str]]:
                     f"at_s {f.at_s:g} is not before duration_s {s.duration_s:g}",
                 )
             )
+        elif f.every_s is not None:
+            late = sum(1 for t in f.firing_times_s() if t >= s.duration_s)
+            if late:
+                out.append(
+                    (
+                        ("faults", i, "every_s"),
+                        f"{late} of its {f.firings()} firings are not before duration_s "
+                        f"{s.duration_s:g}: they never fire",
+                    )
+                )
+            if f.length_s() >= f.every_s:
+                out.append(
+                    (
+                        ("faults", i, "every_s"),
+                        f"each firing lasts {f.length_s():g} s, not less than every_s "
+                        f"{f.every_s:g}: firings overlap",
+                    )
+                )
     if s.workload and s.workload.stop_s is not None and s.workload.stop_s > s.duration_s:
         out.append((("workload", "stop_s"), "stop_s is after the end of the run"))
     return out

@@ -9,6 +9,14 @@ call arrives, an fsync completes, or the core's next deadline comes.
 
 A write that must be durable (`must_sync`) takes the scenario's fsync latency, and
 nothing that depends on it happens before it completes; a crash during it loses it.
+
+Disk faults (decided by the scenario player, carried out here): a stalled disk makes
+every write wait `stall_ms` longer (the real store commits, and fsyncs, every write); a
+full disk refuses the next write, and the node then fails as the production runtime does
+(`goml.raft.node`: a failed store stops the loop; the process stays up): it sends
+nothing, answers every call UNAVAILABLE saying why, and acknowledges nothing the refused
+write carried, until it is restarted; a wipe gives the stopped node an empty store with
+a new incarnation (amnesia).
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ class SimNode(Endpoint):
         self.alive = False
         self.paused = False
         self.busy = False  # an fsync is under way
+        self.stall_ms: float | None = None  # a disk fault: every write waits this much more
+        self.disk_full = False  # a disk fault: the next write is refused
+        self.failed: str | None = None  # why the node stopped serving (a refused write)
         self.node: NodeCore | None = None
         self.was_leader = False
         self.inbox: deque[Message | ApiCall | _Forwarded] = deque()
@@ -79,6 +90,7 @@ class SimNode(Endpoint):
         self.alive = True
         self.paused = False
         self.busy = False
+        self.failed = None
         rng = random.Random(f"{self.sim.seed}:node:{self.name}:{self.generation}")
         now = self.sim.now_ms()
         self.node = NodeCore(
@@ -102,11 +114,30 @@ class SimNode(Endpoint):
         if not self.alive:
             return
         self.alive = False
+        self.failed = None
         self.generation += 1
         self.node = None
         self.inbox.clear()
         self._callers = {}
         self.sim.record("crash", self.name, "")
+
+    def wipe(self) -> None:
+        """The data directory deleted while the node is down: its next start finds an
+        empty store, with a new incarnation (as a new SQLite store has)."""
+        assert not self.alive, f"{self.name} is wiped only while it is down"
+        self.storage = MemoryStorage(incarnation=self.storage.incarnation + 1)
+        self.sim.record("wipe", self.name, str(self.storage.incarnation))
+
+    def _fail(self, why: str) -> None:
+        """A write was refused: stop serving, as the production runtime does (every
+        caller waiting on this node is told, nothing more is sent or acknowledged)."""
+        self.failed = why
+        self.inbox.clear()
+        callers, self._callers = self._callers, {}
+        for caller, caller_id in sorted(callers.values(), key=lambda c: c[1]):
+            refused = ApiError(ErrorCode.UNAVAILABLE, f"{self.name} failed: {why}")
+            self._send_reply(caller, ApiReply(caller_id, None, refused))
+        self.sim.record("fail", self.name, why)
 
     def pause(self, duration_ms: float) -> None:
         if not self.alive:
@@ -135,12 +166,18 @@ class SimNode(Endpoint):
                 refused = ApiError(ErrorCode.UNAVAILABLE, f"{self.name}: connection refused")
                 self._send_reply(payload.caller, ApiReply(payload.request_id, None, refused))
             return
+        if self.failed is not None:
+            # The process is up, its node stopped: calls are answered, messages ignored.
+            if isinstance(payload, ApiCall):
+                refused = ApiError(ErrorCode.UNAVAILABLE, f"{self.name} failed: {self.failed}")
+                self._send_reply(payload.caller, ApiReply(payload.request_id, None, refused))
+            return
         self.inbox.append(payload)
         self.run()
 
     def run(self) -> None:
         """Feed queued inputs, tick when due, drain the core; returns during an fsync."""
-        if not self.alive or self.paused or self.busy:
+        if not self.alive or self.paused or self.busy or self.failed is not None:
             return
         node = self.node
         assert node is not None
@@ -161,11 +198,20 @@ class SimNode(Endpoint):
         while node.has_ready():
             ready = node.ready()
             self._hand_out(ready)
-            if ready.must_sync:
+            if ready.send_before_persist:
+                # As goml.raft.node does: a leader's appends travel during its write.
+                for message in ready.messages:
+                    self.sim.send_raft(message)
+            if self.disk_full and ready.writes():
+                self._fail("disk full: the store's write was refused (no space left)")
+                return
+            stalled = self.stall_ms is not None and ready.writes()
+            if ready.must_sync or stalled:
                 # The disk: nothing that depends on this write happens before it is done.
                 self.busy = True
                 generation = self.generation
-                delay = self.sim.fsync_ms(self.name)
+                delay = self.sim.fsync_ms(self.name) if ready.must_sync else 0.0
+                delay += self.stall_ms if stalled and self.stall_ms is not None else 0.0
                 self.sim.after(delay, functools.partial(self._persisted, ready, generation))
                 return
             self._finish(node, ready)
@@ -192,8 +238,9 @@ class SimNode(Endpoint):
         if ready.compacted is not None:
             self.storage.compact(ready.compacted)
         self.storage.persist(ready.snapshot, ready.entries, ready.hard_state, ready.must_sync)
-        for message in ready.messages:
-            self.sim.send_raft(message)
+        if not ready.send_before_persist:  # else sent already (_drain)
+            for message in ready.messages:
+                self.sim.send_raft(message)
         node.advance(ready)
         for forward in ready.forwards:  # after advance: their answers are inputs
             self._forward(forward.request_id, forward.request, self.sim.nodes[forward.leader])
@@ -213,7 +260,7 @@ class SimNode(Endpoint):
 
     def on_reply(self, reply: ApiReply) -> None:
         """The leader's answer to a request this node forwarded."""
-        if not self.alive or self.node is None:
+        if not self.alive or self.node is None or self.failed is not None:
             return
         outcome = reply.error if reply.error is not None else reply.response
         assert outcome is not None

@@ -36,14 +36,19 @@ from goml.scenario.player import (
     SubmitOutcome,
     client_retry_config,
     count_commands,
+    count_retried,
 )
-from goml.scenario.schema import AnyLink, Scenario
+from goml.scenario.schema import CLOCK_OFFSET_MS_MAX, AnyLink, ClockFault, Scenario
 from goml.sim.agent import SimAgent
 from goml.sim.client import SimClient
 from goml.sim.network import Network
 from goml.sim.node import SimNode
 
 SETTLE_MS_MAX = 120_000
+# Wall clocks start here when a scenario has clock faults, so that a clock set back by up
+# to the largest offset still reads a positive time (without them they start at 0, as
+# they always did: the traces of those scenarios do not change).
+WALL_EPOCH_MS = CLOCK_OFFSET_MS_MAX
 # The scenario's clock starts once the cluster is ready (a leader, every agent
 # registered), as the chaos runner starts it after its cluster is up.
 READY_MS_MAX = 60_000
@@ -69,6 +74,9 @@ class Simulation:
         self._playing = False
         self._disk_rngs: dict[str, random.Random] = {}
         self._duration_rngs: dict[str, random.Random] = {}
+        self._clock_offsets_ms: dict[str, int] = {}  # clock faults, set by the player
+        has_clock_faults = any(isinstance(f, ClockFault) for f in scenario.faults)
+        self._wall_epoch_ms = WALL_EPOCH_MS if has_clock_faults else 0
         self.control_names = tuple(n.name for n in scenario.topology.control_nodes)
         # Before any node starts: a node that wins an election reports it to the player.
         self.player = ScenarioPlayer(scenario, seed, self)
@@ -121,8 +129,8 @@ class Simulation:
         )
 
     def wall_ms(self, node: str) -> int:
-        """A node's wall clock: simulated time (every clock agrees in the simulator)."""
-        return int(self.env.now)
+        """A node's wall clock: simulated time, plus the offset a clock fault gave it."""
+        return self._wall_epoch_ms + int(self.env.now) + self._clock_offsets_ms.get(node, 0)
 
     def fsync_ms(self, node: str) -> float:
         return self.scenario.disk.fsync_ms.sample_ms(self.disk_rng(node))
@@ -160,6 +168,7 @@ class Simulation:
             core = node.core
             if (
                 node.alive
+                and node.failed is None  # a node that stopped serving leads nothing
                 and core is not None
                 and core.role is Role.LEADER
                 and (best is None or (best.core is not None and core.term > best.core.term))
@@ -213,6 +222,21 @@ class Simulation:
     def pause_node(self, name: str, duration_s: float) -> None:
         self.nodes[name].pause(duration_s * 1000)
 
+    def disk_stall(self, name: str, stall_ms: float | None) -> None:
+        self.nodes[name].stall_ms = stall_ms
+        self.record("disk-stall", name, "none" if stall_ms is None else f"{stall_ms:g}")
+
+    def disk_full(self, name: str, full: bool) -> None:
+        self.nodes[name].disk_full = full
+        self.record("disk-full", name, str(full))
+
+    def wipe_node(self, name: str) -> None:
+        self.nodes[name].wipe()
+
+    def set_clock(self, name: str, offset_ms: int) -> None:
+        self._clock_offsets_ms[name] = offset_ms
+        self.record("clock", name, str(offset_ms))
+
     def crash_agent(self, name: str) -> None:
         self.agents[name].crash()
 
@@ -260,7 +284,7 @@ class Simulation:
         reference = self.leading_node() or next((n for n in self.nodes.values() if n.alive), None)
         if reference is None:
             return None
-        return {state.value: count for state, count in reference.manifest.counts_by_state().items()}
+        return reference.manifest.status_counts()  # as `status` shows them in the real world
 
     def note(self, kind: str, subject: str, detail: str) -> None:
         self.record(kind, subject, detail)
@@ -356,6 +380,7 @@ class Simulation:
             tasks_lost=len(lost),
             duplicate_results=duplicate,
             commands=commands,
+            tasks_retried=count_retried(leader.manifest, acknowledged.values()) if leader else 0,
         )
         return {
             **self.player.summary(final),
