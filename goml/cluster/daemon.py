@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -57,6 +58,25 @@ def _tokens(config: NodeFileConfig, secret: bytes) -> TokensFile:
         return TokensFile(config.tokens_file, node_entries(secret, config.cluster_id, config.peers))
     except TokensError as error:
         raise ConfigError(f"tokens_file: {error}") from None
+
+
+def _follow_members(
+    config: NodeFileConfig, secret: bytes, plane: ControlPlane, tokens: TokensFile
+) -> Callable[[], None]:
+    """After each loop iteration: the nodes that may forward here are the members (a
+    node added by `goml node add` forwards to its peers) and those the config file
+    names. The peers dict is the same object until the configuration changes."""
+    seen: list[object] = [None]
+
+    def follow() -> None:
+        peers = plane.peer_addresses()
+        if peers is seen[0]:
+            return
+        seen[0] = peers
+        names = {*config.peers, *peers, config.node_id}
+        tokens.set_derived(node_entries(secret, config.cluster_id, names))
+
+    return follow
 
 
 def core_config(config: NodeFileConfig) -> NodeCoreConfig:
@@ -128,6 +148,7 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | No
         channel_credentials,
     )
     await add_services(server, plane)
+    runtime.on_iteration(_follow_members(config, secret, plane, tokens))
     if config.metrics_listen:
         metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
         metrics.serve(metrics_host, int(metrics_port))
