@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +30,7 @@ from goml.cluster.inspect import replay_cluster
 from goml.cluster.manifest import Manifest
 from goml.cluster.membership import Operator, prepare_node
 
+ROOT = Path(__file__).resolve().parent.parent
 LEADER_TIMEOUT_S = 30.0
 STEP_TIMEOUT_S = 60.0
 CATCH_UP_WAIT_S = 60.0
@@ -235,3 +238,73 @@ def test_grow_replace_shrink_under_load(tmp_path: Path) -> None:
     reference = tasks_of(manifests[survivors[0]])
     for name, manifest in manifests.items():
         assert tasks_of(manifest) == reference, name
+
+
+def cli(profile: Path, *args: str) -> tuple[int, str, str]:
+    """One `goml` command as a user runs it; (exit code, stdout, stderr)."""
+    env = {**os.environ, "GOML_PROFILE": str(profile), "COLUMNS": "200"}
+    popen = subprocess.Popen(
+        [sys.executable, "-m", "goml", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = popen.communicate(timeout=120)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    return popen.returncode, out, err
+
+
+@pytest.mark.slow
+def test_cli_node_add_status_remove(tmp_path: Path) -> None:
+    """`goml node add` writes the new node's certificate and config, adds it as a learner
+    and promotes it; `goml status` shows it a caught-up voter; `goml node remove` takes it
+    out again; a client (no admin) is refused."""
+    layout = local.prepare(tmp_path / "cluster", 3, insecure=False)
+    admin = layout.data_dir / "admin-profile.json"
+    client = layout.data_dir / "profile.json"
+    (port,) = local.free_ports(1)
+    address = f"127.0.0.1:{port}"
+    config = layout.data_dir / "config" / "n4.yaml"
+    with local.running_cluster(layout) as processes:
+        local.wait_for_leader(layout.profile, LEADER_TIMEOUT_S)
+        code, out, err = cli(
+            admin, "node", "add", "n4", "--address", address,
+            "--template", str(layout.node_configs["n1"]), "--prepare-only",
+        )  # fmt: skip
+        assert code == 0, err
+        assert f"goml node run --config {config}" in out
+        joining = load_node_config(config)
+        assert joining.join and joining.node_id == "n4" and joining.listen == address
+        assert set(joining.peers) == {"n1", "n2", "n3", "n4"}
+        assert joining.tls is not None and joining.tls.cert == layout.data_dir / "certs/n4.pem"
+        processes.append(
+            local.spawn("n4", local.node_argv(config), layout.data_dir / "logs" / "n4.log")
+        )
+        code, out, err = cli(admin, "node", "add", "n4", "--address", address, "--wait", "60")
+        assert code == 0, err
+        assert "add-learner n4: committed" in out and "promote n4: committed" in out, out
+        assert Profile.load(admin).nodes["n4"] == address  # the profile follows
+
+        code, out, err = cli(admin, "status")
+        assert code == 0, err
+        assert "voters n1, n2, n3, n4  learners -" in out, out
+        row = next(line for line in out.splitlines() if " n4 " in f" {line} " and address in line)
+        assert "yes" in row.split(address, 1)[1], row  # reachable and caught up
+
+        code, out, err = cli(client, "node", "remove", "n4")
+        assert code != 0 and "may not call ChangeMembership" in err, err
+        code, out, err = cli(admin, "node", "remove", "n4")
+        assert code == 0, err
+        assert "n4 is no member any more: stop its process" in out
+        n4 = next(p for p in processes if p.name == "n4").popen
+        n4.send_signal(signal.SIGTERM)
+        assert n4.wait(timeout=30) == 0
+        code, out, err = cli(admin, "status")
+        assert code == 0 and "voters n1, n2, n3  learners -" in out, out
+        assert "n4" not in Profile.load(admin).nodes
