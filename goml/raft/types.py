@@ -122,7 +122,7 @@ def _membership_problem(
     return ""
 
 
-class ChangeKind(enum.Enum):
+class ChangeKind(enum.StrEnum):
     ADD_LEARNER = "add-learner"  # a new member that replicates but does not vote
     PROMOTE = "promote"  # a learner that has caught up becomes a voter
     REMOVE = "remove"  # a voter or learner leaves (the leader too: it steps down)
