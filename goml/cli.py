@@ -345,6 +345,173 @@ def node_run(config: Path = typer.Option(..., "--config", help="Node config YAML
     raise typer.Exit(code)
 
 
+# ------------------------------------------------------------------- membership
+
+AddressOption = typer.Option(
+    ..., "--address", help="HOST:PORT the new node listens on (its peers and clients dial it)."
+)
+TemplateOption = typer.Option(
+    None,
+    "--template",
+    help="A member's node config: the new node's config is written from it (same cluster, "
+    "secret, tokens, timing) and its certificate issued from the CA beside it.",
+)
+WaitOption = typer.Option(
+    120.0,
+    "--wait",
+    metavar="SECONDS",
+    callback=_number(0.0, TIMEOUT_S_MAX, low_open=True),
+    help="How long the leader waits for the new learner to catch up before promoting it.",
+)
+
+
+def _operator(profile: Path | None, timeout_s: float) -> Any:
+    from goml.client import Profile
+    from goml.cluster.membership import Operator
+
+    try:
+        loaded = Profile.load(profile)
+    except (OSError, ValueError) as error:
+        raise _fail(str(error)) from None
+    return Operator(loaded, timeout_s, say=typer.echo)
+
+
+def _prepare_joiner(
+    operator: Any,
+    name: str,
+    address: str,
+    template: Path,
+    config_out: Path | None,
+    data_dir: Path | None,
+    certs: Path | None,
+    hosts: list[str],
+) -> Path:
+    """Certificate and config of a node about to join (see goml.cluster.membership)."""
+    from goml.cluster.config import ConfigError, load_node_config
+    from goml.cluster.membership import prepare_node
+
+    try:
+        base = load_node_config(template)
+        if certs is None and base.tls is not None:
+            certs = base.tls.ca.parent
+        members = operator.members()
+        path = prepare_node(
+            certs or template.parent,
+            base,
+            name,
+            address,
+            data_dir or base.data_dir.parent / name,
+            config_out or template.parent / f"{name}.yaml",
+            members.addresses,
+            hosts,
+        )
+    except (ConfigError, OSError, ValueError) as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"wrote {path}; start the node with: goml node run --config {path}")
+    return path
+
+
+def _profile_nodes(profile: Path | None, add: dict[str, str], drop: str = "") -> None:
+    """Keep the profile that made the change pointing at the members."""
+    from dataclasses import replace
+
+    from goml.client import Profile, default_profile_path
+
+    path = profile or default_profile_path()
+    loaded = Profile.load(path)
+    nodes = {**loaded.nodes, **add}
+    nodes.pop(drop, None)
+    if nodes and nodes != loaded.nodes:
+        replace(loaded, nodes=nodes).save(path)
+
+
+@node_app.command("add")
+def node_add(
+    name: str = typer.Argument(..., help="The new node's name."),
+    address: str = AddressOption,
+    template: Path | None = TemplateOption,
+    config_out: Path | None = typer.Option(None, help="Where to write its config."),
+    data_dir: Path | None = typer.Option(None, help="Its data directory."),
+    certs: Path | None = typer.Option(None, help="Credentials directory (holds the CA)."),
+    hosts: list[str] = typer.Option([], "--host", help="More hosts its certificate names."),
+    prepare_only: bool = typer.Option(
+        False, help="Only issue the certificate and write the config (with --template)."
+    ),
+    wait_s: float = WaitOption,
+    profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
+) -> None:
+    """Add a control-plane node with no downtime: (with --template) issue its certificate
+    and write its config, add it as a learner, promote it to voter once it caught up.
+    Start the node (goml node run) before or while this waits. Needs an admin profile."""
+    _quiet_grpc()
+    _node_names([name])
+    from goml.cluster.membership import MembershipError
+
+    operator = _operator(profile, timeout_s)
+    try:
+        if template is not None:
+            _prepare_joiner(operator, name, address, template, config_out, data_dir, certs, hosts)
+        elif prepare_only:
+            raise _fail("--prepare-only needs --template")
+        if prepare_only:
+            return
+        operator.add(name, address, wait_s)
+    except MembershipError as error:
+        raise _fail(str(error)) from None
+    _profile_nodes(profile, {name: address})
+
+
+@node_app.command("remove")
+def node_remove(
+    name: str = typer.Argument(..., help="The node to remove (a voter or a learner)."),
+    profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
+) -> None:
+    """Remove a control-plane node (the leader too: it hands over and steps down once its
+    removal commits). Stop its process afterwards. Needs an admin profile."""
+    _quiet_grpc()
+    from goml.cluster.membership import MembershipError
+
+    try:
+        _operator(profile, timeout_s).remove(name)
+    except MembershipError as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"{name} is no member any more: stop its process")
+    _profile_nodes(profile, {}, drop=name)
+
+
+@node_app.command("replace")
+def node_replace(
+    old: str = typer.Argument(..., help="The node to replace (it may be dead)."),
+    new: str = typer.Argument(..., help="The new node's name."),
+    address: str = AddressOption,
+    template: Path | None = TemplateOption,
+    config_out: Path | None = typer.Option(None, help="Where to write the new node's config."),
+    data_dir: Path | None = typer.Option(None, help="The new node's data directory."),
+    certs: Path | None = typer.Option(None, help="Credentials directory (holds the CA)."),
+    hosts: list[str] = typer.Option([], "--host", help="More hosts its certificate names."),
+    wait_s: float = WaitOption,
+    profile: Path | None = ProfileOption,
+    timeout_s: float = TimeoutOption,
+) -> None:
+    """Replace OLD by NEW: add NEW (learner, then voter), then remove OLD. Adding first
+    never lowers how many failures the cluster survives. Needs an admin profile."""
+    _quiet_grpc()
+    _node_names([old, new])
+    from goml.cluster.membership import MembershipError
+
+    operator = _operator(profile, timeout_s)
+    try:
+        if template is not None:
+            _prepare_joiner(operator, new, address, template, config_out, data_dir, certs, hosts)
+        operator.replace(old, new, address, wait_s)
+    except MembershipError as error:
+        raise _fail(str(error)) from None
+    typer.echo(f"{old} is no member any more: stop its process")
+    _profile_nodes(profile, {new: address}, drop=old)
+
+
 def _reference_scenario() -> Path:
     """The embedded reference scenario (scenarios/steady.yaml in a checkout links to it)."""
     from importlib.resources import files
@@ -534,11 +701,23 @@ def status(profile: Path | None = ProfileOption, timeout_s: float = TimeoutOptio
     console.print(
         f"leader [bold]{response.leader_id or '-'}[/bold]  term {response.term}  commit {response.commit_index}"
     )
-    members = Table("member", "address", "role", "match/commit", "lag", "reachable")
+    pending = "" if response.membership_index <= response.commit_index else " (not committed)"
+    console.print(
+        f"voters {', '.join(response.voters) or '-'}  learners "
+        f"{', '.join(response.learners) or '-'}  configuration at index "
+        f"{response.membership_index}{pending}"
+    )
+    members = Table("member", "address", "role", "match/commit", "lag", "reachable", "caught up")
     for m in response.members:
         lag = max(0, response.commit_index - m.commit_index)
         members.add_row(
-            m.id, m.address, m.role, str(m.commit_index), str(lag), "yes" if m.reachable else "no"
+            m.id,
+            m.address,
+            m.role,
+            str(m.commit_index),
+            str(lag),
+            "yes" if m.reachable else "no",
+            "yes" if m.caught_up else "no",
         )
     console.print(members)
     agents = Table(

@@ -369,6 +369,22 @@ class Client:
         )
         return int(response.export_watermark_seq)
 
+    def change_membership(
+        self, kind: str, node_id: str, address: str = "", wait_ms: int = 0
+    ) -> api_pb2.MembershipChangeResponse:
+        """One single-server membership change on the leader (an admin's call): kind
+        "add-learner" (with `address`), "promote" (waiting up to `wait_ms` for the learner
+        to catch up: give this client a call timeout beyond it) or "remove"."""
+        request = api_pb2.MembershipChangeRequest(
+            kind=kind, node_id=node_id, address=address, wait_ms=wait_ms
+        )
+        response: api_pb2.MembershipChangeResponse = self._call(
+            lambda stub, t: stub.ChangeMembership.future(
+                request, timeout=t, metadata=self._metadata
+            )
+        )
+        return response
+
     def cancel(self, task_id: str) -> api_pb2.Task:
         _check_task_id(task_id)
         request = api_pb2.CancelRequest(task_id=task_id)

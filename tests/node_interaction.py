@@ -37,6 +37,7 @@ Request kinds and their fields (defaults in brackets):
     heartbeat agent=<id> [cpu=2] [mem=1024] [running=a,b]
     lease agent=<id> [cpu=2] [mem=1024] [max=4] [wait=0]
     report agent=<id> task=<id> epoch=<n> [ok=true]
+    membership kind=add-learner|promote|remove node=<id> [address=..] [wait=0]
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from goml.api.types import (
     HeartbeatRequest,
     LeaseRequest,
     ListRequest,
+    MembershipRequest,
     RegisterRequest,
     ReportRequest,
     Resources,
@@ -291,6 +293,13 @@ class NodeEnv:
                 ok,
                 '{"done":true}' if ok else "",
                 "" if ok else "it failed",
+            )
+        elif kind == "membership":
+            request = MembershipRequest(
+                options.pop("kind"),
+                options.pop("node"),
+                options.pop("address", ""),
+                int(options.pop("wait", "0")),
             )
         else:
             raise InteractionError(f"unknown request kind {kind!r}")

@@ -12,7 +12,13 @@ line, a `----` line, the output lines, and a blank line.
 Commands (every `<node>` may be a list where noted with `...`):
 
     add-nodes <n> [pre-vote=true|false] [check-quorum=true|false] [max-entries=8]
-              [max-bytes=1048576]
+              [max-bytes=1048576] [chunk-bytes=1048576] [chunks-inflight=4]
+                                        the first call makes the bootstrap voters; later
+                                        ones add nodes that join (no configuration: they
+                                        learn it from a leader once made members)
+    propose-change <node> add-learner|promote|remove <member>
+                                        a membership change on <node> (the leader)
+    members <node>...                   the configuration in force on each node
     campaign <node>                     start an election now
     tick <node>... <ms>                 advance the nodes' clocks, firing every timer due
     tick-election <node>...             advance to the election deadline (leaders: by
@@ -64,9 +70,12 @@ from pathlib import Path
 from goml.raft.core import RaftCore
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import (
+    ChangeKind,
     Config,
     Entry,
     EntryKind,
+    Membership,
+    MembershipChange,
     Message,
     MessageType,
     NodeId,
@@ -88,9 +97,20 @@ class InvariantViolation(AssertionError):
     pass
 
 
+def format_membership(membership: Membership) -> str:
+    text = "v=" + ",".join(membership.voters)
+    if membership.learners:
+        text += " l=" + ",".join(membership.learners)
+    return text
+
+
 def format_entry(entry: Entry) -> str:
     if entry.kind is EntryKind.NOOP:
         return f"{entry.index}/{entry.term}"
+    if entry.kind is EntryKind.CONFIG:
+        return (
+            f"{entry.index}/{entry.term}:conf({format_membership(Membership.decode(entry.data))})"
+        )
     return f"{entry.index}/{entry.term}:{entry.data.decode()}"
 
 
@@ -127,6 +147,11 @@ def format_message(m: Message) -> str:
     elif m.type is t.SNAPSHOT:
         assert m.snapshot is not None
         parts.append(f"snapshot={m.snapshot.index}/{m.snapshot.term}")
+        size = m.snapshot_size_bytes
+        if m.snapshot_offset_bytes or len(m.snapshot.data) < size:  # one chunk of several
+            parts.append(f"bytes={m.snapshot_offset_bytes}+{len(m.snapshot.data)}/{size}")
+    elif m.type is t.SNAPSHOT_RESPONSE:
+        parts.append(f"snapshot={m.log_index}/{m.log_term} received={m.snapshot_offset_bytes}")
     return " ".join(parts)
 
 
@@ -218,12 +243,13 @@ class InteractionEnv:
         check_quorum = options.pop("check-quorum", "true") == "true"
         max_entries = int(options.pop("max-entries", "8"))
         max_bytes = int(options.pop("max-bytes", str(1 << 20)))
+        chunk_bytes = int(options.pop("chunk-bytes", str(1 << 20)))
+        chunks_inflight = int(options.pop("chunks-inflight", "4"))
         if options:
             raise InteractionError(f"unknown options {options}")
         ids = tuple(f"n{i + 1}" for i in range(len(self.nodes), len(self.nodes) + count))
-        voters = tuple(self.nodes) + ids
-        if self.nodes:
-            raise InteractionError("membership changes are not supported: add nodes once")
+        # Nodes added to a running cluster join it: no bootstrap configuration.
+        voters = () if self.nodes else ids
         for node_id in ids:
             config = Config(
                 node_id=node_id,
@@ -237,6 +263,8 @@ class InteractionEnv:
                 message_bytes_max=max_bytes,
                 pre_vote=pre_vote,
                 check_quorum=check_quorum,
+                snapshot_chunk_bytes_max=chunk_bytes,
+                snapshot_chunks_inflight_max=chunks_inflight,
             )
             node = InteractionNode(node_id, config, MemoryStorage(), None)
             self.nodes[node_id] = node
@@ -302,6 +330,30 @@ class InteractionEnv:
             self.out.append(f"{node_id}: propose {data}: {type(error).__name__}: {error}")
             return
         self.out.append(f"{node_id}: proposed {data} at {index}/{term}")
+
+    def cmd_propose_change(self, args: list[str]) -> None:
+        if len(args) != 3:
+            raise InteractionError("propose-change <node> add-learner|promote|remove <member>")
+        node_id, kind_text, member = args
+        try:
+            kind = ChangeKind(kind_text)
+        except ValueError:
+            raise InteractionError(f"unknown change {kind_text!r}") from None
+        change = MembershipChange(kind, member)
+        try:
+            index, term = self.core(node_id).propose_membership(change)
+        except ProposalError as error:
+            self.out.append(f"{node_id}: {kind_text} {member}: {type(error).__name__}: {error}")
+            return
+        self.out.append(f"{node_id}: proposed {kind_text} {member} at {index}/{term}")
+
+    def cmd_members(self, args: list[str]) -> None:
+        for node_id in args:
+            core = self.core(node_id)
+            self.out.append(
+                f"{node_id}: {format_membership(core.membership) if core.voters else 'none'}"
+                f" (index {core.membership_index})"
+            )
 
     def cmd_read_index(self, args: list[str]) -> None:
         node_id, context = args
@@ -550,8 +602,10 @@ class InteractionEnv:
             core = self.core(node_id)
             self.out.append(self._describe(node_id))
             for peer, progress in sorted(core.progress.items()):
+                learner = " learner" if peer in core.membership.learners else ""
                 self.out.append(
-                    f"  {peer}: match={progress.match} next={progress.next} {progress.state.value}"
+                    f"  {peer}: match={progress.match} next={progress.next} "
+                    f"{progress.state.value}{learner}"
                 )
 
     def cmd_log(self, args: list[str]) -> None:

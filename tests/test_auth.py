@@ -528,6 +528,13 @@ def invoke(cluster: Cluster, creds: Creds, node: str, method: Method, agent: str
                 case Method.ACK_EXPORT:  # through the first finished task only
                     cluster.client.cancel(cluster.submit("ack"))
                     client.AckExport(api_pb2.AckExportRequest(through_seq=1), **kw)
+                case Method.CHANGE_MEMBERSHIP:  # a learner that never runs, removed again
+                    change = api_pb2.MembershipChangeRequest
+                    add = change(kind="add-learner", node_id="mx", address="127.0.0.1:9")
+                    assert client.ChangeMembership(add, **kw).learners == ["mx"]
+                    assert not client.ChangeMembership(
+                        change(kind="remove", node_id="mx"), **kw
+                    ).learners
                 case Method.REGISTER:
                     agents.Register(
                         api_pb2.RegisterRequest(

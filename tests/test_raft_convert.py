@@ -6,9 +6,8 @@ import pytest
 
 from goml.proto import raft_pb2
 from goml.raft.convert import InvalidMessage, Limits, message_from_proto, message_to_proto
-from goml.raft.types import Entry, EntryKind, Message, MessageType, Snapshot
+from goml.raft.types import Entry, EntryKind, Membership, Message, MessageType, Snapshot
 
-VOTERS = ("n1", "n2", "n3")
 LIMITS = Limits(
     entries_per_message_max=8,
     entry_size_bytes_max=64,
@@ -18,7 +17,7 @@ LIMITS = Limits(
 
 
 def _inbound(proto: raft_pb2.Message) -> Message:
-    return message_from_proto(proto, "n2", "n1", VOTERS, LIMITS)
+    return message_from_proto(proto, "n2", "n1", LIMITS)
 
 
 @pytest.mark.parametrize(
@@ -59,6 +58,35 @@ def _inbound(proto: raft_pb2.Message) -> Message:
         ),
         Message(MessageType.HEARTBEAT, "n1", "n2", 3, commit=9, context=b"r1"),
         Message(MessageType.SNAPSHOT, "n1", "n2", 3, snapshot=Snapshot(10, 2, b"image")),
+        Message(
+            MessageType.SNAPSHOT,
+            "n1",
+            "n2",
+            3,
+            snapshot=Snapshot(
+                10, 2, b"mage", Membership(("n1", "n2"), ("n4",), (("n4", "10.0.0.4:7000"),))
+            ),
+            snapshot_offset_bytes=1,
+            snapshot_size_bytes=5,
+        ),
+        Message(
+            MessageType.SNAPSHOT_RESPONSE,
+            "n1",
+            "n2",
+            3,
+            log_index=10,
+            log_term=2,
+            snapshot_offset_bytes=4,
+        ),
+        Message(
+            MessageType.APPEND,
+            "n1",
+            "n2",
+            3,
+            log_index=4,
+            log_term=2,
+            entries=(Entry(5, 3, EntryKind.CONFIG, Membership(("n1", "n2", "n3")).encode()),),
+        ),
         Message(MessageType.TIMEOUT_NOW, "n1", "n2", 3),
     ],
 )
@@ -131,14 +159,67 @@ def test_rejects_bad_entries() -> None:
         _inbound(proto)
 
 
-def test_rejects_source_not_voter_and_self() -> None:
+def test_accepts_any_peer_but_not_self_or_nameless() -> None:
+    # Membership is the core's business: a node not (yet) in the receiver's
+    # configuration may write to it (a leader to a joining node).
     proto = message_to_proto(Message(MessageType.VOTE, "n9", "n2", 3))
-    with pytest.raises(InvalidMessage, match="not a peer voter"):
-        message_from_proto(proto, "n2", "n9", VOTERS, LIMITS)
+    assert message_from_proto(proto, "n2", "n9", LIMITS).source == "n9"
     proto = message_to_proto(Message(MessageType.VOTE, "n2", "n1", 3))
     proto.target = "n2"
-    with pytest.raises(InvalidMessage, match="not a peer voter"):
-        message_from_proto(proto, "n2", "n2", VOTERS, LIMITS)
+    with pytest.raises(InvalidMessage, match="not a peer"):
+        message_from_proto(proto, "n2", "n2", LIMITS)
+    proto.source = ""
+    with pytest.raises(InvalidMessage, match="not a peer"):
+        message_from_proto(proto, "n2", "", LIMITS)
+
+
+def test_rejects_bad_configurations() -> None:
+    proto = _append()
+    proto.entries[0].kind = int(EntryKind.CONFIG)  # type: ignore[assignment]
+    proto.entries[0].data = b"not json"
+    with pytest.raises(InvalidMessage, match="not a configuration"):
+        _inbound(proto)
+    proto.entries[0].data = b'{"voters":["n2","n1"],"learners":[],"addresses":{}}'
+    with pytest.raises(InvalidMessage, match="sorted and unique"):
+        _inbound(proto)
+    proto.entries[0].data = b'{"voters":["n1"],"learners":["n1"],"addresses":{}}'
+    with pytest.raises(InvalidMessage, match="both voter and learner"):
+        _inbound(proto)
+    proto.entries[0].data = b'{"voters":["n1"],"learners":[],"addresses":{"n7":"x:1"}}'
+    with pytest.raises(InvalidMessage, match="non-members"):
+        _inbound(proto)
+    snapshot = message_to_proto(
+        Message(MessageType.SNAPSHOT, "n1", "n2", 3, snapshot=Snapshot(10, 2, b"x"))
+    )
+    snapshot.snapshot.membership.learners.append("n4")
+    with pytest.raises(InvalidMessage, match="learners without voters"):
+        _inbound(snapshot)
+    snapshot.snapshot.membership.voters.append("n1")
+    assert _inbound(snapshot).snapshot == Snapshot(10, 2, b"x", Membership(("n1",), ("n4",)))
+
+
+def test_rejects_bad_snapshot_chunks() -> None:
+    chunk = Snapshot(10, 2, b"abcd")
+    proto = message_to_proto(
+        Message(
+            MessageType.SNAPSHOT,
+            "n1",
+            "n2",
+            3,
+            snapshot=chunk,
+            snapshot_offset_bytes=2,
+            snapshot_size_bytes=5,
+        )
+    )
+    with pytest.raises(InvalidMessage, match="runs past its size 5"):
+        _inbound(proto)
+    proto.snapshot_size_bytes = 129
+    with pytest.raises(InvalidMessage, match="129 bytes announced"):
+        _inbound(proto)
+    heartbeat = message_to_proto(Message(MessageType.HEARTBEAT, "n1", "n2", 3))
+    heartbeat.snapshot_offset_bytes = 3
+    with pytest.raises(InvalidMessage, match="carries snapshot offsets"):
+        _inbound(heartbeat)
 
 
 def test_snapshot_presence_and_size() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from goml.raft.sqlite_store import SqliteStorage, StoreCorrupted, StoreLocked
+from goml.raft.sqlite_store import SqliteStorage, StoreCorrupted, StoreLocked, entry_checksum
 from goml.raft.storage import MemoryStorage
-from goml.raft.types import Entry, EntryKind, HardState, PersistedState, Snapshot
+from goml.raft.types import Entry, EntryKind, HardState, Membership, PersistedState, Snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHILD_DEADLINE_S = 60.0
@@ -126,11 +126,14 @@ class Script:
         if choice < 0.12 and commit > base:
             index = rng.randint(base + 1, commit)
             term = state.entries[index - base - 1].term
-            return "compact", (Snapshot(index, term, rng.randbytes(rng.randint(0, 64))),)
+            data = rng.randbytes(rng.randint(0, 64))
+            return "compact", (Snapshot(index, term, data, self.membership()),)
         if choice < 0.2:
             self.term += rng.randint(0, 1)
             index = rng.randint(max(base, commit, 1), last + 5)
-            snapshot = Snapshot(index, self.term, rng.randbytes(rng.randint(0, 64)))
+            snapshot = Snapshot(
+                index, self.term, rng.randbytes(rng.randint(0, 64)), self.membership()
+            )
             entries = self.entries(index + 1, rng.randint(0, 3))
             hard_state = HardState(self.term, "n2", rng.randint(index, index + len(entries)))
             return "persist", (snapshot, entries, hard_state, rng.random() < 0.5)
@@ -151,17 +154,27 @@ class Script:
         hard_state = HardState(self.term, "n1", rng.randint(commit, entries[-1].index))
         return "persist", (None, entries, hard_state, rng.random() < 0.5)
 
+    def membership(self) -> Membership | None:
+        """A configuration (or none: a snapshot of a store older than configurations)."""
+        rng = self.rng
+        if rng.random() < 0.3:
+            return None
+        names = rng.sample(["n1", "n2", "n3", "n4", "n5"], rng.randint(1, 5))
+        split = rng.randint(1, len(names))
+        voters, learners = sorted(names[:split]), sorted(names[split:])
+        addresses = tuple((n, f"10.0.0.{n[1]}:7000") for n in sorted(names) if rng.random() < 0.5)
+        return Membership(tuple(voters), tuple(learners), addresses)
+
     def entries(self, first: int, count: int) -> tuple[Entry, ...]:
         rng = self.rng
-        return tuple(
-            Entry(
-                index,
-                self.term,
-                rng.choice(list(EntryKind)),
-                rng.randbytes(rng.choice([0, 1, 16, 300])),
-            )
-            for index in range(first, first + count)
-        )
+        entries = []
+        for index in range(first, first + count):
+            kind = rng.choice(list(EntryKind))
+            data = rng.randbytes(rng.choice([0, 1, 16, 300]))
+            if kind is EntryKind.CONFIG:
+                data = (self.membership() or Membership(("n1",))).encode()
+            entries.append(Entry(index, self.term, kind, data))
+        return tuple(entries)
 
 
 def apply(store: MemoryStorage | SqliteStorage, op: str, args: tuple[object, ...]) -> None:
@@ -489,3 +502,40 @@ def test_a_store_of_an_older_version_is_not_restoring(tmp_path: Path) -> None:
     with SqliteStorage(path) as store:
         loaded = store.load()
     assert loaded.incarnation == 1 and not loaded.hard_state.restoring
+
+
+def test_a_snapshot_keeps_its_configuration(tmp_path: Path) -> None:
+    path = tmp_path / "raft.db"
+    membership = Membership(("n1", "n2", "n4"), ("n5",), (("n5", "10.0.0.5:7000"),))
+    config = Entry(2, 1, EntryKind.CONFIG, membership.encode())
+    with SqliteStorage(path) as store:
+        store.persist(None, (Entry(1, 1), config, Entry(3, 1)), HardState(1, "n1", 3), True)
+        store.compact(Snapshot(2, 1, b"state", membership))
+    with SqliteStorage(path) as store:
+        loaded = store.load()
+    assert loaded.snapshot == Snapshot(2, 1, b"state", membership)
+    assert loaded.entries == (Entry(3, 1),)
+
+
+def test_a_damaged_configuration_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "raft.db"
+    with SqliteStorage(path) as store:
+        store.persist(None, (Entry(1, 1), Entry(2, 1)), HardState(1, "n1", 2), True)
+        store.compact(Snapshot(1, 1, b"state", Membership(("n1", "n2"))))
+    raw_sql(
+        path, "UPDATE meta SET value = replace(value, 'n2', 'n3') WHERE key = 'snapshot_membership'"
+    )
+    assert_corrupted(path, "snapshot configuration does not match")
+    path = tmp_path / "entries.db"
+    with SqliteStorage(path) as store:
+        store.persist(None, (Entry(1, 1),), HardState(1, "n1", 1), True)
+    # A CONFIG entry that is no configuration, with a valid checksum: read, refused.
+    data = b"{}"
+    checksum = entry_checksum(2, 1, int(EntryKind.CONFIG), data)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        "INSERT INTO log (idx, term, kind, data, checksum) VALUES (2, 1, ?, ?, ?)",
+        (int(EntryKind.CONFIG), data, checksum),
+    )
+    conn.close()
+    assert_corrupted(path, "entry 2: not a configuration")

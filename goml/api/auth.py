@@ -8,8 +8,8 @@ place that says which role may call which method (`PERMISSIONS`).
 
 Identities are ROLE:NAME. Roles:
 - client: Submit, Get, List, Watch, Cancel, Status.
-- admin: everything a client may, plus the admin operations (`ADMIN_METHODS`: today
-  AckExport, the acknowledgement that lets retention prune; membership joins it).
+- admin: everything a client may, plus the admin operations (`ADMIN_METHODS`: membership
+  changes, acknowledging an export).
 - agent: Register, Heartbeat, Lease, Report, and only as itself: every agent request's
   `agent_id` must be the caller's name, so one agent can never register, lease or report
   as another.
@@ -84,7 +84,7 @@ CLIENT_METHODS = frozenset(
 )
 AGENT_METHODS = frozenset({Method.REGISTER, Method.HEARTBEAT, Method.LEASE, Method.REPORT})
 # Membership and retention: moving the export watermark lets retention prune.
-ADMIN_METHODS: frozenset[Method] = frozenset({Method.ACK_EXPORT})
+ADMIN_METHODS: frozenset[Method] = frozenset({Method.ACK_EXPORT, Method.CHANGE_MEMBERSHIP})
 # The table: which role may call which method. Nothing else in goml decides it.
 PERMISSIONS: dict[Role, frozenset[Method]] = {
     Role.CLIENT: CLIENT_METHODS,

@@ -83,6 +83,8 @@ class Method(enum.StrEnum):
     HEARTBEAT = "Heartbeat"
     LEASE = "Lease"
     REPORT = "Report"
+    # Membership changes (goml node add/remove/replace): an admin's call (goml.api.auth).
+    CHANGE_MEMBERSHIP = "ChangeMembership"
 
 
 # ------------------------------------------------------------------------------ errors
@@ -365,6 +367,8 @@ class MemberView:
     applied_index: int
     reachable: bool
     rtt_ms: float  # 0: unknown
+    voter: bool = True  # False: a learner (replicates, never votes or counts)
+    caught_up: bool = False  # the leader's view: holds every committed entry, steadily
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,6 +392,35 @@ class StatusResponse:
     members: tuple[MemberView, ...]
     agents: tuple[AgentView, ...]
     tasks_by_state: tuple[tuple[str, int], ...]
+    voters: tuple[str, ...] = ()
+    learners: tuple[str, ...] = ()
+    membership_index: int = 0  # the log index of the configuration in force (0: bootstrap)
+
+
+class MembershipChangeKind(enum.StrEnum):
+    ADD_LEARNER = "add-learner"
+    PROMOTE = "promote"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRequest:
+    """One single-server change, on the leader. ADD_LEARNER needs `address`; PROMOTE
+    waits up to `wait_ms` for the learner to catch up (then FAILED_PRECONDITION)."""
+
+    kind: str  # a MembershipChangeKind value (checked by the node: it comes off the wire)
+    node_id: str
+    address: str = ""
+    wait_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipResponse:
+    """The configuration once the change committed."""
+
+    index: int
+    voters: tuple[str, ...]
+    learners: tuple[str, ...]
 
 
 AgentRequest = RegisterRequest | HeartbeatRequest | LeaseRequest | ReportRequest
@@ -400,6 +433,7 @@ ClientRequest = (
     | StatusRequest
     | WatchRequest
     | AckExportRequest
+    | MembershipRequest
 )
 ClientResponse = (
     SubmitResponse
@@ -409,6 +443,7 @@ ClientResponse = (
     | StatusResponse
     | TaskEvent
     | AckExportResponse
+    | MembershipResponse
 )
 ApiRequest = AgentRequest | ClientRequest
 ApiResponse = AgentResponse | ClientResponse
@@ -425,6 +460,7 @@ METHOD_OF_REQUEST: dict[type[ApiRequest], Method] = {
     HeartbeatRequest: Method.HEARTBEAT,
     LeaseRequest: Method.LEASE,
     ReportRequest: Method.REPORT,
+    MembershipRequest: Method.CHANGE_MEMBERSHIP,
 }
 RESPONSE_TYPES: dict[Method, type[ApiResponse]] = {
     Method.SUBMIT: SubmitResponse,
@@ -438,5 +474,6 @@ RESPONSE_TYPES: dict[Method, type[ApiResponse]] = {
     Method.HEARTBEAT: HeartbeatResponse,
     Method.LEASE: LeaseResponse,
     Method.REPORT: ReportResponse,
+    Method.CHANGE_MEMBERSHIP: MembershipResponse,
 }
 assert set(METHOD_OF_REQUEST.values()) == set(Method) == set(RESPONSE_TYPES)

@@ -31,6 +31,8 @@ from goml.api.types import (
     LeaseResponse,
     ListRequest,
     ListResponse,
+    MembershipRequest,
+    MembershipResponse,
     MemberView,
     Method,
     RegisterRequest,
@@ -254,6 +256,8 @@ def _status_to_pb(s: StatusResponse) -> api_pb2.StatusResponse:
                 applied_index=m.applied_index,
                 reachable=m.reachable,
                 rtt_ms=m.rtt_ms,
+                learner=not m.voter,
+                caught_up=m.caught_up,
             )
             for m in s.members
         ],
@@ -270,6 +274,9 @@ def _status_to_pb(s: StatusResponse) -> api_pb2.StatusResponse:
             for a in s.agents
         ],
         tasks_by_state=dict(s.tasks_by_state),
+        voters=list(s.voters),
+        learners=list(s.learners),
+        membership_index=s.membership_index,
     )
 
 
@@ -290,6 +297,8 @@ def _status_from_pb(pb: api_pb2.StatusResponse) -> StatusResponse:
                 int(m.applied_index),
                 bool(m.reachable),
                 float(m.rtt_ms),
+                not m.learner,
+                bool(m.caught_up),
             )
             for m in pb.members
         ),
@@ -306,6 +315,9 @@ def _status_from_pb(pb: api_pb2.StatusResponse) -> StatusResponse:
             for a in pb.agents
         ),
         tasks_by_state=tuple(sorted((k, int(v)) for k, v in pb.tasks_by_state.items())),
+        voters=tuple(pb.voters),
+        learners=tuple(pb.learners),
+        membership_index=int(pb.membership_index),
     )
 
 
@@ -371,6 +383,13 @@ def request_to_pb(request: ApiRequest) -> Message:
             return api_pb2.WatchRequest(task_ids=list(request.task_ids))
         case AckExportRequest():
             return api_pb2.AckExportRequest(through_seq=request.through_seq)
+        case MembershipRequest():
+            return api_pb2.MembershipChangeRequest(
+                kind=request.kind,
+                node_id=request.node_id,
+                address=request.address,
+                wait_ms=request.wait_ms,
+            )
 
 
 def request_from_pb(method: Method, pb: Message) -> ApiRequest:
@@ -425,6 +444,9 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
         case Method.ACK_EXPORT:
             assert isinstance(pb, api_pb2.AckExportRequest)
             return AckExportRequest(int(pb.through_seq))
+        case Method.CHANGE_MEMBERSHIP:
+            assert isinstance(pb, api_pb2.MembershipChangeRequest)
+            return MembershipRequest(pb.kind, pb.node_id, pb.address, int(pb.wait_ms))
 
 
 # ----------------------------------------------------------------------------- responses
@@ -466,6 +488,10 @@ def response_to_pb(response: ApiResponse) -> Message:
             return api_pb2.TaskEvent(task=task_to_pb(response.task), raft_index=response.raft_index)
         case AckExportResponse():
             return api_pb2.AckExportResponse(export_watermark_seq=response.export_watermark_seq)
+        case MembershipResponse():
+            return api_pb2.MembershipChangeResponse(
+                index=response.index, voters=list(response.voters), learners=list(response.learners)
+            )
 
 
 def response_from_pb(method: Method, pb: Message) -> ApiResponse:
@@ -511,3 +537,6 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
         case Method.ACK_EXPORT:
             assert isinstance(pb, api_pb2.AckExportResponse)
             return AckExportResponse(int(pb.export_watermark_seq))
+        case Method.CHANGE_MEMBERSHIP:
+            assert isinstance(pb, api_pb2.MembershipChangeResponse)
+            return MembershipResponse(int(pb.index), tuple(pb.voters), tuple(pb.learners))

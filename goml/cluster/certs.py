@@ -504,6 +504,7 @@ class TokensFile:
         self._derived = tuple(derived)
         stamp, entries = _read_tokens(path)  # at start, a bad file stops the node
         self._stamp: _Stamp | None = stamp
+        self._file_entries = entries
         self._table = TokenTable((*entries, *self._derived))
         self.reloads = 0
         log.info("tokens: %d from %s", len(entries), path)
@@ -523,6 +524,17 @@ class TokensFile:
     def reload(self) -> None:
         self._load(None)
 
+    def set_derived(self, derived: Sequence[TokenEntry]) -> None:
+        """Replace the derived (node) tokens: a membership change added or removed nodes
+        that may forward here. The file's entries stay as loaded."""
+        derived = tuple(derived)
+        if derived == self._derived:
+            return
+        assert all(e.identity.role is Role.NODE for e in derived), "only node tokens derive"
+        self._table = TokenTable((*self._file_entries, *derived))
+        self._derived = derived
+        log.info("tokens: %d node tokens (the members changed)", len(derived))
+
     def _load(self, stamp: _Stamp | None) -> None:
         try:
             loaded, entries = _read_tokens(self.path)
@@ -532,6 +544,7 @@ class TokensFile:
             self._stamp = stamp  # tried again once the file changes again
             return
         self._stamp = loaded
+        self._file_entries = entries
         self._table = table
         self.reloads += 1
         log.info("tokens: reloaded %s: %d tokens", self.path, len(entries))

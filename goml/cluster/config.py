@@ -16,6 +16,9 @@ Example:
     raft: {election_timeout_ms_min: 300, election_timeout_ms_max: 600, heartbeat_interval_ms: 50}
     retention: {retention_ms: 604800000, finished_tasks_max: 50000, require_export: false}
     limits: {tasks_max: 200000}         # every node the same (the leader's are applied)
+    # join: true                        # joins a running cluster (`goml node add`): the
+                                        # peers are whom to reach; the node learns its
+                                        # configuration from the leader
 
 Relative paths are resolved against the config file's directory.
 """
@@ -124,6 +127,10 @@ class NodeFileConfig(_Strict):
     retention: Retention = Retention()
     limits: Limits = Limits()
     request_timeout_s: float = Field(REQUEST_TIMEOUT_MS_DEFAULT / 1000, gt=0)
+    # False: `peers` are the bootstrap voters of a new cluster. True: this node joins a
+    # running one (added by `goml node add`); it has no configuration of its own until
+    # the leader sends it one, so it never campaigns by a list that may be stale.
+    join: bool = False
 
     @model_validator(mode="before")
     @classmethod

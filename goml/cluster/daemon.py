@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,12 +60,31 @@ def _tokens(config: NodeFileConfig, secret: bytes) -> TokensFile:
         raise ConfigError(f"tokens_file: {error}") from None
 
 
+def _follow_members(
+    config: NodeFileConfig, secret: bytes, plane: ControlPlane, tokens: TokensFile
+) -> Callable[[], None]:
+    """After each loop iteration: the nodes that may forward here are the members (a
+    node added by `goml node add` forwards to its peers) and those the config file
+    names. The peers dict is the same object until the configuration changes."""
+    seen: list[object] = [None]
+
+    def follow() -> None:
+        peers = plane.peer_addresses()
+        if peers is seen[0]:
+            return
+        seen[0] = peers
+        names = {*config.peers, *peers, config.node_id}
+        tokens.set_derived(node_entries(secret, config.cluster_id, names))
+
+    return follow
+
+
 def core_config(config: NodeFileConfig) -> NodeCoreConfig:
     """The node core configuration of this node: the file's settings, goml's standards."""
     timing, d = config.raft, config.duties
     raft = raft_config(
         config.node_id,
-        tuple(sorted(config.peers)),
+        () if config.join else tuple(sorted(config.peers)),
         timing.election_timeout_ms_min,
         timing.election_timeout_ms_max,
         timing.heartbeat_interval_ms,
@@ -128,6 +148,7 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | No
         channel_credentials,
     )
     await add_services(server, plane)
+    runtime.on_iteration(_follow_members(config, secret, plane, tokens))
     if config.metrics_listen:
         metrics_host, _, metrics_port = config.metrics_listen.rpartition(":")
         metrics.serve(metrics_host, int(metrics_port))

@@ -61,6 +61,9 @@ from goml.api.types import (
     LeaseResponse,
     ListRequest,
     ListResponse,
+    MembershipChangeKind,
+    MembershipRequest,
+    MembershipResponse,
     MemberView,
     RegisterRequest,
     RegisterResponse,
@@ -109,6 +112,7 @@ from goml.raft.replica import (
     Applied,
     Lost,
     Outcome,
+    PeerAddresses,
     ProposalTooLarge,
     ReadFailed,
     ReadReady,
@@ -118,10 +122,16 @@ from goml.raft.replica import (
     Unknown,
 )
 from goml.raft.types import (
+    ADDRESS_CHARS_MAX,
+    NODE_ID_CHARS_MAX,
+    ChangeKind,
     Config,
     Entry,
     HardState,
+    MembershipChange,
+    MembershipRefused,
     Message,
+    NodeId,
     NotLeader,
     PersistedState,
     ProposalDropped,
@@ -164,6 +174,7 @@ MAX_ATTEMPTS_DEFAULT = 3
 TASK_TIMEOUT_MS_DEFAULT = 60_000
 REQUESTS_MAX = 16_384
 REQUEST_TIMEOUT_MS_DEFAULT = 5000
+PROMOTE_WAIT_MS_MAX = 600_000  # the longest a promotion waits for its learner to catch up
 APPLY_LAG_ENTRIES_MAX = 10_000  # unhealthy beyond: this node is far behind what it knows  # a node file's request_timeout_s, unless it says otherwise
 
 
@@ -172,7 +183,9 @@ class NodeCoreConfig:
     """Every option explicit (STYLE.md): the daemon and the simulator build one each."""
 
     replica: ReplicaConfig
-    addresses: tuple[tuple[str, str], ...]  # node id -> address, named in NOT_LEADER
+    # Node id -> address of the peers the config file names (the bootstrap voters, or the
+    # cluster a joining node joins); a configuration's own addresses take precedence.
+    addresses: tuple[tuple[str, str], ...]
     duties: DutiesConfig
     limits: ManifestLimits
     duties_interval_ms: int
@@ -191,7 +204,8 @@ class NodeCoreConfig:
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.addresses]
-        assert sorted(names) == sorted(self.replica.raft.voters), (names, self.replica.raft)
+        assert set(self.replica.raft.voters) <= set(names), (names, self.replica.raft)
+        assert self.replica.raft.node_id in names, (names, self.replica.raft)
         for name in (
             "duties_interval_ms",
             "request_timeout_ms",
@@ -355,6 +369,7 @@ class _Stage(enum.Enum):
     QUEUED = "queued"  # a report waiting for the next batch
     READING = "reading"  # waits for a read point
     PARKED = "parked"  # a lease poll waiting for work
+    PROMOTING = "promoting"  # a promotion waiting for its learner to catch up
     WATCHING = "watching"  # a watch stream
     FORWARDED = "forwarded"  # sent on to the leader; its answer is this request's
 
@@ -419,7 +434,7 @@ class NodeCore:
     ) -> None:
         self.config = config
         self.id = config.replica.raft.node_id
-        self._addresses = dict(config.addresses)
+        self._peer_addresses = PeerAddresses(self.id, dict(config.addresses))
         self._validate_args = validate_args
         # Every replica starts from the same limits; the configured ones come through the
         # log (SetLimits, proposed by the leader's duties), so apply agrees everywhere.
@@ -437,6 +452,7 @@ class NodeCore:
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[int, int]] = []  # (deadline_ms, request id), lazy
         self._parked: dict[int, None] = {}  # lease polls in arrival order
+        self._promotions: dict[int, MembershipChange] = {}  # waiting for a learner
         self._claimed: set[str] = set()  # tasks lease proposals in flight will take
         # Tasks whose results are proposed and not yet applied, by agent: a lease proposed
         # behind them counts their capacity as free (applied in log order, the report
@@ -481,6 +497,15 @@ class NodeCore:
     @property
     def pending_requests(self) -> int:
         return len(self._pending)
+
+    def peer_addresses(self) -> dict[NodeId, str]:
+        """The peers to keep streams to: the members (the same dict until it changes)."""
+        return self._peer_addresses.current(self.replica.raft.membership)
+
+    def address_of(self, node: NodeId) -> str:
+        """Where `node` listens, as far as this node knows ("" if it does not)."""
+        self._peer_addresses.current(self.replica.raft.membership)
+        return self._peer_addresses.address(node)
 
     # ---------------------------------------------------------------- inputs
 
@@ -573,6 +598,8 @@ class NodeCore:
         timeout_ms = self.config.request_timeout_ms
         if isinstance(request, LeaseRequest):
             timeout_ms += min(max(request.wait_ms, 0), self.config.lease_wait_ms_max)
+        if isinstance(request, MembershipRequest):
+            timeout_ms += min(max(request.wait_ms, 0), PROMOTE_WAIT_MS_MAX)
         pending = _Pending(
             request, _Stage.FORWARDED, self._now_ms + timeout_ms, forwarded_to=leader
         )
@@ -619,6 +646,8 @@ class NodeCore:
                 self._lease(request_id, request)
             case ReportRequest():
                 self._report(request_id, request)
+            case MembershipRequest():
+                self._change_membership(request_id, request)
 
     def forget(self, request_id: int) -> None:
         """The caller went away: drop the request (a proposal may still apply)."""
@@ -627,6 +656,7 @@ class NodeCore:
         if pending is None:
             return
         self._parked.pop(request_id, None)
+        self._promotions.pop(request_id, None)
         self._watches.pop(request_id, None)
         self._claimed.difference_update(pending.claim)
 
@@ -709,19 +739,26 @@ class NodeCore:
     def status(self) -> StatusResponse:
         raft = self.replica.raft
         leader = raft.leader
+        membership = raft.membership
+        # The configuration's members; while it knows none (it joins), the peers named.
+        names = membership.members if membership.voters else tuple(sorted(self._configured()))
         members = []
-        for member_id, address in sorted(self._addresses.items()):
+        for member_id in names:
+            address = self.address_of(member_id)
+            voter = member_id in membership.voters or not membership.voters
             if member_id == self.id:
                 members.append(
                     MemberView(
                         member_id,
                         address,
-                        raft.role.value,
+                        raft.role.value if voter else "learner",
                         raft.term,
                         raft.commit,
                         raft.applied,
                         True,
                         0.0,
+                        voter,
+                        raft.role is Role.LEADER,
                     )
                 )
                 continue
@@ -736,16 +773,19 @@ class NodeCore:
                     and heard_leader is not None
                     and self._now_ms - heard_leader < raft.config.election_timeout_ms_min
                 )
+            role = "leader" if member_id == leader else "follower" if voter else "learner"
             members.append(
                 MemberView(
                     member_id,
                     address,
-                    "leader" if member_id == leader else "follower",
+                    role,
                     0,
                     progress.match if progress is not None else 0,
                     0,
                     reachable,
                     0.0,
+                    voter,
+                    raft.caught_up(member_id),
                 )
             )
         agents = []
@@ -766,13 +806,19 @@ class NodeCore:
         return StatusResponse(
             node_id=self.id,
             leader_id=leader,
-            leader_address=self._addresses.get(leader, "") if leader else "",
+            leader_address=self.address_of(leader) if leader else "",
             term=raft.term,
             commit_index=raft.commit,
             members=tuple(members),
             agents=tuple(agents),
             tasks_by_state=tuple(sorted(counts.items())),
+            voters=membership.voters,
+            learners=membership.learners,
+            membership_index=max(0, raft.membership_index),
         )
+
+    def _configured(self) -> dict[NodeId, str]:
+        return dict(self.config.addresses)
 
     # -------------------------------------------------------------- requests
 
@@ -1164,6 +1210,94 @@ class NodeCore:
             self._duty_commands[self._internal_tokens] = kind
             self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
 
+    # ------------------------------------------------------------- membership
+
+    def _change_membership(self, request_id: int, request: MembershipRequest) -> None:
+        """`goml node add/remove/replace`: one single-server change (goml.raft.core).
+        A promotion may wait for its learner to catch up; every other refusal of the
+        Raft core (a change pending, not yet committed in this term, a quorum it would
+        break) is answered FAILED_PRECONDITION with the core's reason."""
+        if not self._leading_or_refuse(request_id):
+            return
+        kinds = {k.value for k in MembershipChangeKind}
+        if request.kind not in kinds:
+            self._error(
+                request_id,
+                ErrorCode.INVALID_ARGUMENT,
+                f"unknown membership change {request.kind!r:.40}: one of {sorted(kinds)}",
+            )
+            return
+        kind = ChangeKind(request.kind)
+        node = request.node_id
+        problem = ""
+        if not node or len(node) > NODE_ID_CHARS_MAX:
+            problem = f"a node id of 1 to {NODE_ID_CHARS_MAX} characters, not {node!r:.80}"
+        elif kind is ChangeKind.ADD_LEARNER and not request.address:
+            problem = f"add-learner {node}: give the address it listens on (host:port)"
+        elif kind is not ChangeKind.ADD_LEARNER and request.address:
+            problem = f"{kind.value} {node}: an address is only given to add-learner"
+        elif len(request.address) > ADDRESS_CHARS_MAX:
+            problem = f"an address of at most {ADDRESS_CHARS_MAX} characters"
+        elif request.wait_ms < 0:
+            problem = f"wait_ms {request.wait_ms} is negative"
+        if problem:
+            self._error(request_id, ErrorCode.INVALID_ARGUMENT, problem)
+            return
+        change = MembershipChange(kind, node, request.address)
+        raft = self.replica.raft
+        if (
+            kind is ChangeKind.PROMOTE
+            and request.wait_ms > 0
+            and node in raft.membership.learners
+            and not raft.caught_up(node)
+        ):
+            wait_ms = min(request.wait_ms, PROMOTE_WAIT_MS_MAX)
+            self._wait(request_id, _Pending(request, _Stage.PROMOTING, self._now_ms + wait_ms))
+            self._promotions[request_id] = change
+            return
+        self._propose_change(request_id, request, change)
+
+    def _propose_change(
+        self, request_id: int, request: MembershipRequest, change: MembershipChange
+    ) -> None:
+        try:
+            self.replica.propose_membership(change, request_id)
+        except NotLeader:
+            self._not_leader(request_id)
+            return
+        except ProposalDropped as error:
+            self._error(request_id, ErrorCode.UNAVAILABLE, f"not proposed: {error}; retry")
+            return
+        except MembershipRefused as error:
+            self._error(request_id, ErrorCode.FAILED_PRECONDITION, str(error))
+            return
+        kind = f"Membership.{change.kind.value}"
+        self.stats.proposed[kind] = self.stats.proposed.get(kind, 0) + 1
+        self._log(LogLevel.INFO, f"proposed membership change: {change.kind.value} {change.node}")
+        self._wait(request_id, _Pending(request, _Stage.PROPOSED, self._request_deadline()))
+
+    def _promote_caught_up(self) -> None:
+        raft = self.replica.raft
+        for request_id, change in list(self._promotions.items()):
+            if raft.caught_up(change.node) or change.node not in raft.membership.learners:
+                del self._promotions[request_id]
+                pending = self._pending.pop(request_id)
+                assert isinstance(pending.request, MembershipRequest)
+                self._propose_change(request_id, pending.request, change)
+
+    def _membership_outcome(self, request_id: int, outcome: Outcome) -> None:
+        self._pending.pop(request_id)
+        if isinstance(outcome, Applied):
+            membership = self.replica.raft.membership
+            index = outcome.index
+            self._log(LogLevel.INFO, f"membership change at {index} committed: {membership}")
+            self._reply(
+                request_id, MembershipResponse(index, membership.voters, membership.learners)
+            )
+        else:
+            assert isinstance(outcome, Lost | Unknown), outcome
+            self._error(request_id, ErrorCode.UNAVAILABLE, f"not committed: {outcome.why}; retry")
+
     # --------------------------------------------------------------- outcomes
 
     def _on_outcome(self, outcome: Outcome) -> None:
@@ -1184,6 +1318,9 @@ class NodeCore:
         pending = self._pending.get(token)
         if pending is None:
             return  # answered already (deadline) or forgotten: nobody waits
+        if isinstance(pending.request, MembershipRequest) and pending.stage is _Stage.PROPOSED:
+            self._membership_outcome(token, outcome)
+            return
         match outcome:
             case Applied():
                 if pending.stage is _Stage.PROPOSED:
@@ -1343,7 +1480,13 @@ class NodeCore:
                 self._parked.pop(request_id)
                 if self._pending.pop(request_id, None) is not None:
                     self._not_leader(request_id)
+            for request_id in list(self._promotions):
+                self._promotions.pop(request_id)
+                if self._pending.pop(request_id, None) is not None:
+                    self._not_leader(request_id)
         self._was_leader = leader
+        if self._promotions and leader:
+            self._promote_caught_up()
 
     def _expire(self) -> None:
         while self._deadlines and self._deadlines[0][0] <= self._now_ms:
@@ -1355,6 +1498,15 @@ class NodeCore:
             if pending.stage is _Stage.PARKED:
                 self._parked.pop(request_id, None)
                 self._reply(request_id, LeaseResponse(()))
+                continue
+            if pending.stage is _Stage.PROMOTING:
+                change = self._promotions.pop(request_id)
+                self._error(
+                    request_id,
+                    ErrorCode.FAILED_PRECONDITION,
+                    f"learner {change.node} did not catch up in time: is it running, and "
+                    "can the leader reach it?",
+                )
                 continue
             self.stats.requests_expired += 1
             if pending.stage is _Stage.FORWARDED:
@@ -1399,7 +1551,7 @@ class NodeCore:
                     ErrorCode.NOT_LEADER,
                     f"NOT_LEADER: {self.id} is not the leader (leader: {leader or 'unknown'})",
                     leader,
-                    self._addresses.get(leader, "") if leader else "",
+                    self.address_of(leader) if leader else "",
                 ),
                 True,
             )

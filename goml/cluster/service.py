@@ -50,6 +50,7 @@ from goml.api.types import (
     ApiResponse,
     ErrorCode,
     LeaseRequest,
+    MembershipRequest,
     Method,
     StatusResponse,
     SubmitRequest,
@@ -70,6 +71,7 @@ from goml.cluster.config import NodeFileConfig
 from goml.cluster.metrics import Metrics
 from goml.cluster.node_core import (
     LEASE_WAIT_MS_MAX,
+    PROMOTE_WAIT_MS_MAX,
     Forward,
     NodeCore,
     NodeCoreConfig,
@@ -78,7 +80,7 @@ from goml.cluster.node_core import (
 )
 from goml.proto import api_pb2, api_pb2_grpc
 from goml.raft.node import NodeRuntime, NodeStopped
-from goml.raft.types import HardState, Message, ProposalDropped
+from goml.raft.types import HardState, Message, NodeId, ProposalDropped
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +212,8 @@ class ControlPlane:
         timeout_s = self.config.request_timeout_s + CALL_MARGIN_S
         if isinstance(request, LeaseRequest):  # a long poll: held up to its wait
             timeout_s += min(max(request.wait_ms, 0), LEASE_WAIT_MS_MAX) / 1000
+        if isinstance(request, MembershipRequest):  # a promotion waits for its learner
+            timeout_s += min(max(request.wait_ms, 0), PROMOTE_WAIT_MS_MAX) / 1000
         try:
             self.runtime.submit(
                 lambda now_ms, wall_ms: self.core.request(
@@ -303,6 +307,9 @@ class ControlPlane:
     def take_deferred_hard_state(self) -> HardState | None:
         return self._core.take_deferred_hard_state() if self._core is not None else None
 
+    def peer_addresses(self) -> dict[NodeId, str]:
+        return self.core.peer_addresses()
+
     def deliver(self, ready: NodeReady) -> None:
         for reply in ready.replies:
             self._deliver(reply)
@@ -350,7 +357,8 @@ class ControlPlane:
     def _leader_stub(self, leader: str, method: Method) -> Any:
         channel = self._forward_channels.get(leader)
         if channel is None:
-            address = self.config.peers[leader]
+            # The leader may have joined after this node's config file was written.
+            address = self.core.address_of(leader) or self.config.peers.get(leader, "")
             channel = (
                 grpc.aio.secure_channel(
                     address, self._channel_credentials, options=reconnect_options()
@@ -485,6 +493,9 @@ class ClientServicer(api_pb2_grpc.ClientServicer):
 
     async def AckExport(self, request: Any, context: Any) -> Any:
         return await _unary(self.plane, Method.ACK_EXPORT, request, context)
+
+    async def ChangeMembership(self, request: Any, context: Any) -> Any:
+        return await _unary(self.plane, Method.CHANGE_MEMBERSHIP, request, context)
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
         watch = request_from_pb(Method.WATCH, request)

@@ -183,7 +183,7 @@ class CancelResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("id", "address", "role", "term", "commit_index", "applied_index", "reachable", "rtt_ms")
+    __slots__ = ("id", "address", "role", "term", "commit_index", "applied_index", "reachable", "rtt_ms", "learner", "caught_up")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class Member(_message.Message):
     APPLIED_INDEX_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
     RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_FIELD_NUMBER: _ClassVar[int]
+    CAUGHT_UP_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     role: str
@@ -200,7 +202,9 @@ class Member(_message.Message):
     applied_index: int
     reachable: bool
     rtt_ms: float
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., reachable: _Optional[bool] = ..., rtt_ms: _Optional[float] = ...) -> None: ...
+    learner: bool
+    caught_up: bool
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., reachable: _Optional[bool] = ..., rtt_ms: _Optional[float] = ..., learner: _Optional[bool] = ..., caught_up: _Optional[bool] = ...) -> None: ...
 
 class Agent(_message.Message):
     __slots__ = ("id", "cloud", "region", "arch", "capacity", "state", "last_heartbeat_age_ms")
@@ -227,7 +231,7 @@ class StatusRequest(_message.Message):
     def __init__(self, local: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "members", "agents", "tasks_by_state")
+    __slots__ = ("node_id", "leader_id", "leader_address", "term", "commit_index", "members", "agents", "tasks_by_state", "voters", "learners", "membership_index")
     class TasksByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +247,9 @@ class StatusResponse(_message.Message):
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     TASKS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    VOTERS_FIELD_NUMBER: _ClassVar[int]
+    LEARNERS_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_INDEX_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     leader_id: str
     leader_address: str
@@ -251,7 +258,32 @@ class StatusResponse(_message.Message):
     members: _containers.RepeatedCompositeFieldContainer[Member]
     agents: _containers.RepeatedCompositeFieldContainer[Agent]
     tasks_by_state: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    voters: _containers.RepeatedScalarFieldContainer[str]
+    learners: _containers.RepeatedScalarFieldContainer[str]
+    membership_index: int
+    def __init__(self, node_id: _Optional[str] = ..., leader_id: _Optional[str] = ..., leader_address: _Optional[str] = ..., term: _Optional[int] = ..., commit_index: _Optional[int] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., voters: _Optional[_Iterable[str]] = ..., learners: _Optional[_Iterable[str]] = ..., membership_index: _Optional[int] = ...) -> None: ...
+
+class MembershipChangeRequest(_message.Message):
+    __slots__ = ("kind", "node_id", "address", "wait_ms")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    node_id: str
+    address: str
+    wait_ms: int
+    def __init__(self, kind: _Optional[str] = ..., node_id: _Optional[str] = ..., address: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class MembershipChangeResponse(_message.Message):
+    __slots__ = ("index", "voters", "learners")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VOTERS_FIELD_NUMBER: _ClassVar[int]
+    LEARNERS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    voters: _containers.RepeatedScalarFieldContainer[str]
+    learners: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, index: _Optional[int] = ..., voters: _Optional[_Iterable[str]] = ..., learners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("agent_id", "cloud", "region", "arch", "capacity")

@@ -69,6 +69,11 @@ class ClientStub:
                 request_serializer=goml_dot_proto_dot_api__pb2.AckExportRequest.SerializeToString,
                 response_deserializer=goml_dot_proto_dot_api__pb2.AckExportResponse.FromString,
                 _registered_method=True)
+        self.ChangeMembership = channel.unary_unary(
+                '/goml.api.v1.Client/ChangeMembership',
+                request_serializer=goml_dot_proto_dot_api__pb2.MembershipChangeRequest.SerializeToString,
+                response_deserializer=goml_dot_proto_dot_api__pb2.MembershipChangeResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServicer:
@@ -116,6 +121,12 @@ class ClientServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ChangeMembership(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +164,11 @@ def add_ClientServicer_to_server(servicer, server):
                     servicer.AckExport,
                     request_deserializer=goml_dot_proto_dot_api__pb2.AckExportRequest.FromString,
                     response_serializer=goml_dot_proto_dot_api__pb2.AckExportResponse.SerializeToString,
+            ),
+            'ChangeMembership': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangeMembership,
+                    request_deserializer=goml_dot_proto_dot_api__pb2.MembershipChangeRequest.FromString,
+                    response_serializer=goml_dot_proto_dot_api__pb2.MembershipChangeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +360,33 @@ class Client:
             '/goml.api.v1.Client/AckExport',
             goml_dot_proto_dot_api__pb2.AckExportRequest.SerializeToString,
             goml_dot_proto_dot_api__pb2.AckExportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangeMembership(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/goml.api.v1.Client/ChangeMembership',
+            goml_dot_proto_dot_api__pb2.MembershipChangeRequest.SerializeToString,
+            goml_dot_proto_dot_api__pb2.MembershipChangeResponse.FromString,
             options,
             channel_credentials,
             insecure,

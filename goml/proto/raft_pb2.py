@@ -24,27 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15goml/proto/raft.proto\x12\x0cgoml.raft.v1\"Y\n\x05\x45ntry\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04term\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.goml.raft.v1.EntryKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"5\n\x08Snapshot\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04term\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x8c\x03\n\x07Message\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.goml.raft.v1.MessageType\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x03\x12\x11\n\tlog_index\x18\x05 \x01(\x03\x12\x10\n\x08log_term\x18\x06 \x01(\x03\x12$\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x13.goml.raft.v1.Entry\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x03\x12\r\n\x05index\x18\t \x01(\x03\x12\x0e\n\x06reject\x18\n \x01(\x08\x12\x12\n\nhint_index\x18\x0b \x01(\x03\x12\x11\n\thint_term\x18\x0c \x01(\x03\x12\x0f\n\x07\x63ontext\x18\r \x01(\x0c\x12(\n\x08snapshot\x18\x0e \x01(\x0b\x32\x16.goml.raft.v1.Snapshot\x12\r\n\x05\x66orce\x18\x0f \x01(\x08\x12\x13\n\x0bincarnation\x18\x10 \x01(\x03\x12\x11\n\trestoring\x18\x11 \x01(\x08\x12\x17\n\x0ftarget_previous\x18\x12 \x01(\x03\"W\n\x08\x45nvelope\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.goml.raft.v1.Message\"\x05\n\x03\x41\x63k*7\n\tEntryKind\x12\x15\n\x11\x45NTRY_KIND_NORMAL\x10\x00\x12\x13\n\x0f\x45NTRY_KIND_NOOP\x10\x01*\xd6\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_TYPE_PRE_VOTE\x10\x01\x12\"\n\x1eMESSAGE_TYPE_PRE_VOTE_RESPONSE\x10\x02\x12\x15\n\x11MESSAGE_TYPE_VOTE\x10\x03\x12\x1e\n\x1aMESSAGE_TYPE_VOTE_RESPONSE\x10\x04\x12\x17\n\x13MESSAGE_TYPE_APPEND\x10\x05\x12 \n\x1cMESSAGE_TYPE_APPEND_RESPONSE\x10\x06\x12\x1a\n\x16MESSAGE_TYPE_HEARTBEAT\x10\x07\x12#\n\x1fMESSAGE_TYPE_HEARTBEAT_RESPONSE\x10\x08\x12\x19\n\x15MESSAGE_TYPE_SNAPSHOT\x10\t\x12\x1c\n\x18MESSAGE_TYPE_TIMEOUT_NOW\x10\n2A\n\x08RaftPeer\x12\x35\n\x06Stream\x12\x16.goml.raft.v1.Envelope\x1a\x11.goml.raft.v1.Ack(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15goml/proto/raft.proto\x12\x0cgoml.raft.v1\"Y\n\x05\x45ntry\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04term\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.goml.raft.v1.EntryKind\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x9c\x01\n\nMembership\x12\x0e\n\x06voters\x18\x01 \x03(\t\x12\x10\n\x08learners\x18\x02 \x03(\t\x12:\n\taddresses\x18\x03 \x03(\x0b\x32\'.goml.raft.v1.Membership.AddressesEntry\x1a\x30\n\x0e\x41\x64\x64ressesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x08Snapshot\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04term\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12,\n\nmembership\x18\x04 \x01(\x0b\x32\x18.goml.raft.v1.Membership\"\xc8\x03\n\x07Message\x12\'\n\x04type\x18\x01 \x01(\x0e\x32\x19.goml.raft.v1.MessageType\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x0c\n\x04term\x18\x04 \x01(\x03\x12\x11\n\tlog_index\x18\x05 \x01(\x03\x12\x10\n\x08log_term\x18\x06 \x01(\x03\x12$\n\x07\x65ntries\x18\x07 \x03(\x0b\x32\x13.goml.raft.v1.Entry\x12\x0e\n\x06\x63ommit\x18\x08 \x01(\x03\x12\r\n\x05index\x18\t \x01(\x03\x12\x0e\n\x06reject\x18\n \x01(\x08\x12\x12\n\nhint_index\x18\x0b \x01(\x03\x12\x11\n\thint_term\x18\x0c \x01(\x03\x12\x0f\n\x07\x63ontext\x18\r \x01(\x0c\x12(\n\x08snapshot\x18\x0e \x01(\x0b\x32\x16.goml.raft.v1.Snapshot\x12\r\n\x05\x66orce\x18\x0f \x01(\x08\x12\x13\n\x0bincarnation\x18\x10 \x01(\x03\x12\x11\n\trestoring\x18\x11 \x01(\x08\x12\x17\n\x0ftarget_previous\x18\x12 \x01(\x03\x12\x1d\n\x15snapshot_offset_bytes\x18\x13 \x01(\x03\x12\x1b\n\x13snapshot_size_bytes\x18\x14 \x01(\x03\"W\n\x08\x45nvelope\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.goml.raft.v1.Message\"\x05\n\x03\x41\x63k*N\n\tEntryKind\x12\x15\n\x11\x45NTRY_KIND_NORMAL\x10\x00\x12\x13\n\x0f\x45NTRY_KIND_NOOP\x10\x01\x12\x15\n\x11\x45NTRY_KIND_CONFIG\x10\x02*\xfa\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15MESSAGE_TYPE_PRE_VOTE\x10\x01\x12\"\n\x1eMESSAGE_TYPE_PRE_VOTE_RESPONSE\x10\x02\x12\x15\n\x11MESSAGE_TYPE_VOTE\x10\x03\x12\x1e\n\x1aMESSAGE_TYPE_VOTE_RESPONSE\x10\x04\x12\x17\n\x13MESSAGE_TYPE_APPEND\x10\x05\x12 \n\x1cMESSAGE_TYPE_APPEND_RESPONSE\x10\x06\x12\x1a\n\x16MESSAGE_TYPE_HEARTBEAT\x10\x07\x12#\n\x1fMESSAGE_TYPE_HEARTBEAT_RESPONSE\x10\x08\x12\x19\n\x15MESSAGE_TYPE_SNAPSHOT\x10\t\x12\x1c\n\x18MESSAGE_TYPE_TIMEOUT_NOW\x10\n\x12\"\n\x1eMESSAGE_TYPE_SNAPSHOT_RESPONSE\x10\x0b\x32\x41\n\x08RaftPeer\x12\x35\n\x06Stream\x12\x16.goml.raft.v1.Envelope\x1a\x11.goml.raft.v1.Ack(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'goml.proto.raft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENTRYKIND']._serialized_start=680
-  _globals['_ENTRYKIND']._serialized_end=735
-  _globals['_MESSAGETYPE']._serialized_start=738
-  _globals['_MESSAGETYPE']._serialized_end=1080
+  _globals['_MEMBERSHIP_ADDRESSESENTRY']._loaded_options = None
+  _globals['_MEMBERSHIP_ADDRESSESENTRY']._serialized_options = b'8\001'
+  _globals['_ENTRYKIND']._serialized_start=945
+  _globals['_ENTRYKIND']._serialized_end=1023
+  _globals['_MESSAGETYPE']._serialized_start=1026
+  _globals['_MESSAGETYPE']._serialized_end=1404
   _globals['_ENTRY']._serialized_start=39
   _globals['_ENTRY']._serialized_end=128
-  _globals['_SNAPSHOT']._serialized_start=130
-  _globals['_SNAPSHOT']._serialized_end=183
-  _globals['_MESSAGE']._serialized_start=186
-  _globals['_MESSAGE']._serialized_end=582
-  _globals['_ENVELOPE']._serialized_start=584
-  _globals['_ENVELOPE']._serialized_end=671
-  _globals['_ACK']._serialized_start=673
-  _globals['_ACK']._serialized_end=678
-  _globals['_RAFTPEER']._serialized_start=1082
-  _globals['_RAFTPEER']._serialized_end=1147
+  _globals['_MEMBERSHIP']._serialized_start=131
+  _globals['_MEMBERSHIP']._serialized_end=287
+  _globals['_MEMBERSHIP_ADDRESSESENTRY']._serialized_start=239
+  _globals['_MEMBERSHIP_ADDRESSESENTRY']._serialized_end=287
+  _globals['_SNAPSHOT']._serialized_start=289
+  _globals['_SNAPSHOT']._serialized_end=388
+  _globals['_MESSAGE']._serialized_start=391
+  _globals['_MESSAGE']._serialized_end=847
+  _globals['_ENVELOPE']._serialized_start=849
+  _globals['_ENVELOPE']._serialized_end=936
+  _globals['_ACK']._serialized_start=938
+  _globals['_ACK']._serialized_end=943
+  _globals['_RAFTPEER']._serialized_start=1406
+  _globals['_RAFTPEER']._serialized_end=1471
 # @@protoc_insertion_point(module_scope)

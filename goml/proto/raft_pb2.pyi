@@ -11,6 +11,7 @@ class EntryKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENTRY_KIND_NORMAL: _ClassVar[EntryKind]
     ENTRY_KIND_NOOP: _ClassVar[EntryKind]
+    ENTRY_KIND_CONFIG: _ClassVar[EntryKind]
 
 class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,8 +26,10 @@ class MessageType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MESSAGE_TYPE_HEARTBEAT_RESPONSE: _ClassVar[MessageType]
     MESSAGE_TYPE_SNAPSHOT: _ClassVar[MessageType]
     MESSAGE_TYPE_TIMEOUT_NOW: _ClassVar[MessageType]
+    MESSAGE_TYPE_SNAPSHOT_RESPONSE: _ClassVar[MessageType]
 ENTRY_KIND_NORMAL: EntryKind
 ENTRY_KIND_NOOP: EntryKind
+ENTRY_KIND_CONFIG: EntryKind
 MESSAGE_TYPE_UNSPECIFIED: MessageType
 MESSAGE_TYPE_PRE_VOTE: MessageType
 MESSAGE_TYPE_PRE_VOTE_RESPONSE: MessageType
@@ -38,6 +41,7 @@ MESSAGE_TYPE_HEARTBEAT: MessageType
 MESSAGE_TYPE_HEARTBEAT_RESPONSE: MessageType
 MESSAGE_TYPE_SNAPSHOT: MessageType
 MESSAGE_TYPE_TIMEOUT_NOW: MessageType
+MESSAGE_TYPE_SNAPSHOT_RESPONSE: MessageType
 
 class Entry(_message.Message):
     __slots__ = ("index", "term", "kind", "data")
@@ -51,18 +55,37 @@ class Entry(_message.Message):
     data: bytes
     def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., kind: _Optional[_Union[EntryKind, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class Membership(_message.Message):
+    __slots__ = ("voters", "learners", "addresses")
+    class AddressesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VOTERS_FIELD_NUMBER: _ClassVar[int]
+    LEARNERS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    voters: _containers.RepeatedScalarFieldContainer[str]
+    learners: _containers.RepeatedScalarFieldContainer[str]
+    addresses: _containers.ScalarMap[str, str]
+    def __init__(self, voters: _Optional[_Iterable[str]] = ..., learners: _Optional[_Iterable[str]] = ..., addresses: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class Snapshot(_message.Message):
-    __slots__ = ("index", "term", "data")
+    __slots__ = ("index", "term", "data", "membership")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     index: int
     term: int
     data: bytes
-    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    membership: Membership
+    def __init__(self, index: _Optional[int] = ..., term: _Optional[int] = ..., data: _Optional[bytes] = ..., membership: _Optional[_Union[Membership, _Mapping]] = ...) -> None: ...
 
 class Message(_message.Message):
-    __slots__ = ("type", "source", "target", "term", "log_index", "log_term", "entries", "commit", "index", "reject", "hint_index", "hint_term", "context", "snapshot", "force", "incarnation", "restoring", "target_previous")
+    __slots__ = ("type", "source", "target", "term", "log_index", "log_term", "entries", "commit", "index", "reject", "hint_index", "hint_term", "context", "snapshot", "force", "incarnation", "restoring", "target_previous", "snapshot_offset_bytes", "snapshot_size_bytes")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +104,8 @@ class Message(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RESTORING_FIELD_NUMBER: _ClassVar[int]
     TARGET_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     type: MessageType
     source: str
     target: str
@@ -99,7 +124,9 @@ class Message(_message.Message):
     incarnation: int
     restoring: bool
     target_previous: int
-    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., term: _Optional[int] = ..., log_index: _Optional[int] = ..., log_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., index: _Optional[int] = ..., reject: _Optional[bool] = ..., hint_index: _Optional[int] = ..., hint_term: _Optional[int] = ..., context: _Optional[bytes] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., force: _Optional[bool] = ..., incarnation: _Optional[int] = ..., restoring: _Optional[bool] = ..., target_previous: _Optional[int] = ...) -> None: ...
+    snapshot_offset_bytes: int
+    snapshot_size_bytes: int
+    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., term: _Optional[int] = ..., log_index: _Optional[int] = ..., log_term: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ..., commit: _Optional[int] = ..., index: _Optional[int] = ..., reject: _Optional[bool] = ..., hint_index: _Optional[int] = ..., hint_term: _Optional[int] = ..., context: _Optional[bytes] = ..., snapshot: _Optional[_Union[Snapshot, _Mapping]] = ..., force: _Optional[bool] = ..., incarnation: _Optional[int] = ..., restoring: _Optional[bool] = ..., target_previous: _Optional[int] = ..., snapshot_offset_bytes: _Optional[int] = ..., snapshot_size_bytes: _Optional[int] = ...) -> None: ...
 
 class Envelope(_message.Message):
     __slots__ = ("cluster_id", "sender", "messages")

@@ -2,6 +2,15 @@
 
 Used by the in-process harness and by the simulator: both feed it what they observe
 (a node's role after each step, every entry a node applies, the logs at the end).
+
+With membership changes, "never two quorums": the checker works out each node's
+configuration from its log itself (not from what the core says), and checks that
+- the configuration a node acts on is the one its log holds;
+- a leader won its term with a quorum of that configuration, and every commit index it
+  reaches is held by a quorum of it;
+- consecutive configurations differ by one voter at most (so any majority of one meets
+  any majority of the other), only one change is uncommitted at a time, and a leader
+  appends a change only once an entry of its own term is committed (dissertation 4.1).
 """
 
 from __future__ import annotations
@@ -9,7 +18,7 @@ from __future__ import annotations
 import bisect
 
 from goml.raft.core import RaftCore
-from goml.raft.types import Entry, EntryKind, NodeId, Role
+from goml.raft.types import Entry, EntryKind, Membership, NodeId, Role
 
 
 class SafetyViolation(AssertionError):
@@ -25,6 +34,9 @@ class SafetyChecker:
         # (node, term) -> highest applied index already found in that leader's log. A
         # leader never drops entries, so each one needs checking only once per term.
         self._completeness_checked: dict[tuple[NodeId, int], int] = {}
+        self.configs: dict[int, bytes] = {}  # index -> configuration, as applied
+        self._elected: set[tuple[NodeId, int]] = set()
+        self._commit_checked: dict[tuple[NodeId, int], int] = {}
         # When each index was first seen committed: (highest index, term of the leader
         # whose commit reached it), both increasing. Leader completeness is about the
         # leaders of that term and later ones: a stale leader (say one whose disk
@@ -35,6 +47,7 @@ class SafetyChecker:
 
     def observe(self, node_id: NodeId, core: RaftCore) -> None:
         """Call after every step of `core`."""
+        self._check_quorums(node_id, core)
         if core.role is Role.LEADER:
             # Election safety: at most one leader per term.
             holder = self.leaders_by_term.setdefault(core.term, node_id)
@@ -62,6 +75,60 @@ class SafetyChecker:
         if core.commit > core.log.last_index:
             raise SafetyViolation(f"{node_id}: commit {core.commit} beyond its log")
 
+    def _check_quorums(self, node_id: NodeId, core: RaftCore) -> None:
+        (index, membership), (previous_index, previous) = configurations(core)
+        if core.membership != membership:
+            raise SafetyViolation(
+                f"{node_id} acts on {core.membership} but its log holds {membership}"
+            )
+        if core.role is not Role.LEADER:
+            return
+        voters = set(membership.voters)
+        quorum = len(voters) // 2 + 1
+        key = (node_id, core.term)
+        if key not in self._elected:
+            self._elected.add(key)
+            # What it committed before it led was decided by an earlier leader.
+            self._commit_checked[key] = core.commit
+            granted = {node for node, ok in core.votes.items() if ok} & voters
+            if len(granted) < quorum or node_id not in voters:
+                raise SafetyViolation(
+                    f"{node_id} leads term {core.term} with votes {sorted(granted)} of "
+                    f"voters {sorted(voters)}"
+                )
+        if core.commit > self._commit_checked.get(key, 0):
+            self._commit_checked[key] = core.commit
+            holders = {p for p, pr in core.progress.items() if pr.match >= core.commit}
+            if core.log.unstable_from - 1 >= core.commit:
+                holders.add(node_id)
+            if len(holders & voters) < quorum:
+                raise SafetyViolation(
+                    f"{node_id} (term {core.term}) committed {core.commit}, held only by "
+                    f"{sorted(holders & voters)} of voters {sorted(voters)}"
+                )
+        if index <= core.log.snapshot_index:
+            return  # the latest configuration is in the snapshot: nothing left to check
+        changed = set(membership.voters) ^ set(previous.voters)
+        if len(changed) > 1:
+            raise SafetyViolation(
+                f"{node_id}: configuration at {index} changes voters {sorted(changed)} at once"
+            )
+        if index > core.commit and previous_index > core.commit:
+            raise SafetyViolation(
+                f"{node_id}: configurations at {previous_index} and {index} both uncommitted"
+            )
+        term = core.log.term_at(index)
+        if term == core.term and index > core.commit:
+            if core.log.snapshot_term == core.term:
+                first_own = core.log.snapshot_index  # it was committed: it is compacted
+            else:
+                first_own = next(e.index for e in core.log.entries if e.term == core.term)
+            if first_own >= index or first_own > core.commit:
+                raise SafetyViolation(
+                    f"{node_id} appended a configuration at {index} before committing an "
+                    f"entry of its term {core.term}"
+                )
+
     def _committed_in(self, index: int, entry_term: int) -> int:
         """The term in which `index` was first seen committed (its own term when no
         leader was seen committing it: never later than its commit)."""
@@ -75,6 +142,8 @@ class SafetyChecker:
         index, term, data = entry.index, entry.term, entry.data
         if entry.kind is EntryKind.NORMAL:
             self.commands.add(index)
+        elif entry.kind is EntryKind.CONFIG:
+            self.configs[index] = data
         known = self.applied.setdefault(index, (term, data))
         self.applied_max = max(self.applied_max, index)
         if known != (term, data):
@@ -102,3 +171,25 @@ class SafetyChecker:
                         matched = True
                         if log_a.slice(index, index + 1) != log_b.slice(index, index + 1):
                             raise SafetyViolation(f"log matching: {a}/{b} entry {index}")
+
+
+def configurations(core: RaftCore) -> tuple[tuple[int, Membership], tuple[int, Membership]]:
+    """The latest configuration of `core`'s log and the one before it, each with the
+    index that made it (the snapshot's index, or 0 for the bootstrap one), worked out
+    from the log and snapshot themselves."""
+    found: list[tuple[int, Membership]] = []
+    for entry in reversed(core.log.entries):
+        if entry.kind is EntryKind.CONFIG:
+            found.append((entry.index, Membership.decode(entry.data)))
+            if len(found) == 2:
+                return found[0], found[1]
+    snapshot = core.snapshot
+    if snapshot is not None and snapshot.index == core.log.snapshot_index:
+        assert snapshot.membership is not None, "a core's snapshot names its configuration"
+        base = (snapshot.index, snapshot.membership)
+    else:
+        base = (0, Membership(tuple(sorted(core.config.voters))))
+    found.append(base)
+    if len(found) == 1:
+        found.append(base)
+    return found[0], found[1]

@@ -12,7 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from goml.proto import raft_pb2
-from goml.raft.types import Entry, EntryKind, Message, MessageType, NodeId, Snapshot
+from goml.raft.types import (
+    NODE_ID_CHARS_MAX,
+    Entry,
+    EntryKind,
+    Membership,
+    MembershipInvalid,
+    Message,
+    MessageType,
+    NodeId,
+    Snapshot,
+)
 
 
 class InvalidMessage(ValueError):
@@ -52,8 +62,19 @@ def entry_to_proto(entry: Entry) -> raft_pb2.Entry:
     )
 
 
+def membership_to_proto(membership: Membership) -> raft_pb2.Membership:
+    return raft_pb2.Membership(
+        voters=list(membership.voters),
+        learners=list(membership.learners),
+        addresses=dict(membership.addresses),
+    )
+
+
 def snapshot_to_proto(snapshot: Snapshot) -> raft_pb2.Snapshot:
-    return raft_pb2.Snapshot(index=snapshot.index, term=snapshot.term, data=snapshot.data)
+    proto = raft_pb2.Snapshot(index=snapshot.index, term=snapshot.term, data=snapshot.data)
+    if snapshot.membership is not None:
+        proto.membership.CopyFrom(membership_to_proto(snapshot.membership))
+    return proto
 
 
 def message_to_proto(message: Message) -> raft_pb2.Message:
@@ -75,6 +96,8 @@ def message_to_proto(message: Message) -> raft_pb2.Message:
         incarnation=message.incarnation,
         restoring=message.restoring,
         target_previous=message.target_previous,
+        snapshot_offset_bytes=message.snapshot_offset_bytes,
+        snapshot_size_bytes=message.snapshot_size_bytes,
     )
     if message.snapshot is not None:
         proto.snapshot.CopyFrom(snapshot_to_proto(message.snapshot))
@@ -104,7 +127,24 @@ def entry_from_proto(proto: raft_pb2.Entry, limits: Limits) -> Entry:
         raise InvalidMessage(
             f"entry {index} holds {len(proto.data)} bytes (max {limits.entry_size_bytes_max})"
         )
-    return Entry(index=index, term=term, kind=EntryKind(proto.kind), data=proto.data)
+    kind = EntryKind(proto.kind)
+    if kind is EntryKind.CONFIG:
+        try:
+            Membership.decode(proto.data)  # the core puts it in force as it appends it
+        except MembershipInvalid as error:
+            raise InvalidMessage(f"entry {index}: {error}") from None
+    return Entry(index=index, term=term, kind=kind, data=proto.data)
+
+
+def membership_from_proto(proto: raft_pb2.Membership) -> Membership:
+    try:
+        return Membership(
+            tuple(proto.voters),
+            tuple(proto.learners),
+            tuple(sorted(proto.addresses.items())),
+        )
+    except MembershipInvalid as error:
+        raise InvalidMessage(f"snapshot configuration: {error}") from None
 
 
 def snapshot_from_proto(proto: raft_pb2.Snapshot, limits: Limits) -> Snapshot:
@@ -116,25 +156,32 @@ def snapshot_from_proto(proto: raft_pb2.Snapshot, limits: Limits) -> Snapshot:
         raise InvalidMessage(
             f"snapshot holds {len(proto.data)} bytes (max {limits.snapshot_size_bytes_max})"
         )
-    return Snapshot(index=index, term=term, data=proto.data)
+    membership = None
+    if proto.HasField("membership"):
+        membership = membership_from_proto(proto.membership)
+        if not membership.voters:
+            raise InvalidMessage(f"snapshot {index} has a configuration without voters")
+    return Snapshot(index=index, term=term, data=proto.data, membership=membership)
 
 
 def message_from_proto(
     proto: raft_pb2.Message,
     local: NodeId,
     sender: NodeId,
-    voters: tuple[NodeId, ...],
     limits: Limits,
 ) -> Message:
-    """Validate and convert one inbound message sent by `sender` (authenticated) to `local`."""
-    assert local in voters, "the receiver is a voter"
+    """Validate and convert one inbound message sent by `sender` (authenticated) to `local`.
+
+    Any node of the cluster may be the sender, member or not (a leader writes to a node
+    before it knows it is a member; a removed one writes to its old peers): the core
+    decides who counts, by the configuration in its log."""
     if proto.type not in _TYPES:
         raise InvalidMessage(f"unknown message type {proto.type}")
     kind = MessageType(proto.type)
     if proto.source != sender:
         raise InvalidMessage(f"source {proto.source!r} differs from the stream's sender {sender!r}")
-    if proto.source not in voters or proto.source == local:
-        raise InvalidMessage(f"source {proto.source!r} is not a peer voter (voters: {voters})")
+    if not proto.source or len(proto.source) > NODE_ID_CHARS_MAX or proto.source == local:
+        raise InvalidMessage(f"source {proto.source!r} is not a peer")
     if proto.target != local:
         raise InvalidMessage(f"target {proto.target!r} is not this node ({local!r})")
     term = _number("term", proto.term, limits)
@@ -175,6 +222,18 @@ def message_from_proto(
     if has_snapshot != (kind is MessageType.SNAPSHOT):
         raise InvalidMessage(f"{kind.name} {'carries' if has_snapshot else 'lacks'} a snapshot")
     snapshot = snapshot_from_proto(proto.snapshot, limits) if has_snapshot else None
+    offset = _number("snapshot_offset_bytes", proto.snapshot_offset_bytes, limits)
+    size = _number("snapshot_size_bytes", proto.snapshot_size_bytes, limits)
+    if size > limits.snapshot_size_bytes_max:
+        raise InvalidMessage(
+            f"snapshot of {size} bytes announced (max {limits.snapshot_size_bytes_max})"
+        )
+    if snapshot is not None and (size or offset) and offset + len(snapshot.data) > size:
+        raise InvalidMessage(
+            f"snapshot chunk {offset}+{len(snapshot.data)} runs past its size {size}"
+        )
+    if kind not in (MessageType.SNAPSHOT, MessageType.SNAPSHOT_RESPONSE) and (offset or size):
+        raise InvalidMessage(f"{kind.name} carries snapshot offsets")
     message = Message(
         type=kind,
         source=proto.source,
@@ -194,6 +253,8 @@ def message_from_proto(
         incarnation=_number("incarnation", proto.incarnation, limits),
         restoring=proto.restoring,
         target_previous=_number("target_previous", proto.target_previous, limits),
+        snapshot_offset_bytes=offset,
+        snapshot_size_bytes=size,
     )
     assert message.target == local
     return message

@@ -1,7 +1,7 @@
 """goml's sans-IO Raft core.
 
-Inputs are method calls (`tick`, `step`, `propose`, `read_index`,
-`transfer_leadership`, `compact`); outputs are taken with `ready()` and
+Inputs are method calls (`tick`, `step`, `propose`, `propose_membership`,
+`read_index`, `transfer_leadership`, `compact`); outputs are taken with `ready()` and
 acknowledged with `advance()`. No sockets, files, clocks or global randomness:
 time arrives as `now_ms`, randomness from the `random.Random` passed in.
 
@@ -9,6 +9,25 @@ The rules are the Raft paper's (Figure 2 and chapter 9 of the dissertation for
 PreVote and CheckQuorum), shaped after etcd's raft package. Between `ready()` and
 `advance()` no other input may be given (asserted): the runtime persists, sends,
 applies, then advances.
+
+Membership (dissertation chapter 4): single-server changes through the log, not joint
+consensus. Each change adds a learner, promotes a caught-up learner or removes one
+member, so any majority of the old configuration meets any majority of the new one and
+no two quorums can decide apart; one change at a time (the previous one committed), and
+only once the leader has committed an entry of its own term (the fix of 4.1 for the
+bug where a change by a new leader could be lost along with a predecessor's). A
+configuration is in force on a node from the moment it is in its log, committed or not,
+and a truncation reverts it: a node counts votes and acknowledgements only by the
+configuration its own log holds. Learners replicate but never vote, campaign or count.
+A leader that removes itself leads on, without counting itself, until the change
+commits, then hands off (TimeoutNow to the most caught-up voter) and steps down.
+Snapshots carry the configuration at their index; a node with neither a snapshot nor a
+CONFIG entry uses its bootstrap `Config.voters` (empty for a node that joins).
+
+Snapshots travel in chunks of `snapshot_chunk_bytes_max`, at most
+`snapshot_chunks_inflight_max` unacknowledged, each answered with the bytes received;
+a transfer that stalls for an election timeout goes on from the last acknowledged byte
+(one chunk, as a probe), never from the start unless the receiver lost its copy.
 """
 
 from __future__ import annotations
@@ -21,10 +40,15 @@ from dataclasses import dataclass, field, replace
 from goml.raft.log import RaftLog
 from goml.raft.types import (
     NO_NODE,
+    ChangeKind,
     Config,
     Entry,
     EntryKind,
     HardState,
+    Membership,
+    MembershipChange,
+    MembershipInvalid,
+    MembershipRefused,
     Message,
     MessageType,
     NodeId,
@@ -61,6 +85,13 @@ class Progress:
     inflight_last_indexes: list[int] = field(default_factory=list)
     last_heard_ms: int = 0
     pending_snapshot_index: int = 0
+    # The snapshot on its way (kept even if the leader compacts again meanwhile) and how
+    # far it got: sent, and acknowledged by the receiver (contiguous from byte 0).
+    snapshot: Snapshot | None = None
+    snapshot_sent_bytes: int = 0
+    snapshot_acked_bytes: int = 0
+    snapshot_all_sent: bool = False
+    snapshot_progress_ms: int = 0  # when the acknowledged part last grew
 
     def is_paused(self, inflight_max: int) -> bool:
         if self.state is ProgressState.PROBE:
@@ -77,19 +108,57 @@ class _PendingRead:
     acks: set[NodeId]
 
 
+@dataclass(slots=True)
+class _IncomingSnapshot:
+    """A snapshot being received, chunk by chunk, from one leader in one term."""
+
+    source: NodeId
+    term: int
+    index: int
+    snapshot_term: int
+    size_bytes: int
+    membership: Membership | None
+    chunks: list[bytes]
+    received_bytes: int = 0
+
+    def key(self) -> tuple[NodeId, int, int, int, int]:
+        return (self.source, self.term, self.index, self.snapshot_term, self.size_bytes)
+
+
 class RaftCore:
     def __init__(
         self, config: Config, persisted: PersistedState, rng: random.Random, now_ms: int
     ) -> None:
         self.config = config
         self.id = config.node_id
-        self.peers = tuple(v for v in config.voters if v != config.node_id)
-        self.quorum = len(config.voters) // 2 + 1
         self._rng = rng
         self.now_ms = now_ms
+        self.role = Role.FOLLOWER
 
         self.log = RaftLog(persisted.snapshot, persisted.entries)
-        self.snapshot: Snapshot | None = persisted.snapshot
+        # Membership: the bootstrap configuration, the one at the snapshot's index, and
+        # every CONFIG entry of the log after it (index -> configuration).
+        self._bootstrap = Membership(tuple(sorted(config.voters)))
+        snapshot = persisted.snapshot
+        if snapshot is not None and snapshot.membership is None:
+            # Written before snapshots kept configurations: the bootstrap one held.
+            snapshot = replace(snapshot, membership=self._bootstrap)
+        self._snapshot_membership: Membership = self._bootstrap
+        if snapshot is not None and snapshot.membership is not None:
+            self._snapshot_membership = snapshot.membership
+        self._configs: dict[int, Membership] = {
+            e.index: Membership.decode(e.data)
+            for e in persisted.entries
+            if e.kind is EntryKind.CONFIG
+        }
+        self.membership = Membership(())
+        self.membership_index = -1
+        self.voters: tuple[NodeId, ...] = ()
+        self.peers: tuple[NodeId, ...] = ()  # every other member: voters and learners
+        self.quorum = 1
+        self._voter_set: frozenset[NodeId] = frozenset()
+        self._refresh_membership()
+        self.snapshot: Snapshot | None = snapshot
         hard = persisted.hard_state
         assert hard.commit <= self.log.last_index, "store holds a commit beyond its log"
         self.term = hard.term
@@ -114,7 +183,6 @@ class RaftCore:
         self.applied = self.log.snapshot_index
         self._persisted_hard_state = hard
 
-        self.role = Role.FOLLOWER
         self.leader: NodeId = NO_NODE
         self.leader_heard_ms: int | None = None
         self.votes: dict[NodeId, bool] = {}
@@ -126,6 +194,7 @@ class RaftCore:
 
         self._messages: list[Message] = []
         self._pending_snapshot: Snapshot | None = None
+        self._incoming: _IncomingSnapshot | None = None
         self._broadcast_pending = False
         self._read_states: list[ReadState] = []
         self._reads_waiting_for_commit: list[bytes] = []
@@ -153,7 +222,13 @@ class RaftCore:
                 context = self._reads_pending[-1].context if self._reads_pending else b""
                 self._broadcast_heartbeat(context)
         elif now_ms >= self.election_deadline_ms:
-            self._campaign(pre_vote=self.config.pre_vote, force=False)
+            if self.id in self._voter_set:
+                self._campaign(pre_vote=self.config.pre_vote, force=False)
+            else:
+                # A learner, a node that has not learnt its configuration yet, or one
+                # removed: it never campaigns (nor counts votes) by a configuration
+                # that does not make it a voter.
+                self._reset_election_deadline()
 
     def next_deadline_ms(self) -> int:
         """When `tick` has something to do next: the runtime may sleep until then."""
@@ -168,7 +243,10 @@ class RaftCore:
         """Handle one message from a peer."""
         self._advance_clock(now_ms)
         assert message.target == self.id, message
-        assert message.source in self.config.voters and message.source != self.id, message
+        # Any other node may write: a leader to a node that has not learnt it is a
+        # member yet, a removed node to its old peers. Who counts is decided by the
+        # configuration in this node's log, not by who writes.
+        assert message.source != self.id, message
         if not self._from_live_store(message):
             return
         if message.term > self.term:
@@ -236,6 +314,115 @@ class RaftCore:
         self._broadcast_pending = True
         return entry.index, entry.term
 
+    def propose_membership(self, change: MembershipChange) -> tuple[int, int]:
+        """Append a configuration entry making one single-server change; in force at
+        once (on this leader, and on each follower as it appends it). Returns its
+        (index, term) like `propose`. Raises NotLeader, ProposalDropped (busy, transfer)
+        or MembershipRefused (which rule stops it: retry later, or never)."""
+        self._assert_no_ready_outstanding()
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.leader)
+        if self.transfer_target != NO_NODE:
+            raise ProposalDropped("leadership transfer under way")
+        if self.log.last_index - self.commit >= self.config.uncommitted_entries_max:
+            raise ProposalDropped(
+                f"{self.config.uncommitted_entries_max} entries already wait for commit"
+            )
+        membership = self._changed(change)
+        entry = Entry(self.log.last_index + 1, self.term, EntryKind.CONFIG, membership.encode())
+        self._append_own((entry,))
+        assert self.membership == membership and self.membership_index == entry.index
+        self._broadcast_pending = True
+        return entry.index, entry.term
+
+    def _changed(self, change: MembershipChange) -> Membership:
+        """The configuration `change` makes of the current one; MembershipRefused if a
+        rule forbids it now."""
+        if self.log.term_at(self.commit) != self.term:
+            raise MembershipRefused(
+                "this leader has not committed an entry of its term yet (a change now "
+                "could undo one of a previous leader, dissertation 4.1): retry shortly"
+            )
+        if self.membership_index > self.commit:
+            raise MembershipRefused(
+                f"the change at index {self.membership_index} is not committed yet: "
+                "one change at a time"
+            )
+        current = self.membership
+        node = change.node
+        voters, learners = set(current.voters), set(current.learners)
+        addresses = dict(current.addresses)
+        if change.kind is ChangeKind.ADD_LEARNER:
+            if node in voters or node in learners:
+                role = "voter" if node in voters else "learner"
+                raise MembershipRefused(f"{node} is already a {role}")
+            learners.add(node)
+            if change.address:
+                addresses[node] = change.address
+        elif change.kind is ChangeKind.PROMOTE:
+            if node in voters:
+                raise MembershipRefused(f"{node} is already a voter")
+            if node not in learners:
+                raise MembershipRefused(f"{node} is not a learner: add it as one first")
+            progress = self.progress[node]
+            if not self.caught_up(node):
+                raise MembershipRefused(
+                    f"learner {node} has not caught up: it holds {progress.match} of "
+                    f"{self.commit} committed entries ({progress.state.value})"
+                )
+            learners.discard(node)
+            voters.add(node)
+        else:
+            assert change.kind is ChangeKind.REMOVE
+            if node not in voters and node not in learners:
+                raise MembershipRefused(f"{node} is not a member")
+            if voters == {node}:
+                raise MembershipRefused(f"{node} is the last voter")
+            voters.discard(node)
+            learners.discard(node)
+            addresses.pop(node, None)
+        if voters != set(current.voters):
+            # etcd's strict reconfiguration check: a change that leaves fewer healthy
+            # voters than a quorum would stop the cluster (and with a replaced store
+            # among them, for good: only a leader can repair it, and none could be
+            # elected). Healthy: heard from within an election timeout, store trusted.
+            healthy = [v for v in sorted(voters) if self._healthy(v)]
+            quorum = len(voters) // 2 + 1
+            if len(healthy) < quorum:
+                raise MembershipRefused(
+                    f"{change.kind.value} {node} would leave {len(healthy)} healthy of "
+                    f"{len(voters)} voters ({', '.join(healthy) or 'none'}): a quorum "
+                    f"needs {quorum}"
+                )
+        try:
+            return Membership(
+                tuple(sorted(voters)), tuple(sorted(learners)), tuple(sorted(addresses.items()))
+            )
+        except MembershipInvalid as error:
+            raise MembershipRefused(str(error)) from None
+
+    def _healthy(self, node: NodeId) -> bool:
+        """A leader's view: `node` answers (within an election timeout) from a store it
+        trusts (not one replaced and still being repaired)."""
+        if node == self.id:
+            return not self.restoring
+        progress = self.progress.get(node)
+        if progress is None:
+            return False
+        recent = self.now_ms - progress.last_heard_ms < self.config.election_timeout_ms_min
+        previous = self._peer_stores.get(node, (0, 0))[1]
+        return recent and not previous
+
+    def caught_up(self, node: NodeId) -> bool:
+        """A leader's view: `node` replicates steadily and holds every committed entry
+        (so promoting it costs no availability: it can count at once)."""
+        progress = self.progress.get(node) if self.role is Role.LEADER else None
+        return (
+            progress is not None
+            and progress.state is ProgressState.REPLICATE
+            and progress.match >= self.commit
+        )
+
     def read_index(self, context: bytes) -> None:
         """Ask for a linearizable read point; answered by a ReadState in a later Ready."""
         self._assert_no_ready_outstanding()
@@ -253,8 +440,9 @@ class RaftCore:
         self._advance_clock(now_ms)
         if self.role is not Role.LEADER:
             raise NotLeader(self.leader)
-        if target not in self.peers:
-            raise ValueError(f"unknown transfer target {target!r}: voters are {self.peers}")
+        if target == self.id or target not in self._voter_set:
+            others = tuple(v for v in self.voters if v != self.id)
+            raise ValueError(f"unknown transfer target {target!r}: voters are {others}")
         self.transfer_target = target
         self.transfer_deadline_ms = now_ms + self.config.election_timeout_ms_min
         progress = self.progress[target]
@@ -274,7 +462,7 @@ class RaftCore:
     def campaign(self, now_ms: int) -> None:
         """Start an election now (tests and demos; production waits for the timer)."""
         self._advance_clock(now_ms)
-        if self.role is not Role.LEADER:
+        if self.role is not Role.LEADER and self.id in self._voter_set:
             self._campaign(pre_vote=self.config.pre_vote, force=False)
 
     def compact(self, index: int, data: bytes) -> Snapshot:
@@ -283,8 +471,12 @@ class RaftCore:
         The runtime stores it with `Storage.compact`, which drops the log up to it."""
         self._assert_no_ready_outstanding()
         assert self.log.snapshot_index < index <= self.applied, (index, self.applied)
+        membership = self._membership_at(index)
         term = self.log.compact(index)
-        self.snapshot = Snapshot(index, term, data)
+        self._snapshot_membership = membership
+        self._configs = {i: m for i, m in self._configs.items() if i > index}
+        self._refresh_membership()
+        self.snapshot = Snapshot(index, term, data, membership)
         return self.snapshot
 
     # ----------------------------------------------------------------- outputs
@@ -395,6 +587,20 @@ class RaftCore:
             "snapshot_index": self.log.snapshot_index,
             "restoring": self.restoring,
             "repairs": self.repairs,
+            "voters": list(self.voters),
+            "learners": list(self.membership.learners),
+            "membership_index": self.membership_index,
+            # The leader's view of each member's log (empty on a follower).
+            "progress": {
+                peer: {
+                    "match": progress.match,
+                    "next": progress.next,
+                    "state": progress.state.value,
+                    "voter": peer in self._voter_set,
+                    "caught_up": self.caught_up(peer),
+                }
+                for peer, progress in sorted(self.progress.items())
+            },
         }
 
     # ------------------------------------------------------------ role changes
@@ -432,7 +638,9 @@ class RaftCore:
         if self._tally() == "won":
             self._on_election_won()
             return
-        for peer in self.peers:
+        for peer in self.voters:
+            if peer == self.id:
+                continue
             self._send(
                 Message(
                     kind,
@@ -455,6 +663,7 @@ class RaftCore:
     def _become_leader(self) -> None:
         assert self.role is Role.CANDIDATE
         assert self.vote == self.id
+        assert self.id in self._voter_set, "only a voter campaigns"
         self.role = Role.LEADER
         self.leader = self.id
         self.leader_heard_ms = None
@@ -472,8 +681,9 @@ class RaftCore:
 
     def _append_stores_entry(self) -> None:
         trusted = [[self.id, self.incarnation]]
+        members = set(self.peers)
         for peer, (known, previous) in sorted(self._peer_stores.items()):
-            if peer in self.config.voters and (previous or known):
+            if peer in members and (previous or known):
                 trusted.append([peer, previous or known])  # a replaced one: its old store
         data = json.dumps({"stores": sorted(trusted)}, separators=(",", ":")).encode()
         self.log.append((Entry(self.log.last_index + 1, self.term, EntryKind.NOOP, data),))
@@ -513,8 +723,9 @@ class RaftCore:
         )
 
     def _tally(self) -> str:
-        granted = sum(1 for ok in self.votes.values() if ok)
-        rejected = len(self.votes) - granted
+        # Only voters of this node's own configuration count, whoever answered.
+        granted = sum(1 for node, ok in self.votes.items() if ok and node in self._voter_set)
+        rejected = sum(1 for node, ok in self.votes.items() if not ok and node in self._voter_set)
         if granted >= self.quorum:
             return "won"
         if rejected >= self.quorum:
@@ -577,7 +788,7 @@ class RaftCore:
             )
         elif message.type is MessageType.SNAPSHOT:
             self._handle_snapshot(message)
-        elif message.type is MessageType.TIMEOUT_NOW:
+        elif message.type is MessageType.TIMEOUT_NOW and self.id in self._voter_set:
             # Leadership transfer: campaign at once, skipping PreVote and the lease.
             self._campaign(pre_vote=False, force=True)
 
@@ -596,7 +807,7 @@ class RaftCore:
                     # Figure 2, AppendEntries rule 3: delete the conflicting entry and
                     # all that follow it. Committed entries never conflict.
                     assert entry.index > self.commit, "a committed entry conflicts"
-                    self.log.truncate_from(entry.index)
+                    self._truncate_from(entry.index)
                     self._append_from_leader(self._entries_from(message.entries, entry.index))
                     break
             last_new = message.log_index + len(message.entries)
@@ -632,7 +843,7 @@ class RaftCore:
         )
 
     def _append_from_leader(self, entries: tuple[Entry, ...]) -> None:
-        self.log.append(entries)
+        self._append_own(entries)
         for entry in entries:
             if entry.kind is EntryKind.NOOP and entry.data:
                 self._adopt_stores(entry.data)
@@ -650,8 +861,6 @@ class RaftCore:
                 if 0 < incarnation < self.incarnation and not self.restoring:
                     self.restoring = True  # the cluster trusted an earlier store of ours
                 continue
-            if node not in self.config.voters:
-                continue
             known, previous = self._peer_stores.get(node, (0, 0))
             if incarnation > known:
                 self._remember(node, incarnation, 0)
@@ -666,20 +875,28 @@ class RaftCore:
         return tuple(e for e in entries if e.index >= index)
 
     def _handle_snapshot(self, message: Message) -> None:
-        snapshot = message.snapshot
-        assert snapshot is not None
-        if snapshot.index <= self.commit:
+        chunk = message.snapshot
+        assert chunk is not None
+        if chunk.index <= self.commit:
+            self._incoming = None
             respond_index = self.commit
-        elif self.log.matches(snapshot.index, snapshot.term):
+        elif self.log.matches(chunk.index, chunk.term):
             # Our log already holds the snapshot's last entry: by log matching it holds
             # everything before it too, so only the commit index moves.
-            self.commit = snapshot.index
-            respond_index = snapshot.index
+            self._incoming = None
+            self.commit = chunk.index
+            respond_index = chunk.index
         else:
+            snapshot = self._receive_chunk(message, chunk)
+            if snapshot is None:
+                return  # more to come (answered with what we hold)
             # Our log disagrees with the snapshot, so nothing in it can be trusted: it is
             # dropped entirely, and we acknowledge the snapshot's index and no more. (The
             # PySyncObj bug was to keep and acknowledge entries beyond it.)
             self.log.restore(snapshot)
+            self._configs = {}
+            self._snapshot_membership = snapshot.membership or self._bootstrap
+            self._refresh_membership()
             self.commit = snapshot.index
             self._pending_snapshot = snapshot
             respond_index = snapshot.index
@@ -694,12 +911,60 @@ class RaftCore:
             )
         )
 
+    def _receive_chunk(self, message: Message, chunk: Snapshot) -> Snapshot | None:
+        """Add one chunk to the snapshot being received; the whole snapshot once this
+        chunk completes it, else None (the sender is told how much we hold)."""
+        offset, size = message.snapshot_offset_bytes, message.snapshot_size_bytes
+        if offset == 0 and size == 0:
+            size = len(chunk.data)  # the whole snapshot in one message (a peer that says no size)
+        incoming = self._incoming
+        key = (message.source, message.term, chunk.index, chunk.term, size)
+        if incoming is None or incoming.key() != key:
+            if offset != 0:
+                # A chunk of a transfer we do not hold (we restarted, or it is a new
+                # one): ask for it from the start.
+                self._send_snapshot_progress(message.source, chunk, 0)
+                return None
+            incoming = _IncomingSnapshot(
+                message.source, message.term, chunk.index, chunk.term, size, chunk.membership, []
+            )
+            self._incoming = incoming
+        if offset == incoming.received_bytes and offset + len(chunk.data) <= size:
+            incoming.chunks.append(chunk.data)
+            incoming.received_bytes += len(chunk.data)
+        # Otherwise a duplicate or one after a gap: ignored; we say what we hold.
+        if incoming.received_bytes < size:
+            self._send_snapshot_progress(message.source, chunk, incoming.received_bytes)
+            return None
+        assert incoming.received_bytes == size
+        self._incoming = None
+        data = b"".join(incoming.chunks)
+        return Snapshot(chunk.index, chunk.term, data, incoming.membership)
+
+    def _send_snapshot_progress(self, leader: NodeId, chunk: Snapshot, received: int) -> None:
+        self._send(
+            Message(
+                MessageType.SNAPSHOT_RESPONSE,
+                self.id,
+                leader,
+                self.term,
+                log_index=chunk.index,
+                log_term=chunk.term,
+                snapshot_offset_bytes=received,
+                incarnation=self.incarnation,
+            )
+        )
+
     # ------------------------------------------------------------------ leader
 
     def _step_leader(self, message: Message) -> None:
-        progress = self.progress[message.source]
+        progress = self.progress.get(message.source)
+        if progress is None:
+            return  # not a member of this leader's configuration (removed, or unknown)
         progress.last_heard_ms = self.now_ms
-        if message.type is MessageType.APPEND_RESPONSE:
+        if message.type is MessageType.SNAPSHOT_RESPONSE:
+            self._handle_snapshot_progress(message.source, progress, message)
+        elif message.type is MessageType.APPEND_RESPONSE:
             if message.reject:
                 self._handle_append_rejection(message.source, progress, message)
             else:
@@ -733,6 +998,7 @@ class RaftCore:
         if progress.state is ProgressState.SNAPSHOT:
             if index >= progress.pending_snapshot_index:
                 progress.state = ProgressState.PROBE
+                progress.snapshot = None
         elif progress.state is ProgressState.PROBE:
             progress.state = ProgressState.REPLICATE
             progress.inflight_last_indexes = []
@@ -751,6 +1017,8 @@ class RaftCore:
 
     def _handle_append_rejection(self, peer: NodeId, progress: Progress, message: Message) -> None:
         rejected = message.index
+        if progress.state is ProgressState.SNAPSHOT:
+            return  # stale: answers an append sent before the snapshot
         if progress.state is ProgressState.REPLICATE:
             if rejected <= progress.match:
                 return  # stale: sent before a later success
@@ -769,27 +1037,45 @@ class RaftCore:
         self._send_append(peer, allow_empty=True)
 
     def _maybe_commit(self) -> bool:
-        if not self.peers:
-            return self._maybe_commit_single()
-        matches = sorted(
-            [self.log.unstable_from - 1] + [p.match for p in self.progress.values()],
-            reverse=True,
-        )
+        """Advance the commit index by the voters of this leader's configuration (itself
+        only if it is one, and only for what it has stored). True if it moved and this
+        node still leads (a leader whose removal commits steps down here)."""
+        matches = [p.match for peer, p in self.progress.items() if peer in self._voter_set]
+        if self.id in self._voter_set:
+            matches.append(self.log.unstable_from - 1)
+        assert len(matches) == len(self.voters), (matches, self.voters)
+        matches.sort(reverse=True)
         candidate = matches[self.quorum - 1]
         # Figure 2 leader rule: commit by counting only entries of the current term.
         if candidate > self.commit and self.log.term_at(candidate) == self.term:
             self.commit = candidate
             self._on_commit_advanced()
+            if self.id not in self._voter_set and self.membership_index <= self.commit:
+                self._step_down_removed()
+                return False
             return True
         return False
 
-    def _maybe_commit_single(self) -> bool:
-        stored = self.log.unstable_from - 1
-        if stored > self.commit and self.log.term_at(stored) == self.term:
-            self.commit = stored
-            self._on_commit_advanced()
-            return True
-        return False
+    def _step_down_removed(self) -> None:
+        """This leader's removal committed: tell everyone the commit index, hand off to
+        the most caught-up voter so no election timeout is lost, and step down. It never
+        campaigns again (it is no voter by its own configuration)."""
+        assert self.role is Role.LEADER and self.id not in self._voter_set
+        self._broadcast_append(allow_empty=True)
+        ranked = sorted(
+            (-p.match, peer) for peer, p in self.progress.items() if peer in self._voter_set
+        )
+        if ranked and -ranked[0][0] == self.log.last_index:
+            self._send(
+                Message(
+                    MessageType.TIMEOUT_NOW,
+                    self.id,
+                    ranked[0][1],
+                    self.term,
+                    incarnation=self.incarnation,
+                )
+            )
+        self._become_follower(self.term, NO_NODE)
 
     def _on_commit_advanced(self) -> None:
         if self.restoring and self.log.term_at(self.commit) == self.term:
@@ -804,9 +1090,9 @@ class RaftCore:
             self._send_append(peer, allow_empty)
 
     def _send_append(self, peer: NodeId, allow_empty: bool) -> None:
-        progress = self.progress[peer]
-        if progress.is_paused(self.config.inflight_messages_max):
-            return
+        progress = self.progress.get(peer)
+        if progress is None or progress.is_paused(self.config.inflight_messages_max):
+            return  # a member no more (or stepped down), or its window is full
         previous = progress.next - 1
         previous_term = self.log.term_at(previous)
         if previous_term is None:
@@ -851,23 +1137,76 @@ class RaftCore:
         progress.state = ProgressState.SNAPSHOT
         progress.pending_snapshot_index = self.snapshot.index
         progress.inflight_last_indexes = []
-        self._send(
-            Message(
-                MessageType.SNAPSHOT,
-                self.id,
-                peer,
-                self.term,
-                snapshot=self.snapshot,
-                incarnation=self.incarnation,
+        progress.snapshot = self.snapshot
+        progress.snapshot_sent_bytes = 0
+        progress.snapshot_acked_bytes = 0
+        progress.snapshot_all_sent = False
+        progress.snapshot_progress_ms = self.now_ms
+        self._send_snapshot_chunks(peer, progress, self.config.snapshot_chunks_inflight_max)
+
+    def _send_snapshot_chunks(self, peer: NodeId, progress: Progress, chunks_max: int) -> None:
+        """Send the next chunks, keeping at most `snapshot_chunks_inflight_max` of them
+        unacknowledged (flow control: a slow link is not flooded)."""
+        snapshot = progress.snapshot
+        assert snapshot is not None and progress.state is ProgressState.SNAPSHOT
+        chunk_bytes = self.config.snapshot_chunk_bytes_max
+        window_bytes = chunk_bytes * self.config.snapshot_chunks_inflight_max
+        size = len(snapshot.data)
+        for _ in range(chunks_max):
+            unacknowledged = progress.snapshot_sent_bytes - progress.snapshot_acked_bytes
+            if progress.snapshot_all_sent or unacknowledged >= window_bytes:
+                return
+            offset = progress.snapshot_sent_bytes
+            data = snapshot.data[offset : offset + chunk_bytes]
+            self._send(
+                Message(
+                    MessageType.SNAPSHOT,
+                    self.id,
+                    peer,
+                    self.term,
+                    snapshot=Snapshot(snapshot.index, snapshot.term, data, snapshot.membership),
+                    snapshot_offset_bytes=offset,
+                    snapshot_size_bytes=size,
+                    incarnation=self.incarnation,
+                )
             )
-        )
+            progress.snapshot_sent_bytes = offset + len(data)
+            progress.snapshot_all_sent = progress.snapshot_sent_bytes >= size
+
+    def _handle_snapshot_progress(self, peer: NodeId, progress: Progress, message: Message) -> None:
+        snapshot = progress.snapshot
+        if progress.state is not ProgressState.SNAPSHOT or snapshot is None:
+            return  # stale: the transfer is over
+        if (message.log_index, message.log_term) != (snapshot.index, snapshot.term):
+            return  # stale: answers an earlier snapshot
+        received = message.snapshot_offset_bytes
+        if received < progress.snapshot_acked_bytes:
+            # The receiver holds less than it said before: it restarted (or this answer
+            # was overtaken). Go on from what it holds.
+            progress.snapshot_acked_bytes = received
+            progress.snapshot_sent_bytes = received
+            progress.snapshot_all_sent = False
+        elif received > progress.snapshot_acked_bytes:
+            progress.snapshot_acked_bytes = min(received, len(snapshot.data))
+            progress.snapshot_sent_bytes = max(progress.snapshot_sent_bytes, received)
+            progress.snapshot_progress_ms = self.now_ms
+        self._send_snapshot_chunks(peer, progress, self.config.snapshot_chunks_inflight_max)
 
     def _broadcast_heartbeat(self, context: bytes) -> None:
         for peer, progress in self.progress.items():
             progress.probe_sent = False
-            if progress.state is ProgressState.SNAPSHOT:
-                # Snapshot lost in flight? Offer it again with the next probe.
-                progress.state = ProgressState.PROBE
+            if (
+                progress.state is ProgressState.SNAPSHOT
+                and self.now_ms - progress.snapshot_progress_ms
+                >= self.config.election_timeout_ms_min
+            ):
+                # Nothing acknowledged for an election timeout: chunks were lost (or the
+                # receiver is down). Go on from the last acknowledged byte, one chunk as
+                # a probe; its answer reopens the window.
+                progress.snapshot_sent_bytes = progress.snapshot_acked_bytes
+                progress.snapshot_all_sent = False
+                progress.snapshot_progress_ms = self.now_ms
+                self._send_snapshot_chunks(peer, progress, 1)
             self._send(
                 Message(
                     MessageType.HEARTBEAT,
@@ -883,24 +1222,33 @@ class RaftCore:
     def quorum_active(self) -> bool:
         """A leader heard from a majority within the last election timeout."""
         window_start = self.now_ms - self.config.election_timeout_ms_min
-        active = 1 + sum(1 for p in self.progress.values() if p.last_heard_ms >= window_start)
+        active = sum(
+            1
+            for peer, p in self.progress.items()
+            if peer in self._voter_set and p.last_heard_ms >= window_start
+        )
+        if self.id in self._voter_set:
+            active += 1
         return active >= self.quorum
 
     # ------------------------------------------------------------- read index
 
     def _start_read(self, context: bytes) -> None:
-        if not self.peers:
+        if self.voters == (self.id,):
             self._read_states.append(ReadState(context, self.commit))
             return
-        self._reads_pending.append(_PendingRead(context, self.commit, {self.id}))
+        acks = {self.id} if self.id in self._voter_set else set()
+        self._reads_pending.append(_PendingRead(context, self.commit, acks))
         self._broadcast_heartbeat(context)
 
     def _ack_read(self, context: bytes, peer: NodeId) -> None:
+        if peer not in self._voter_set:
+            return  # a learner's answer confirms nothing
         for position, read in enumerate(self._reads_pending):
             if read.context != context:
                 continue
             read.acks.add(peer)
-            if len(read.acks) >= self.quorum:
+            if len(read.acks & self._voter_set) >= self.quorum:
                 # A quorum confirmed we were still leader after this read arrived, so it
                 # and every read queued before it are safe at their recorded index.
                 done = self._reads_pending[: position + 1]
@@ -912,6 +1260,60 @@ class RaftCore:
         # Callers wait with a deadline and retry on the new leader.
         self._reads_pending = []
         self._reads_waiting_for_commit = []
+
+    # -------------------------------------------------------------- membership
+
+    def _append_own(self, entries: tuple[Entry, ...]) -> None:
+        """Append to the log, putting any configuration in it in force at once."""
+        self.log.append(entries)
+        configs = [e for e in entries if e.kind is EntryKind.CONFIG]
+        for entry in configs:
+            self._configs[entry.index] = Membership.decode(entry.data)
+        if configs:
+            self._refresh_membership()
+
+    def _truncate_from(self, index: int) -> None:
+        """Drop entries from `index` on; a configuration among them is undone."""
+        self.log.truncate_from(index)
+        if any(i >= index for i in self._configs):
+            self._configs = {i: m for i, m in self._configs.items() if i < index}
+            self._refresh_membership()
+
+    def _membership_at(self, index: int) -> Membership:
+        """The configuration in force at `index` (of this log)."""
+        before = [i for i in self._configs if i <= index]
+        return self._configs[max(before)] if before else self._snapshot_membership
+
+    def _refresh_membership(self) -> None:
+        """Put in force the latest configuration of the log (or the snapshot's, or the
+        bootstrap one): who votes, who is replicated to, what a quorum is."""
+        if self._configs:
+            index = max(self._configs)
+            membership = self._configs[index]
+        else:
+            index, membership = self.log.snapshot_index, self._snapshot_membership
+        if (index, membership) == (self.membership_index, self.membership):
+            return
+        self.membership, self.membership_index = membership, index
+        self.voters = membership.voters
+        self.peers = tuple(m for m in membership.members if m != self.id)
+        self.quorum = membership.quorum
+        self._voter_set = frozenset(membership.voters)
+        if self.role is Role.LEADER:
+            self._sync_progress()
+
+    def _sync_progress(self) -> None:
+        """A leader tracks exactly the members of its configuration. A new one is
+        probed from the entry that made it a member (its answer finds its log)."""
+        for peer in self.peers:
+            if peer not in self.progress:
+                self.progress[peer] = Progress(
+                    match=0, next=max(1, self.log.last_index), last_heard_ms=self.now_ms
+                )
+        for peer in [p for p in self.progress if p not in self.peers]:
+            del self.progress[peer]
+        if self.transfer_target != NO_NODE and self.transfer_target not in self._voter_set:
+            self.transfer_target = NO_NODE
 
     # ----------------------------------------------------------------- helpers
 
@@ -958,6 +1360,7 @@ class RaftCore:
                     progress.state = ProgressState.PROBE
                     progress.probe_sent = False
                     progress.inflight_last_indexes = []
+                    progress.snapshot = None
             self._remember(source, incarnation, previous)
             if not known and self.role is Role.LEADER:
                 # A store the log does not list yet: one entry at the next ready() lists

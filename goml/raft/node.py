@@ -37,6 +37,7 @@ from goml.raft.replica import (
     PROPOSAL_BYTES_MAX,
     Applied,
     Lost,
+    PeerAddresses,
     ReadFailed,
     ReadReady,
     ReplicaConfig,
@@ -194,6 +195,10 @@ class Driver(Protocol[R]):
 
     def take_deferred_hard_state(self) -> HardState | None: ...
 
+    def peer_addresses(self) -> dict[NodeId, str]:
+        """The peers to keep streams to (the same dict until membership changes)."""
+        ...
+
 
 Input = Callable[[int, int], None]  # (now_ms, wall_ms): one call into the core
 
@@ -262,6 +267,7 @@ class NodeRuntime(Generic[R]):
         self._on_stop: list[Callable[[Exception], None]] = []
         self._servicers: list[RaftPeerServicer] = []
         self._last_now_ms = 0
+        self._peers_seen: dict[NodeId, str] | None = None
         self._rtt: dict[NodeId, PeerRtt] = {}
         self.stats = RuntimeStats()
         self.limits = Limits(
@@ -538,6 +544,10 @@ class NodeRuntime(Generic[R]):
                 return
             ready = core.ready()
             core.deliver(ready)
+            peers = core.peer_addresses()
+            if peers is not self._peers_seen:  # the membership changed: follow it first,
+                self._peers_seen = peers  # so messages to a new member find their stream
+                self._transport.set_peers(peers)
             early = ready.send_before_persist
             if early:
                 self._send(ready.messages)
@@ -627,6 +637,7 @@ class RaftNode:
         self._rng = rng
         self._core: ReplicaCore | None = None
         self._runtime: NodeRuntime[ReplicaReady] = NodeRuntime(config, storage, transport, clock_ms)
+        self._peer_addresses = PeerAddresses(self.id, transport.addresses())
         self._runtime.on_iteration(self._check_watchers)
         self._runtime.on_stop(self._fail_all)
         self._tokens = itertools.count(1)
@@ -836,6 +847,9 @@ class RaftNode:
 
     def take_deferred_hard_state(self) -> HardState | None:
         return self._core.take_deferred_hard_state() if self._core is not None else None
+
+    def peer_addresses(self) -> dict[NodeId, str]:
+        return self._peer_addresses.current(self._replica.raft.membership)
 
     def deliver(self, ready: ReplicaReady) -> None:
         for outcome in ready.outcomes:

@@ -35,7 +35,10 @@ from goml.raft.types import (
     Entry,
     EntryKind,
     HardState,
+    Membership,
+    MembershipChange,
     Message,
+    NodeId,
     NotLeader,
     PersistedState,
     ProposalDropped,
@@ -54,6 +57,10 @@ UNCOMMITTED_ENTRIES_MAX = 8192
 # 64 MiB message limit and wedge a follower that is catching up.
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024
 PROPOSAL_BYTES_MAX = 1024 * 1024
+# Snapshots go in chunks of 1 MiB, 4 unacknowledged at a time: a 48 MiB manifest no longer
+# travels as one message, and a lost chunk costs one chunk, not the whole snapshot again.
+SNAPSHOT_CHUNK_BYTES_MAX = 1024 * 1024
+SNAPSHOT_CHUNKS_INFLIGHT_MAX = 4
 
 
 def raft_config(
@@ -74,7 +81,39 @@ def raft_config(
         entries_per_message_max=ENTRIES_PER_MESSAGE_MAX,
         uncommitted_entries_max=UNCOMMITTED_ENTRIES_MAX,
         message_bytes_max=MESSAGE_BYTES_MAX,
+        snapshot_chunk_bytes_max=SNAPSHOT_CHUNK_BYTES_MAX,
+        snapshot_chunks_inflight_max=SNAPSHOT_CHUNKS_INFLIGHT_MAX,
     )
+
+
+class PeerAddresses:
+    """Which peers a node keeps streams to, and where they listen: the members of its
+    configuration (addresses from the configuration, else from the node's config file),
+    or, while it knows no configuration (it joins), the peers its config file names.
+    The same dict is returned until the configuration changes (runtimes compare by
+    identity)."""
+
+    def __init__(self, node_id: NodeId, configured: dict[NodeId, str]) -> None:
+        self.node_id = node_id
+        self._configured = dict(configured)
+        self._membership: Membership | None = None
+        self._current: dict[NodeId, str] = {}
+
+    def current(self, membership: Membership) -> dict[NodeId, str]:
+        if membership is not self._membership:
+            self._membership = membership
+            known = {**self._configured, **dict(membership.addresses)}
+            members = membership.members if membership.voters else tuple(self._configured)
+            self._current = {
+                m: known[m] for m in sorted(members) if m != self.node_id and m in known
+            }
+        return self._current
+
+    def address(self, node: NodeId) -> str:
+        """Where `node` listens, as far as this node knows ("" if it does not)."""
+        membership = self._membership
+        found = membership.address(node) if membership is not None else ""
+        return found or self._configured.get(node, "")
 
 
 class StateMachine(Protocol):
@@ -229,12 +268,24 @@ class ReplicaCore:
                 f"proposal of {len(data)} bytes; limit {self.config.proposal_bytes_max}"
             )
         index, term = self.raft.propose(data)
+        self._waiting(index, term, token)
+        return index, term
+
+    def propose_membership(self, change: MembershipChange, token: int) -> tuple[int, int]:
+        """Append a configuration change (`RaftCore.propose_membership`); its outcome
+        (Applied with result None once committed) comes back under `token`. Raises
+        NotLeader, ProposalDropped or MembershipRefused."""
+        self._no_ready_outstanding()
+        index, term = self.raft.propose_membership(change)
+        self._waiting(index, term, token)
+        return index, term
+
+    def _waiting(self, index: int, term: int, token: int) -> None:
         previous = self._proposals.get(index)
         if previous is not None:
             # A lower-term entry at this index was truncated: that proposal is lost.
             self._outcomes.append(Lost(previous[1], index, f"index {index} reused in term {term}"))
         self._proposals[index] = (term, token)
-        return index, term
 
     def read(self, token: int) -> None:
         """A linearizable read point (ReadIndex); answered with ReadReady or ReadFailed."""

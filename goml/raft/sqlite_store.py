@@ -40,7 +40,15 @@ from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 
-from goml.raft.types import Entry, EntryKind, HardState, PersistedState, Snapshot
+from goml.raft.types import (
+    Entry,
+    EntryKind,
+    HardState,
+    Membership,
+    MembershipInvalid,
+    PersistedState,
+    Snapshot,
+)
 
 STORE_MAGIC = "goml-raft-store"
 LEGACY_INCARNATION = 1
@@ -133,6 +141,10 @@ def snapshot_checksum(index: int, term: int, data: bytes) -> bytes:
 
 def hard_state_checksum(term: int, vote: str, commit: int) -> bytes:
     return _digest(b"goml-hard-state", struct.pack(">qq", term, commit), vote.encode())
+
+
+def membership_checksum(index: int, encoded: bytes) -> bytes:
+    return _digest(b"goml-membership", struct.pack(">q", index), encoded)
 
 
 class SqliteStorage:
@@ -272,6 +284,9 @@ class SqliteStorage:
                 log_rows = conn.execute(
                     "SELECT idx, term, kind, data, checksum FROM log ORDER BY idx"
                 ).fetchall()
+                membership_rows = conn.execute(
+                    "SELECT value FROM meta WHERE key = 'snapshot_membership'"
+                ).fetchall()
                 incarnation, restoring, peers = self._meta(conn)
             finally:
                 conn.execute("COMMIT")
@@ -283,6 +298,9 @@ class SqliteStorage:
         hard_state = replace(self._decode_hard_state(hard_rows), restoring=restoring, peers=peers)
         self._meta_stored = (restoring, peers)
         snapshot = self._decode_snapshot(snapshot_rows)
+        if snapshot is not None and membership_rows:
+            membership = self._decode_membership(str(membership_rows[0][0]), snapshot.index)
+            snapshot = replace(snapshot, membership=membership)
         base = snapshot.index if snapshot is not None else 0
         entries = self._decode_log(log_rows, base)
         last = entries[-1].index if entries else base
@@ -433,6 +451,25 @@ class SqliteStorage:
             raise StoreCorrupted(f"{self.path}: snapshot has index {index}, term {term}")
         return Snapshot(index=index, term=term, data=data)
 
+    def _decode_membership(self, text: str, index: int) -> Membership:
+        """The configuration stored with the snapshot at `index` (checksummed, bound to
+        that index: one left by an older snapshot is damage)."""
+        try:
+            value = json.loads(text)
+            encoded = str(value["membership"]).encode()
+            stored_index = int(value["index"])
+            checksum = bytes.fromhex(str(value["checksum"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreCorrupted(f"{self.path}: unreadable snapshot configuration: {exc}") from exc
+        if stored_index != index or checksum != membership_checksum(index, encoded):
+            raise StoreCorrupted(
+                f"{self.path}: snapshot configuration does not match the snapshot at {index}"
+            )
+        try:
+            return Membership.decode(encoded)
+        except MembershipInvalid as exc:
+            raise StoreCorrupted(f"{self.path}: snapshot configuration: {exc}") from exc
+
     def _decode_log(self, rows: list[tuple[object, ...]], base: int) -> tuple[Entry, ...]:
         entries: list[Entry] = []
         for offset, (index, term, kind, data, checksum) in enumerate(rows):
@@ -453,6 +490,11 @@ class SqliteStorage:
                 raise StoreCorrupted(f"{self.path}: entry checksum mismatch at index {index}")
             if term < 1 or kind not in _KINDS:
                 raise StoreCorrupted(f"{self.path}: entry {index} has term {term}, kind {kind}")
+            if kind == EntryKind.CONFIG:
+                try:
+                    Membership.decode(data)
+                except MembershipInvalid as exc:
+                    raise StoreCorrupted(f"{self.path}: entry {index}: {exc}") from exc
             entries.append(Entry(index=index, term=term, kind=EntryKind(kind), data=data))
         return tuple(entries)
 
@@ -483,6 +525,21 @@ def _write_snapshot(conn: sqlite3.Connection, snapshot: Snapshot) -> None:
             snapshot.data,
             snapshot_checksum(snapshot.index, snapshot.term, snapshot.data),
         ),
+    )
+    # The configuration at the snapshot's index, in the same transaction (a meta row:
+    # no schema change, and a store without one is read as it always was).
+    if snapshot.membership is None:
+        conn.execute("DELETE FROM meta WHERE key = 'snapshot_membership'")
+        return
+    encoded = snapshot.membership.encode()
+    value = {
+        "index": snapshot.index,
+        "membership": encoded.decode(),
+        "checksum": membership_checksum(snapshot.index, encoded).hex(),
+    }
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('snapshot_membership', ?)",
+        (json.dumps(value, sort_keys=True),),
     )
 
 

@@ -36,7 +36,7 @@ import grpc.aio
 from goml.api.channels import reconnect_options
 from goml.proto import raft_pb2, raft_pb2_grpc
 from goml.raft.convert import InvalidMessage, Limits, message_from_proto, message_to_proto
-from goml.raft.types import Message, NodeId
+from goml.raft.types import NODE_ID_CHARS_MAX, Message, NodeId
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,11 @@ class PeerTransport:
             for node_id, address in sorted(peers.items())
         }
         self._token = stream_token(config.secret, config.cluster_id, config.node_id)
+        # Every address ever given (membership changes add some): a message to a node
+        # outside the current peers (a leader this node does not know as a member yet)
+        # still finds its way; `dropped_unknown` counts those with no address at all.
+        self._addresses = dict(peers)
+        self.dropped_unknown = 0
         self._started = False
         self._stopping = False
 
@@ -172,11 +177,43 @@ class PeerTransport:
         for peer in self._peers.values():
             peer.task = None
 
+    def set_peers(self, peers: dict[NodeId, str]) -> None:
+        """Keep streams to exactly these peers (the members, after a membership change):
+        new ones are started, gone ones stopped, a changed address reconnects."""
+        assert self.config.node_id not in peers, "a node does not send to itself"
+        self._addresses.update(peers)
+        for node_id in sorted(set(self._peers) - set(peers)):
+            self._drop_peer(node_id)
+        for node_id, address in sorted(peers.items()):
+            known = self._peers.get(node_id)
+            if known is not None and known.address != address:
+                self._drop_peer(node_id)
+            if node_id not in self._peers:
+                self._add_peer(node_id, address)
+
+    def _add_peer(self, node_id: NodeId, address: str) -> _Peer:
+        peer = _Peer(node_id, address, asyncio.Queue(maxsize=self.config.queue_messages_max))
+        self._peers[node_id] = peer
+        if self._started and not self._stopping:
+            peer.task = asyncio.create_task(self._run_peer(peer), name=f"raft-send-{node_id}")
+        return peer
+
+    def _drop_peer(self, node_id: NodeId) -> None:
+        peer = self._peers.pop(node_id)
+        if peer.task is not None:
+            peer.task.cancel()  # its stream closes; nothing waits for it
+
     def send(self, message: Message) -> bool:
         """Queue a message for its target; never blocks. False when dropped."""
         assert message.source == self.config.node_id
+        assert message.target != self.config.node_id
         peer = self._peers.get(message.target)
-        assert peer is not None, f"no address for peer {message.target!r}"
+        if peer is None:
+            address = self._addresses.get(message.target)
+            if address is None or self._stopping:
+                self.dropped_unknown += 1
+                return False
+            peer = self._add_peer(message.target, address)
         if self._stopping:
             return False
         try:
@@ -188,6 +225,10 @@ class PeerTransport:
 
     def stats(self) -> dict[NodeId, PeerStats]:
         return {node_id: peer.stats for node_id, peer in self._peers.items()}
+
+    def addresses(self) -> dict[NodeId, str]:
+        """Every peer address this transport was given."""
+        return dict(self._addresses)
 
     # ------------------------------------------------------------- internals
 
@@ -336,7 +377,6 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         limits: Limits,
         on_messages: Callable[[list[Message]], None],
     ) -> None:
-        assert node_id in voters
         assert secret, "a cluster secret is required"
         self.node_id = node_id
         self.cluster_id = cluster_id
@@ -344,7 +384,6 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         self.limits = limits
         self._secret = secret
         self._on_messages = on_messages
-        self._tokens = {v: stream_token(secret, cluster_id, v) for v in self.voters if v != node_id}
         self.stats = ServicerStats()
         self._streams: set[asyncio.Task[Any]] = set()  # the handlers of open inbound streams
         self._closed = False
@@ -412,9 +451,7 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
             messages: list[Message] = []
             for proto in envelope.messages:
                 try:
-                    messages.append(
-                        message_from_proto(proto, self.node_id, sender, self.voters, self.limits)
-                    )
+                    messages.append(message_from_proto(proto, self.node_id, sender, self.limits))
                 except InvalidMessage as error:
                     self.stats.invalid += 1
                     log.error(
@@ -433,9 +470,12 @@ class RaftPeerServicer(raft_pb2_grpc.RaftPeerServicer):
         token = metadata.get(METADATA_TOKEN, "")
         if cluster != self.cluster_id:
             return f"wrong cluster id {cluster!r} (this is {self.cluster_id!r})"
-        expected = self._tokens.get(sender)
-        if expected is None:
-            return f"sender {sender!r} is not a peer voter ({self.voters})"
+        # Any node of the cluster (it holds the secret) may write, member or not yet: a
+        # leader writes to a joining node first, a removed one to its old peers. The
+        # Raft core decides who counts.
+        if not sender or sender == self.node_id or len(sender) > NODE_ID_CHARS_MAX:
+            return f"sender {sender!r} is not a peer"
+        expected = stream_token(self._secret, self.cluster_id, sender)
         if not isinstance(token, str) or not hmac.compare_digest(token, expected):
             return "wrong cluster secret"
         return ""

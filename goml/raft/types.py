@@ -7,6 +7,7 @@ from protobuf (real world) or pass them as they are (in-process harness, simulat
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 
 NodeId = str
@@ -18,6 +19,126 @@ class EntryKind(enum.IntEnum):
     # A leader appends one empty entry on election: only current-term entries are
     # committed by counting, so this is what lets a new leader commit its predecessors'.
     NOOP = 1
+    # A configuration (`Membership.encode()`): in force on every node from the moment it
+    # is appended to that node's log, committed or not (dissertation 4.1).
+    CONFIG = 2
+
+
+NODE_ID_CHARS_MAX = 64
+ADDRESS_CHARS_MAX = 256
+MEMBERS_MAX = 64
+
+
+class MembershipInvalid(ValueError):
+    """A configuration that breaks the rules (unreadable, duplicate or overlapping names)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A cluster configuration: who votes, who only replicates (learners), and where
+    each member listens. Voters and learners are sorted and disjoint.
+
+    `addresses` are opaque to the Raft core: the runtimes connect by them. Empty voters
+    mean "no configuration known": a node that joins an existing cluster starts so and
+    learns its configuration from the leader (a snapshot, or the log)."""
+
+    voters: tuple[NodeId, ...]
+    learners: tuple[NodeId, ...] = ()
+    addresses: tuple[tuple[NodeId, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        problem = _membership_problem(self.voters, self.learners, self.addresses)
+        if problem:
+            raise MembershipInvalid(problem)
+
+    @property
+    def members(self) -> tuple[NodeId, ...]:
+        return tuple(sorted(self.voters + self.learners))
+
+    @property
+    def quorum(self) -> int:
+        return len(self.voters) // 2 + 1
+
+    def address(self, node: NodeId) -> str:
+        return dict(self.addresses).get(node, "")
+
+    def encode(self) -> bytes:
+        value = {
+            "voters": list(self.voters),
+            "learners": list(self.learners),
+            "addresses": dict(self.addresses),
+        }
+        return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+
+    @staticmethod
+    def decode(data: bytes) -> Membership:
+        """The configuration a CONFIG entry holds; MembershipInvalid when it is not one."""
+        try:
+            value = json.loads(data)
+            voters = value["voters"]
+            learners = value["learners"]
+            addresses = value["addresses"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise MembershipInvalid(f"not a configuration: {error}") from None
+        if not (
+            isinstance(voters, list)
+            and isinstance(learners, list)
+            and isinstance(addresses, dict)
+            and all(isinstance(n, str) for n in voters + learners)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in addresses.items())
+        ):
+            raise MembershipInvalid("configuration fields have the wrong types")
+        return Membership(tuple(voters), tuple(learners), tuple(sorted(addresses.items())))
+
+
+def _membership_problem(
+    voters: tuple[NodeId, ...],
+    learners: tuple[NodeId, ...],
+    addresses: tuple[tuple[NodeId, str], ...],
+) -> str:
+    if list(voters) != sorted(set(voters)):
+        return f"voters must be sorted and unique: {list(voters)}"
+    if list(learners) != sorted(set(learners)):
+        return f"learners must be sorted and unique: {list(learners)}"
+    both = set(voters) & set(learners)
+    if both:
+        return f"{sorted(both)} both voter and learner"
+    if learners and not voters:
+        return "learners without voters"
+    if len(voters) + len(learners) > MEMBERS_MAX:
+        return f"{len(voters) + len(learners)} members (max {MEMBERS_MAX})"
+    for name in voters + learners:
+        if not name or len(name) > NODE_ID_CHARS_MAX:
+            return f"bad node name {name!r}"
+    names = [name for name, _ in addresses]
+    if names != sorted(set(names)):
+        return "addresses must be sorted by node, one each"
+    stray = set(names) - set(voters) - set(learners)
+    if stray:
+        return f"addresses of non-members {sorted(stray)}"
+    for _, address in addresses:
+        if len(address) > ADDRESS_CHARS_MAX:
+            return f"address of {len(address)} characters (max {ADDRESS_CHARS_MAX})"
+    return ""
+
+
+class ChangeKind(enum.StrEnum):
+    ADD_LEARNER = "add-learner"  # a new member that replicates but does not vote
+    PROMOTE = "promote"  # a learner that has caught up becomes a voter
+    REMOVE = "remove"  # a voter or learner leaves (the leader too: it steps down)
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipChange:
+    """One single-server change (dissertation 4.1): one member, one step."""
+
+    kind: ChangeKind
+    node: NodeId
+    address: str = ""  # ADD_LEARNER: where it listens (opaque to the core)
+
+    def __post_init__(self) -> None:
+        assert self.node, "a change names its node"
+        assert self.kind is ChangeKind.ADD_LEARNER or not self.address, self
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +177,14 @@ class HardState:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """State-machine image covering every entry up to and including `index`."""
+    """State-machine image covering every entry up to and including `index`, and the
+    configuration in force at `index` (None: a snapshot written before configurations
+    were kept in snapshots; the node's bootstrap configuration applies)."""
 
     index: int
     term: int
     data: bytes
+    membership: Membership | None = None
 
     def __post_init__(self) -> None:
         assert self.index >= 1, "a snapshot covers at least one entry"
@@ -78,6 +202,7 @@ class MessageType(enum.IntEnum):
     HEARTBEAT_RESPONSE = 8
     SNAPSHOT = 9
     TIMEOUT_NOW = 10
+    SNAPSHOT_RESPONSE = 11
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +218,14 @@ class Message:
       when rejected, `index` echoes the rejected `log_index` and `hint_index`/
       `hint_term` let the leader skip a whole term at a time.
     - HEARTBEAT: `commit` (capped at the follower's match), `context` (ReadIndex).
-    - SNAPSHOT: `snapshot`; answered with an APPEND_RESPONSE whose `index` is the
-      snapshot's index (never more: see the PySyncObj note in DESIGN.md).
+    - SNAPSHOT: one chunk of a snapshot: `snapshot` holds its index, term and
+      configuration and `snapshot_offset_bytes ..` of its data, of
+      `snapshot_size_bytes` in all. The chunk that completes it is answered with an
+      APPEND_RESPONSE whose `index` is the snapshot's index (never more: see the
+      PySyncObj note in DESIGN.md); the others with a SNAPSHOT_RESPONSE.
+    - SNAPSHOT_RESPONSE: `log_index`/`log_term` name the snapshot being received,
+      `snapshot_offset_bytes` how much of it the receiver holds (contiguously from 0):
+      the leader sends on from there (0 after a restart: start again).
     - every message: `incarnation`, the sender's store identity. It grows with every new
       store of a node, so a higher one means the peer's disk was replaced (or wiped), and
       a lower one comes from a store that no longer exists. `restoring` and
@@ -121,6 +252,8 @@ class Message:
     # The target's previous store, when the sender saw it replaced (0 otherwise): tells
     # an amnesiac node that it is one.
     target_previous: int = 0
+    snapshot_offset_bytes: int = 0
+    snapshot_size_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +323,8 @@ class Config:
     """Core settings. Every option is explicit: no silent defaults (STYLE.md)."""
 
     node_id: NodeId
+    # The bootstrap configuration: in force until the log or a snapshot holds one. Empty
+    # for a node that joins an existing cluster (it learns its configuration).
     voters: tuple[NodeId, ...]
     election_timeout_ms_min: int
     election_timeout_ms_max: int
@@ -200,10 +335,16 @@ class Config:
     message_bytes_max: int  # entry data per APPEND; one entry always goes, whatever its size
     pre_vote: bool = True
     check_quorum: bool = True
+    # Snapshots travel in chunks of at most this many bytes, this many unacknowledged
+    # at a time (etcd sends one message; hashicorp/raft streams, unbounded).
+    snapshot_chunk_bytes_max: int = 1 << 20
+    snapshot_chunks_inflight_max: int = 4
 
     def __post_init__(self) -> None:
-        assert self.node_id in self.voters, "a node must be one of the voters"
+        assert not self.voters or self.node_id in self.voters, "a bootstrap voter list names us"
         assert len(set(self.voters)) == len(self.voters), "voters must be unique"
+        assert self.snapshot_chunk_bytes_max >= 1
+        assert self.snapshot_chunks_inflight_max >= 1
         assert 0 < self.heartbeat_interval_ms < self.election_timeout_ms_min
         assert self.election_timeout_ms_min <= self.election_timeout_ms_max
         assert self.inflight_messages_max >= 1
@@ -231,3 +372,7 @@ class NotLeader(ProposalError):
 
 class ProposalDropped(ProposalError):
     """Leader busy: too many uncommitted entries, or a leadership transfer is under way."""
+
+
+class MembershipRefused(ProposalError):
+    """A membership change this leader cannot make now (the reason says which rule)."""
