@@ -41,6 +41,7 @@ from goml.scenario.player import (
 from goml.scenario.schema import CLOCK_OFFSET_MS_MAX, AnyLink, ClockFault, Scenario
 from goml.sim.agent import SimAgent
 from goml.sim.client import SimClient
+from goml.sim.cpu import Cpu
 from goml.sim.network import Network
 from goml.sim.node import SimNode
 
@@ -66,6 +67,9 @@ class Simulation:
         self.seed = seed
         self.env = simpy.Environment()
         self.network = Network(self.env, scenario, seed)
+        costs = scenario.costs
+        # The CPU model (goml.sim.cpu) only when something costs processing time.
+        self.cpu = Cpu(scenario, seed) if costs is not None and costs.charges_cpu else None
         self.checker = SafetyChecker()
         self.trace = hashlib.sha256()
         self.events = 0
@@ -133,7 +137,7 @@ class Simulation:
         return self._wall_epoch_ms + int(self.env.now) + self._clock_offsets_ms.get(node, 0)
 
     def fsync_ms(self, node: str) -> float:
-        return self.scenario.disk.fsync_ms.sample_ms(self.disk_rng(node))
+        return self.scenario.fsync_ms.sample_ms(self.disk_rng(node))
 
     def send_raft(self, message: Message) -> None:
         target = self.nodes[message.target]
@@ -392,6 +396,8 @@ class Simulation:
             "events": self.events,
             "messages_sent": self.network.sent,
             "messages_dropped": self.network.dropped,
+            # Only with a CPU model, so that summaries without costs stay as they were.
+            **({"cpu_busy_s": round(self.cpu.busy_ms / 1000, 3)} if self.cpu else {}),
         }
 
 
