@@ -4,6 +4,8 @@ absent = the simulator as it was, and each cost moving the prediction the way it
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ workload:
   duration_ms: {kind: uniform, min_ms: 5, max_ms: 50}
 """
 SEED = 4
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(extra: str = "") -> dict[str, Any]:
@@ -168,3 +171,48 @@ def test_costs_fsync_beside_disk_fsync_warns() -> None:
     assert [str(w) for w in loaded.warnings] == [
         "s.yaml:11: disk.fsync_ms: warning: costs.fsync_ms replaces it: this one is not used"
     ]
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+CALIBRATE_TIMEOUT_S = 240.0
+
+
+def test_calibrate_measures_real_components_and_its_file_validates(tmp_path: Path) -> None:
+    out = tmp_path / "calibration.yaml"
+    command = [sys.executable, "-m", "goml", "chaos", "calibrate", "--out", str(out)]
+    command += ["--data-dir", str(tmp_path), "--fsync-samples", "30", "--hop-samples", "30"]
+    command += ["--dispatch-samples", "5"]
+    popen = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        stdout, stderr = popen.communicate(timeout=CALIBRATE_TIMEOUT_S)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.wait()
+    assert popen.returncode == 0, stderr
+    assert f"wrote {out}" in stdout
+    path = tmp_path / "s.yaml"
+    path.write_text(SHORT + "costs_file: calibration.yaml\n")
+    scenario = load_scenario(path).scenario  # the file validates, as a scenario reads it
+    costs = scenario.costs
+    assert costs is not None and costs.cores is not None and costs.cores >= 1
+    measured = (
+        costs.fsync_ms,
+        costs.hop_ms,
+        costs.append_ms,
+        costs.message_ms,
+        costs.api_call_ms,
+        costs.dispatch_ms,
+    )
+    for distribution in measured:
+        assert distribution is not None and 0 < distribution.expected_ms() < 10_000
+    assert "30 samples" in out.read_text()  # the raw figures ride along as comments
+    calibrated = run_scenario(scenario, SEED)
+    assert calibrated["tasks_lost"] == 0 and calibrated["settled"] is True
+    assert float(calibrated["cpu_busy_s"]) > 0
+    # Every message pays a hop and every input its core time: never faster than free.
+    assert p50(calibrated) >= p50(run())
