@@ -11,8 +11,11 @@ from typing import Any
 
 import pytest
 
+from goml.cluster.config import NodeFileConfig, RaftTiming
+from goml.cluster.daemon import core_config
+from goml.raft.replica import raft_config
 from goml.scenario.loader import ScenarioError, inline_costs, load_scenario, load_scenario_text
-from goml.sim.simulation import run_scenario
+from goml.sim.simulation import Simulation, run_scenario
 
 SHORT = """
 name: short
@@ -216,3 +219,69 @@ def test_calibrate_measures_real_components_and_its_file_validates(tmp_path: Pat
     assert float(calibrated["cpu_busy_s"]) > 0
     # Every message pays a hop and every input its core time: never faster than free.
     assert p50(calibrated) >= p50(run())
+
+
+# --------------------------------------------------------------------------- raft knobs
+
+
+def test_raft_knobs_default_to_what_a_node_runs() -> None:
+    scenario = load_scenario_text(SHORT).scenario
+    simulated = Simulation(scenario, SEED).node_config("aws-1").replica.raft
+    standard = raft_config("aws-1", simulated.voters, 300, 600, 50)
+    assert simulated == standard  # every knob at goml's standard
+    node = NodeFileConfig(
+        node_id="aws-1",
+        listen="127.0.0.1:1",
+        data_dir=Path("unused"),
+        peers={name: "127.0.0.1:1" for name in simulated.voters},
+        insecure=True,
+        secret_file=Path("unused"),
+        tokens_file=Path("unused"),
+        raft=RaftTiming(**scenario.raft.model_dump()),  # as the chaos runner writes it
+    )
+    assert core_config(node).replica.raft == standard
+
+
+def test_raft_knobs_reach_the_simulated_and_the_real_core() -> None:
+    knobs = (
+        "raft: {election_timeout_ms_min: 150, election_timeout_ms_max: 300,"
+        " heartbeat_interval_ms: 30, pre_vote: false, check_quorum: false,"
+        " inflight_messages_max: 4, entries_per_message_max: 1,"
+        " uncommitted_entries_max: 100, message_bytes_max: 65536}\n"
+    )
+    scenario = load_scenario_text(SHORT + knobs).scenario
+    simulated = Simulation(scenario, SEED).node_config("gcp-1").replica.raft
+    assert (simulated.pre_vote, simulated.check_quorum) == (False, False)
+    assert (simulated.inflight_messages_max, simulated.entries_per_message_max) == (4, 1)
+    assert (simulated.uncommitted_entries_max, simulated.message_bytes_max) == (100, 65536)
+    assert simulated.election_timeout_ms_min == 150 and simulated.heartbeat_interval_ms == 30
+    node = NodeFileConfig(
+        node_id="gcp-1",
+        listen="127.0.0.1:1",
+        data_dir=Path("unused"),
+        peers={name: "127.0.0.1:1" for name in simulated.voters},
+        insecure=True,
+        secret_file=Path("unused"),
+        tokens_file=Path("unused"),
+        raft=RaftTiming(**scenario.raft.model_dump()),
+    )
+    real = core_config(node).replica.raft
+    assert real == simulated
+    # And they change the run: one entry per APPEND means more messages for the same load.
+    batched = run_scenario(load_scenario_text(SHORT).scenario, SEED)
+    one_by_one = run_scenario(
+        load_scenario_text(SHORT + "raft: {entries_per_message_max: 1}\n").scenario, SEED
+    )
+    assert one_by_one["tasks_lost"] == 0
+    assert int(one_by_one["messages_sent"]) >= int(batched["messages_sent"])
+    assert one_by_one["trace_digest"] != batched["trace_digest"]
+
+
+def test_bad_raft_knobs_are_refused() -> None:
+    with pytest.raises(ScenarioError) as error:
+        load_scenario_text(SHORT + "raft: {inflight_messages_max: 0, pre_vote: maybe}\n", "s.yaml")
+    text = str(error.value)
+    assert (
+        "s.yaml:11: raft.inflight_messages_max: Input should be greater than or equal to 1" in text
+    )
+    assert "s.yaml:11: raft.pre_vote: Input should be a valid boolean" in text

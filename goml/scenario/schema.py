@@ -34,6 +34,12 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from goml.cluster import commands
+from goml.raft.replica import (
+    ENTRIES_PER_MESSAGE_MAX,
+    INFLIGHT_MESSAGES_MAX,
+    MESSAGE_BYTES_MAX,
+    UNCOMMITTED_ENTRIES_MAX,
+)
 
 Loc = tuple[int | str, ...]
 
@@ -493,6 +499,14 @@ class Raft(_Model):
     election_timeout_ms_min: int = Field(default=300, gt=0, le=LATENCY_MS_MAX)
     election_timeout_ms_max: int = Field(default=600, gt=0, le=LATENCY_MS_MAX)
     heartbeat_interval_ms: int = Field(default=50, gt=0, le=LATENCY_MS_MAX)
+    # The core's other settings (goml.raft.types.Config); the defaults are goml's
+    # standards (goml.raft.replica), so a scenario that sets none runs what a node runs.
+    pre_vote: bool = True
+    check_quorum: bool = True
+    inflight_messages_max: int = Field(default=INFLIGHT_MESSAGES_MAX, ge=1, le=1_000_000)
+    entries_per_message_max: int = Field(default=ENTRIES_PER_MESSAGE_MAX, ge=1, le=1_000_000)
+    uncommitted_entries_max: int = Field(default=UNCOMMITTED_ENTRIES_MAX, ge=1, le=100_000_000)
+    message_bytes_max: int = Field(default=MESSAGE_BYTES_MAX, ge=1, le=1 << 30)
 
     @model_validator(mode="after")
     def _check(self) -> Raft:

@@ -24,7 +24,12 @@ from goml.api.types import TaskRequest
 from goml.cluster.commands import Resources
 from goml.cluster.duties import DEFAULT_DUTIES
 from goml.cluster.manifest import ApplyResult, Code, TaskState
-from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT, NodeCoreConfig, standard_config
+from goml.cluster.node_core import (
+    REQUEST_TIMEOUT_MS_DEFAULT,
+    NodeCoreConfig,
+    standard_config,
+    tuned_raft,
+)
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.replica import raft_config
 from goml.raft.types import Message, Role
@@ -120,12 +125,15 @@ class Simulation:
         """A node's core configuration: the scenario's Raft timing, the production node's
         standards (duties, limits, request timeout), node names as addresses."""
         timing = self.scenario.raft
-        raft = raft_config(
-            name,
-            self.control_names,
-            timing.election_timeout_ms_min,
-            timing.election_timeout_ms_max,
-            timing.heartbeat_interval_ms,
+        raft = tuned_raft(
+            raft_config(
+                name,
+                self.control_names,
+                timing.election_timeout_ms_min,
+                timing.election_timeout_ms_max,
+                timing.heartbeat_interval_ms,
+            ),
+            timing,
         )
         addresses = tuple((n, n) for n in self.control_names)
         return standard_config(
