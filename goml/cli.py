@@ -478,6 +478,12 @@ def chaos_calibrate(
     fsync_samples: int = typer.Option(300, min=10, max=100_000, help="Durable writes timed."),
     hop_samples: int = typer.Option(300, min=10, max=100_000, help="Raft messages timed."),
     dispatch_samples: int = typer.Option(50, min=5, max=10_000, help="Agent tasks timed."),
+    via_toxiproxy: bool = typer.Option(
+        True,
+        "--toxiproxy/--no-toxiproxy",
+        help="Measure the hop through a Toxiproxy proxy, as `goml chaos run` links are "
+        "(when toxiproxy-server is found; `python -m goml.chaos.server` gets it).",
+    ),
 ) -> None:
     """Measure what goml's real components cost on this machine (the SQLite store's
     fsync, a Raft hop with mutual TLS, the node core per input, an agent's task
@@ -487,7 +493,9 @@ def chaos_calibrate(
 
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir}: not a directory", param_hint="'--data-dir'")
-    calibrate(out, data_dir, fsync_samples, hop_samples, dispatch_samples, say=typer.echo)
+    calibrate(
+        out, data_dir, fsync_samples, hop_samples, dispatch_samples, typer.echo, via_toxiproxy
+    )
     typer.echo(f"wrote {out} (use it with `costs_file: {out}` in a scenario)")
 
 

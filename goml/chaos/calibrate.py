@@ -10,8 +10,8 @@ What is measured, and with what:
   HMAC-authenticated gRPC stream, mutual TLS with certificates from goml.cluster.certs)
   to the real servicer of another grpc.aio server over loopback, one at a time, from
   `send` to the servicer's callback: TLS, HTTP/2 framing, protobuf both ways and both
-  event loops. Messages through Toxiproxy (the chaos runner's links) take a second
-  loopback hop and the proxy's own work, which this does not measure.
+  event loops; through a Toxiproxy proxy (no toxics) when its binary is found, as the
+  chaos runner's links are (the straight hop is then in the file's comments).
 - `append_ms`, `message_ms`, `api_call_ms`: the production node core
   (goml.cluster.node_core.NodeCore), timed around each input it takes (a Raft message
   with entries, any other message, an API call or a forwarded answer) and the
@@ -48,7 +48,10 @@ import grpc
 import grpc.aio
 import yaml
 
+from goml.chaos.server import find_binary, toxiproxy_server
+from goml.chaos.toxiproxy import Toxiproxy
 from goml.cluster.certs import SECRET_FILE, credentials, init_certs, read_secret
+from goml.cluster.local import free_ports
 from goml.cluster.node_core import NodeCore
 from goml.raft.convert import Limits
 from goml.raft.sqlite_store import SqliteStorage
@@ -117,14 +120,7 @@ def measure_fsync(directory: Path, samples: int) -> Measured:
 # --------------------------------------------------------------------------- hop
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _hop(certs: Path, samples: int) -> list[float]:
+async def _hop(certs: Path, samples: int, proxy: Toxiproxy | None) -> list[float]:
     secret = read_secret(certs / SECRET_FILE).encode()  # as the daemon reads it
     voters = ("n1", "n2")
     arrived: asyncio.Queue[float] = asyncio.Queue()
@@ -148,9 +144,13 @@ async def _hop(certs: Path, samples: int) -> list[float]:
         [(key, cert)], root_certificates=ca, require_client_auth=True
     )
     port = add_insecure_or_secure_port(
-        server, f"127.0.0.1:{_free_port()}", server_credentials, False
+        server, f"127.0.0.1:{free_ports(1)[0]}", server_credentials, False
     )
     await server.start()
+    target = f"127.0.0.1:{port}"
+    if proxy is not None:  # as the chaos runner puts one on every link
+        listen = f"127.0.0.1:{free_ports(1)[0]}"
+        target = proxy.create_proxy("calibrate-hop", listen, target).listen
     peer = credentials(certs, "n1")
     ca, cert, key = peer.read()
     channel_credentials = grpc.ssl_channel_credentials(
@@ -158,7 +158,7 @@ async def _hop(certs: Path, samples: int) -> list[float]:
     )
     transport = PeerTransport(
         default_transport_config("n1", CLUSTER_ID, secret),
-        {"n2": f"localhost:{port}"},
+        {"n2": "localhost:" + target.rpartition(":")[2]},
         channel_credentials,
         False,
         random.Random(0),
@@ -182,13 +182,15 @@ async def _hop(certs: Path, samples: int) -> list[float]:
     return took
 
 
-def measure_hop(samples: int) -> Measured:
-    """One-way Raft messages between two real gRPC endpoints with mutual TLS."""
+def measure_hop(samples: int, proxy: Toxiproxy | None = None) -> Measured:
+    """One-way Raft messages between two real gRPC endpoints with mutual TLS, straight
+    over loopback or through a Toxiproxy proxy (no toxics)."""
     with tempfile.TemporaryDirectory(prefix="goml-calibrate-certs-") as tmp:
         certs = Path(tmp)
         init_certs(certs, ["n1", "n2"], ["localhost", "127.0.0.1"])
-        took = asyncio.run(_hop(certs, samples))
-    return Measured("hop_ms", took, "raft transport, mutual TLS, loopback")
+        took = asyncio.run(_hop(certs, samples, proxy))
+    via = "through Toxiproxy" if proxy is not None else "loopback"
+    return Measured("hop_ms", took, f"raft transport, mutual TLS, {via}")
 
 
 # --------------------------------------------------------------------------- node core
@@ -292,14 +294,27 @@ def calibrate(
     hop_samples: int = 300,
     dispatch_samples: int = 50,
     say: Callable[[str], None] = print,
+    via_toxiproxy: bool = True,
 ) -> dict[str, Any]:
-    """Measure everything, write the calibration file `out`, return its `costs:`."""
+    """Measure everything, write the calibration file `out`, return its `costs:`.
+    `via_toxiproxy`: measure the hop through a Toxiproxy proxy, as the chaos runner's
+    links are, when its binary is found (never installed from here)."""
     load = os.getloadavg()[0]
     measured: list[Measured] = []
+    notes: list[str] = []
     say(f"fsync of the SQLite store in {data_dir} ({fsync_samples} writes) ...")
     measured.append(measure_fsync(data_dir, fsync_samples))
     say(f"raft hop with mutual TLS over loopback ({hop_samples} messages) ...")
-    measured.append(measure_hop(hop_samples))
+    direct = measure_hop(hop_samples)
+    binary = find_binary() if via_toxiproxy else None
+    if binary is None:
+        measured.append(direct)
+    else:
+        # The chaos runner's links go through Toxiproxy: that hop is the one it pays.
+        say(f"raft hop through Toxiproxy ({binary}) ...")
+        with toxiproxy_server(binary=binary) as proxy:
+            measured.append(measure_hop(hop_samples, proxy))
+        notes.append(f"without Toxiproxy: {direct.comment()}")
     say(f"node core per input ({CORE_RUN_S} simulated s of the reference scenario) ...")
     measured += measure_core()
     say(f"task dispatch on an agent's runner ({dispatch_samples} tasks) ...")
@@ -318,9 +333,12 @@ def calibrate(
         "# A scenario uses it with `costs_file: <this file>` (relative to the scenario),",
         "# or pastes the `costs:` section. Raw figures:",
         *(f"#   {m.comment()}" for m in measured),
+        *(f"#   {note}" for note in notes),
     ]
     text = "\n".join(lines) + "\n" + yaml.safe_dump({"costs": costs}, sort_keys=False)
     out.write_text(text)
     for m in measured:
         say("  " + m.comment())
+    for note in notes:
+        say("  " + note)
     return costs
