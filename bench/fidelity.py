@@ -1,7 +1,8 @@
 """The simulator's fidelity: each chaos scenario run for real (`goml chaos run`, which
 also prints the simulator's prediction for the scenario as written), then simulated
 again with this machine's calibration (`goml chaos calibrate`), side by side, with the
-tolerances of issue 14: the same number of failovers, failover p50 and steady-submit p50
+tolerances of issue 14 (the simulator starts with the real run's first leader, as
+the chaos runner's prediction does; --free-leader lets it elect its own): the same number of failovers, failover p50 and steady-submit p50
 within 25 % of the real run, steady-submit p99 within 50 %.
 
     python bench/fidelity.py [--seeds 1] [--calibration FILE] [--out reports/fidelity]
@@ -47,8 +48,18 @@ def figures(summary: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def real_run(scenario: str, seed: int, out: Path) -> dict[str, Any]:
-    """`goml chaos run --json` in its own process, killed by PID if it outlives the limit."""
+def first_leader(summary: dict[str, Any]) -> str:
+    leaders = (summary.get("timeline") or {}).get("leaders") or []
+    return str(leaders[0][1]) if leaders else "-"
+
+
+def real_run(scenario: str, seed: int, out: Path, reuse: bool) -> dict[str, Any]:
+    """`goml chaos run --json` in its own process, killed by PID if it outlives the limit
+    (`reuse`: the summary a previous run left in `out`, if there is one)."""
+    previous = out / "summary.json"
+    if reuse and previous.is_file():
+        kept: dict[str, Any] = json.loads(previous.read_text())
+        return kept
     command = [sys.executable, "-m", "goml", "chaos", "run", scenario, "--seed", str(seed)]
     command += ["--json", "--out", str(out)]
     popen = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -99,6 +110,14 @@ def main() -> int:
     parser.add_argument("--seeds", default="1", help="comma-separated, e.g. 1,2,3")
     parser.add_argument("--calibration", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "fidelity")
+    parser.add_argument(
+        "--free-leader",
+        action="store_true",
+        help="let the simulator elect its own first leader (default: the real run's)",
+    )
+    parser.add_argument(
+        "--reuse-real", action="store_true", help="take real runs already in OUT, if any"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     scenarios = args.scenarios or sorted(glob.glob(str(ROOT / "scenarios/chaos/*.yaml")))
@@ -112,26 +131,30 @@ def main() -> int:
         )
     costs = Costs.model_validate(yaml.safe_load(calibration.read_text())["costs"])
     rows = [
-        "| scenario | seed | load avg | failovers real / sim / calibrated | failover p50 s"
-        " | steady submit p50 ms | steady submit p99 ms | calibrated |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scenario | seed | load avg | first leader | failovers real / sim / calibrated"
+        " | failover p50 s | steady submit p50 ms | steady submit p99 ms | calibrated |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     results: list[dict[str, Any]] = []
     for path in scenarios:
         scenario = load_scenario(path).scenario
         for seed in (int(s) for s in args.seeds.split(",")):
             load_before = os.getloadavg()[0]
-            real = real_run(path, seed, args.out / f"{scenario.name}-seed{seed}")
+            real = real_run(path, seed, args.out / f"{scenario.name}-seed{seed}", args.reuse_real)
             load_after = os.getloadavg()[0]
             if "error" in real:
-                rows.append(f"| {scenario.name} | {seed} | | {real['error']} | | | | |")
+                rows.append(f"| {scenario.name} | {seed} | | | {real['error']} | | | | |")
                 continue
             with_costs = scenario.model_copy(update={"costs": costs})
-            cal_summary, _ = simulate(with_costs, seed)
-            r, s, c = figures(real), figures(real.get("simulator", {})), figures(cal_summary)
+            leader = None if args.free_leader else first_leader(real)
+            leader = None if leader == "-" else leader
+            cal_summary, _ = simulate(with_costs, seed, leader)
+            as_written, _ = simulate(scenario, seed, leader)  # the runner's prediction
+            r, s, c = figures(real), figures(as_written), figures(cal_summary)
+            leaders = " / ".join(first_leader(x) for x in (real, as_written, cal_summary))
             ok, why = verdict(r, c)
             rows.append(
-                f"| {scenario.name} | {seed} | {load_before:.1f}-{load_after:.1f} | "
+                f"| {scenario.name} | {seed} | {load_before:.1f}-{load_after:.1f} | {leaders} | "
                 + " | ".join(cell(r[k], s[k], c[k]) for k in r)
                 + f" | {'yes' if ok else 'no: ' + why} |"
             )

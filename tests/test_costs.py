@@ -285,3 +285,17 @@ def test_bad_raft_knobs_are_refused() -> None:
         "s.yaml:11: raft.inflight_messages_max: Input should be greater than or equal to 1" in text
     )
     assert "s.yaml:11: raft.pre_vote: Input should be a valid boolean" in text
+
+
+# --------------------------------------------------------------------------- first leader
+
+
+def test_the_simulator_can_start_with_the_real_runs_first_leader() -> None:
+    scenario = load_scenario_text(SHORT).scenario
+    free = run_scenario(scenario, SEED)
+    natural = free["timeline"]["leaders"][0][1]  # type: ignore[index]
+    other = next(n.name for n in scenario.topology.control_nodes if n.name != natural)
+    handed = run_scenario(scenario, SEED, first_leader=other)
+    assert handed["timeline"]["leaders"][0][1] == other  # type: ignore[index]
+    assert handed["tasks_lost"] == 0 and handed["settled"] is True
+    assert handed["tasks_acknowledged"] == handed["tasks_submitted"] > 50

@@ -660,11 +660,13 @@ def _not_ready(cluster: ChaosCluster, client: Client) -> str | None:
     return f"agents not registered yet: {', '.join(missing)}" if missing else None
 
 
-def prediction(scenario: Scenario, seed: int) -> dict[str, Any]:
-    """The simulator's summary for the same scenario and seed. A simulator failure must
-    not cost the real run: it is reported in the comparison instead."""
+def prediction(scenario: Scenario, seed: int, first_leader: str | None = None) -> dict[str, Any]:
+    """The simulator's summary for the same scenario and seed, started with the real
+    run's first leader (the first election is a coin toss in both worlds, and the
+    leader's place decides every submit's latency). A simulator failure must not cost
+    the real run: it is reported in the comparison instead."""
     try:
-        summary, _ = simulate(scenario, seed)
+        summary, _ = simulate(scenario, seed, first_leader)
     except Exception as error:  # a bug in the simulator: say so next to the real figures
         return {
             "scenario": scenario.name,
@@ -681,6 +683,12 @@ KEY_FIGURES = (
     "tasks_succeeded", "tasks_dead", "tasks_lost", "duplicate_results", "leader_changes",
     "settled", "submits_given_up", "commands_per_task",
 )  # fmt: skip
+
+
+def first_leader(summary: dict[str, Any]) -> str | None:
+    """The node a run's timeline shows leading first, if any."""
+    leaders = (summary.get("timeline") or {}).get("leaders") or []
+    return str(leaders[0][1]) if leaders else None
 
 
 def _readable(summary: dict[str, Any]) -> str:
@@ -740,10 +748,10 @@ def run_command(
 
     try:
         with _signals_raise():
-            predicted = prediction(scenario, chosen)
             summary = run_chaos(
                 scenario, chosen, target / "work", toxiproxy_url, toxiproxy_bin, say, runtime
             )
+            predicted = prediction(scenario, chosen, first_leader(summary))
     except KeyboardInterrupt:
         if runtime == "containers":
             gone = "every container, network, volume and proxy this run made is removed"

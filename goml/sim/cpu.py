@@ -49,7 +49,8 @@ class Cpu:
         """Charge one input of `process` (on host `location`) at `now_ms`; returns the
         delay until its process has done it (0: no cost)."""
         if cost is None:
-            return 0.0
+            # Costs nothing, yet its process takes it only after what it is busy with.
+            return max(0.0, self._free_at.get(process, 0.0) - now_ms)
         rng = self._rngs.get(process)
         if rng is None:
             rng = self._rngs[process] = random.Random(f"{self.seed}:cpu:{process}")

@@ -311,6 +311,13 @@ class SimNode(Endpoint):
             self.inbox.append(forwarded)
             self.run()
 
+    def transfer_leadership(self, target: str) -> None:
+        """Hand leadership to `target` (Raft's transfer: TIMEOUT_NOW once it is caught up)."""
+        assert self.node is not None and not self.busy
+        self.node.replica.raft.transfer_leadership(target, self.sim.now_ms())
+        self.sim.record("transfer", self.name, target)
+        self.run()
+
     def _watch_leadership(self, node: NodeCore) -> None:
         leader = node.is_leader
         if leader and not self.was_leader:

@@ -67,9 +67,17 @@ COMPACT_EVERY_ENTRIES = 4000
 class Simulation:
     """The simulated cluster, and the player's backend (`goml.scenario.player.Backend`)."""
 
-    def __init__(self, scenario: Scenario, seed: int) -> None:
+    def __init__(self, scenario: Scenario, seed: int, first_leader: str | None = None) -> None:
+        """`first_leader`: the control node that leads when the scenario's clock starts
+        (leadership is handed to it once the cluster is ready), to compare with a real
+        run that elected it: who wins the first election is a coin toss in both worlds,
+        and where the leader sits decides every submit's latency."""
         self.scenario = scenario
         self.seed = seed
+        assert first_leader is None or first_leader in (
+            n.name for n in scenario.topology.control_nodes
+        ), f"first_leader {first_leader!r} is not a control node"
+        self.first_leader = first_leader
         self.env = simpy.Environment()
         self.network = Network(self.env, scenario, seed)
         costs = scenario.costs
@@ -327,7 +335,19 @@ class Simulation:
         deadline = self.env.now + READY_MS_MAX
         while self.env.now < deadline and not self._ready():
             self.env.run(until=self.env.now + SETTLE_STEP_MS / 5)
+        if self.first_leader is not None:
+            self._hand_leadership(self.first_leader, deadline)
         self.record("ready", "", f"{self.env.now:.3f}")
+
+    def _hand_leadership(self, name: str, deadline: float) -> None:
+        """Transfer leadership to `name` until it leads a ready cluster (bounded)."""
+        while self.env.now < deadline:
+            leader = self.leading_node()
+            if leader is not None and leader.name == name and self._ready():
+                return
+            if leader is not None and leader.name != name and not leader.busy:
+                leader.transfer_leadership(name)
+            self.env.run(until=self.env.now + SETTLE_STEP_MS)
 
     def _ready(self) -> bool:
         leader = self.leading_node()
@@ -409,5 +429,7 @@ class Simulation:
         }
 
 
-def run_scenario(scenario: Scenario, seed: int) -> dict[str, object]:
-    return Simulation(scenario, seed).run()
+def run_scenario(
+    scenario: Scenario, seed: int, first_leader: str | None = None
+) -> dict[str, object]:
+    return Simulation(scenario, seed, first_leader).run()
