@@ -32,7 +32,7 @@ class Cpu:
         self._scenario = scenario
         self.busy_ms = 0.0  # every charge, summed (the summary's cpu_busy_s)
 
-    def _cores(self, location: str) -> tuple[str, list[float]]:
+    def _cores(self, location: str) -> list[float]:
         host = SHARED_HOST if self.costs.cores is not None else location
         cores = self._hosts.get(host)
         if cores is None:
@@ -41,7 +41,7 @@ class Cpu:
             else:
                 count = max(1, int(self._scenario.topology.node(location).capacity.cpu))
             cores = self._hosts[host] = [0.0] * count
-        return host, cores
+        return cores
 
     def charge(
         self, process: str, location: str, cost: AnyDistribution | None, now_ms: float
@@ -55,7 +55,7 @@ class Cpu:
         if rng is None:
             rng = self._rngs[process] = random.Random(f"{self.seed}:cpu:{process}")
         took = cost.sample_ms(rng)
-        _host, cores = self._cores(location)
+        cores = self._cores(location)
         start = max(now_ms, self._free_at.get(process, 0.0), cores[0])
         done = start + took
         heapq.heapreplace(cores, done)  # the core free first takes it
