@@ -29,23 +29,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from goml.report.fidelity import compare, figures  # noqa: E402
 from goml.scenario.loader import load_scenario  # noqa: E402
 from goml.scenario.schema import Costs  # noqa: E402
 from goml.sim.runner import simulate  # noqa: E402
 
 CHAOS_TIMEOUT_S = 900.0
-TOLERANCE = {"failover_p50": 0.25, "steady_p50": 0.25, "steady_p99": 0.50}
-
-
-def figures(summary: dict[str, Any]) -> dict[str, float | None]:
-    failover = summary.get("failover_s") or {}
-    steady = summary.get("submit_ms_steady") or {}
-    return {
-        "failovers": failover.get("count"),
-        "failover_p50": failover.get("p50"),
-        "steady_p50": steady.get("p50"),
-        "steady_p99": steady.get("p99"),
-    }
 
 
 def first_leader(summary: dict[str, Any]) -> str:
@@ -80,17 +69,6 @@ def off_by(real: float | None, sim: float | None) -> float | None:
     if real is None or sim is None or real == 0:
         return None
     return (sim - real) / real
-
-
-def verdict(real: dict[str, float | None], sim: dict[str, float | None]) -> tuple[bool, str]:
-    misses = []
-    if real["failovers"] != sim["failovers"]:
-        misses.append("failovers")
-    for key, tolerance in TOLERANCE.items():
-        error = off_by(real[key], sim[key])
-        if error is not None and abs(error) > tolerance:
-            misses.append(key)
-    return not misses, ", ".join(misses) or "within"
 
 
 def cell(real: float | None, sim: float | None, cal: float | None) -> str:
@@ -152,7 +130,8 @@ def main() -> int:
             as_written, _ = simulate(scenario, seed, leader)  # the runner's prediction
             r, s, c = figures(real), figures(as_written), figures(cal_summary)
             leaders = " / ".join(first_leader(x) for x in (real, as_written, cal_summary))
-            ok, why = verdict(r, c)
+            misses = [x.figure for x in compare(real, cal_summary) if x.within is False]
+            ok, why = not misses, ", ".join(misses)
             rows.append(
                 f"| {scenario.name} | {seed} | {load_before:.1f}-{load_after:.1f} | {leaders} | "
                 + " | ".join(cell(r[k], s[k], c[k]) for k in r)

@@ -14,6 +14,8 @@ import pytest
 from goml.cluster.config import NodeFileConfig, RaftTiming
 from goml.cluster.daemon import core_config
 from goml.raft.replica import raft_config
+from goml.report.fidelity import compare
+from goml.report.html import write_report
 from goml.scenario.loader import ScenarioError, inline_costs, load_scenario, load_scenario_text
 from goml.sim.simulation import Simulation, run_scenario
 
@@ -299,3 +301,32 @@ def test_the_simulator_can_start_with_the_real_runs_first_leader() -> None:
     assert handed["timeline"]["leaders"][0][1] == other  # type: ignore[index]
     assert handed["tasks_lost"] == 0 and handed["settled"] is True
     assert handed["tasks_acknowledged"] == handed["tasks_submitted"] > 50
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_prediction_against_measurement_ratios_and_tolerance() -> None:
+    real = {"failover_s": {"count": 2, "p50": 0.5}, "submit_ms_steady": {"p50": 40, "p99": 100}}
+    close = {"failover_s": {"count": 2, "p50": 0.6}, "submit_ms_steady": {"p50": 45, "p99": 149}}
+    far = {"failover_s": {"count": 1, "p50": 0.7}, "submit_ms_steady": {"p50": 20, "p99": 151}}
+    assert [c.within for c in compare(real, close)] == [True, True, True, True]
+    assert [c.within for c in compare(real, far)] == [False, False, False, False]
+    assert compare(real, close)[2].ratio == pytest.approx(45 / 40)
+    none = {"failover_s": {"count": 0}, "submit_ms_steady": {"p50": 40, "p99": 100}}
+    assert [c.within for c in compare(none, none)] == [True, None, True, True]
+
+
+def test_the_report_draws_the_prediction_over_the_measurement(tmp_path: Path) -> None:
+    real = run_scenario(load_scenario_text(SHORT).scenario, SEED)
+    predicted = run(
+        "costs: {hop_ms: {kind: constant, value_ms: 5}}\n"
+    )  # another run: what matters is that both are drawn
+    page = write_report(real, tmp_path, comparison=predicted).read_text()
+    assert "Prediction against measurement" in page
+    assert 'stroke-dasharray="5 3"' in page  # the simulator's CDF over the real one
+    assert "simulator (dashed)" in page
+    assert "Simulator: leaders and terms over time" in page
+    assert "Simulator: tasks by state over time" in page
+    plain = write_report(real, tmp_path / "alone").read_text()
+    assert "Prediction against measurement" not in plain and "dashed)" not in plain

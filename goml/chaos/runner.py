@@ -55,6 +55,7 @@ from goml.cluster.config import Duties
 from goml.cluster.inspect import agreed_prefix, read_store, replay_cluster
 from goml.proto import api_pb2
 from goml.raft.types import EntryKind
+from goml.report.fidelity import compare
 from goml.report.html import write_report
 from goml.scenario.faults import Pair
 from goml.scenario.player import (
@@ -693,6 +694,11 @@ def first_leader(summary: dict[str, Any]) -> str | None:
 
 def _readable(summary: dict[str, Any]) -> str:
     sim = summary.get("simulator", {})
+    verdicts = [
+        f"{c.figure} {'-' if c.ratio is None else f'x{c.ratio:.2f}'}"
+        f"{'' if c.within is None else ' ok' if c.within else ' OFF'}"
+        for c in compare(summary, sim)
+    ]
 
     def row(label: str, key: str, fields: tuple[str, ...] = (), item: str = "") -> str:
         real, predicted = summary.get(key), sim.get(key)
@@ -719,6 +725,8 @@ def _readable(summary: dict[str, Any]) -> str:
         row("results twice", "duplicate_results"),
         row("leader changes", "leader_changes"),
         row("settled", "settled"),
+        # Issue 14's tolerances: failovers equal, p50s within 25 %, steady p99 within 50 %.
+        "  prediction / real     " + ", ".join(verdicts),
         "  commands per task",
         *(row(f"  {name}", "commands_per_task", item=name) for name in (*COMMAND_TYPES, "total")),
     ]
