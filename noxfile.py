@@ -115,6 +115,17 @@ def chaos(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def fidelity(session: nox.Session) -> None:
+    """The simulator against the real runs (issue 14): calibrates this machine (`goml
+    chaos calibrate`), runs every scenario under scenarios/chaos/ for real, and prints
+    real / simulated / calibrated figures with the tolerances (bench/fidelity.py; a
+    quiet machine gives the figures worth quoting). `nox -s fidelity -- --seeds 1,2,3`."""
+    session.install("-e", ".")
+    session.run("python", "-m", "goml.chaos.server")  # finds or builds toxiproxy-server
+    session.run("python", "bench/fidelity.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def deploy_lab(session: nox.Session) -> None:
     """The real pyinfra deploy (pyinfra/deploy.py) over SSH to a local lab of five
     systemd-nspawn hosts, then its checks: health, idempotence, kill -9, reboot, a host

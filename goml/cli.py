@@ -13,6 +13,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -629,6 +630,40 @@ def chaos_run(
     raise typer.Exit(
         chaos_command(scenario, seed, out, as_json, toxiproxy_bin, toxiproxy_url, runtime)
     )
+
+
+@chaos_app.command("calibrate")
+def chaos_calibrate(
+    out: Path = typer.Option(
+        Path("calibration.yaml"), "--out", help="The calibration file to write."
+    ),
+    data_dir: Path = typer.Option(
+        Path(tempfile.gettempdir()),
+        "--data-dir",
+        help="Directory on the disk whose fsync is measured (where nodes keep their data).",
+    ),
+    fsync_samples: int = typer.Option(300, min=10, max=100_000, help="Durable writes timed."),
+    hop_samples: int = typer.Option(300, min=10, max=100_000, help="Raft messages timed."),
+    dispatch_samples: int = typer.Option(50, min=5, max=10_000, help="Agent tasks timed."),
+    via_toxiproxy: bool = typer.Option(
+        True,
+        "--toxiproxy/--no-toxiproxy",
+        help="Measure the hop through a Toxiproxy proxy, as `goml chaos run` links are "
+        "(when toxiproxy-server is found; `python -m goml.chaos.server` gets it).",
+    ),
+) -> None:
+    """Measure what goml's real components cost on this machine (the SQLite store's
+    fsync, a Raft hop with mutual TLS, the node core per input, an agent's task
+    dispatch) and write them as a `costs:` section; a scenario uses the file with
+    `costs_file: PATH` (relative to the scenario), and the simulator then charges them."""
+    from goml.chaos.calibrate import calibrate
+
+    if not data_dir.is_dir():
+        raise typer.BadParameter(f"{data_dir}: not a directory", param_hint="'--data-dir'")
+    calibrate(
+        out, data_dir, fsync_samples, hop_samples, dispatch_samples, typer.echo, via_toxiproxy
+    )
+    typer.echo(f"wrote {out} (use it with `costs_file: {out}` in a scenario)")
 
 
 @agent_app.command("run")

@@ -384,11 +384,7 @@ class ChaosCluster:
                 ),
                 secret_file=certs / "cluster.secret",
                 tokens_file=certs / TOKENS_FILE,
-                raft=RaftTiming(
-                    election_timeout_ms_min=raft.election_timeout_ms_min,
-                    election_timeout_ms_max=raft.election_timeout_ms_max,
-                    heartbeat_interval_ms=raft.heartbeat_interval_ms,
-                ),
+                raft=RaftTiming(**raft.model_dump()),  # the same fields, every knob
                 duties=self.duties,
             )
             path = work / "config" / f"{name}.yaml"

@@ -34,6 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from goml.cluster.duties import DEFAULT_DUTIES, DEFAULT_RETENTION
 from goml.cluster.manifest import DEFAULT_LIMITS
 from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT
+from goml.raft.replica import (
+    ENTRIES_PER_MESSAGE_MAX,
+    INFLIGHT_MESSAGES_MAX,
+    MESSAGE_BYTES_MAX,
+    UNCOMMITTED_ENTRIES_MAX,
+)
 
 
 class ConfigError(Exception):
@@ -54,6 +60,13 @@ class RaftTiming(_Strict):
     election_timeout_ms_min: int = Field(300, gt=0)
     election_timeout_ms_max: int = Field(600, gt=0)
     heartbeat_interval_ms: int = Field(50, gt=0)
+    # The core's other settings (goml.cluster.node_core.tuned_raft); defaults: goml's.
+    pre_vote: bool = True
+    check_quorum: bool = True
+    inflight_messages_max: int = Field(INFLIGHT_MESSAGES_MAX, ge=1)
+    entries_per_message_max: int = Field(ENTRIES_PER_MESSAGE_MAX, ge=1)
+    uncommitted_entries_max: int = Field(UNCOMMITTED_ENTRIES_MAX, ge=1)
+    message_bytes_max: int = Field(MESSAGE_BYTES_MAX, ge=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RaftTiming:

@@ -24,7 +24,7 @@ from goml.cluster.config import ConfigError, NodeFileConfig, load_node_config
 from goml.cluster.duties import DutiesConfig, RetentionConfig
 from goml.cluster.manifest import ManifestLimits
 from goml.cluster.metrics import Metrics
-from goml.cluster.node_core import NodeCoreConfig, NodeReady, standard_config
+from goml.cluster.node_core import NodeCoreConfig, NodeReady, standard_config, tuned_raft
 from goml.cluster.service import ControlPlane, add_services
 from goml.raft.node import NodeRuntime, default_node_config
 from goml.raft.replica import raft_config
@@ -82,12 +82,15 @@ def _follow_members(
 def core_config(config: NodeFileConfig) -> NodeCoreConfig:
     """The node core configuration of this node: the file's settings, goml's standards."""
     timing, d = config.raft, config.duties
-    raft = raft_config(
-        config.node_id,
-        () if config.join else tuple(sorted(config.peers)),
-        timing.election_timeout_ms_min,
-        timing.election_timeout_ms_max,
-        timing.heartbeat_interval_ms,
+    raft = tuned_raft(
+        raft_config(
+            config.node_id,
+            () if config.join else tuple(sorted(config.peers)),
+            timing.election_timeout_ms_min,
+            timing.election_timeout_ms_max,
+            timing.heartbeat_interval_ms,
+        ),
+        timing,
     )
     duties = DutiesConfig(
         d.agent_timeout_ms,

@@ -40,7 +40,8 @@ import enum
 import heapq
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from goml.api.types import (
     AckExportRequest,
@@ -219,6 +220,38 @@ class NodeCoreConfig:
             assert getattr(self, name) >= 1, name
         assert self.lease_wait_ms_max >= 0
         assert self.list_limit_default <= self.list_limit_max
+
+
+class RaftKnobs(Protocol):
+    """The Raft core's settings beyond its timing, as a scenario's `raft:` and a node's
+    config file give them (defaults: goml.raft.replica's standards)."""
+
+    @property
+    def pre_vote(self) -> bool: ...
+    @property
+    def check_quorum(self) -> bool: ...
+    @property
+    def inflight_messages_max(self) -> int: ...
+    @property
+    def entries_per_message_max(self) -> int: ...
+    @property
+    def uncommitted_entries_max(self) -> int: ...
+    @property
+    def message_bytes_max(self) -> int: ...
+
+
+def tuned_raft(raft: Config, knobs: RaftKnobs) -> Config:
+    """`raft` with the knobs given: the one place both the simulator and a real node
+    apply them, so that both run the same core."""
+    return replace(
+        raft,
+        pre_vote=knobs.pre_vote,
+        check_quorum=knobs.check_quorum,
+        inflight_messages_max=knobs.inflight_messages_max,
+        entries_per_message_max=knobs.entries_per_message_max,
+        uncommitted_entries_max=knobs.uncommitted_entries_max,
+        message_bytes_max=knobs.message_bytes_max,
+    )
 
 
 def standard_config(

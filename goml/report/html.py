@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from goml.report.fidelity import compare
+
 WIDTH, HEIGHT, PAD = 720, 260, 48
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 STATE_COLORS = {
@@ -63,16 +65,32 @@ def _y(value: float, y_max: float) -> float:
     return HEIGHT - PAD - (HEIGHT - PAD - 10) * (value / y_max if y_max else 0)
 
 
-def latency_cdf(samples_ms: list[float], title: str) -> str:
+def latency_cdf(
+    samples_ms: list[float], title: str, overlay: tuple[str, list[float]] | None = None
+) -> str:
+    """The CDF of `samples_ms`; `overlay` (a label and its samples, e.g. the simulator's
+    prediction) is drawn over it, dashed, on the same axes."""
     if not samples_ms:
         return f"<p>{html.escape(title)}: no samples</p>"
     ordered = sorted(samples_ms)
-    x_max = ordered[-1] or 1.0
-    points = " ".join(
-        f"{_x(v, x_max):.1f},{_y((i + 1) / len(ordered), 1.0):.1f}" for i, v in enumerate(ordered)
-    )
+    other = sorted(overlay[1]) if overlay is not None else []
+    x_max = max(ordered[-1], other[-1] if other else 0.0) or 1.0
+
+    def points(values: list[float]) -> str:
+        return " ".join(
+            f"{_x(v, x_max):.1f},{_y((i + 1) / len(values), 1.0):.1f}" for i, v in enumerate(values)
+        )
+
     body = _axes(x_max, 1.0, "submit latency (ms)", "fraction of submits")
-    body += f'<polyline fill="none" stroke="{COLORS[0]}" stroke-width="1.5" points="{points}"/>'
+    body += f'<polyline fill="none" stroke="{COLORS[0]}" stroke-width="1.5" points="{points(ordered)}"/>'
+    if overlay is not None and other:
+        body += (
+            f'<polyline fill="none" stroke="{COLORS[1]}" stroke-width="1.5" '
+            f'stroke-dasharray="5 3" points="{points(other)}"/>'
+            f'<text x="{WIDTH - 20}" y="{HEIGHT - PAD - 24}" text-anchor="end" fill="{COLORS[0]}">this run</text>'
+            f'<text x="{WIDTH - 20}" y="{HEIGHT - PAD - 10}" text-anchor="end" fill="{COLORS[1]}">'
+            f"{html.escape(overlay[0])} (dashed)</text>"
+        )
     return _svg(body, title)
 
 
@@ -161,11 +179,25 @@ def write_report(
             f"<td>{html.escape(_fmt(comparison.get(k)))}</td></tr>"
             for k in keys[3:]
         )
+        verdict_rows = "".join(
+            f"<tr><th>{html.escape(c.figure)}</th><td>{html.escape(_fmt(c.real))}</td>"
+            f"<td>{html.escape(_fmt(c.predicted))}</td>"
+            f"<td>{'-' if c.ratio is None else f'{c.ratio:.2f}'}</td>"
+            f"<td class={'pass' if c.within else 'fail'}>"
+            f"{'-' if c.within is None else 'yes' if c.within else 'no'}</td></tr>"
+            for c in compare(summary, comparison)
+        )
         side_by_side = (
             "<h2>Side by side</h2><table><tr><th></th><th>this run</th>"
             f"<th>{html.escape(str(comparison.get('kind', 'simulator prediction')))}</th></tr>"
             f"{compare_rows}</table>"
+            "<h2>Prediction against measurement</h2><table><tr><th></th><th>this run</th>"
+            "<th>predicted</th><th>ratio</th><th>within tolerance</th></tr>"
+            f"{verdict_rows}</table><p>Tolerance: failovers equal; failover p50 and steady "
+            "submit p50 within 25 %, steady submit p99 within 50 % (issue 14).</p>"
         )
+    predicted_timeline = (comparison or {}).get("timeline") or {}
+    overlay = ("simulator", predicted_timeline.get("submit_ms", [])) if predicted_timeline else None
     duration = float(summary.get("sim_seconds") or summary.get("wall_seconds") or 1.0)
     page = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>goml report: {html.escape(str(summary.get("scenario")))} seed {summary.get("seed")}</title>
@@ -176,9 +208,11 @@ def write_report(
 <h2>Summary</h2>{_table(rows)}
 {side_by_side}
 <h2>Plots</h2>
-{latency_cdf(timeline.get("submit_ms", []), "Submit latency CDF")}
+{latency_cdf(timeline.get("submit_ms", []), "Submit latency CDF", overlay)}
 {leader_timeline(timeline.get("leaders", []), timeline.get("faults", []), duration, "Leaders and terms over time; dashed red lines are faults")}
+{leader_timeline(predicted_timeline.get("leaders", []), predicted_timeline.get("faults", []), duration, "Simulator: leaders and terms over time") if predicted_timeline else ""}
 {tasks_over_time(timeline.get("tasks_by_state", []), "Tasks by state over time")}
+{tasks_over_time(predicted_timeline.get("tasks_by_state", []), "Simulator: tasks by state over time") if predicted_timeline else ""}
 </body></html>"""
     path = out_dir / "report.html"
     path.write_text(page)

@@ -86,24 +86,32 @@ class LoadedScenario:
 
 def load_scenario(path: str | Path) -> LoadedScenario:
     path = Path(path)
+    loaded = load_scenario_text(_read(path), str(path), base=path.parent)
+    return LoadedScenario(loaded.scenario, path, loaded.warnings)
+
+
+def _read(path: Path) -> str:
     try:
         # Read one byte past the limit, never the whole of a huge file (or /dev/zero).
         with path.open("rb") as handle:
             data = handle.read(FILE_BYTES_MAX + 1)
         if len(data) > FILE_BYTES_MAX:
             raise ScenarioError([_too_large(str(path))])
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError([Problem(str(path), None, "", f"cannot read: {exc}")]) from None
-    loaded = load_scenario_text(text, str(path))
-    return LoadedScenario(loaded.scenario, path, loaded.warnings)
 
 
-def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
+def load_scenario_text(
+    text: str, source: str = "<string>", base: Path | None = None
+) -> LoadedScenario:
+    """`base`: where a relative `costs_file` is found (the scenario file's directory;
+    else the current directory)."""
     # Characters never outnumber UTF-8 bytes: the cheap test first.
     if len(text) > FILE_BYTES_MAX or len(text.encode("utf-8", "surrogatepass")) > FILE_BYTES_MAX:
         raise ScenarioError([_too_large(source)])
     root, data, problems = _parse(text, source)
+    problems += _include_costs(data, root, source, base or Path.cwd())
     try:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
@@ -123,6 +131,54 @@ def load_scenario_text(text: str, source: str = "<string>") -> LoadedScenario:
         for loc, msg in schema.scenario_warnings(scenario)
     ]
     return LoadedScenario(scenario, source, warnings)
+
+
+class _CostsFragment(BaseModel):
+    """A calibration file: one `costs:` section (see `schema.Costs`)."""
+
+    model_config = schema.Costs.model_config
+    costs: schema.Costs
+
+
+def _include_costs(data: dict[str, Any], root: yaml.Node, source: str, base: Path) -> list[Problem]:
+    """Read `costs_file` into `data["costs"]`, validated on its own so that its problems
+    name its own file and lines."""
+    name = data.get("costs_file")
+    if not isinstance(name, str) or not name:
+        return []  # absent, or not a path: the schema says why
+    if "costs" in data:
+        message = "a scenario takes costs: or costs_file:, not both"
+        return [_at(root, ("costs_file",), source, message)]
+    path = base / name
+    fragment_source = str(path)
+    try:
+        text = _read(path)
+    except ScenarioError as error:  # said at the scenario's line that names the file
+        return [_at(root, ("costs_file",), source, f"{p.message}") for p in error.problems]
+    fragment_root, fragment, problems = _parse(text, fragment_source)
+    try:
+        _CostsFragment.model_validate(fragment)
+        data["costs"] = fragment["costs"]  # valid: the scenario validates it again
+    except ValidationError as exc:
+        problems += [
+            _from_pydantic(err, fragment_root, fragment_source)
+            for err in exc.errors()[:PROBLEMS_SHOWN_MAX]
+        ]
+    if problems:
+        raise ScenarioError(problems)
+    return []
+
+
+def inline_costs(text: str, scenario: Scenario) -> str:
+    """The scenario's text with its `costs_file` replaced by the `costs:` it holds, for a
+    worker that has the text but not the file (a sweep's). Only for a text that loaded."""
+    if scenario.costs_file is None or scenario.costs is None:
+        return text
+    data = yaml.safe_load(text)
+    assert isinstance(data, dict), "a loaded scenario is a mapping"
+    data.pop("costs_file")
+    data["costs"] = scenario.costs.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def _task_problems(scenario: Scenario, root: yaml.Node, source: str) -> list[Problem]:

@@ -34,6 +34,12 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from goml.cluster import commands
+from goml.raft.replica import (
+    ENTRIES_PER_MESSAGE_MAX,
+    INFLIGHT_MESSAGES_MAX,
+    MESSAGE_BYTES_MAX,
+    UNCOMMITTED_ENTRIES_MAX,
+)
 
 Loc = tuple[int | str, ...]
 
@@ -200,6 +206,7 @@ class UniformDist(_Dist):
 Distribution = Annotated[
     ConstantDist | NormalDist | LogNormalDist | UniformDist, Field(discriminator="kind")
 ]
+AnyDistribution = ConstantDist | NormalDist | LogNormalDist | UniformDist
 
 
 class _LinkExtras(_Dist):
@@ -439,6 +446,52 @@ class Disk(_Model):
     fsync_ms: Distribution = Field(default_factory=lambda: LogNormalDist(median_ms=0.5, p99_ms=1.4))
 
 
+# --------------------------------------------------------------------------- costs
+
+
+# Cores of one host in the CPU model (`costs.cores`).
+CORES_MAX = 1_024
+
+
+class Costs(_Model):
+    """What the real processes cost, as `goml chaos calibrate` measures them on a machine
+    (or as written by hand). The simulator's CPU model charges them; with no `costs:`
+    section it charges nothing and runs as it always did.
+
+    Every field is optional: a missing one costs nothing (fsync: `disk.fsync_ms`).
+    - `fsync_ms`: a durable write of the node's store; replaces `disk.fsync_ms`.
+    - `append_ms`: a control node's work on one APPEND or SNAPSHOT that carries data.
+    - `message_ms`: on any other Raft message (heartbeats, votes, responses).
+    - `api_call_ms`: on one API call (from a client, an agent or a forwarding
+      follower) and on a forwarded call's answer.
+    - `hop_ms`: one message between two processes, on top of its link's latency: TLS,
+      gRPC framing, the loopback or proxy hop.
+    - `dispatch_ms`: an agent's work from a leased task to its process running.
+    - `cores`: every process shares one host of this many cores (a local cluster, as the
+      chaos runner starts one); unset, each topology node is a host of its
+      `capacity.cpu` cores (at least one), shared by the processes placed on it.
+    A process does one input at a time, in arrival order, on a free core of its host.
+    """
+
+    fsync_ms: Distribution | None = None
+    append_ms: Distribution | None = None
+    message_ms: Distribution | None = None
+    api_call_ms: Distribution | None = None
+    hop_ms: Distribution | None = None
+    dispatch_ms: Distribution | None = None
+    cores: int | None = Field(default=None, ge=1, le=CORES_MAX)
+    # Where and when it was measured (free text, written by `goml chaos calibrate`).
+    measured_on: str = Field(default="", max_length=DESCRIPTION_CHARS_MAX)
+
+    @property
+    def charges_cpu(self) -> bool:
+        """Whether any input costs processing time (else the CPU model is off)."""
+        return any(
+            d is not None
+            for d in (self.append_ms, self.message_ms, self.api_call_ms, self.dispatch_ms)
+        )
+
+
 # --------------------------------------------------------------------------- raft
 
 
@@ -446,6 +499,14 @@ class Raft(_Model):
     election_timeout_ms_min: int = Field(default=300, gt=0, le=LATENCY_MS_MAX)
     election_timeout_ms_max: int = Field(default=600, gt=0, le=LATENCY_MS_MAX)
     heartbeat_interval_ms: int = Field(default=50, gt=0, le=LATENCY_MS_MAX)
+    # The core's other settings (goml.raft.types.Config); the defaults are goml's
+    # standards (goml.raft.replica), so a scenario that sets none runs what a node runs.
+    pre_vote: bool = True
+    check_quorum: bool = True
+    inflight_messages_max: int = Field(default=INFLIGHT_MESSAGES_MAX, ge=1, le=1_000_000)
+    entries_per_message_max: int = Field(default=ENTRIES_PER_MESSAGE_MAX, ge=1, le=1_000_000)
+    uncommitted_entries_max: int = Field(default=UNCOMMITTED_ENTRIES_MAX, ge=1, le=100_000_000)
+    message_bytes_max: int = Field(default=MESSAGE_BYTES_MAX, ge=1, le=1 << 30)
 
     @model_validator(mode="after")
     def _check(self) -> Raft:
@@ -988,6 +1049,10 @@ class Scenario(_Model):
     network: Network = Field(default_factory=Network)
     disk: Disk = Field(default_factory=Disk)
     raft: Raft = Field(default_factory=Raft)
+    # The calibrated costs (see `Costs`), written here or read by the loader from
+    # `costs_file` (a YAML file holding a `costs:` section, relative to the scenario's).
+    costs: Costs | None = None
+    costs_file: str | None = Field(default=None, min_length=1, max_length=4096)
     workload: Workload | None = None
     # In any order; see `timeline()`.
     faults: list[Fault] = Field(default_factory=list, max_length=ITEMS_MAX)
@@ -1014,6 +1079,13 @@ class Scenario(_Model):
                 )
         assert len(firings) <= FIRINGS_MAX, "validated by _firings_problems"
         return sorted(firings, key=lambda f: f.at_s)
+
+    @property
+    def fsync_ms(self) -> AnyDistribution:
+        """A durable write's latency: the calibrated one, else the modelled disk's."""
+        if self.costs is not None and self.costs.fsync_ms is not None:
+            return self.costs.fsync_ms
+        return self.disk.fsync_ms
 
     def link(self, a: str, b: str) -> AnyLink:
         """The link from node `a` to node `b`, most specific first: a node pair, a region
@@ -1236,6 +1308,12 @@ def scenario_warnings(s: Scenario) -> list[tuple[Loc, str]]:
                         f"{f.every_s:g}: firings overlap",
                     )
                 )
+    if (
+        s.costs is not None
+        and s.costs.fsync_ms is not None
+        and "fsync_ms" in s.disk.model_fields_set
+    ):
+        out.append((("disk", "fsync_ms"), "costs.fsync_ms replaces it: this one is not used"))
     if s.workload and s.workload.stop_s is not None and s.workload.stop_s > s.duration_s:
         out.append((("workload", "stop_s"), "stop_s is after the end of the run"))
     return out

@@ -61,6 +61,8 @@ class SimAgent(Endpoint):
         self.tick_at = -1.0
         self._tick_token += 1
         self.core.start(self.sim.now_ms())
+        if self.sim.cpu is not None:
+            self.sim.cpu.restart(self.name)
         self.sim.record("agent-start", self.name, "")
         self._effects()
 
@@ -127,6 +129,10 @@ class SimAgent(Endpoint):
 
     def _run(self, task: LeasedTask) -> None:
         duration = self.sim.task_duration_ms(task.function, self.name)
+        cpu, costs = self.sim.cpu, self.sim.scenario.costs
+        if cpu is not None and costs is not None:
+            # The CPU model: starting the task's process costs the agent this much first.
+            duration += cpu.charge(self.name, self.location, costs.dispatch_ms, self.sim.env.now)
         generation = self.generation
 
         def finish() -> None:

@@ -27,6 +27,7 @@ class _LinkState:
     nodes: tuple[str, str]  # where the two ends live
     last_delivery_ms: float = 0.0
     held: list[Deliver] = field(default_factory=list)  # clogged: waiting for unclog
+    hop_rng: random.Random | None = None  # `costs.hop_ms` draws, apart from the link's
 
 
 class Network:
@@ -39,6 +40,8 @@ class Network:
         self.overrides: dict[tuple[str, str], AnyLink] = {}
         self._links: dict[tuple[str, str], _LinkState] = {}
         self._classes: dict[tuple[str, str], AnyLink] = {}  # scenario.link, looked up once
+        # The calibrated cost of one hop between processes (TLS, gRPC, a proxy), if any.
+        self._hop = scenario.costs.hop_ms if scenario.costs is not None else None
         self.sent = 0
         self.dropped = 0
 
@@ -47,6 +50,8 @@ class Network:
         state = self._links.get(key)
         if state is None:
             state = _LinkState(random.Random(f"{self.seed}:link:{source}->{target}"), nodes)
+            if self._hop is not None:
+                state.hop_rng = random.Random(f"{self.seed}:hop:{source}->{target}")
             self._links[key] = state
         return state
 
@@ -91,9 +96,11 @@ class Network:
         self, state: _LinkState, source_node: str, target_node: str, deliver: Deliver
     ) -> None:
         now = self.env.now
-        arrival = max(
-            now + self.latency_ms(source_node, target_node, state.rng), state.last_delivery_ms
-        )
+        delay = self.latency_ms(source_node, target_node, state.rng)
+        if self._hop is not None:
+            assert state.hop_rng is not None, "made with the link, when hops cost"
+            delay += self._hop.sample_ms(state.hop_rng)
+        arrival = max(now + delay, state.last_delivery_ms)
         state.last_delivery_ms = arrival  # one connection delivers in order
         event = self.env.timeout(arrival - now)
         event.callbacks.append(lambda _event: deliver())

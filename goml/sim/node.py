@@ -35,6 +35,7 @@ from goml.cluster.node_core import NodeCore, NodeReady
 from goml.raft.core import RaftCore
 from goml.raft.storage import MemoryStorage
 from goml.raft.types import Message
+from goml.scenario.schema import AnyDistribution
 from goml.sim.rpc import ApiCall, ApiReply, Endpoint
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ class SimNode(Endpoint):
         self.reports_recorded = {}
         self.tick_at = -1.0
         self._tick_token += 1  # orphans the wake-ups of the previous incarnation
+        if self.sim.cpu is not None:
+            self.sim.cpu.restart(self.name)
         self.sim.record("start", self.name, "")
         self.run()
 
@@ -159,6 +162,34 @@ class SimNode(Endpoint):
     # --------------------------------------------------------------- input
 
     def receive(self, payload: Message | ApiCall) -> None:
+        cpu = self.sim.cpu
+        if cpu is not None and self.alive and self.failed is None:
+            # The CPU model: the process spends the calibrated time on it first.
+            delay = cpu.charge(self.name, self.location, self._cost(payload), self.sim.env.now)
+            if delay > 0:
+                generation = self.generation
+                self.sim.after(delay, functools.partial(self._processed, payload, generation))
+                return
+        self._accept(payload)
+
+    def _cost(self, payload: Message | ApiCall | _Forwarded) -> AnyDistribution | None:
+        costs = self.sim.scenario.costs
+        assert costs is not None, "charged only with costs"
+        if not isinstance(payload, Message):
+            return costs.api_call_ms
+        if payload.entries or payload.snapshot is not None:
+            return costs.append_ms
+        return costs.message_ms
+
+    def _processed(self, payload: Message | ApiCall, generation: int) -> None:
+        if generation == self.generation:
+            self._accept(payload)
+        elif isinstance(payload, ApiCall):
+            # The process it reached died meanwhile: its connection was reset.
+            refused = ApiError(ErrorCode.UNAVAILABLE, f"{self.name}: connection reset")
+            self._send_reply(payload.caller, ApiReply(payload.request_id, None, refused))
+
+    def _accept(self, payload: Message | ApiCall) -> None:
         if not self.alive:
             # The host is up but the process is gone: a caller's connection is refused at
             # once (as TCP answers a killed process), so callers move on without waiting.
@@ -264,7 +295,27 @@ class SimNode(Endpoint):
             return
         outcome = reply.error if reply.error is not None else reply.response
         assert outcome is not None
-        self.inbox.append(_Forwarded(reply.request_id, outcome))
+        forwarded = _Forwarded(reply.request_id, outcome)
+        cpu = self.sim.cpu
+        if cpu is not None:
+            delay = cpu.charge(self.name, self.location, self._cost(forwarded), self.sim.env.now)
+            if delay > 0:
+                generation = self.generation
+                self.sim.after(delay, functools.partial(self._answered, forwarded, generation))
+                return
+        self.inbox.append(forwarded)
+        self.run()
+
+    def _answered(self, forwarded: _Forwarded, generation: int) -> None:
+        if generation == self.generation and self.failed is None:
+            self.inbox.append(forwarded)
+            self.run()
+
+    def transfer_leadership(self, target: str) -> None:
+        """Hand leadership to `target` (Raft's transfer: TIMEOUT_NOW once it is caught up)."""
+        assert self.node is not None and not self.busy
+        self.node.replica.raft.transfer_leadership(target, self.sim.now_ms())
+        self.sim.record("transfer", self.name, target)
         self.run()
 
     def _watch_leadership(self, node: NodeCore) -> None:

@@ -34,10 +34,13 @@ def judge(scenario: Scenario, summary: dict[str, Any]) -> bool:
     return all(v.passed for v in verdicts)
 
 
-def simulate(scenario: Scenario, seed: int) -> tuple[dict[str, Any], bool]:
-    """One seeded run; a safety violation is a failed run whose summary says why."""
+def simulate(
+    scenario: Scenario, seed: int, first_leader: str | None = None
+) -> tuple[dict[str, Any], bool]:
+    """One seeded run; a safety violation is a failed run whose summary says why.
+    `first_leader`: see `Simulation`."""
     try:
-        summary = run_scenario(scenario, seed)
+        summary = run_scenario(scenario, seed, first_leader)
     except SafetyViolation as violation:
         summary = {"scenario": scenario.name, "seed": seed, "violation": str(violation)}
         judge(scenario, summary)

@@ -24,7 +24,12 @@ from goml.api.types import TaskRequest
 from goml.cluster.commands import Resources
 from goml.cluster.duties import DEFAULT_DUTIES
 from goml.cluster.manifest import ApplyResult, Code, TaskState
-from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT, NodeCoreConfig, standard_config
+from goml.cluster.node_core import (
+    REQUEST_TIMEOUT_MS_DEFAULT,
+    NodeCoreConfig,
+    standard_config,
+    tuned_raft,
+)
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.replica import raft_config
 from goml.raft.types import Message, Role
@@ -41,6 +46,7 @@ from goml.scenario.player import (
 from goml.scenario.schema import CLOCK_OFFSET_MS_MAX, AnyLink, ClockFault, Scenario
 from goml.sim.agent import SimAgent
 from goml.sim.client import SimClient
+from goml.sim.cpu import Cpu
 from goml.sim.network import Network
 from goml.sim.node import SimNode
 
@@ -61,11 +67,22 @@ COMPACT_EVERY_ENTRIES = 4000
 class Simulation:
     """The simulated cluster, and the player's backend (`goml.scenario.player.Backend`)."""
 
-    def __init__(self, scenario: Scenario, seed: int) -> None:
+    def __init__(self, scenario: Scenario, seed: int, first_leader: str | None = None) -> None:
+        """`first_leader`: the control node that leads when the scenario's clock starts
+        (leadership is handed to it once the cluster is ready), to compare with a real
+        run that elected it: who wins the first election is a coin toss in both worlds,
+        and where the leader sits decides every submit's latency."""
         self.scenario = scenario
         self.seed = seed
+        assert first_leader is None or first_leader in (
+            n.name for n in scenario.topology.control_nodes
+        ), f"first_leader {first_leader!r} is not a control node"
+        self.first_leader = first_leader
         self.env = simpy.Environment()
         self.network = Network(self.env, scenario, seed)
+        costs = scenario.costs
+        # The CPU model (goml.sim.cpu) only when something costs processing time.
+        self.cpu = Cpu(scenario, seed) if costs is not None and costs.charges_cpu else None
         self.checker = SafetyChecker()
         self.trace = hashlib.sha256()
         self.events = 0
@@ -116,12 +133,15 @@ class Simulation:
         """A node's core configuration: the scenario's Raft timing, the production node's
         standards (duties, limits, request timeout), node names as addresses."""
         timing = self.scenario.raft
-        raft = raft_config(
-            name,
-            self.control_names,
-            timing.election_timeout_ms_min,
-            timing.election_timeout_ms_max,
-            timing.heartbeat_interval_ms,
+        raft = tuned_raft(
+            raft_config(
+                name,
+                self.control_names,
+                timing.election_timeout_ms_min,
+                timing.election_timeout_ms_max,
+                timing.heartbeat_interval_ms,
+            ),
+            timing,
         )
         addresses = tuple((n, n) for n in self.control_names)
         return standard_config(
@@ -133,7 +153,7 @@ class Simulation:
         return self._wall_epoch_ms + int(self.env.now) + self._clock_offsets_ms.get(node, 0)
 
     def fsync_ms(self, node: str) -> float:
-        return self.scenario.disk.fsync_ms.sample_ms(self.disk_rng(node))
+        return self.scenario.fsync_ms.sample_ms(self.disk_rng(node))
 
     def send_raft(self, message: Message) -> None:
         target = self.nodes[message.target]
@@ -315,7 +335,19 @@ class Simulation:
         deadline = self.env.now + READY_MS_MAX
         while self.env.now < deadline and not self._ready():
             self.env.run(until=self.env.now + SETTLE_STEP_MS / 5)
+        if self.first_leader is not None:
+            self._hand_leadership(self.first_leader, deadline)
         self.record("ready", "", f"{self.env.now:.3f}")
+
+    def _hand_leadership(self, name: str, deadline: float) -> None:
+        """Transfer leadership to `name` until it leads a ready cluster (bounded)."""
+        while self.env.now < deadline:
+            leader = self.leading_node()
+            if leader is not None and leader.name == name and self._ready():
+                return
+            if leader is not None and leader.name != name and not leader.busy:
+                leader.transfer_leadership(name)
+            self.env.run(until=self.env.now + SETTLE_STEP_MS)
 
     def _ready(self) -> bool:
         leader = self.leading_node()
@@ -392,8 +424,12 @@ class Simulation:
             "events": self.events,
             "messages_sent": self.network.sent,
             "messages_dropped": self.network.dropped,
+            # Only with a CPU model, so that summaries without costs stay as they were.
+            **({"cpu_busy_s": round(self.cpu.busy_ms / 1000, 3)} if self.cpu else {}),
         }
 
 
-def run_scenario(scenario: Scenario, seed: int) -> dict[str, object]:
-    return Simulation(scenario, seed).run()
+def run_scenario(
+    scenario: Scenario, seed: int, first_leader: str | None = None
+) -> dict[str, object]:
+    return Simulation(scenario, seed, first_leader).run()

@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import goml
 from goml.report.sweep_html import SeedResult, describe, write_sweep_report
-from goml.scenario.loader import ScenarioError, load_scenario_text
+from goml.scenario.loader import ScenarioError, inline_costs, load_scenario_text
 from goml.sim.runner import replay_command, simulate
 
 # Seeds handed to the local pool ahead of the free processes: enough that no process
@@ -706,10 +706,12 @@ def sweep_command(
                 raise SweepError(str(error)) from None
             text = _read_scenario(path)
             try:
-                loaded = load_scenario_text(text, str(path))
+                loaded = load_scenario_text(text, str(path), base=path.parent)
             except ScenarioError as error:
                 print(error, file=sys.stderr)
                 return 2
+            # Workers get the text, not the calibration file it names.
+            text = inline_costs(text, loaded.scenario)
             for warning in loaded.warnings:
                 print(warning, file=sys.stderr)
             sweep_code = code_sha256()
