@@ -267,9 +267,25 @@ class _Refusal(Exception):
         self.message = message
 
 
+# Digests of recent specs by identity, each beside its spec (so an id is never reused
+# while its entry lives): every replica digests every spec it applies, and replicas in
+# one process (the simulator, tests) apply the same decoded spec objects (decode_command
+# is cached). By identity, not equality: 0.0 == -0.0 but they spell, and digest,
+# differently, and a digest must never depend on what a cache saw before.
+_DIGESTS: dict[int, tuple[TaskSpec, str]] = {}
+_DIGESTS_MAX = 4096
+
+
 def content_digest(spec: TaskSpec) -> str:
     """Digest of everything a submit says, so a retry can be told from a key collision."""
-    return hashlib.sha256(dumps(plain(spec)).encode("ascii")).hexdigest()
+    cached = _DIGESTS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    digest = hashlib.sha256(dumps(plain(spec)).encode("ascii")).hexdigest()
+    if len(_DIGESTS) >= _DIGESTS_MAX:
+        del _DIGESTS[next(iter(_DIGESTS))]  # the oldest
+    _DIGESTS[id(spec)] = (spec, digest)
+    return digest
 
 
 def _target(task: Task, event: TaskEvent) -> TaskState | None:
@@ -385,9 +401,20 @@ class Manifest:
         # Even a refused command moves cluster time: its leader stamped it.
         self._latest_command_ms = max(self._latest_command_ms or 0, command.now_ms)
         try:
-            return replace(self._dispatch(index, command), command=kind)
+            result = self._dispatch(index, command)
         except _Refusal as refusal:
             return ApplyResult(index, False, refusal.code, refusal.message, command=kind)
+        # Built, not `replace`d: this runs for every entry on every replica.
+        return ApplyResult(
+            result.index,
+            result.ok,
+            result.code,
+            result.message,
+            result.task_ids,
+            result.tasks,
+            kind,
+            result.items,
+        )
 
     def _dispatch(self, index: int, command: Command) -> ApplyResult:
         # Every handler checks everything before changing anything: all-or-nothing.
@@ -648,6 +675,10 @@ class Manifest:
         """The one lease rule: PENDING tasks by priority then submit order, that match the
         agent's cloud and region and fit in what is free (smaller tasks behind one that
         does not fit may still fit: backfill), at most `max_count`, none in `excluded`."""
+        if self._state_totals[TaskState.PENDING] == 0:
+            # Nothing waits: the common case of a leader asked again and again (every
+            # parked poll on every apply), answered without the capacity sums below.
+            return []
         # Never trust the proposed free capacity beyond what the log itself knows is free.
         free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
         pending = sorted(

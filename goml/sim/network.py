@@ -8,14 +8,12 @@ the directed link, so adding traffic on one link never shifts another link's sam
 
 from __future__ import annotations
 
-import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import simpy
-
 from goml.scenario.schema import AnyLink, Scenario
+from goml.sim.loop import EventLoop
 
 LOOPBACK_MS = 0.05  # two processes on one host
 Deliver = Callable[[], None]
@@ -30,7 +28,7 @@ class _LinkState:
 
 
 class Network:
-    def __init__(self, env: simpy.Environment, scenario: Scenario, seed: int) -> None:
+    def __init__(self, env: EventLoop, scenario: Scenario, seed: int) -> None:
         self.env = env
         self.scenario = scenario
         self.seed = seed
@@ -95,8 +93,7 @@ class Network:
             now + self.latency_ms(source_node, target_node, state.rng), state.last_delivery_ms
         )
         state.last_delivery_ms = arrival  # one connection delivers in order
-        event = self.env.timeout(arrival - now)
-        event.callbacks.append(lambda _event: deliver())
+        self.env.call_later(arrival - now, deliver)
 
     def unclog(self, pairs: set[tuple[str, str]]) -> None:
         """Release the messages held on links no longer clogged, in order, from now."""
@@ -108,9 +105,4 @@ class Network:
             held, state.held = state.held, []
             for deliver in held:
                 state.last_delivery_ms = max(state.last_delivery_ms, self.env.now)
-                event = self.env.timeout(state.last_delivery_ms - self.env.now)
-                event.callbacks.append(functools.partial(_call, deliver))
-
-
-def _call(deliver: Deliver, _event: simpy.Event) -> None:
-    deliver()
+                self.env.call_later(state.last_delivery_ms - self.env.now, deliver)

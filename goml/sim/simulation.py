@@ -4,7 +4,7 @@ scenario player (`goml.scenario.player`), which decides when the faults fire, of
 workload and measures; this module carries that out on simulated processes and links,
 settles the cluster and checks the promises.
 
-Event-driven: a node runs only when a message arrives, an fsync completes or its core's
+Event-driven (`goml.sim.loop`, SimPy's order without its objects): a node runs only when a message arrives, an fsync completes or its core's
 next deadline comes; nothing polls, so idle simulated time costs nothing. Time is in
 milliseconds (`env.now`; the player's clock is `now_s`). One seed decides everything:
 each node, link, agent, client and the player draw from RNGs derived from it, so the
@@ -17,8 +17,6 @@ import hashlib
 import random
 import time
 from collections.abc import Callable, Mapping
-
-import simpy
 
 from goml.api.types import TaskRequest
 from goml.cluster.commands import Resources
@@ -41,6 +39,7 @@ from goml.scenario.player import (
 from goml.scenario.schema import CLOCK_OFFSET_MS_MAX, AnyLink, ClockFault, Scenario
 from goml.sim.agent import SimAgent
 from goml.sim.client import SimClient
+from goml.sim.loop import EventLoop
 from goml.sim.network import Network
 from goml.sim.node import SimNode
 
@@ -64,7 +63,7 @@ class Simulation:
     def __init__(self, scenario: Scenario, seed: int) -> None:
         self.scenario = scenario
         self.seed = seed
-        self.env = simpy.Environment()
+        self.env = EventLoop()
         self.network = Network(self.env, scenario, seed)
         self.checker = SafetyChecker()
         self.trace = hashlib.sha256()
@@ -99,8 +98,7 @@ class Simulation:
         return int(self.env.now)
 
     def after(self, delay_ms: float, action: Callable[[], None]) -> None:
-        event = self.env.timeout(max(0.0, delay_ms))
-        event.callbacks.append(lambda _event: action())
+        self.env.call_later(max(0.0, delay_ms), action)
 
     def record(self, kind: str, node: str, detail: str) -> None:
         self.events += 1
