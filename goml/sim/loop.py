@@ -20,7 +20,7 @@ Action = Callable[[], None]
 
 class EventLoop:
     def __init__(self) -> None:
-        self.now: float = 0
+        self.now = 0.0
         self.steps = 0  # events processed (the benchmark's count)
         self._queue: list[tuple[float, int, Action]] = []
         self._ids = itertools.count()
