@@ -48,11 +48,6 @@ class Network:
             self._links[key] = state
         return state
 
-    def latency_ms(self, source_node: str, target_node: str, rng: random.Random) -> float:
-        if source_node == target_node:
-            return LOOPBACK_MS
-        return self.link(source_node, target_node).delay_ms(rng)
-
     def link(self, source_node: str, target_node: str) -> AnyLink:
         key = (source_node, target_node)
         override = self.overrides.get(key)
@@ -73,26 +68,23 @@ class Network:
     ) -> None:
         """Carry one message from endpoint `source` (at `source_node`) to `target`."""
         self.sent += 1
-        if (source_node, target_node) in self.blocked:
+        pair = (source_node, target_node)
+        if pair in self.blocked:
             self.dropped += 1
             return
-        link_state = self._link(source, target, (source_node, target_node))
-        if source_node != target_node and self.link(source_node, target_node).drops(link_state.rng):
+        link_state = self._link(source, target, pair)
+        # Looked up once a message (it was twice): loss, then delay, from the link's RNG.
+        link = self.link(source_node, target_node) if source_node != target_node else None
+        if link is not None and link.drops(link_state.rng):
             self.dropped += 1
             return
-        if (source_node, target_node) in self.clogged:
+        if pair in self.clogged:
             link_state.held.append(deliver)
             return
-        self._schedule(link_state, source_node, target_node, deliver)
-
-    def _schedule(
-        self, state: _LinkState, source_node: str, target_node: str, deliver: Deliver
-    ) -> None:
+        latency = LOOPBACK_MS if link is None else link.delay_ms(link_state.rng)
         now = self.env.now
-        arrival = max(
-            now + self.latency_ms(source_node, target_node, state.rng), state.last_delivery_ms
-        )
-        state.last_delivery_ms = arrival  # one connection delivers in order
+        arrival = max(now + latency, link_state.last_delivery_ms)
+        link_state.last_delivery_ms = arrival  # one connection delivers in order
         self.env.call_later(arrival - now, deliver)
 
     def unclog(self, pairs: set[tuple[str, str]]) -> None:
