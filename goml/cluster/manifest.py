@@ -267,9 +267,25 @@ class _Refusal(Exception):
         self.message = message
 
 
+# Digests of recent specs by identity, each beside its spec (so an id is never reused
+# while its entry lives): every replica digests every spec it applies, and replicas in
+# one process (the simulator, tests) apply the same decoded spec objects (decode_command
+# is cached). By identity, not equality: 0.0 == -0.0 but they spell, and digest,
+# differently, and a digest must never depend on what a cache saw before.
+_DIGESTS: dict[int, tuple[TaskSpec, str]] = {}
+_DIGESTS_MAX = 4096
+
+
 def content_digest(spec: TaskSpec) -> str:
     """Digest of everything a submit says, so a retry can be told from a key collision."""
-    return hashlib.sha256(dumps(plain(spec)).encode("ascii")).hexdigest()
+    cached = _DIGESTS.get(id(spec))
+    if cached is not None and cached[0] is spec:
+        return cached[1]
+    digest = hashlib.sha256(dumps(plain(spec)).encode("ascii")).hexdigest()
+    if len(_DIGESTS) >= _DIGESTS_MAX:
+        del _DIGESTS[next(iter(_DIGESTS))]  # the oldest
+    _DIGESTS[id(spec)] = (spec, digest)
+    return digest
 
 
 def _target(task: Task, event: TaskEvent) -> TaskState | None:
@@ -313,22 +329,37 @@ class Manifest:
         self._export_watermark_seq = 0  # every finished task up to here was archived
         # Keys of pruned tasks, in the order they were pruned (== finished_seq order).
         self._tombstones: dict[str, Tombstone] = {}
+        # Running totals of the tasks kept, kept by `_store` and pruning, so that status
+        # and metrics cost the same at 100 tasks as at 100,000 (they were scans).
+        self._status_totals: dict[str, int] = dict.fromkeys(STATUS_STATES, 0)
+        self._state_totals: dict[TaskState, int] = dict.fromkeys(TaskState, 0)
+        # Each terminal task's JSON as the current snapshot format spells it: terminal is
+        # final, so it is spelled once, not at every compaction (the snapshot was a
+        # scan that re-encoded every task, the cost growing with the run's length).
+        self._terminal_json: dict[str, str] = {}
 
     @property
     def latest_command_ms(self) -> int | None:
         """The latest time stamped into an applied command (None: none yet)."""
         return self._latest_command_ms
 
+    def _count(self, task: Task, delta: int) -> None:
+        self._state_totals[task.state] += delta
+        self._status_totals[_status_of(task)] += delta
+
     def _store(self, task: Task) -> Task:
         old = self._tasks.get(task.id)
         assert old is None or old.seq == task.seq
         assert old is None or old.state not in TERMINAL, "terminal is final"
+        if old is not None:
+            self._count(old, -1)
         if task.state in TERMINAL and task.finished_seq is None:
             self._finished_seq_last += 1
             task = replace(task, finished_seq=self._finished_seq_last)
             self._finished.append(task.id)
             self._finished_bytes += retained_bytes(task)
         self._tasks[task.id] = task
+        self._count(task, 1)
         if task.state in TERMINAL:
             assert task.finished_seq is not None
             self._open.pop(task.id, None)
@@ -370,9 +401,20 @@ class Manifest:
         # Even a refused command moves cluster time: its leader stamped it.
         self._latest_command_ms = max(self._latest_command_ms or 0, command.now_ms)
         try:
-            return replace(self._dispatch(index, command), command=kind)
+            result = self._dispatch(index, command)
         except _Refusal as refusal:
             return ApplyResult(index, False, refusal.code, refusal.message, command=kind)
+        # Built, not `replace`d: this runs for every entry on every replica.
+        return ApplyResult(
+            result.index,
+            result.ok,
+            result.code,
+            result.message,
+            result.task_ids,
+            result.tasks,
+            kind,
+            result.items,
+        )
 
     def _dispatch(self, index: int, command: Command) -> ApplyResult:
         # Every handler checks everything before changing anything: all-or-nothing.
@@ -633,6 +675,10 @@ class Manifest:
         """The one lease rule: PENDING tasks by priority then submit order, that match the
         agent's cloud and region and fit in what is free (smaller tasks behind one that
         does not fit may still fit: backfill), at most `max_count`, none in `excluded`."""
+        if self._state_totals[TaskState.PENDING] == 0:
+            # Nothing waits: the common case of a leader asked again and again (every
+            # parked poll on every apply), answered without the capacity sums below.
+            return []
         # Never trust the proposed free capacity beyond what the log itself knows is free.
         free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
         pending = sorted(
@@ -824,6 +870,8 @@ class Manifest:
             if task.finished_seq > cmd.tasks_through_seq:
                 break
             del self._tasks[task.id]
+            self._count(task, -1)
+            self._terminal_json.pop(task.id, None)
             del self._by_key[task.idempotency_key]
             assert task.idempotency_key not in self._tombstones
             self._tombstones[task.idempotency_key] = Tombstone(
@@ -1116,17 +1164,13 @@ class Manifest:
         failed attempt goes straight back to PENDING, or to DEAD), counts the PENDING
         tasks that have had an attempt (it failed, timed out or lost its agent) and
         wait for a retry; PENDING counts the ones never leased yet."""
-        counts = dict.fromkeys(STATUS_STATES, 0)
-        for task in self._tasks.values():
-            retrying = task.state is TaskState.PENDING and task.attempts > 0
-            counts[STATUS_FAILED if retrying else task.state.value] += 1
+        counts = dict(self._status_totals)  # kept by `_store` (see `_status_of`)
         assert sum(counts.values()) == len(self._tasks)
         return counts
 
     def counts_by_state(self) -> dict[TaskState, int]:
-        counts = dict.fromkeys(TaskState, 0)
-        for task in self._tasks.values():
-            counts[task.state] += 1
+        counts = dict(self._state_totals)
+        assert sum(counts.values()) == len(self._tasks)
         return counts
 
     # ---- snapshots
@@ -1144,7 +1188,7 @@ class Manifest:
             "stale_reports_refused": self._stale_reports_refused,
             "limits": plain(self._limits),
             "agents": [plain(a) for a in self.list_agents()],
-            "tasks": [_plain_task(t) for t in self._tasks.values()],
+            "tasks": [],  # spliced in below, each task spelled once (see `_task_json`)
         }
         if snapshot_format >= 3:
             body["retention"] = {
@@ -1158,13 +1202,27 @@ class Manifest:
                     for t in self._tombstones.values()
                 ],
             }
+        # "tasks" sorts last of the keys: the body ends with its (empty) list, where the
+        # tasks go, comma-joined as `dumps` joins list items.
+        head = dumps(body)
+        assert head.endswith(_TASKS_TAIL), head[-40:]
+        if snapshot_format >= 3:
+            tasks = ",".join(self._task_json(t) for t in self._tasks.values())
         else:  # what an older format knew of a task: no finished_seq
-            tasks = body["tasks"]
-            assert isinstance(tasks, list)
-            for task in tasks:
-                assert isinstance(task, dict)
-                del task["finished_seq"]
-        return dumps(body).encode("ascii")
+            tasks = ",".join(
+                dumps(_plain_task(t, finished_seq=False)) for t in self._tasks.values()
+            )
+        return f'{head[: -len(_TASKS_TAIL)]}"tasks":[{tasks}]}}'.encode("ascii")
+
+    def _task_json(self, task: Task) -> str:
+        """A task as the current snapshot format spells it; a terminal one's spelling is
+        kept (it never changes again; pruning drops it)."""
+        text = self._terminal_json.get(task.id)
+        if text is None:
+            text = dumps(_plain_task(task))
+            if task.state in TERMINAL:
+                self._terminal_json[task.id] = text
+        return text
 
     @classmethod
     def restore(cls, data: bytes) -> Manifest:
@@ -1341,13 +1399,27 @@ def _read_task(f: Fields, with_finished_seq: bool) -> Task:
     return task
 
 
-def _plain_task(task: Task) -> object:
-    """A task as a snapshot stores it (`last_agent_id` only once it has one)."""
+_TASKS_TAIL = '"tasks":[]}'
+
+
+def _plain_task(task: Task, finished_seq: bool = True) -> object:
+    """A task as a snapshot stores it (`last_agent_id` only once it has one; formats
+    before 3 know no `finished_seq`)."""
     body = plain(task)
     assert isinstance(body, dict)
     if task.last_agent_id is None:
         del body["last_agent_id"]
+    if not finished_seq:
+        del body["finished_seq"]
     return body
+
+
+def _status_of(task: Task) -> str:
+    """The state `goml status` counts a task in (STATUS_STATES): FAILED for a PENDING
+    task that has had an attempt and waits for a retry (see `Manifest.status_counts`)."""
+    if task.state is TaskState.PENDING and task.attempts > 0:
+        return STATUS_FAILED
+    return task.state.value
 
 
 # The limits every goml node runs with (they must agree across replicas: see ManifestLimits).
