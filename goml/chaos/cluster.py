@@ -601,6 +601,9 @@ def _write_secret(path: Path, value: str) -> str:
 
 
 def record_pids(path: Path, pids: list[int]) -> None:
-    """Every PID a run started, written as it goes (tests check they are all gone)."""
+    """Every PID a run started, written as it goes (tests check they are all gone).
+    Replaced whole (write, then rename): a reader never sees a file half written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(pids))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(pids))
+    partial.replace(path)
