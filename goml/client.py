@@ -28,7 +28,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,10 @@ class Client:
     # Idempotent calls with no answer after this long go to a second node too (the
     # policy's `hedge_target`); the first answer wins. None: no hedging.
     hedge_after_s: float | None = None
+    # Each node's failure domain (its cloud) and this client's, when known: a hedged
+    # copy then prefers a node of another domain (goml.api.retry). Empty: node order.
+    domains: Mapping[str, str] = field(default_factory=dict)
+    home_domain: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.call_timeout_s < math.inf:
@@ -235,6 +239,8 @@ class Client:
             retry_unauthenticated=False,
             unreachable_ms=UNREACHABLE_MS,
             hedge_after_ms=None if self.hedge_after_s is None else _ms(self.hedge_after_s),
+            domains=tuple(self.domains.get(n, "") for n in self._order) if self.domains else (),
+            home_domain=self.home_domain,
         )
         # One belief for every thread (the chaos runner shares a client): a leader one
         # call found is where the next call of any thread goes. The policy is a plain

@@ -300,6 +300,29 @@ def test_a_silent_node_is_hedged_to_the_next_one(journal: Journal) -> None:
         assert journal.calls() == ["n1", "n2", "n2"]
 
 
+def test_a_silent_node_is_hedged_away_from_the_callers_domain(journal: Journal) -> None:
+    # A one-way cut from the caller's domain to the leader: n2, next in order but in the
+    # caller's domain, is cut off from the leader too (it would hold the copy); n3, of a
+    # third domain, reaches it.
+    silent = Silent()
+    with (
+        serving({"n1": silent, "n2": Silent(), "n3": None}, journal) as profile,
+        Client(
+            profile,
+            call_timeout_s=5.0,
+            retry_s=10.0,
+            rng=LowestDraw(),
+            hedge_after_s=0.1,
+            domains={"n1": "azure", "n2": "gcp", "n3": "aws"},
+            home_domain="gcp",
+        ) as client,
+    ):
+        assert client.get("t-1").id == "t-1"
+        assert journal.events() == [Call("n1"), Call("n3")]
+        assert silent.ended.wait(SILENT_HOLD_MAX_S)
+        assert silent.time_left_s is not None and silent.time_left_s > 2.5
+
+
 def test_without_hedging_a_silent_node_costs_the_call_timeout(journal: Journal) -> None:
     silent = Silent()
     with (

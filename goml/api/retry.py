@@ -26,9 +26,16 @@ Rules:
 - An operation gives up once `give_up_after_ms` (if set) would pass before its next try;
   each call's deadline is `call_timeout_ms`, cut to what is left of that budget.
 - Hedging (`hedge_after_ms`, for idempotent calls only): a call with no answer after
-  that long is sent again to `hedge_target` (the next node not avoided); the first
-  answer wins, and the operation fails only when every copy has failed. A call in
-  flight when its path is cut (a one-way partition) no longer waits for its deadline.
+  that long is sent again to `hedge_target`; the first answer wins, and the operation
+  fails only when every copy has failed. A call in flight when its path is cut (a
+  one-way partition) no longer waits for its deadline. The copy goes to the next node
+  not avoided, preferring by failure domain (`domains`, a node's cloud, when known):
+  first a node in neither the silent node's domain nor the caller's own
+  (`home_domain`), then one in the silent node's domain, then one in the caller's. A
+  silent leader is cut off from here, or from the caller's domain (a one-way cut from
+  a cloud to the leader): a follower of the caller's own domain is then cut off from it
+  too, and would hold the copy until its deadline; one of a third domain reaches the
+  leader over other links.
 """
 
 from __future__ import annotations
@@ -64,10 +71,18 @@ class RetryConfig:
     retry_unauthenticated: bool
     unreachable_ms: int  # how long a node that timed out or refused is avoided
     hedge_after_ms: int | None  # send a second copy after this long without an answer
+    # Each node's failure domain (its cloud), in the order of `nodes`; () when unknown
+    # (a profile names addresses only): hedges then take the next node in order.
+    domains: tuple[str, ...] = ()
+    home_domain: str = ""  # the caller's own failure domain ("" when unknown)
 
     def __post_init__(self) -> None:
         if not self.nodes or len(set(self.nodes)) != len(self.nodes) or not all(self.nodes):
             raise ValueError(f"retry policy: nodes must be unique and non-empty: {self.nodes}")
+        if self.domains and len(self.domains) != len(self.nodes):
+            raise ValueError(
+                f"retry policy: {len(self.domains)} domains for {len(self.nodes)} nodes"
+            )
         for name in ("call_timeout_ms", "backoff_ms_min", "backoff_ms_max", "unreachable_ms"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
@@ -211,17 +226,35 @@ class RetryPolicy:
             self._rotate(node, now_ms)
 
     def hedge_target(self, primary: str, now_ms: int) -> str | None:
-        """Where a hedged copy of a call to `primary` goes: the next node in order that
-        is not avoided (None when hedging is off or there is no such node)."""
-        if self.config.hedge_after_ms is None:
+        """Where a hedged copy of a call to `primary` goes: of the nodes not avoided, in
+        order after `primary`, the first of the best failure domain (see the module
+        docstring); None when hedging is off or there is no such node."""
+        config = self.config
+        if config.hedge_after_ms is None:
             return None
-        nodes = self.config.nodes
+        nodes = config.nodes
         start = nodes.index(primary)
+        best: tuple[int, str] | None = None
         for k in range(1, len(nodes)):
             node = nodes[(start + k) % len(nodes)]
-            if not self._avoided(node, now_ms):
-                return node
-        return None
+            if self._avoided(node, now_ms):
+                continue
+            rank = self._hedge_rank(primary, node)
+            if best is None or rank < best[0]:
+                best = (rank, node)
+        return best[1] if best is not None else None
+
+    def _hedge_rank(self, primary: str, node: str) -> int:
+        """0: a third domain (or domains unknown); 1: the silent node's; 2: the caller's."""
+        config = self.config
+        if not config.domains:
+            return 0
+        domain = config.domains[config.nodes.index(node)]
+        if config.home_domain and domain == config.home_domain:
+            return 2
+        if domain == config.domains[config.nodes.index(primary)]:
+            return 1
+        return 0
 
     def _failed_lately(self, node: str, now_ms: int) -> bool:
         last = self._last_failed.get(node)

@@ -67,6 +67,7 @@ from goml.scenario.player import (
     ScenarioPlayer,
     SubmitDone,
     SubmitOutcome,
+    client_domains,
     count_commands,
     count_retried,
 )
@@ -249,19 +250,22 @@ class ChaosRun:
         workload = self.scenario.workload
         if workload is None:
             return
-        self._clients = {
-            c.name: Client(
+        self._clients = {}
+        for c in workload.clients:
+            domains, home = client_domains(self.scenario, c.node)
+            self._clients[c.name] = Client(
                 self.cluster.profiles[c.node],
                 call_timeout_s=CLIENT_CALL_TIMEOUT_MS / 1000,
                 retry_s=CLIENT_GIVE_UP_MS / 1000,
                 rng=random.Random(f"{self.seed}:client:{c.name}"),
                 hedge_after_s=CLIENT_HEDGE_AFTER_MS / 1000,
                 # As the simulator's client: retry for the whole budget, even when every
-                # node is cut off the same way (a scenario's faults heal).
+                # node is cut off the same way (a scenario's faults heal); it hedges by
+                # the same failure domains.
                 give_up_unreachable=False,
+                domains=domains,
+                home_domain=home,
             )
-            for c in workload.clients
-        }
         for i in range(SUBMIT_THREADS):
             thread = threading.Thread(target=self._submitter, name=f"chaos-submit-{i}", daemon=True)
             thread.start()

@@ -100,10 +100,15 @@ SUBMIT_ERRORS_KEPT_MAX = 20  # the first ones say why; the count says how many
 COMMAND_TYPES = COMMAND_TYPE_NAMES  # every command type of goml.cluster.commands
 
 
-def client_retry_config(control_nodes: tuple[str, ...]) -> RetryConfig:
-    """The retry policy of a scenario's client: start at the first control node."""
+def client_retry_config(
+    control_nodes: tuple[str, ...], domains: Mapping[str, str], home_domain: str
+) -> RetryConfig:
+    """The retry policy of a scenario's client: the control nodes in name order, as
+    goml.client.Client orders a profile's (so both worlds start at, rotate and hedge to
+    the same nodes), each with its failure domain (`client_domains`)."""
+    nodes = tuple(sorted(control_nodes))
     return RetryConfig(
-        nodes=control_nodes,
+        nodes=nodes,
         call_timeout_ms=CLIENT_CALL_TIMEOUT_MS,
         redirects_max=len(control_nodes),
         backoff_ms_min=CLIENT_BACKOFF_MS_MIN,
@@ -112,7 +117,16 @@ def client_retry_config(control_nodes: tuple[str, ...]) -> RetryConfig:
         retry_unauthenticated=False,  # a scenario's token never changes: a refusal is a bug
         unreachable_ms=UNREACHABLE_MS,
         hedge_after_ms=CLIENT_HEDGE_AFTER_MS,
+        domains=tuple(domains[n] for n in nodes),
+        home_domain=home_domain,
     )
+
+
+def client_domains(scenario: Scenario, client_node: str) -> tuple[dict[str, str], str]:
+    """Every node's failure domain (its cloud) and that of a client beside
+    `client_node`: what a scenario's client hedges by, in both worlds."""
+    topology = scenario.topology
+    return {n.name: n.cloud for n in topology.nodes}, topology.node(client_node).cloud
 
 
 @dataclass(frozen=True, slots=True)

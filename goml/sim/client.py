@@ -48,7 +48,9 @@ class SimClient(Endpoint):
         submit = SubmitRequest((request,))
         self._call(_Submit(submit, Attempt(self.sim.now_ms()), done))
 
-    def _call(self, op: _Submit, node: str | None = None) -> None:
+    def _call(self, op: _Submit, node: str | None = None, deadline_ms: int | None = None) -> None:
+        """A try of `op` to the policy's belief, or a hedged copy to `node` that ends by
+        `deadline_ms`, the first copy's deadline (as goml.client.Client sends one)."""
         now_ms = self.sim.now_ms()
         self.counter += 1
         request_id = self.counter
@@ -60,19 +62,23 @@ class SimClient(Endpoint):
         self.sim.network.send(
             self.name, self.location, target.name, target.location, lambda: target.receive(call)
         )
-        timeout_ms = self.policy.call_timeout_ms(op.attempt, now_ms)
+        if deadline_ms is None:
+            timeout_ms = self.policy.call_timeout_ms(op.attempt, now_ms)
+        else:
+            timeout_ms = max(1, deadline_ms - now_ms)
         self.sim.after(timeout_ms, lambda: self._timed_out(request_id))
         hedge_ms = self.policy.config.hedge_after_ms
         if node is None and hedge_ms is not None and hedge_ms < timeout_ms:
-            self.sim.after(hedge_ms, lambda: self._hedge(op, request_id))
+            deadline = now_ms + timeout_ms
+            self.sim.after(hedge_ms, lambda: self._hedge(op, request_id, deadline))
 
-    def _hedge(self, op: _Submit, request_id: int) -> None:
+    def _hedge(self, op: _Submit, request_id: int, deadline_ms: int) -> None:
         """No answer yet: the same submit (same idempotency key) to another node too."""
         if op.finished or request_id not in op.in_flight:
             return
         target = self.policy.hedge_target(op.in_flight[request_id][0], self.sim.now_ms())
         if target is not None and target not in {n for n, _ in op.in_flight.values()}:
-            self._call(op, target)
+            self._call(op, target, deadline_ms)
 
     def _timed_out(self, request_id: int) -> None:
         op = self.calls.pop(request_id, None)

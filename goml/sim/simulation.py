@@ -39,6 +39,7 @@ from goml.scenario.player import (
     ScenarioPlayer,
     SubmitDone,
     SubmitOutcome,
+    client_domains,
     client_retry_config,
     count_commands,
     count_retried,
@@ -106,8 +107,9 @@ class Simulation:
             self.agents[node.name] = SimAgent(self, node.name, capacity)
         self.clients: dict[str, SimClient] = {}
         if scenario.workload is not None:
-            retry = client_retry_config(self.control_names)
             for client in scenario.workload.clients:
+                domains, home = client_domains(scenario, client.node)
+                retry = client_retry_config(self.control_names, domains, home)
                 self.clients[client.name] = SimClient(self, client.name, client.node, retry)
 
     # ------------------------------------------------------------- plumbing

@@ -1,0 +1,103 @@
+"""The shared retry policy's hedge target (`goml.api.retry.RetryPolicy.hedge_target`),
+sans-IO: where a copy of a silent call goes, by failure domain (issue 11, item 5).
+
+The one-way partition of scenarios/chaos/experimental/one-way-partition.yaml: every
+message from GCP to the leader is dropped. The client beside gcp-1 cannot reach the
+leader; gcp-2 cannot either, so a copy hedged to gcp-2 is held there (its forward is
+never answered) until the call's deadline. Nodes in name order, as goml.client.Client
+orders a profile's.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from goml.api.retry import UNREACHABLE_MS, Attempt, RetryConfig, RetryPolicy
+from goml.api.types import ErrorKind
+from goml.scenario.loader import load_scenario
+from goml.scenario.player import client_domains, client_retry_config
+
+NODES = ("aws-2", "aws-3", "azure-1", "azure-2", "gcp-2")
+CLOUDS = {"aws-2": "aws", "aws-3": "aws", "azure-1": "azure", "azure-2": "azure", "gcp-2": "gcp"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def policy(domains: dict[str, str] | None, home: str) -> RetryPolicy:
+    config = RetryConfig(
+        nodes=NODES,
+        call_timeout_ms=1000,
+        redirects_max=len(NODES),
+        backoff_ms_min=20,
+        backoff_ms_max=500,
+        give_up_after_ms=30_000,
+        retry_unauthenticated=False,
+        unreachable_ms=UNREACHABLE_MS,
+        hedge_after_ms=300,
+        domains=tuple(domains[n] for n in NODES) if domains else (),
+        home_domain=home,
+    )
+    return RetryPolicy(config, random.Random(1), start=NODES[0])
+
+
+def test_a_silent_leader_is_hedged_to_a_third_domain_not_the_callers() -> None:
+    gcp_client = policy(CLOUDS, home="gcp")
+    # Leader azure-2 silent: the next node in order is gcp-2, cut off from the leader as
+    # the caller is; aws-2 (neither azure nor gcp) reaches the leader over other links.
+    assert gcp_client.hedge_target("azure-2", now_ms=0) == "aws-2"
+    # Leader azure-1: aws-2 again, before azure-2 (the silent node's own domain).
+    assert gcp_client.hedge_target("azure-1", now_ms=0) == "aws-2"
+    # Leader aws-3: the third domain is azure.
+    assert gcp_client.hedge_target("aws-3", now_ms=0) == "azure-1"
+
+
+def test_without_domains_the_hedge_takes_the_next_node_in_order() -> None:
+    plain = policy(None, home="")
+    assert plain.hedge_target("azure-2", now_ms=0) == "gcp-2"
+    assert plain.hedge_target("azure-1", now_ms=0) == "azure-2"
+
+
+def test_the_silent_nodes_domain_comes_before_the_callers() -> None:
+    gcp_client = policy(CLOUDS, home="gcp")
+    for node in ("aws-2", "aws-3"):  # every aws node unreachable lately: avoided
+        gcp_client.failed(Attempt(0), node, ErrorKind.DEADLINE, "", now_ms=0)
+    assert gcp_client.hedge_target("azure-1", now_ms=1) == "azure-2"
+    gcp_client.failed(Attempt(0), "azure-2", ErrorKind.DEADLINE, "", now_ms=1)
+    # Only the caller's own domain is left: better a copy there than none.
+    assert gcp_client.hedge_target("azure-1", now_ms=2) == "gcp-2"
+
+
+def test_a_caller_in_the_leaders_domain_hedges_to_another_domain() -> None:
+    aws_client = policy(CLOUDS, home="aws")
+    assert aws_client.hedge_target("aws-2", now_ms=0) == "azure-1"
+
+
+def test_domains_must_match_the_nodes() -> None:
+    with pytest.raises(ValueError, match="2 domains for 5 nodes"):
+        RetryConfig(
+            nodes=NODES,
+            call_timeout_ms=1000,
+            redirects_max=1,
+            backoff_ms_min=20,
+            backoff_ms_max=500,
+            give_up_after_ms=None,
+            retry_unauthenticated=False,
+            unreachable_ms=UNREACHABLE_MS,
+            hedge_after_ms=300,
+            domains=("aws", "gcp"),
+        )
+
+
+def test_scenario_clients_order_and_place_nodes_as_the_real_client_does() -> None:
+    """The simulator's client and goml.client.Client (the chaos runner's) run the same
+    policy: the control nodes in name order, each with its cloud, and the client's."""
+    scenario = load_scenario(ROOT / "scenarios" / "one-way-partition.yaml").scenario
+    control = tuple(n.name for n in scenario.topology.control_nodes)
+    assert control != tuple(sorted(control))  # topology order is not name order here
+    domains, home = client_domains(scenario, "gcp-1")
+    config = client_retry_config(control, domains, home)
+    assert config.nodes == tuple(sorted(control))
+    assert config.domains == ("aws", "aws", "aws", "azure", "azure", "gcp", "gcp")
+    assert config.home_domain == "gcp"
