@@ -23,7 +23,11 @@ Commands:
                                         deadline, stabilizing after each (no latency)
     skew <node> <ms>                    that node's wall clock runs <ms> off its monotonic one
     clock <node>...                     print monotonic, wall and cluster time
-    partition <node>... | <node>...     messages across the cut are lost (both ways)
+    partition <node>... | <node>...     messages across the cut are lost (both ways); a
+                                        forward across it fails at once (refused)
+    cut <node>... > <node>...           messages from the first nodes to the others are
+                                        lost (one way, a black hole): a forward across
+                                        it is never answered (its deadline answers)
     heal
     crash <node> / restart <node>
     pending <node>                      requests waiting, parked polls, claimed tasks
@@ -394,6 +398,10 @@ class NodeEnv:
         """Zero latency, as every message here: the leader gets it at once."""
         self.out.append(f"fwd r{forward.request_id} {node_id} -> {forward.leader}")
         leader = self.nodes[forward.leader]
+        cut = (node_id, forward.leader) in self.blocked
+        if cut and (forward.leader, node_id) not in self.blocked:  # one way: a black hole
+            self.out.append(f"fwd r{forward.request_id} lost (cut {node_id} > {forward.leader})")
+            return
         if leader.core is None or (node_id, forward.leader) in self.blocked:
             node = self.nodes[node_id]
             assert node.core is not None
@@ -490,6 +498,12 @@ class NodeEnv:
                 for a in group:
                     for b in other:
                         self.blocked |= {(a, b), (b, a)}
+
+    def cmd_cut(self, args: list[str]) -> None:
+        groups = [g.split() for g in " ".join(args).split(">")]
+        if len(groups) != 2 or not all(groups):
+            raise InteractionError("cut <nodes> > <nodes>")
+        self.blocked |= {(a, b) for a in groups[0] for b in groups[1]}
 
     def cmd_heal(self, args: list[str]) -> None:
         self.blocked.clear()

@@ -375,6 +375,7 @@ class NodeStats:
     requests_expired: int = 0
     requests_refused_busy: int = 0
     forwarded: int = 0
+    forwards_refused: int = 0  # answered at once: a forward to that leader failed lately
 
 
 class ManifestMachine:
@@ -505,6 +506,9 @@ class NodeCore:
         self._replies: list[Reply] = []
         self._logs: list[NodeLog] = []
         self._forwards: list[Forward] = []
+        # Leader -> when a forward to it last failed (no answer in time, or unreachable),
+        # until one is answered again: see `_forward_refusal`.
+        self._forward_failed_ms: dict[str, int] = {}
         self._outstanding: NodeReady | None = None
         # Apply results of the latest advance, for observers (simulator checks, metrics).
         self.last_applied: tuple[ApplyResult, ...] = ()
@@ -580,7 +584,12 @@ class NodeCore:
             )
             return
         if not forwarded and self._forwarding(request):
-            self._forward(request_id, request)
+            refusal = self._forward_refusal()
+            if refusal:
+                self.stats.forwards_refused += 1
+                self._error(request_id, ErrorCode.UNAVAILABLE, refusal)
+            else:
+                self._forward(request_id, request)
         else:
             self._dispatch(request_id, request)
         self._after_input()
@@ -596,8 +605,16 @@ class NodeCore:
             return  # answered already (its deadline passed) or forgotten
         del self._pending[request_id]
         leader = pending.forwarded_to
+        failed = isinstance(outcome, ApiError) and outcome.code in (
+            ErrorCode.UNAVAILABLE,
+            ErrorCode.DEADLINE_EXCEEDED,
+        )
+        if failed:
+            self._forward_failed_ms[leader] = self._now_ms
+        else:
+            self._forward_failed_ms.pop(leader, None)  # the leader answered: it is reachable
         if isinstance(outcome, ApiError):
-            if outcome.code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED):
+            if failed:
                 # Not the transport's words: this node answered, the leader is what it
                 # could not reach (a caller must not take this node for down).
                 outcome = ApiError(
@@ -624,6 +641,30 @@ class NodeCore:
             raft.leader
             and heard is not None
             and self._now_ms - heard < raft.config.election_timeout_ms_min
+        )
+
+    def _forward_refusal(self) -> str:
+        """Why a request is answered at once instead of forwarded ("" to forward it).
+
+        A forward to the leader that failed (held until its deadline: a one-way cut, the
+        leader's replies still reach this node, so it still counts the leader live) says
+        this node cannot reach it. Until a forward is answered again, one request at a
+        time goes on to the leader as a probe; the others are answered UNAVAILABLE at
+        once, naming why, so that their callers ask another node now instead of waiting
+        for their deadline here."""
+        leader = self.leader
+        failed_ms = self._forward_failed_ms.get(leader)
+        if failed_ms is None:
+            return ""
+        probing = any(
+            p.stage is _Stage.FORWARDED and p.forwarded_to == leader for p in self._pending.values()
+        )
+        if not probing:
+            return ""
+        return (
+            f"{self.id} cannot reach leader {leader}: a forward to it failed "
+            f"{self._now_ms - failed_ms} ms ago and the one sent since is unanswered; "
+            "try another node"
         )
 
     def _forward(self, request_id: int, request: ApiRequest) -> None:
@@ -1543,6 +1584,7 @@ class NodeCore:
                 continue
             self.stats.requests_expired += 1
             if pending.stage is _Stage.FORWARDED:
+                self._forward_failed_ms[pending.forwarded_to] = self._now_ms
                 self._error(
                     request_id,
                     ErrorCode.UNAVAILABLE,
