@@ -101,3 +101,17 @@ def test_scenario_clients_order_and_place_nodes_as_the_real_client_does() -> Non
     assert config.nodes == tuple(sorted(control))
     assert config.domains == ("aws", "aws", "aws", "azure", "azure", "gcp", "gcp")
     assert config.home_domain == "gcp"
+
+
+def test_a_node_that_failed_lately_comes_last_once_no_longer_avoided() -> None:
+    gcp_client = policy(CLOUDS, home="gcp")
+    # The leader azure-1 timed out from here: the cut began. The calls go through a
+    # follower since; one of them is slow, and its copy must not go to azure-1, which
+    # is no longer avoided after UNREACHABLE_MS but still across the cut.
+    gcp_client.failed(Attempt(0), "azure-1", ErrorKind.DEADLINE, "", now_ms=0)
+    later = UNREACHABLE_MS + 5_000
+    assert gcp_client.hedge_target("aws-2", now_ms=later) == "azure-2"
+    # Unknown domains: the next node in order, skipping the one that failed lately.
+    plain = policy(None, home="")
+    plain.failed(Attempt(0), "aws-3", ErrorKind.DEADLINE, "", now_ms=0)
+    assert plain.hedge_target("aws-2", now_ms=later) == "azure-1"
