@@ -115,3 +115,16 @@ def test_a_node_that_failed_lately_comes_last_once_no_longer_avoided() -> None:
     plain = policy(None, home="")
     plain.failed(Attempt(0), "aws-3", ErrorKind.DEADLINE, "", now_ms=0)
     assert plain.hedge_target("aws-2", now_ms=later) == "azure-1"
+
+
+def test_the_domain_decides_before_a_failure_lately() -> None:
+    gcp_client = policy(CLOUDS, home="gcp")
+    # The leader aws-2 timed out at the cut; under load the azure nodes were outpaced
+    # once each (slow, not cut off): all three are marked failed lately, gcp-2 is not.
+    # A copy of a slow call to the follower aws-3 still goes to azure, not to gcp-2
+    # (cut off from the leader as the caller is). Seen in a real run, seed 1.
+    gcp_client.failed(Attempt(0), "aws-2", ErrorKind.DEADLINE, "", now_ms=0)
+    gcp_client.outpaced("azure-1", now_ms=0)
+    gcp_client.outpaced("azure-2", now_ms=0)
+    later = UNREACHABLE_MS + 5_000
+    assert gcp_client.hedge_target("aws-3", now_ms=later) == "azure-1"

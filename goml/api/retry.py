@@ -35,9 +35,9 @@ Rules:
   silent leader is cut off from here, or from the caller's domain (a one-way cut from
   a cloud to the leader): a follower of the caller's own domain is then cut off from it
   too, and would hold the copy until its deadline; one of a third domain reaches the
-  leader over other links. A node that failed from here within DIRECT_AFTER_WINDOWS
-  unreachable windows comes after every other (the leader across a cut that lasts
-  longer than one window: a copy sent there is lost again).
+  leader over other links. Within each of these, a node that failed from here within
+  DIRECT_AFTER_WINDOWS unreachable windows comes last (the leader across a cut that
+  lasts longer than one window: a copy sent there is lost again).
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ class RetryPolicy:
             return None
         nodes = config.nodes
         start = nodes.index(primary)
-        best: tuple[tuple[bool, int], str] | None = None
+        best: tuple[tuple[int, bool], str] | None = None
         for k in range(1, len(nodes)):
             node = nodes[(start + k) % len(nodes)]
             if self._avoided(node, now_ms):
@@ -246,21 +246,23 @@ class RetryPolicy:
                 best = (rank, node)
         return best[1] if best is not None else None
 
-    def _hedge_rank(self, primary: str, node: str, now_ms: int) -> tuple[bool, int]:
-        """(failed lately, domain rank): a node that failed from here lately comes last
-        even once no longer avoided (a leader across a one-way cut that lasts); domain
-        rank 0: a third domain (or domains unknown); 1: the silent node's; 2: the
-        caller's."""
+    def _hedge_rank(self, primary: str, node: str, now_ms: int) -> tuple[int, bool]:
+        """(domain rank, failed lately). Domain rank 0: a third domain (or domains
+        unknown); 1: the silent node's; 2: the caller's. Within a rank, a node that
+        failed from here lately comes last even once no longer avoided (a leader across
+        a one-way cut that lasts). The domain decides first: a node merely outpaced once
+        (slow under load) is marked failed too, and must not push a copy into the
+        caller's own, cut-off, domain."""
         config = self.config
         failed = self._failed_lately(node, now_ms)
         if not config.domains:
-            return failed, 0
+            return 0, failed
         domain = config.domains[config.nodes.index(node)]
         if config.home_domain and domain == config.home_domain:
-            return failed, 2
+            return 2, failed
         if domain == config.domains[config.nodes.index(primary)]:
-            return failed, 1
-        return failed, 0
+            return 1, failed
+        return 0, failed
 
     def _failed_lately(self, node: str, now_ms: int) -> bool:
         last = self._last_failed.get(node)
