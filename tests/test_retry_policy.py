@@ -1,7 +1,7 @@
 """The shared retry policy's hedge target (`goml.api.retry.RetryPolicy.hedge_target`),
 sans-IO: where a copy of a silent call goes, by failure domain (issue 11, item 5).
 
-The one-way partition of scenarios/chaos/experimental/one-way-partition.yaml: every
+The one-way partition of scenarios/chaos/one-way-partition.yaml: every
 message from GCP to the leader is dropped. The client beside gcp-1 cannot reach the
 leader; gcp-2 cannot either, so a copy hedged to gcp-2 is held there (its forward is
 never answered) until the call's deadline. Nodes in name order, as goml.client.Client
