@@ -49,6 +49,7 @@ def real_run(scenario: str, seed: int, out: Path, reuse: bool) -> dict[str, Any]
     if reuse and previous.is_file():
         kept: dict[str, Any] = json.loads(previous.read_text())
         return kept
+    previous.unlink(missing_ok=True)  # a failed run must not pass off an older summary
     command = [sys.executable, "-m", "goml", "chaos", "run", scenario, "--seed", str(seed)]
     command += ["--json", "--out", str(out)]
     popen = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -58,6 +59,11 @@ def real_run(scenario: str, seed: int, out: Path, reuse: bool) -> dict[str, Any]
         if popen.poll() is None:
             popen.kill()
             popen.wait()
+    # The printed JSON leaves the timeline out (goml.sim.runner.print_summary), and the
+    # first leader is in it: read the whole summary the run wrote, when it wrote one.
+    if previous.is_file():
+        written: dict[str, Any] = json.loads(previous.read_text())
+        return written
     try:
         summary: dict[str, Any] = json.loads(stdout)
     except json.JSONDecodeError:
@@ -117,9 +123,17 @@ def main() -> int:
     for path in scenarios:
         scenario = load_scenario(path).scenario
         for seed in (int(s) for s in args.seeds.split(",")):
-            load_before = os.getloadavg()[0]
-            real = real_run(path, seed, args.out / f"{scenario.name}-seed{seed}", args.reuse_real)
-            load_after = os.getloadavg()[0]
+            out = args.out / f"{scenario.name}-seed{seed}"
+            kept_load = out / "load.json"
+            if args.reuse_real and kept_load.is_file():  # the load of the run reused
+                load_before, load_after = json.loads(kept_load.read_text())
+                real = real_run(path, seed, out, reuse=True)
+            else:
+                load_before = os.getloadavg()[0]
+                real = real_run(path, seed, out, reuse=False)
+                load_after = os.getloadavg()[0]
+                if out.is_dir():
+                    kept_load.write_text(json.dumps([load_before, load_after]))
             if "error" in real:
                 rows.append(f"| {scenario.name} | {seed} | | | {real['error']} | | | | |")
                 continue

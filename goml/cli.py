@@ -818,6 +818,12 @@ def submit(
     wait_s: float = typer.Option(
         120.0, callback=_number(0.0, WAIT_S_MAX, low_open=True), help="How long --wait waits."
     ),
+    isolated: bool = typer.Option(
+        False,
+        "--isolated",
+        help="Run it in a fresh process of its own instead of an agent's warm worker "
+        "(slower to start; nothing it leaves in the process outlives it).",
+    ),
     profile: Path | None = ProfileOption,
     timeout_s: float = TimeoutOption,
 ) -> None:
@@ -838,6 +844,7 @@ def submit(
                 max_attempts=max_attempts,
                 timeout_ms=timeout_ms,
                 idempotency_key=key,
+                isolated=isolated,
             )
             typer.echo(task_id)
             if wait:

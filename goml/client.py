@@ -281,6 +281,7 @@ class Client:
         idempotency_key: str | None = None,
         cloud: str = "",
         region: str = "",
+        isolated: bool = False,
     ) -> str:
         spec = api_pb2.TaskSpec(
             function=function,
@@ -292,6 +293,7 @@ class Client:
             idempotency_key=idempotency_key or str(uuid.uuid4()),
             cloud=cloud,
             region=region,
+            isolated=isolated,
         )
         return self.submit_specs([spec])[0]
 

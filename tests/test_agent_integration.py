@@ -441,6 +441,37 @@ def test_hanging_task_is_killed_at_timeout_and_agents_stay_healthy(
     assert json.loads(task.result_json) == local_result("matmul", args)
 
 
+def test_an_isolated_task_runs_in_a_fresh_process_that_is_gone_after(
+    cluster: LiveCluster,
+) -> None:
+    agents = {name: cluster.process(name).popen.pid for name in ("agent-1", "agent-2")}
+    args = {"n": 8, "m": 8, "k": 8, "seed": 3}
+    isolated = spec("matmul", args)
+    isolated.isolated = True
+    [task_id] = cluster.client.submit_specs([isolated])
+    task = cluster.wait_all([task_id], timeout_s=60)[task_id]
+    assert state_name(task) == "SUCCEEDED", task.error
+    assert task.spec.isolated  # the manifest kept the option
+    assert json.loads(task.result_json) == local_result("matmul", args)
+    logs = {name: cluster.layout.data_dir / "logs" / f"{name}.log" for name in sorted(agents)}
+    line = f"task {task_id} ran isolated in pid "
+
+    def said() -> str | None:
+        for path in logs.values():
+            for text in path.read_text().splitlines():
+                if line in text:
+                    return text
+        return None
+
+    wait_until("the agent logs the isolated run", lambda: said() is not None, 10)
+    found = said()
+    assert found is not None
+    pid = int(found.split(line)[1].split()[0])
+    # A process of its own: not one of the agents' warm workers, and gone once done.
+    assert all(pid not in task_processes(agent) for agent in agents.values())
+    wait_until(f"pid {pid} is gone", lambda: proc_stat(pid) is None, 10)
+
+
 def test_kill_9_leader_while_agents_run_tasks(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     work: list[tuple[str, dict[str, Any]]] = []

@@ -72,12 +72,26 @@ def test_costs_of_messages_calls_and_hops_slow_submits_down() -> None:
     base = p50(run())
     # Small enough that no process is overloaded (a leader takes ~100 messages a second
     # here: at 15 ms each its queue grows without end, as a real one would).
-    for field in ("append_ms", "message_ms", "api_call_ms", "hop_ms"):
+    for field in ("append_ms", "message_ms", "api_call_ms", "hop_ms", "api_hop_ms"):
         charged = run(f"costs: {{{field}: {{kind: constant, value_ms: 3}}}}\n")
         assert p50(charged) > base + 2, (field, base, p50(charged))
         assert charged["tasks_lost"] == 0 and charged["settled"] is True
-        if field != "hop_ms":
+        if field not in ("hop_ms", "api_hop_ms"):
             assert float(charged["cpu_busy_s"]) > 0
+
+
+def test_api_hops_cost_api_messages_only() -> None:
+    """`api_hop_ms` takes the place of `hop_ms` on API calls and answers; Raft messages
+    keep `hop_ms`."""
+    hop = "{kind: constant, value_ms: 3}"
+    raft_only = run(f"costs: {{hop_ms: {hop}, api_hop_ms: {{kind: constant, value_ms: 0}}}}\n")
+    api_only = run(f"costs: {{api_hop_ms: {hop}}}\n")
+    both = run(f"costs: {{hop_ms: {hop}}}\n")
+    base = p50(run())
+    # A submit is two API messages (call, answer) and at least two Raft ones (append
+    # out to a follower, its answer back): each part alone adds about 6 ms.
+    assert base + 4 < p50(raft_only) < p50(both), (base, p50(raft_only), p50(both))
+    assert base + 4 < p50(api_only) < p50(both), (base, p50(api_only), p50(both))
 
 
 def test_dispatch_cost_delays_tasks_not_submits() -> None:
@@ -211,6 +225,7 @@ def test_calibrate_measures_real_components_and_its_file_validates(tmp_path: Pat
         costs.append_ms,
         costs.message_ms,
         costs.api_call_ms,
+        costs.api_hop_ms,
         costs.dispatch_ms,
     )
     for distribution in measured:

@@ -565,6 +565,23 @@ def test_idempotent_submit_different_content_refused() -> None:
     assert h.m.task_id_for_key("k2") is None
 
 
+def test_isolation_is_part_of_the_task_and_absent_when_not_asked() -> None:
+    h = Harness()
+    (plain_id, isolated_id) = h.submit(spec("plain"), spec("alone", isolated=True))
+    assert h.task(isolated_id).isolated and not h.task(plain_id).isolated
+    # Written only when asked: commands and snapshots of other tasks read as before.
+    assert b"isolated" not in encode_command(SubmitTasks(1, (spec("plain"),)))
+    command = SubmitTasks(1, (spec("alone", isolated=True),))
+    assert decode_command(encode_command(command)) == command
+    data = h.m.snapshot()
+    assert data.count(b'"isolated"') == 1
+    restored = Manifest.restore(data)
+    assert restored.get_task(isolated_id).isolated  # type: ignore[union-attr]
+    assert not restored.get_task(plain_id).isolated  # type: ignore[union-attr]
+    # Same key, isolation changed: another content, so not taken as a retry.
+    assert h.run(SubmitTasks(2, (spec("plain", isolated=True),))).code is Code.ALREADY_EXISTS
+
+
 def test_same_key_twice_in_one_batch() -> None:
     h = Harness()
     a, b = h.submit(spec("k"), spec("k"))

@@ -584,12 +584,23 @@ class AgentRuntime:
     async def _run(self, task: LeasedTask) -> None:
         try:
             outcome = await self._runner.run(
-                _run_id(task.task_id, task.epoch), task.function, task.args_json, task.timeout_ms
+                _run_id(task.task_id, task.epoch),
+                task.function,
+                task.args_json,
+                task.timeout_ms,
+                isolated=task.isolated,
             )
         except Exception as exc:  # e.g. the process could not start: report it as failed
             log.exception("task %s could not run", task.task_id)
             await self._inbox.put(_Finished(task, False, f"agent could not run the task: {exc}"))
             return
+        if task.isolated:  # what an operator checks when a task asked for isolation
+            log.info(
+                "task %s ran isolated in pid %d (exit %s)",
+                task.task_id,
+                outcome.pid,
+                outcome.exit_code,
+            )
         if not outcome.cancelled:
             await self._inbox.put(_Finished(task, outcome.ok, outcome.text))
 

@@ -206,6 +206,7 @@ class LeasedTask:
     epoch: int
     timeout_ms: int
     lease_deadline_ms: int  # control-plane time; the agent never compares it with its clock
+    isolated: bool = False  # run it in a fresh process, not on a warm worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +248,7 @@ class TaskRequest:
     idempotency_key: str  # required: it is what makes a retry safe
     cloud: str  # "": any
     region: str  # "": any
+    isolated: bool = False  # a fresh process of its own instead of a warm worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +286,7 @@ class TaskView:
     finished_ms: int  # 0 until terminal
     lease_deadline_ms: int  # 0 without a lease
     finished_seq: int = 0  # its place in the order tasks finished in; 0 until terminal
+    isolated: bool = False
 
 
 @dataclass(frozen=True, slots=True)

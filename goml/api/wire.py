@@ -143,6 +143,7 @@ def _leased_to_pb(t: LeasedTask) -> api_pb2.LeasedTask:
         epoch=t.epoch,
         timeout_ms=t.timeout_ms,
         lease_deadline_ms=t.lease_deadline_ms,
+        isolated=t.isolated,
     )
 
 
@@ -155,6 +156,7 @@ def _leased_from_pb(pb: api_pb2.LeasedTask) -> LeasedTask:
         epoch=int(pb.epoch),
         timeout_ms=int(pb.timeout_ms),
         lease_deadline_ms=int(pb.lease_deadline_ms),
+        isolated=bool(pb.isolated),
     )
 
 
@@ -169,6 +171,7 @@ def _task_request_to_pb(t: TaskRequest) -> api_pb2.TaskSpec:
         idempotency_key=t.idempotency_key,
         cloud=t.cloud,
         region=t.region,
+        isolated=t.isolated,
     )
 
 
@@ -183,6 +186,7 @@ def _task_request_from_pb(pb: api_pb2.TaskSpec) -> TaskRequest:
         idempotency_key=pb.idempotency_key,
         cloud=pb.cloud,
         region=pb.region,
+        isolated=bool(pb.isolated),
     )
 
 
@@ -199,6 +203,7 @@ def task_to_pb(t: TaskView) -> api_pb2.Task:
             idempotency_key=t.idempotency_key,
             cloud=t.cloud,
             region=t.region,
+            isolated=t.isolated,
         ),
         state=STATE_TO_PB[t.state],
         attempts=t.attempts,
@@ -226,6 +231,7 @@ def task_from_pb(pb: api_pb2.Task) -> TaskView:
         idempotency_key=spec.idempotency_key,
         cloud=spec.cloud,
         region=spec.region,
+        isolated=bool(spec.isolated),
         state=PB_TO_STATE.get(pb.state, TaskState.PENDING),
         attempts=int(pb.attempts),
         agent_id=pb.agent_id,

@@ -18,6 +18,9 @@ What is measured, and with what:
   ready/advance work that follows it, while the simulator drives a short run of the
   reference scenario. The core's own Python time only: the gRPC and protobuf of a
   message are in `hop_ms`, the store's in `fsync_ms`.
+- `api_hop_ms`: half of one real API round trip (`goml.client.Client.get` of a task)
+  to a real one-node cluster on loopback, mutual TLS and token: a unary gRPC call costs
+  more than a Raft message on an open stream.
 - `dispatch_ms`: one trivial task (`matmul` n=2) through the real agent task runner
   (goml.agent.runner: warm forkserver workers), from `run` to its outcome.
 - `cores`: os.cpu_count(): a local cluster's processes all share this host.
@@ -50,9 +53,11 @@ import yaml
 
 from goml.chaos.server import find_binary, toxiproxy_server
 from goml.chaos.toxiproxy import Toxiproxy
+from goml.client import Client
 from goml.cluster.certs import SECRET_FILE, credentials, init_certs, read_secret
-from goml.cluster.local import free_ports
+from goml.cluster.local import free_ports, prepare, running_cluster, wait_for_leader
 from goml.cluster.node_core import NodeCore
+from goml.proto import api_pb2
 from goml.raft.convert import Limits
 from goml.raft.sqlite_store import SqliteStorage
 from goml.raft.transport import (
@@ -258,6 +263,31 @@ def measure_core() -> list[Measured]:
     return [Measured(name, taken, how) for name, taken in samples.items() if taken]
 
 
+# --------------------------------------------------------------------------- API hop
+
+
+def measure_api_hop(samples: int) -> Measured:
+    """Half of one real API round trip: `goml.client.Client.get` of a task on a real
+    one-node cluster (a node process started here and stopped by PID), mutual TLS and a
+    token, as the chaos runner's clients call. A read answers from the node's manifest,
+    so no fsync is in it; the node core's own share (`api_call_ms`, about a tenth of a
+    millisecond) is counted again by the simulator, which is within the noise."""
+
+    took: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="goml-calibrate-api-") as tmp:
+        layout = prepare(Path(tmp), 1, insecure=False)
+        with running_cluster(layout):
+            wait_for_leader(layout.profile, CONNECT_TIMEOUT_S)
+            with Client(layout.profile, call_timeout_s=HOP_TIMEOUT_S) as client:
+                (task_id,) = client.submit_specs([api_pb2.TaskSpec(function="matmul")])
+                for i in range(samples + 1):
+                    started = time.perf_counter()
+                    client.get(task_id)
+                    if i:  # the first call also opens the channel
+                        took.append((time.perf_counter() - started) * 1000 / 2)
+    return Measured("api_hop_ms", took, "half an API round trip, mutual TLS, loopback")
+
+
 # --------------------------------------------------------------------------- dispatch
 
 
@@ -317,6 +347,8 @@ def calibrate(
         notes.append(f"without Toxiproxy: {direct.comment()}")
     say(f"node core per input ({CORE_RUN_S} simulated s of the reference scenario) ...")
     measured += measure_core()
+    say(f"API round trip to a real node ({hop_samples} calls) ...")
+    measured.append(measure_api_hop(hop_samples))
     say(f"task dispatch on an agent's runner ({dispatch_samples} tasks) ...")
     measured.append(measure_dispatch(dispatch_samples))
     load = max(load, os.getloadavg()[0])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 # Re-exported: commands carry the API's resource value.
@@ -38,7 +38,11 @@ def _refuse_constant(name: str) -> object:
     raise CommandError(f"{name} is not a JSON number")
 
 
+# A field with this metadata is left out of `plain` while it holds its default: a field
+# added later then leaves every command, digest and snapshot without it as it was.
+OMITTED_AT_DEFAULT = "omitted_at_default"
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_OMITTED: dict[type, tuple[tuple[str, object], ...]] = {}
 
 
 def plain(value: object) -> object:
@@ -52,7 +56,14 @@ def plain(value: object) -> object:
         if not is_dataclass(value):
             return value
         names = _FIELD_NAMES[type(value)] = tuple(f.name for f in fields(value))
-    return {name: plain(getattr(value, name)) for name in names}
+        _OMITTED[type(value)] = tuple(
+            (f.name, f.default) for f in fields(value) if f.metadata.get(OMITTED_AT_DEFAULT)
+        )
+    body = {name: plain(getattr(value, name)) for name in names}
+    for name, default in _OMITTED[type(value)]:
+        if body[name] == default:
+            del body[name]
+    return body
 
 
 def loads(text: str, where: str) -> object:
@@ -207,6 +218,10 @@ class TaskSpec:
     timeout_ms: int
     cloud: str | None
     region: str | None
+    # In a fresh process of its own. Written only when true (`plain` leaves a field
+    # at its OMITTED_AT_DEFAULT default out), so that commands, digests and snapshots
+    # of tasks that are not isolated read byte for byte as before.
+    isolated: bool = field(default=False, metadata={OMITTED_AT_DEFAULT: True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +387,7 @@ def _task_spec(f: Fields) -> TaskSpec:
         timeout_ms=f.integer("timeout_ms", minimum=1),
         cloud=f.optional_text("cloud", empty=False),
         region=f.optional_text("region", empty=False),
+        isolated=f.flag("isolated") if f.has("isolated") else False,
     )
     f.close()
     return spec

@@ -188,6 +188,9 @@ class Task:
     # the task. None until its first lease. Left out of snapshots while None, so the
     # snapshots of earlier versions read back byte for byte.
     last_agent_id: str | None = None
+    # Runs in a fresh process of its own (TaskSpec.isolated). Left out of snapshots
+    # while false, as `last_agent_id` while None.
+    isolated: bool = False
 
     def __post_init__(self) -> None:
         # Invariants, checked on every change since every change builds a new Task.
@@ -527,6 +530,7 @@ class Manifest:
                 priority=spec.priority,
                 max_attempts=spec.max_attempts,
                 timeout_ms=spec.timeout_ms,
+                isolated=spec.isolated,
                 state=TaskState.PENDING,
                 attempts=0,
                 epoch=0,
@@ -1394,6 +1398,7 @@ def _read_task(f: Fields, with_finished_seq: bool) -> Task:
         results_recorded=f.integer("results_recorded"),
         finished_seq=f.optional_integer("finished_seq") if with_finished_seq else None,
         last_agent_id=f.text("last_agent_id") if f.has("last_agent_id") else None,
+        isolated=f.flag("isolated") if f.has("isolated") else False,
     )
     f.close()
     return task
@@ -1409,6 +1414,8 @@ def _plain_task(task: Task, finished_seq: bool = True) -> object:
     assert isinstance(body, dict)
     if task.last_agent_id is None:
         del body["last_agent_id"]
+    if not task.isolated:
+        del body["isolated"]
     if not finished_seq:
         del body["finished_seq"]
     return body

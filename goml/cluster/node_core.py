@@ -441,6 +441,7 @@ def task_view(task: Task) -> TaskView:
         finished_ms=task.finished_ms or 0,
         lease_deadline_ms=task.lease.deadline_ms if task.lease else 0,
         finished_seq=task.finished_seq or 0,
+        isolated=task.isolated,
     )
 
 
@@ -453,6 +454,7 @@ def _leased(task: Task) -> LeasedTask:
         task.epoch,
         task.timeout_ms,
         task.lease.deadline_ms if task.lease else 0,
+        task.isolated,
     )
 
 
@@ -975,6 +977,7 @@ class NodeCore:
                     timeout_ms=task.timeout_ms or self.config.task_timeout_ms_default,
                     cloud=task.cloud or None,
                     region=task.region or None,
+                    isolated=task.isolated,
                 )
             )
         index = self._propose(request_id, request, SubmitTasks(self._cluster_ms, tuple(specs)))

@@ -37,7 +37,7 @@ class Resources(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., memory_mb: _Optional[int] = ..., gpu: _Optional[int] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("function", "args_json", "resources", "priority", "max_attempts", "timeout_ms", "idempotency_key", "cloud", "region")
+    __slots__ = ("function", "args_json", "resources", "priority", "max_attempts", "timeout_ms", "idempotency_key", "cloud", "region", "isolated")
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class TaskSpec(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CLOUD_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    ISOLATED_FIELD_NUMBER: _ClassVar[int]
     function: str
     args_json: str
     resources: Resources
@@ -56,7 +57,8 @@ class TaskSpec(_message.Message):
     idempotency_key: str
     cloud: str
     region: str
-    def __init__(self, function: _Optional[str] = ..., args_json: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ...) -> None: ...
+    isolated: bool
+    def __init__(self, function: _Optional[str] = ..., args_json: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., priority: _Optional[int] = ..., max_attempts: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ..., isolated: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("id", "spec", "state", "attempts", "agent_id", "epoch", "result_json", "error", "submitted_ms", "finished_ms", "lease_deadline_ms", "finished_seq")
@@ -336,7 +338,7 @@ class LeaseRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., free: _Optional[_Union[Resources, _Mapping]] = ..., max_tasks: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class LeasedTask(_message.Message):
-    __slots__ = ("task_id", "function", "args_json", "resources", "epoch", "timeout_ms", "lease_deadline_ms")
+    __slots__ = ("task_id", "function", "args_json", "resources", "epoch", "timeout_ms", "lease_deadline_ms", "isolated")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -344,6 +346,7 @@ class LeasedTask(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     function: str
     args_json: str
@@ -351,7 +354,8 @@ class LeasedTask(_message.Message):
     epoch: int
     timeout_ms: int
     lease_deadline_ms: int
-    def __init__(self, task_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., epoch: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ...) -> None: ...
+    isolated: bool
+    def __init__(self, task_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., epoch: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ..., isolated: _Optional[bool] = ...) -> None: ...
 
 class LeaseResponse(_message.Message):
     __slots__ = ("tasks",)

@@ -466,6 +466,10 @@ class Costs(_Model):
       follower) and on a forwarded call's answer.
     - `hop_ms`: one message between two processes, on top of its link's latency: TLS,
       gRPC framing, the loopback or proxy hop.
+    - `api_hop_ms`: the same for one API message (a call or its answer, between a client,
+      an agent or a forwarding node and a node), in place of `hop_ms`: a unary gRPC call
+      with its metadata, token check and protobuf conversion costs more than a Raft
+      message on a stream that is already open. Unset, API messages cost `hop_ms`.
     - `dispatch_ms`: an agent's work from a leased task to its process running.
     - `cores`: every process shares one host of this many cores (a local cluster, as the
       chaos runner starts one); unset, each topology node is a host of its
@@ -478,6 +482,7 @@ class Costs(_Model):
     message_ms: Distribution | None = None
     api_call_ms: Distribution | None = None
     hop_ms: Distribution | None = None
+    api_hop_ms: Distribution | None = None
     dispatch_ms: Distribution | None = None
     cores: int | None = Field(default=None, ge=1, le=CORES_MAX)
     # Where and when it was measured (free text, written by `goml chaos calibrate`).

@@ -124,7 +124,12 @@ class SimAgent(Endpoint):
         api_call = ApiCall(call.request_id, call.request, self)
         target = self.sim.nodes[call.node_id]
         self.sim.network.send(
-            self.name, self.location, target.name, target.location, lambda: target.receive(api_call)
+            self.name,
+            self.location,
+            target.name,
+            target.location,
+            lambda: target.receive(api_call),
+            api=True,
         )
 
     def _run(self, task: LeasedTask) -> None:

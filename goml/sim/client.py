@@ -60,7 +60,12 @@ class SimClient(Endpoint):
         call = ApiCall(request_id, op.request, self)
         target = self.sim.nodes[target_name]
         self.sim.network.send(
-            self.name, self.location, target.name, target.location, lambda: target.receive(call)
+            self.name,
+            self.location,
+            target.name,
+            target.location,
+            lambda: target.receive(call),
+            api=True,
         )
         if deadline_ms is None:
             timeout_ms = self.policy.call_timeout_ms(op.attempt, now_ms)

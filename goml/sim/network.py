@@ -28,6 +28,7 @@ class _LinkState:
     last_delivery_ms: float = 0.0
     held: list[Deliver] = field(default_factory=list)  # clogged: waiting for unclog
     hop_rng: random.Random | None = None  # `costs.hop_ms` draws, apart from the link's
+    api_hop_rng: random.Random | None = None  # `costs.api_hop_ms` draws, apart from both
 
 
 class Network:
@@ -42,6 +43,8 @@ class Network:
         self._classes: dict[tuple[str, str], AnyLink] = {}  # scenario.link, looked up once
         # The calibrated cost of one hop between processes (TLS, gRPC, a proxy), if any.
         self._hop = scenario.costs.hop_ms if scenario.costs is not None else None
+        # An API message's (`costs.api_hop_ms`), when it differs from a Raft message's.
+        self._api_hop = scenario.costs.api_hop_ms if scenario.costs is not None else None
         self.sent = 0
         self.dropped = 0
 
@@ -52,6 +55,8 @@ class Network:
             state = _LinkState(random.Random(f"{self.seed}:link:{source}->{target}"), nodes)
             if self._hop is not None:
                 state.hop_rng = random.Random(f"{self.seed}:hop:{source}->{target}")
+            if self._api_hop is not None:
+                state.api_hop_rng = random.Random(f"{self.seed}:api-hop:{source}->{target}")
             self._links[key] = state
         return state
 
@@ -77,8 +82,10 @@ class Network:
         target: str,
         target_node: str,
         deliver: Deliver,
+        api: bool = False,
     ) -> None:
-        """Carry one message from endpoint `source` (at `source_node`) to `target`."""
+        """Carry one message from endpoint `source` (at `source_node`) to `target`
+        (`api`: an API call or answer, else a Raft message)."""
         self.sent += 1
         if (source_node, target_node) in self.blocked:
             self.dropped += 1
@@ -90,14 +97,22 @@ class Network:
         if (source_node, target_node) in self.clogged:
             link_state.held.append(deliver)
             return
-        self._schedule(link_state, source_node, target_node, deliver)
+        self._schedule(link_state, source_node, target_node, deliver, api)
 
     def _schedule(
-        self, state: _LinkState, source_node: str, target_node: str, deliver: Deliver
+        self,
+        state: _LinkState,
+        source_node: str,
+        target_node: str,
+        deliver: Deliver,
+        api: bool,
     ) -> None:
         now = self.env.now
         delay = self.latency_ms(source_node, target_node, state.rng)
-        if self._hop is not None:
+        if api and self._api_hop is not None:
+            assert state.api_hop_rng is not None, "made with the link, when API hops cost"
+            delay += self._api_hop.sample_ms(state.api_hop_rng)
+        elif self._hop is not None:
             assert state.hop_rng is not None, "made with the link, when hops cost"
             delay += self._hop.sample_ms(state.hop_rng)
         arrival = max(now + delay, state.last_delivery_ms)

@@ -286,7 +286,12 @@ class SimNode(Endpoint):
     def _forward(self, request_id: int, request: ApiRequest, leader: SimNode) -> None:
         call = ApiCall(request_id, request, self, forwarded=True)
         self.sim.network.send(
-            self.name, self.location, leader.name, leader.location, lambda: leader.receive(call)
+            self.name,
+            self.location,
+            leader.name,
+            leader.location,
+            lambda: leader.receive(call),
+            api=True,
         )
 
     def on_reply(self, reply: ApiReply) -> None:
@@ -326,7 +331,12 @@ class SimNode(Endpoint):
 
     def _send_reply(self, caller: Endpoint, reply: ApiReply) -> None:
         self.sim.network.send(
-            self.name, self.location, caller.name, caller.location, lambda: caller.on_reply(reply)
+            self.name,
+            self.location,
+            caller.name,
+            caller.location,
+            lambda: caller.on_reply(reply),
+            api=True,
         )
 
     # ---------------------------------------------------------------- time
