@@ -1296,12 +1296,12 @@ def _membership_problems(s: Scenario) -> list[tuple[Loc, str]]:
             problems.append((loc, f"node '{name}' has no control role"))
         elif name in voters:
             problems.append((loc, f"node '{name}' is a member already"))
-        elif name not in spares:
-            problems.append((loc, f"node '{name}' is not a spare (give it spare: true)"))
         elif name in ever:
             problems.append(
                 (loc, f"node '{name}' was a member before: its store holds the old state")
             )
+        elif name not in spares:
+            problems.append((loc, f"node '{name}' is not a spare (give it spare: true)"))
         else:
             return True
         return False
