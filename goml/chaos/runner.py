@@ -261,7 +261,9 @@ class ChaosRun:
                 outcome, _ = operator.drive(
                     steps,
                     SCENARIO_CATCH_UP_WAIT_MS / 1000,
-                    lambda step: events.put(functools.partial(started, step), timeout=5.0),
+                    lambda step: events.put(
+                        functools.partial(started, step, self.now_s()), timeout=5.0
+                    ),
                 )
             except Exception as error:  # a harness bug: the change fails, the run goes on
                 outcome = Failed(f"harness error: {type(error).__name__}: {error}")
@@ -412,8 +414,9 @@ class ChaosRun:
                 action()
                 now_s = self.now_s()
             if now_s >= next_poll_s:
-                self.leader()
+                # Steps first: the player judges them by the leader it saw last.
                 self._membership_hand_over()
+                self.leader()
                 next_poll_s = self.now_s() + MONITOR_EVERY_S
             if done is not None and now_s >= next_check_s:
                 if done():

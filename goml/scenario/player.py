@@ -156,7 +156,7 @@ class SubmitOutcome:
 
 SubmitDone = Callable[[SubmitOutcome], None]
 ChangeDone = Callable[[Finished | Failed], None]
-StepStarted = Callable[[Step], None]
+StepStarted = Callable[[Step, float], None]  # the step, when it was sent (now_s)
 
 
 class Backend(Protocol):
@@ -239,7 +239,8 @@ class Backend(Protocol):
     ) -> None:
         """Carry out `steps` against the leader with a `ChangeDriver` (read the
         configuration back, call, pause, as it says); call `started` when a step is
-        first sent and `done` exactly once with the driver's outcome. One at a time."""
+        first sent (with the time it was sent: the call may reach the player later)
+        and `done` exactly once with the driver's outcome. One at a time."""
         ...
 
     def stop_node(self, name: str) -> None:
@@ -556,13 +557,13 @@ class ScenarioPlayer:
             change.steps, self._change_step, functools.partial(self._change_done, change)
         )
 
-    def _change_step(self, step: Step) -> None:
+    def _change_step(self, step: Step, sent_s: float) -> None:
         self.backend.note("change-step", step.node, step.kind.value)
-        if step.kind is REMOVE:
-            seen = self.backend.leader()
-            if seen is not None and seen[0] == step.node:
-                # It leads until its removal commits, then hands over and steps down.
-                self._failover_starts(f"removal of leader {step.node}")
+        # The leader last seen, not a new look-up: a real backend hands the step over a
+        # little after it was sent, when the removed leader may have stepped down already.
+        if step.kind is REMOVE and self.obs.leaders and self.obs.leaders[-1][1] == step.node:
+            # It leads until its removal commits, then hands over and steps down.
+            self._failover_starts(f"removal of leader {step.node}", sent_s)
 
     def _change_done(self, change: _Change, outcome: Finished | Failed) -> None:
         assert self._changing is change, "one change at a time"
@@ -734,10 +735,10 @@ class ScenarioPlayer:
         if leader is not None and not self._reaches_quorum(leader, self._cut()):
             self._failover_starts(f"{what} cuts leader {leader} off")
 
-    def _failover_starts(self, why: str) -> None:
+    def _failover_starts(self, why: str, at_s: float | None = None) -> None:
         if self.failover_started_s is not None:
             return  # one window at a time: it ends with the first submit after its start
-        self.failover_started_s = self.backend.now_s()
+        self.failover_started_s = self.backend.now_s() if at_s is None else at_s
         self.backend.note("failover-start", "", why)
         self._steadiness_changed(self.failover_started_s)
 

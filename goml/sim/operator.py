@@ -43,7 +43,7 @@ class SimOperator(Endpoint):
         self.name = "operator"
         self.location = location  # where the operator's commands run from
         self._driver: ChangeDriver | None = None
-        self._started: Callable[[Step], None] = lambda _: None
+        self._started: Callable[[Step, float], None] = lambda _step, _s: None
         self._done: Callable[[Finished | Failed], None] = lambda _: None
         self._sent: set[Step] = set()
         self._call_id = 0
@@ -52,7 +52,7 @@ class SimOperator(Endpoint):
     def run(
         self,
         steps: tuple[Step, ...],
-        started: Callable[[Step], None],
+        started: Callable[[Step, float], None],
         done: Callable[[Finished | Failed], None],
     ) -> None:
         assert self._driver is None, "one change at a time"
@@ -88,7 +88,7 @@ class SimOperator(Endpoint):
         step = action.step
         if step not in self._sent:
             self._sent.add(step)
-            self._started(step)
+            self._started(step, self.sim.now_s())
         leader = self.sim.leading_node()
         if leader is None:  # it stepped down since the view: ask again shortly
             assert self._driver is not None
