@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,9 @@ from goml.cluster.membership_plan import (
     refusal_of,
 )
 from goml.scenario.loader import ScenarioError, load_scenario, load_scenario_text
+from goml.scenario.player import ChangeDone, ScenarioPlayer, StepStarted
 from goml.sim.simulation import run_scenario
+from tests.test_player import FakeBackend
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLLING = ROOT / "scenarios" / "rolling-replace.yaml"
@@ -238,6 +241,69 @@ def test_error_codes_map_to_refusals() -> None:
     for code in (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED, ErrorCode.NOT_LEADER):
         assert refusal_of(code) is Refusal.UNAVAILABLE
     assert refusal_of(ErrorCode.PERMISSION_DENIED) is Refusal.OTHER
+
+
+# --------------------------------------------------------------------------- the player
+
+
+@dataclass
+class MembershipBackend(FakeBackend):
+    """FakeBackend with the membership operations: a plan ends when the test says so."""
+
+    plans: list[tuple[tuple[Step, ...], StepStarted, ChangeDone]] = field(default_factory=list)
+
+    def join_node(self, name: str, peers: tuple[str, ...]) -> None:
+        self._did("join_node", f"{name} {','.join(peers)}")
+
+    def member_address(self, name: str) -> str:
+        return f"{name}:1"
+
+    def change_membership(
+        self, steps: tuple[Step, ...], started: StepStarted, done: ChangeDone
+    ) -> None:
+        self._did("change_membership", " ".join(str(s) for s in steps))
+        self.plans.append((steps, started, done))
+
+    def stop_node(self, name: str) -> None:
+        self._did("stop_node", name)
+
+
+def test_the_player_joins_spares_queues_changes_and_stops_removed_nodes() -> None:
+    fake = MembershipBackend(leading=("a1", 1))
+    player = ScenarioPlayer(
+        load_scenario_text(
+            BASE
+            + "faults:\n"
+            + "  - {at_s: 1, kind: replace_node, target: leader, new: s1}\n"
+            + "  - {at_s: 2, kind: remove_node, target: a2}\n"
+        ).scenario,
+        7,
+        fake,
+    )
+    player.leader_seen("a1", 1)
+    player.start()
+    fake.run_until(3)
+    # The second change waits for the first; the spare joined before its plan.
+    assert [a[1:] for a in fake.actions] == [
+        ("join_node", "s1 a1,a2,a3"),
+        ("change_membership", "add-learner s1 promote s1 remove a1"),
+    ]
+    assert player.changes_in_flight == 2
+    steps, started, done = fake.plans[0]
+    started(steps[2], 2.5)  # the removal of the leader: a failover from when it was sent
+    assert player.failover_started_s == 2.5
+    done(Finished(view(("a2", "a3", "s1"))))
+    assert [a[1:] for a in fake.actions[2:]] == [
+        ("stop_node", "a1"),
+        ("change_membership", "remove a2"),
+    ]
+    assert player.members == ("a2", "a3", "s1")
+    fake.plans[1][2](Failed("remove a2: refused"))
+    assert player.changes_in_flight == 0
+    assert player.members == ("a2", "a3", "s1")  # a failed change leaves them
+    assert ("stop_node", "a2") not in [a[1:] for a in fake.actions]
+    outcomes = [m[3] for m in player.obs.membership]
+    assert outcomes == ["done", "failed: remove a2: refused"]
 
 
 # --------------------------------------------------------------------------- the simulator
