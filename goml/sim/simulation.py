@@ -141,7 +141,7 @@ class Simulation:
             rng = self._disk_rngs[node] = random.Random(f"{self.seed}:disk:{node}")
         return rng
 
-    def node_config(self, name: str, join_peers: tuple[str, ...] | None) -> NodeCoreConfig:
+    def node_config(self, name: str, join_peers: tuple[str, ...] | None = None) -> NodeCoreConfig:
         """A node's core configuration: the scenario's Raft timing, the production node's
         standards (duties, limits, request timeout), node names as addresses. A node that
         joins (`join_peers`) has no voters of its own and names the members it joins, as
