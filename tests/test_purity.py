@@ -28,6 +28,7 @@ CORES = (
     "goml/cluster/duties.py",
     "goml/cluster/paging.py",
     "goml/cluster/node_core.py",
+    "goml/cluster/membership_plan.py",
     "goml/cluster/supervise.py",
     "goml/agent/core.py",
     "goml/scenario/faults.py",

@@ -16,6 +16,15 @@ A proxy "S->D" carries S's connections to D: its `upstream` stream is what S sen
 of every proxy from y to x. The harness itself (leader lookups, the final checks) talks
 to the nodes' real addresses: it is an observer, not part of the scenario's network.
 
+Spare control nodes (membership faults): their proxies exist from the start, their
+process is prepared when they join (`goml.cluster.membership.prepare_node`: a node
+certificate from the cluster CA, a config with `join: true` and the current members as
+its peers, each through its own proxy) and started then. The address a joining node is
+added with is one proxy to it (the one from the node that leads when it is added): the
+members dial it there (a configuration carries one address per member), so links *to* a
+joined node carry that proxy's link class and faults. Removed nodes are stopped and their
+stores no longer count as replicas.
+
 Where the members run is a `Runtime`: `ProcessRuntime` (here: processes on loopback,
 SIGKILL/SIGSTOP) or `goml.chaos.containers.ContainerRuntime` (a container each on a Docker
 network, `docker kill`/`docker pause`). A runtime brings its `Addressing` (who dials which
@@ -43,7 +52,7 @@ import yaml
 from goml.api.auth import Identity, Role
 from goml.chaos.toxiproxy import Stream, Toxiproxy
 from goml.client import Client, ClientError, Profile
-from goml.cluster.certs import TOKENS_FILE, identity_files, init_certs
+from goml.cluster.certs import DEFAULT_ADMIN, TOKENS_FILE, identity_files, init_certs
 from goml.cluster.config import (
     Duties,
     NodeFileConfig,
@@ -52,6 +61,7 @@ from goml.cluster.config import (
     write_node_config,
 )
 from goml.cluster.local import free_ports
+from goml.cluster.membership import prepare_node
 from goml.scenario.schema import AnyLink, Scenario
 
 STOP_TIMEOUT_S = 10.0
@@ -328,7 +338,12 @@ class ChaosCluster:
         self.toxiproxy = toxiproxy
         self.duties = duties or Duties()
         topology = scenario.topology
-        self.control = [n.name for n in topology.control_nodes]
+        self.control = [n.name for n in topology.control_nodes]  # spares too
+        self.voters = [n.name for n in topology.voter_nodes]  # the initial configuration
+        self.spares = topology.spare_names
+        self.joined: set[str] = set()  # spares started as joining nodes
+        self.retired: set[str] = set()  # nodes removed and stopped
+        self._template: NodeFileConfig | None = None  # a voter's config, for joiners
         self.agents = [n.name for n in topology.agent_nodes]
         self.locations = topology.node_names
         self.runtime: Runtime = runtime or ProcessRuntime(self.control, on_spawn)
@@ -339,6 +354,7 @@ class ChaosCluster:
         self.data_dirs: dict[str, Path] = {}
         self.profiles: dict[str, Profile] = {}  # client location -> profile through proxies
         self.observer: Profile | None = None  # real addresses: the harness's own view
+        self.admin: Profile | None = None  # the same, as the admin (membership changes)
         self._lock = threading.RLock()
         self._created: list[str] = []  # proxy names this cluster created
 
@@ -349,7 +365,8 @@ class ChaosCluster:
         certs = work / "certs"
         net = self.runtime.addressing
         # A certificate and token per agent: each may act only as itself.
-        init_certs(certs, self.control, net.cert_hosts, agents=self.agents)
+        # Spares get theirs when they join (prepare_node), as `goml node add` issues one.
+        init_certs(certs, self.voters, net.cert_hosts, agents=self.agents)
         token = (certs / "client.token").read_text().strip()
         self.addresses = {n: net.node_observed(n) for n in self.control}
         # Proxies: node->node, agent@X->N, client@X->N.
@@ -367,12 +384,21 @@ class ChaosCluster:
             self._apply(state)
         raft = self.scenario.raft
         for name in self.control:
-            peers = {
-                n: net.node_listen(n) if n == name else self.proxies[f"{name}->{n}"].listen
-                for n in self.control
-            }
             data_dir = work / "nodes" / name
             self.data_dirs[name] = data_dir
+            path = work / "config" / f"{name}.yaml"
+            self.nodes[name] = self.runtime.node(
+                name,
+                ["node", "run", "--config", str(path)],
+                data_dir,
+                work / "logs" / f"{name}.log",
+            )
+            if name in self.spares:
+                continue  # its config is written when it joins
+            peers = {
+                n: net.node_listen(n) if n == name else self.proxies[f"{name}->{n}"].listen
+                for n in self.voters
+            }
             config = NodeFileConfig(
                 node_id=name,
                 listen=net.node_listen(name),
@@ -387,15 +413,9 @@ class ChaosCluster:
                 raft=RaftTiming(**raft.model_dump()),  # the same fields, every knob
                 duties=self.duties,
             )
-            path = work / "config" / f"{name}.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_node_config(path, config)
-            self.nodes[name] = self.runtime.node(
-                name,
-                ["node", "run", "--config", str(path)],
-                data_dir,
-                work / "logs" / f"{name}.log",
-            )
+            self._template = self._template or config
         for x in self.agents:
             node = self.scenario.topology.node(x)
             own = identity_files(certs, Identity(Role.AGENT, x))
@@ -436,6 +456,50 @@ class ChaosCluster:
                 {n: self.proxies[f"client@{x}->{n}"].host_listen for n in self.control}
             )
         self.observer = profile(dict(self.addresses))
+        admin = identity_files(certs, Identity(Role.ADMIN, DEFAULT_ADMIN))
+        assert admin.token is not None
+        self.admin = Profile(
+            nodes=dict(self.addresses),
+            token=admin.token.read_text().strip(),
+            ca=certs / "ca.pem",
+            cert=admin.cert,
+            key=admin.key,
+        )
+
+    # ------------------------------------------------------------ membership
+
+    def prepare_joiner(self, name: str, peers: tuple[str, ...]) -> None:
+        """Spare `name`'s certificate (from the cluster CA) and config (join: true, the
+        members `peers` through its proxies), as `goml node add --template` writes them."""
+        assert name in self.spares and name not in self.joined, name
+        assert self._template is not None
+        net = self.runtime.addressing
+        listen = net.node_listen(name)
+        host = listen.rpartition(":")[0]
+        prepare_node(
+            self.work_dir / "certs",
+            self._template,
+            name,
+            listen,
+            self.data_dirs[name],
+            self.work_dir / "config" / f"{name}.yaml",
+            {n: self.proxies[f"{name}->{n}"].listen for n in peers if n != name},
+            [h for h in net.cert_hosts if h != host],
+        )
+        self.joined.add(name)
+
+    def in_service(self, name: str) -> bool:
+        """An initial voter or a spare that joined, not removed and stopped since."""
+        return name not in self.retired and (name not in self.spares or name in self.joined)
+
+    def replicas(self) -> list[str]:
+        """The control nodes whose stores count (without spares: all of them)."""
+        return [n for n in self.control if self.in_service(n)]
+
+    def stop(self, member: Member) -> None:
+        """Stop one member for good (SIGTERM, then SIGKILL past the deadline)."""
+        with self._lock:
+            self.runtime.stop_all([member], STOP_TIMEOUT_S)
 
     def _proxy(self, name: str, source: str, target: str, host_side: bool = False) -> None:
         net = self.runtime.addressing

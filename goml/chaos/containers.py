@@ -92,6 +92,10 @@ def process_only(scenario: Scenario) -> str | None:
     """Why `scenario` needs the process runtime (None when containers can play it)."""
     kinds = sorted({str(getattr(f, "kind", "")) for f in scenario.faults} & PROCESS_ONLY_FAULTS)
     if not kinds:
+        if scenario.topology.spare_names:
+            # A joining node's certificate and config are prepared on the host when it
+            # joins (goml.chaos.cluster); the container runtime builds every member first.
+            return "its spare nodes join during the run (--runtime processes)"
         return None
     return f"its {' and '.join(kinds)} faults act on host processes (--runtime processes)"
 

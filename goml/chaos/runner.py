@@ -13,6 +13,12 @@ stored log.
 Threads: the player runs on the main thread only. Submitting threads hand their outcomes
 (with the times they measured) to it through a queue that the main loop drains, between
 the player's timers and its polls of the leader.
+
+Membership faults: the player's plan is driven by `goml.cluster.membership.Operator` (the
+plan's own driver, over the real ChangeMembership RPC with the admin's credentials) on a
+thread of its own, which hands each step's start and the outcome to the main loop through
+a queue of its own (seen at the next poll, within MONITOR_EVERY_S). A spare is prepared
+(`ChaosCluster.prepare_joiner`) and started when it joins; a removed node is stopped.
 """
 
 from __future__ import annotations
@@ -53,6 +59,14 @@ from goml.chaos.toxiproxy import Stream, Toxiproxy, ToxiproxyError
 from goml.client import Client, ClientError
 from goml.cluster.config import Duties
 from goml.cluster.inspect import agreed_prefix, read_store, replay_cluster
+from goml.cluster.membership import Operator
+from goml.cluster.membership_plan import (
+    SCENARIO_CATCH_UP_WAIT_MS,
+    SCENARIO_STEP_TIMEOUT_MS,
+    Failed,
+    Finished,
+    Step,
+)
 from goml.proto import api_pb2
 from goml.raft.types import EntryKind
 from goml.report.fidelity import compare
@@ -63,8 +77,10 @@ from goml.scenario.player import (
     CLIENT_GIVE_UP_MS,
     CLIENT_HEDGE_AFTER_MS,
     COMMAND_TYPES,
+    ChangeDone,
     FinalState,
     ScenarioPlayer,
+    StepStarted,
     SubmitDone,
     SubmitOutcome,
     client_domains,
@@ -133,6 +149,11 @@ class ChaosRun:
             SUBMITS_QUEUED_MAX
         )
         self._outstanding = 0  # main thread only
+        # From the membership thread: a step started, a change ended (bounded: one change
+        # at a time, a handful of steps each).
+        self._membership_events: queue.Queue[Callable[[], None]] = queue.Queue(64)
+        self._changer: threading.Thread | None = None
+        self.log: Callable[[str], None] = lambda _: None
         self._submitting = False
         self.player = ScenarioPlayer(scenario, seed, self)
 
@@ -150,7 +171,8 @@ class ChaosRun:
         self.cluster.kill(self.cluster.nodes[name])
 
     def start_node(self, name: str) -> None:
-        self.cluster.start(self.cluster.nodes[name])
+        if self.cluster.in_service(name):  # a spare starts when it joins, a removed node never
+            self.cluster.start(self.cluster.nodes[name])
 
     def pause_node(self, name: str, duration_s: float) -> None:
         self._pause(self.cluster.nodes[name], duration_s)
@@ -210,6 +232,58 @@ class ChaosRun:
             if link != self._latency.get(pair):
                 update({pair}, functools.partial(_override, link))
         self._latency = dict(latency)
+
+    # -------------------------------------------------- backend: membership
+
+    def join_node(self, name: str, peers: tuple[str, ...]) -> None:
+        self.cluster.prepare_joiner(name, peers)
+        self.cluster.start(self.cluster.nodes[name])
+
+    def member_address(self, name: str) -> str:
+        # The proxy from the node that leads now (see goml.chaos.cluster: one address
+        # per member in a configuration).
+        source = self._leader_seen[0] if self._leader_seen else self.cluster.voters[0]
+        if source == name:
+            source = next(n for n in self.cluster.voters if n != name)
+        return self.cluster.proxies[f"{source}->{name}"].listen
+
+    def change_membership(
+        self, steps: tuple[Step, ...], started: StepStarted, done: ChangeDone
+    ) -> None:
+        assert self._changer is None or not self._changer.is_alive(), "one change at a time"
+        assert self.cluster.admin is not None
+        operator = Operator(self.cluster.admin, SCENARIO_STEP_TIMEOUT_MS / 1000, say=self.log)
+        events = self._membership_events
+
+        def change() -> None:
+            """The membership thread: never touches the player, only the queue."""
+            outcome: Finished | Failed
+            try:
+                outcome, _ = operator.drive(
+                    steps,
+                    SCENARIO_CATCH_UP_WAIT_MS / 1000,
+                    lambda step: events.put(
+                        functools.partial(started, step, self.now_s()), timeout=5.0
+                    ),
+                )
+            except Exception as error:  # a harness bug: the change fails, the run goes on
+                outcome = Failed(f"harness error: {type(error).__name__}: {error}")
+            events.put(functools.partial(done, outcome), timeout=5.0)
+
+        self._changer = threading.Thread(target=change, name="chaos-membership", daemon=True)
+        self._changer.start()
+
+    def stop_node(self, name: str) -> None:
+        self.cluster.retired.add(name)
+        self.cluster.stop(self.cluster.nodes[name])
+
+    def _membership_hand_over(self) -> None:
+        while True:
+            try:
+                event = self._membership_events.get_nowait()
+            except queue.Empty:
+                return
+            event()
 
     # ------------------------------------------------------ backend: views
 
@@ -344,6 +418,8 @@ class ChaosRun:
                 action()
                 now_s = self.now_s()
             if now_s >= next_poll_s:
+                # Steps first: the player judges them by the leader it saw last.
+                self._membership_hand_over()
                 self.leader()
                 next_poll_s = self.now_s() + MONITOR_EVERY_S
             if done is not None and now_s >= next_check_s:
@@ -369,17 +445,20 @@ class ChaosRun:
         wait until the submits in flight ended, the tasks are done and every node has
         applied the leader's commit (bounded). The submitting threads then stop."""
         self.player.end_faults()
+        out_of_service = [
+            self.cluster.nodes[n] for n in self.cluster.control if not self.cluster.in_service(n)
+        ]
         for process in self.cluster.all_processes():
             if process.paused:
                 self.cluster.resume(process)
-            if not process.running:
+            if not process.running and process not in out_of_service:
                 self.cluster.start(process)
         settled = self._drive(self.now_s() + timeout_s, self._converged)
         self._stop_submitters()
         return settled
 
     def _converged(self) -> bool:
-        if self.player.in_flight:
+        if self.player.in_flight or self.player.changes_in_flight:
             return False
         leader = self.leader()
         if leader is None:
@@ -391,7 +470,7 @@ class ChaosRun:
         if any(int(status.tasks_by_state.get(state, 0)) for state in UNFINISHED):
             return False
         commit = int(status.commit_index)
-        for name in self.cluster.control:
+        for name in self.cluster.replicas():
             try:
                 seen = self._observer.status(name)
             except ClientError:
@@ -404,6 +483,9 @@ class ChaosRun:
     def close(self) -> None:
         self._submitting = False
         self._observer.close()
+        if self._changer is not None:
+            # Bounded by the plan's deadlines; a daemon thread past this does no harm.
+            self._changer.join(timeout=5.0)
 
 
 def _block(state: ProxyState, stream: Stream) -> None:
@@ -431,7 +513,7 @@ def check_stores(
 ) -> tuple[int, int, dict[str, int], int]:
     """(tasks lost, extra results, task counts by state, tasks retried) from every stopped
     node's store (counts and retries: the replica that holds the most tasks)."""
-    manifests = replay_cluster(cluster.data_dirs)
+    manifests = replay_cluster({n: cluster.data_dirs[n] for n in cluster.replicas()})
     lost: set[str] = set()
     for manifest in manifests.values():
         for key, task_id in acknowledged.items():
@@ -453,7 +535,7 @@ def check_stores(
 def count_store_commands(cluster: ChaosCluster) -> tuple[dict[str, int], str | None]:
     """Committed commands by type from the longest stored log (stopped nodes), and a
     note when that log was compacted (then only what is left of it is counted)."""
-    images = [read_store(cluster.data_dirs[name]) for name in cluster.control]
+    images = [read_store(cluster.data_dirs[name]) for name in cluster.replicas()]
     reference = max(images, key=lambda image: image.commit)  # as replay_cluster
     longest = max(images, key=lambda image: image.last_index)
     up_to = agreed_prefix(longest, reference, reference.commit)
@@ -556,6 +638,8 @@ def run_chaos(
     started = time.monotonic()
     client_locations = [c.node for c in (scenario.workload.clients if scenario.workload else [])]
     disk_or_clock = any(isinstance(f, DiskFault | ClockFault) for f in scenario.faults)
+    if scenario.topology.spare_names and runtime != "processes":
+        raise ValueError("spare nodes (membership faults) need --runtime processes")
     if disk_or_clock and runtime != "processes":
         raise ValueError(
             "disk and clock faults need --runtime processes (loop devices, the block I/O "
@@ -580,11 +664,13 @@ def run_chaos(
                     log(note)
             (work_dir / "cluster.json").write_text(json.dumps(cluster.describe(), indent=2))
             for process in cluster.all_processes():
-                cluster.start(process)
+                if process not in [cluster.nodes[n] for n in cluster.spares]:
+                    cluster.start(process)  # a spare starts when it joins
             _wait_ready(cluster, STARTUP_TIMEOUT_S)
             log(f"cluster up: {len(cluster.control)} nodes, {len(cluster.agents)} agents, "
                 f"{len(cluster.proxies)} proxies; playing {scenario.duration_s:g} s")  # fmt: skip
             run = ChaosRun(scenario, seed, cluster, faults if disk_or_clock else None)
+            run.log = log
             run.play()
             settled = run.settle(SETTLE_TIMEOUT_S)
             # As the simulator's sim_seconds: the scenario plus the settling after it.
@@ -641,7 +727,8 @@ def _wait_ready(cluster: ChaosCluster, timeout_s: float) -> None:
             problem = _not_ready(cluster, client)
             if problem is None:
                 return
-            dead = [p.name for p in cluster.all_processes() if not p.running]
+            spares = [cluster.nodes[n] for n in cluster.spares]
+            dead = [p.name for p in cluster.all_processes() if not p.running and p not in spares]
             if dead:
                 raise ChaosError(f"{', '.join(dead)} exited at start: see {cluster.work_dir}/logs")
             if time.monotonic() > deadline:
@@ -653,7 +740,7 @@ def _not_ready(cluster: ChaosCluster, client: Client) -> str | None:
     leader = cluster.leader(client)
     if leader is None:
         return "no leader"
-    for name in cluster.control:
+    for name in cluster.voters:
         if cluster.node_status(name, client) is None:
             return f"node {name} does not answer"
     try:
@@ -686,7 +773,8 @@ def prediction(scenario: Scenario, seed: int, first_leader: str | None = None) -
 KEY_FIGURES = (
     "failover_s", "submit_ms", "submit_ms_steady", "tasks_submitted", "tasks_acknowledged",
     "tasks_succeeded", "tasks_dead", "tasks_lost", "duplicate_results", "leader_changes",
-    "settled", "submits_given_up", "commands_per_task",
+    "settled", "submits_given_up", "commands_per_task", "membership_changes",
+    "membership_changes_failed",
 )  # fmt: skip
 
 
@@ -729,6 +817,14 @@ def _readable(summary: dict[str, Any]) -> str:
         row("results twice", "duplicate_results"),
         row("leader changes", "leader_changes"),
         row("settled", "settled"),
+        *(
+            [
+                row("membership changes", "membership_changes"),
+                row("  failed", "membership_changes_failed"),
+            ]
+            if summary.get("membership_changes") or summary.get("membership_changes_failed")
+            else []
+        ),
         # Issue 14's tolerances: failovers equal, p50s within 25 %, steady p99 within 50 %.
         "  prediction / real     " + ", ".join(verdicts),
         "  commands per task",

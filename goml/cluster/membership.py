@@ -1,19 +1,15 @@
 """`goml node add / remove / replace`: membership changes as an operator makes them.
 
-The Raft core makes one single-server change at a time (goml.raft.core); this module
-strings them together the way the dissertation (4.2.1) and etcd's runbooks do:
+The Raft core makes one single-server change at a time (goml.raft.core). Which steps
+an add, a remove or a replace is, when a step counts as done and which refusals are
+retried is decided once, in the sans-IO `goml.cluster.membership_plan` (the simulator and
+the chaos runner drive the same plans); this module is its gRPC runtime, plus what an
+operator does around it:
 - add: issue the node's certificate from the cluster CA and write its config (join:
-  true, the current members as its peers), add it as a learner, then promote it once it
-  has caught up (the leader waits for that: no availability is lost while it copies);
-- remove: one change; a removed node keeps running until its operator stops it (it
-  never campaigns again by its own configuration);
-- replace OLD NEW: add NEW (learner, then voter), then remove OLD. Adding first never
-  lowers the number of failures the cluster tolerates, also when OLD is dead already.
-
-Each step is safe to run again: before a change and after a refusal, the configuration
-is read back, and a change already made counts as done (a retried call whose first
-answer was lost). Refusals that pass (a change still committing, a new leader that has
-not committed in its term yet) are retried until the deadline.
+  true, the current members as its peers), then the plan (learner, promoted once caught up);
+- remove: a removed node keeps running until its operator stops it (it never campaigns
+  again by its own configuration);
+- replace OLD NEW: add NEW, then remove OLD.
 """
 
 from __future__ import annotations
@@ -29,12 +25,22 @@ from goml.api.auth import Identity, Role
 from goml.client import Client, ClientError, Profile
 from goml.cluster.certs import identity_files, issue_identity
 from goml.cluster.config import NodeFileConfig, TlsFiles, write_node_config
+from goml.cluster.membership_plan import (
+    Call,
+    ChangeDriver,
+    Failed,
+    Finished,
+    MembersView,
+    Pause,
+    PlanError,
+    Refusal,
+    Step,
+    plan_add,
+    plan_remove,
+    plan_replace,
+)
 from goml.proto import api_pb2
 
-ADD_LEARNER, PROMOTE, REMOVE = "add-learner", "promote", "remove"
-# A refusal that goes away by itself (goml.raft.core's messages): retried.
-_PASSING = ("retry shortly", "not committed yet", "has not caught up", "did not catch up")
-STEP_PAUSE_S = 0.2  # between tries of a refused step: the cluster needs a commit or two
 CALL_MARGIN_S = 10.0  # a promotion's call waits for its learner, plus this
 
 
@@ -45,6 +51,10 @@ class Members:
     addresses: dict[str, str]  # every member the leader knows an address for
     index: int  # the configuration's log index (0: the bootstrap one)
     committed: bool  # the leader has committed it (an uncommitted one may yet be undone)
+
+    @property
+    def view(self) -> MembersView:
+        return MembersView(self.voters, self.learners, self.committed)
 
 
 def members_of(status: api_pb2.StatusResponse) -> Members:
@@ -116,6 +126,15 @@ class MembershipError(Exception):
     """A change the cluster refused for good (the message says why), or a deadline."""
 
 
+def refusal_of(code: grpc.StatusCode) -> Refusal:
+    """How the plan takes a gRPC error (the client follows NOT_LEADER redirects itself)."""
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return Refusal.PRECONDITION
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Refusal.UNAVAILABLE
+    return Refusal.OTHER
+
+
 class Operator:
     """Membership changes through the admin profile `profile`, each step bounded by
     `timeout_s`; `say` hears one line per step."""
@@ -133,91 +152,85 @@ class Operator:
 
     def add(self, name: str, address: str, wait_s: float) -> Members:
         """`name` as a learner at `address`, then a voter once it caught up."""
-        self._step(ADD_LEARNER, name, address, 0, done=lambda m: name in m.members_all)
-        return self._step(
-            PROMOTE, name, "", int(wait_s * 1000), done=lambda m: name in m.voters, wait_s=wait_s
-        )
+        return self.run(plan_add(name, address), wait_s)
 
     def remove(self, name: str) -> Members:
-        return self._step(REMOVE, name, "", 0, done=lambda m: name not in m.members_all)
+        return self.run(plan_remove(name), 0.0)
 
     def replace(self, old: str, new: str, address: str, wait_s: float) -> Members:
-        if old == new:
-            raise MembershipError(
-                f"replace {old} by itself: remove it, wipe its disk, add it again"
-            )
-        self.add(new, address, wait_s)
-        return self.remove(old)
+        try:
+            steps = plan_replace(old, new, address)
+        except PlanError as error:
+            raise MembershipError(str(error)) from None
+        return self.run(steps, wait_s)
 
-    def _step(
+    def run(self, steps: tuple[Step, ...], wait_s: float) -> Members:
+        """Drive `steps` (a `membership_plan` plan) to the end; MembershipError if not."""
+        outcome, members = self.drive(steps, wait_s)
+        if isinstance(outcome, Failed):
+            raise MembershipError(outcome.why)
+        assert members is not None
+        return members
+
+    def drive(
         self,
-        kind: str,
-        name: str,
-        address: str,
-        wait_ms: int,
-        done: Callable[[_View], bool],
-        wait_s: float = 0.0,
-    ) -> Members:
-        deadline = time.monotonic() + self.timeout_s + wait_s
-        call_s = min(5.0, self.timeout_s) + (wait_s + CALL_MARGIN_S if wait_ms else 0.0)
+        steps: tuple[Step, ...],
+        wait_s: float,
+        started: Callable[[Step], None] = lambda _: None,
+    ) -> tuple[Finished | Failed, Members | None]:
+        """Drive `steps` over gRPC: the outcome, and the configuration last read.
+        `started` hears each step as it is first sent."""
+        driver = ChangeDriver(steps, int(self.timeout_s * 1000), int(wait_s * 1000))
+        call_s = min(5.0, self.timeout_s) + (wait_s + CALL_MARGIN_S if wait_s else 0.0)
+        said = 0
+        sent: set[Step] = set()
+        members: Members | None = None
         with Client(self.profile, call_timeout_s=call_s, retry_s=self.timeout_s + wait_s) as c:
+            # Bounded by the driver: every step has a deadline, and the loop pauses.
             while True:
-                view = _View(members_of(c.status()))
-                if done(view) and not view.members.committed and time.monotonic() < deadline:
-                    time.sleep(STEP_PAUSE_S)  # made, not committed yet: wait for it
-                    continue
-                if done(view):
-                    self.say(
-                        f"{kind} {name}: done (voters {_names(view.voters)}, "
-                        f"learners {_names(view.learners)})"
-                    )
-                    return view.members
                 try:
-                    answer = c.change_membership(kind, name, address, wait_ms)
-                    self.say(
-                        f"{kind} {name}: committed at index {answer.index} (voters "
-                        f"{_names(answer.voters)}, learners {_names(answer.learners)})"
-                    )
-                    continue  # read it back: done() decides
+                    members = members_of(c.status())
+                    view: MembersView | None = members.view
                 except ClientError as error:
-                    passing = error.code is grpc.StatusCode.FAILED_PRECONDITION and any(
-                        p in error.detail for p in _PASSING
+                    if refusal_of(error.code) is not Refusal.UNAVAILABLE:
+                        return Failed(f"status: {error}"), members
+                    view = None
+                action = driver.next(view, _now_ms())
+                for step in driver.done_steps[said:]:
+                    assert members is not None
+                    self.say(
+                        f"{step}: done (voters {_names(members.voters)}, "
+                        f"learners {_names(members.learners)})"
                     )
-                    if error.code is grpc.StatusCode.FAILED_PRECONDITION and not passing:
-                        view = _View(members_of(c.status()))
-                        if done(view):  # made by an earlier try whose answer was lost
+                said = len(driver.done_steps)
+                match action:
+                    case Finished() | Failed():
+                        return action, members
+                    case Pause(delay_ms, why):
+                        if "trying again" in why:
+                            self.say(why)
+                        # Polling a remote cluster: nothing local to wait on.
+                        time.sleep(delay_ms / 1000)
+                    case Call(step, wait_ms):
+                        if step not in sent:
+                            sent.add(step)
+                            started(step)
+                        try:
+                            answer = c.change_membership(
+                                step.kind.value, step.node, step.address, wait_ms
+                            )
+                        except ClientError as error:
+                            driver.refused(refusal_of(error.code), error.detail)
                             continue
-                        raise MembershipError(f"{kind} {name}: {error.detail}") from None
-                    if error.code not in (
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                    ):
-                        raise MembershipError(f"{kind} {name}: {error}") from None
-                    if time.monotonic() > deadline:
-                        raise MembershipError(
-                            f"{kind} {name}: not done in time; last: {error.detail}"
-                        ) from None
-                    self.say(f"{kind} {name}: {error.detail}; trying again")
-                # Polling a remote cluster: nothing local to wait on.
-                time.sleep(STEP_PAUSE_S)
+                        driver.answered()
+                        self.say(
+                            f"{step}: committed at index {answer.index} (voters "
+                            f"{_names(answer.voters)}, learners {_names(answer.learners)})"
+                        )
 
 
-@dataclass(frozen=True)
-class _View:
-    members: Members
-
-    @property
-    def voters(self) -> tuple[str, ...]:
-        return self.members.voters
-
-    @property
-    def learners(self) -> tuple[str, ...]:
-        return self.members.learners
-
-    @property
-    def members_all(self) -> tuple[str, ...]:
-        return (*self.members.voters, *self.members.learners)
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
 
 
 def _names(names: Iterable[str]) -> str:

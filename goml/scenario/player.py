@@ -33,6 +33,18 @@ Definitions:
 - tasks_retried: acknowledged tasks the final manifest shows leased more than once (an
   agent lost, a failed attempt, or a lease that expired early, e.g. under a clock fault).
 
+Membership faults (`add_node`, `remove_node`, `replace_node`) are decided here too: the
+target (`leader` looked up when the fault fires), the plan (goml.cluster.membership_plan:
+a replace adds the new node before it removes the old), one change at a time in firing
+order (a change fired while another is under way waits for it; changes fired before the
+end of the scenario are carried out while the backend settles), that a spare is started
+before it is added (joining, the current members as its peers), that a removed node is
+stopped once its removal committed, and that the removal of the leader opens a failover
+window (it steps down once the removal commits). The backend drives the plan's steps
+with the plan's own driver (`ChangeDriver`), so the steps are the same in both worlds
+and in `goml node replace`. Quorums (steadiness, `random` targets) count the members
+of the configuration the changes have left.
+
 Randomness: only `random.Random(f"{seed}:faults")` (targets named `random`) and
 `random.Random(f"{seed}:workload")` (arrivals, clients, the mix), so a simulator run stays
 deterministic by seed.
@@ -55,6 +67,15 @@ from goml.api.retry import UNREACHABLE_MS, RetryConfig
 from goml.api.types import Resources, TaskRequest, TaskState
 from goml.cluster.commands import COMMAND_TYPE_NAMES, decode_command, dumps
 from goml.cluster.manifest import Manifest
+from goml.cluster.membership_plan import (
+    REMOVE,
+    Failed,
+    Finished,
+    Step,
+    plan_add,
+    plan_remove,
+    plan_replace,
+)
 from goml.report.summary import distribution
 from goml.scenario.faults import (
     Pair,
@@ -66,6 +87,8 @@ from goml.scenario.faults import (
 )
 from goml.scenario.schema import (
     CLOCK_OFFSET_MS_MAX,
+    LEADER,
+    AddNodeFault,
     AgentCrashFault,
     AnyFault,
     AnyLink,
@@ -78,6 +101,8 @@ from goml.scenario.schema import (
     Members,
     PartitionFault,
     PauseFault,
+    RemoveNodeFault,
+    ReplaceNodeFault,
     RestartFault,
     Scenario,
     ScheduledSubmit,
@@ -144,6 +169,8 @@ class SubmitOutcome:
 
 
 SubmitDone = Callable[[SubmitOutcome], None]
+ChangeDone = Callable[[Finished | Failed], None]
+StepStarted = Callable[[Step, float], None]  # the step, when it was sent (now_s)
 
 
 class Backend(Protocol):
@@ -212,6 +239,28 @@ class Backend(Protocol):
         """(node, term) of the running node that leads the highest term, if any."""
         ...
 
+    def join_node(self, name: str, peers: tuple[str, ...]) -> None:
+        """Start spare control node `name` as a node that joins (no configuration of its
+        own; `peers` the current members), as `goml node add` prepares one."""
+        ...
+
+    def member_address(self, name: str) -> str:
+        """The address control node `name` is added with (its peers dial it there)."""
+        ...
+
+    def change_membership(
+        self, steps: tuple[Step, ...], started: StepStarted, done: ChangeDone
+    ) -> None:
+        """Carry out `steps` against the leader with a `ChangeDriver` (read the
+        configuration back, call, pause, as it says); call `started` when a step is
+        first sent (with the time it was sent: the call may reach the player later)
+        and `done` exactly once with the driver's outcome. One at a time."""
+        ...
+
+    def stop_node(self, name: str) -> None:
+        """Stop control node `name` for good (it was removed from the configuration)."""
+        ...
+
     def submit(self, client: str, request: TaskRequest, done: SubmitDone) -> None:
         """Have workload client `client` submit `request` with the scenario clients'
         retry policy; call `done` exactly once."""
@@ -238,6 +287,8 @@ class Observations:
     submitted: int = 0
     gave_up: int = 0
     errors: list[str] = field(default_factory=list)  # the first SUBMIT_ERRORS_KEPT_MAX
+    # (fired at s, ended at s, fault, outcome, voters after it)
+    membership: list[tuple[float, float, str, str, tuple[str, ...]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +314,14 @@ class _Steadiness(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class _Change:
+    fired_s: float
+    description: str
+    steps: tuple[Step, ...]
+    joins: str  # the spare started before the plan ("" if none)
+
+
+@dataclass(frozen=True, slots=True)
 class _Pending:
     client: str
     location: str
@@ -280,6 +339,11 @@ class ScenarioPlayer:
         self.backend = backend
         topology = scenario.topology
         self.control_names = tuple(n.name for n in topology.control_nodes)
+        # The configuration's members as the membership faults leave it, in topology
+        # order (without such faults: the control nodes, as ever).
+        self.members = tuple(n.name for n in topology.voter_nodes)
+        self._changes: list[_Change] = []  # waiting, in firing order
+        self._changing: _Change | None = None
         self.agent_names = sorted(n.name for n in topology.agent_nodes)
         self.obs = Observations()
         self.failover_started_s: float | None = None
@@ -356,6 +420,11 @@ class ScenarioPlayer:
         """Submits issued and not ended yet."""
         return len(self._pending)
 
+    @property
+    def changes_in_flight(self) -> int:
+        """Membership changes fired and not ended yet."""
+        return len(self._changes) + (self._changing is not None)
+
     def leader_seen(self, name: str, term: int) -> None:
         """A backend saw `name` lead `term` (the simulator when a core becomes leader,
         the chaos runner when its poll finds a new one)."""
@@ -393,6 +462,8 @@ class ScenarioPlayer:
             self._disk_fault(fault, leader)
         elif isinstance(fault, ClockFault):
             self._clock_fault(fault, leader)
+        elif isinstance(fault, AddNodeFault | RemoveNodeFault | ReplaceNodeFault):
+            self._membership_fault(fault, description, leader)
         elif isinstance(fault, LinkLatencyFault):
             fault_id = next(self._fault_ids)
             for pair in sorted(self._pairs(fault.between, leader)):
@@ -440,9 +511,7 @@ class ScenarioPlayer:
     def _process_fault(
         self, fault: CrashFault | RestartFault | PauseFault, leader: str | None
     ) -> None:
-        name = resolve_target(
-            fault.target, lambda: leader, list(self.control_names), self._fault_rng
-        )
+        name = resolve_target(fault.target, lambda: leader, list(self.members), self._fault_rng)
         if name is None:  # `leader` while there is none: nothing to hit
             return
         if name not in self.control_names:
@@ -462,9 +531,72 @@ class ScenarioPlayer:
             self._later(fault.down_s, start)
 
     def _control_target(self, target: str, leader: str | None) -> str | None:
-        name = resolve_target(target, lambda: leader, list(self.control_names), self._fault_rng)
+        name = resolve_target(target, lambda: leader, list(self.members), self._fault_rng)
         assert name is None or name in self.control_names, name  # validated at load
         return name
+
+    # -------------------------------------------------------------- membership
+
+    def _membership_fault(
+        self,
+        fault: AddNodeFault | RemoveNodeFault | ReplaceNodeFault,
+        what: str,
+        leader: str | None,
+    ) -> None:
+        target: str | None = fault.target
+        if not isinstance(fault, AddNodeFault) and fault.target == LEADER:
+            target = leader
+        if target is None:  # `leader` while there is none: nothing to change
+            self.backend.note("change-skipped", "", f"{what}: no leader")
+            return
+        if isinstance(fault, AddNodeFault):
+            steps = plan_add(target, self.backend.member_address(target))
+            joins = target
+        elif isinstance(fault, RemoveNodeFault):
+            steps, joins = plan_remove(target), ""
+        else:
+            steps = plan_replace(target, fault.new, self.backend.member_address(fault.new))
+            joins = fault.new
+        self._changes.append(_Change(self._now_rounded_s(), what, steps, joins))
+        self._next_change()
+
+    def _next_change(self) -> None:
+        if self._changing is not None or not self._changes:
+            return
+        change = self._changing = self._changes.pop(0)
+        if change.joins:
+            self.backend.join_node(change.joins, self.members)
+        self.backend.note("change-start", "", change.description)
+        self.backend.change_membership(
+            change.steps, self._change_step, functools.partial(self._change_done, change)
+        )
+
+    def _change_step(self, step: Step, sent_s: float) -> None:
+        self.backend.note("change-step", step.node, step.kind.value)
+        # The leader last seen, not a new look-up: a real backend hands the step over a
+        # little after it was sent, when the removed leader may have stepped down already.
+        if step.kind is REMOVE and self.obs.leaders and self.obs.leaders[-1][1] == step.node:
+            # It leads until its removal commits, then hands over and steps down.
+            self._failover_starts(f"removal of leader {step.node}", sent_s)
+
+    def _change_done(self, change: _Change, outcome: Finished | Failed) -> None:
+        assert self._changing is change, "one change at a time"
+        self._changing = None
+        if isinstance(outcome, Finished):
+            members = set(outcome.view.voters) | set(outcome.view.learners)
+            self.members = tuple(n for n in self.control_names if n in members)
+            result = "done"
+            for step in change.steps:
+                if step.kind is REMOVE:
+                    self.backend.stop_node(step.node)
+        else:
+            result = f"failed: {outcome.why}"
+        self.obs.membership.append(
+            (change.fired_s, self._now_rounded_s(), change.description, result, self.members)
+        )
+        self.backend.note("change-end", ",".join(self.members), result[:120])
+        self._steadiness_changed(self.backend.now_s())
+        self._next_change()
 
     def _disk_fault(self, fault: DiskFault, leader: str | None) -> None:
         name = self._control_target(fault.target, leader)
@@ -606,10 +738,10 @@ class ScenarioPlayer:
     def _reaches_quorum(self, location: str, cut: frozenset[Pair]) -> bool:
         reachable = sum(
             1
-            for name in self.control_names
+            for name in self.members
             if name == location or ((location, name) not in cut and (name, location) not in cut)
         )
-        return reachable > len(self.control_names) // 2
+        return reachable > len(self.members) // 2
 
     # ----------------------------------------------------------------- failover
 
@@ -617,10 +749,10 @@ class ScenarioPlayer:
         if leader is not None and not self._reaches_quorum(leader, self._cut()):
             self._failover_starts(f"{what} cuts leader {leader} off")
 
-    def _failover_starts(self, why: str) -> None:
+    def _failover_starts(self, why: str, at_s: float | None = None) -> None:
         if self.failover_started_s is not None:
             return  # one window at a time: it ends with the first submit after its start
-        self.failover_started_s = self.backend.now_s()
+        self.failover_started_s = self.backend.now_s() if at_s is None else at_s
         self.backend.note("failover-start", "", why)
         self._steadiness_changed(self.failover_started_s)
 
@@ -742,12 +874,15 @@ class ScenarioPlayer:
             "settled": final.settled,
             "submits_given_up": obs.gave_up,
             "submit_errors": list(obs.errors),
+            "membership_changes": sum(1 for m in obs.membership if m[3] == "done"),
+            "membership_changes_failed": sum(1 for m in obs.membership if m[3] != "done"),
             "commands_per_task": commands_per_task(final.commands, acknowledged),
             "timeline": {
                 "leaders": obs.leaders,
                 "faults": obs.faults,
                 "tasks_by_state": obs.tasks_by_state,
                 "submit_ms": [round(x, 2) for x in obs.submit_ms],
+                **({"membership": obs.membership} if obs.membership else {}),
             },
         }
 

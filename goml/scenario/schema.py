@@ -271,6 +271,10 @@ class Node(_Model):
     )
     # Used only when the node has the agent role.
     capacity: Capacity = Field(default_factory=Capacity)
+    # A control node outside the initial configuration: its machine is there, its node
+    # is started and joined by an `add_node` or `replace_node` fault (until then it runs
+    # nothing; its agent, if it has the role, runs from the start).
+    spare: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> Node:
@@ -278,6 +282,8 @@ class Node(_Model):
             raise ValueError(f"'{self.name}' is reserved (it means a role in faults)")
         if len(set(self.roles)) != len(self.roles):
             raise ValueError("roles repeat")
+        if self.spare and not self.is_control:
+            _raise_if(self, [(("spare",), "spare: true is for a node with the 'control' role")])
         return self
 
     @property
@@ -326,6 +332,10 @@ class Topology(_Model):
                     )
         if not any(n.is_control for n in self.nodes):
             problems.append((("nodes",), "at least one node needs the 'control' role"))
+        elif not any(n.is_control and not n.spare for n in self.nodes):
+            problems.append(
+                (("nodes",), "every control node is a spare: the cluster needs a first voter")
+            )
         _raise_if(self, problems)
         return self
 
@@ -336,6 +346,15 @@ class Topology(_Model):
     @property
     def control_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.is_control]
+
+    @property
+    def voter_nodes(self) -> list[Node]:
+        """The control nodes of the initial configuration (the spares join later)."""
+        return [n for n in self.nodes if n.is_control and not n.spare]
+
+    @property
+    def spare_names(self) -> list[str]:
+        return [n.name for n in self.nodes if n.spare]
 
     @property
     def agent_nodes(self) -> list[Node]:
@@ -881,6 +900,45 @@ class ClockFault(_Fault):
         return self
 
 
+class _MembershipFault(_Fault):
+    """A membership change, as `goml node add/remove/replace` makes it (the steps are
+    goml.cluster.membership_plan's); one firing each (a node joins once)."""
+
+    @model_validator(mode="after")
+    def _once(self) -> _MembershipFault:
+        if self.every_s is not None:
+            kind = getattr(self, "kind", "membership")
+            _raise_if(self, [(("every_s",), f"a {kind} fault fires once (no every_s)")])
+        return self
+
+
+class AddNodeFault(_MembershipFault):
+    """Start spare `target` (join: true, the current members as its peers) and add it:
+    a learner first, a voter once it has caught up."""
+
+    kind: Literal["add_node"] = "add_node"
+    target: Name  # a spare control node
+
+
+class RemoveNodeFault(_MembershipFault):
+    """Remove `target` from the configuration (the leader hands over and steps down once
+    its removal commits), then stop its process."""
+
+    kind: Literal["remove_node"] = "remove_node"
+    target: Target  # a member or `leader`
+
+
+class ReplaceNodeFault(_MembershipFault):
+    """Replace member `target` by spare `new`: add `new` (learner, then voter), then remove
+    `target` and stop it. Adding first never lowers the failures the cluster tolerates."""
+
+    kind: Literal["replace_node"] = "replace_node"
+    target: Target  # a member or `leader`
+    new: Name  # a spare control node
+
+
+MembershipFault = AddNodeFault | RemoveNodeFault | ReplaceNodeFault
+
 Fault = Annotated[
     CrashFault
     | RestartFault
@@ -892,7 +950,10 @@ Fault = Annotated[
     | UnclogFault
     | AgentCrashFault
     | DiskFault
-    | ClockFault,
+    | ClockFault
+    | AddNodeFault
+    | RemoveNodeFault
+    | ReplaceNodeFault,
     Field(discriminator="kind"),
 ]
 AnyFault = (
@@ -907,6 +968,9 @@ AnyFault = (
     | AgentCrashFault
     | DiskFault
     | ClockFault
+    | AddNodeFault
+    | RemoveNodeFault
+    | ReplaceNodeFault
 )
 
 
@@ -936,6 +1000,10 @@ COUNTERS = (
     "leader_changes",
     "submits_given_up",
     "tasks_retried",
+    # Membership faults carried out to the end, and those the cluster refused or that
+    # did not finish in time.
+    "membership_changes",
+    "membership_changes_failed",
 )
 # `commands_per_task.<Type>`: committed Raft commands of each type per acknowledged
 # task, and their `total`; the type names are those `goml.cluster.commands` decodes.
@@ -1204,11 +1272,91 @@ def _reference_problems(s: Scenario) -> list[tuple[Loc, str]]:
                 )
             else:
                 node_ref((*loc, "target"), f.target, RESERVED_NAMES)
+    problems.extend(_membership_problems(s))
     firings = sum(f.firings() for f in s.faults)
     if firings > FIRINGS_MAX:
         problems.append(
             (("faults",), f"the faults fire {firings} times in all, more than {FIRINGS_MAX}")
         )
+    return problems
+
+
+def _membership_problems(s: Scenario) -> list[tuple[Loc, str]]:
+    """Membership faults played in timeline order (`at_s`, then file order) against the
+    configuration they leave: the targets must be members, the new nodes spares that
+    were never members, and a voter must remain. `leader` is a member whichever it is."""
+    topo = s.topology
+    nodes = set(topo.node_names)
+    controls = {n.name for n in topo.control_nodes}
+    spares = set(topo.spare_names)
+    voters = {n.name for n in topo.voter_nodes}
+    voters_count = len(voters)
+    ever = set(voters)  # nodes that were members at some point
+    problems: list[tuple[Loc, str]] = []
+
+    def newcomer(loc: Loc, name: str) -> bool:
+        if name not in nodes:
+            problems.append((loc, f"unknown node '{name}' (known: {_list(sorted(nodes))})"))
+        elif name not in controls:
+            problems.append((loc, f"node '{name}' has no control role"))
+        elif name in voters:
+            problems.append((loc, f"node '{name}' is a member already"))
+        elif name in ever:
+            problems.append(
+                (loc, f"node '{name}' was a member before: its store holds the old state")
+            )
+        elif name not in spares:
+            problems.append((loc, f"node '{name}' is not a spare (give it spare: true)"))
+        else:
+            return True
+        return False
+
+    def member(loc: Loc, name: str) -> bool:
+        if name == LEADER:
+            return True
+        if name == RANDOM:
+            problems.append((loc, "a membership change takes a member's name or 'leader'"))
+        elif name not in nodes:
+            known = _list(sorted(voters | {LEADER}))
+            problems.append((loc, f"unknown node '{name}' (members now: {known})"))
+        elif name not in voters:
+            why = "was removed earlier" if name in ever else "is not a member (yet)"
+            problems.append((loc, f"node '{name}' {why}: members now: {_list(sorted(voters))}"))
+        else:
+            return True
+        return False
+
+    order = sorted(
+        (
+            (f.at_s, i, f)
+            for i, f in enumerate(s.faults)
+            if isinstance(f, AddNodeFault | RemoveNodeFault | ReplaceNodeFault)
+        ),
+        key=lambda item: (item[0], item[1]),
+    )
+    for _, i, f in order:
+        loc: Loc = ("faults", i)
+        if isinstance(f, AddNodeFault):
+            if newcomer((*loc, "target"), f.target):
+                voters.add(f.target)
+                ever.add(f.target)
+                voters_count += 1
+        elif isinstance(f, RemoveNodeFault):
+            if not member((*loc, "target"), f.target):
+                continue
+            if voters_count <= 1:
+                problems.append(((*loc, "target"), "it would remove the last voter"))
+                continue
+            voters.discard(f.target)
+            voters_count -= 1
+        else:
+            known_old = member((*loc, "target"), f.target)
+            if f.new == f.target:
+                problems.append(((*loc, "new"), "a node cannot replace itself"))
+            elif newcomer((*loc, "new"), f.new) and known_old:
+                voters.discard(f.target)
+                voters.add(f.new)
+                ever.add(f.new)
     return problems
 
 
@@ -1278,7 +1426,7 @@ def _raise_if(model: BaseModel, problems: list[tuple[Loc, str]]) -> None:
 def scenario_warnings(s: Scenario) -> list[tuple[Loc, str]]:
     """Things that are allowed but probably not meant."""
     out: list[tuple[Loc, str]] = []
-    controls = len(s.topology.control_nodes)
+    controls = len(s.topology.voter_nodes)
     if controls % 2 == 0:
         out.append(
             (

@@ -49,7 +49,8 @@ class _Forwarded:
 
 
 class SimNode(Endpoint):
-    def __init__(self, sim: Simulation, name: str) -> None:
+    def __init__(self, sim: Simulation, name: str, start: bool = True) -> None:
+        """`start`: False for a spare, which runs nothing until it joins."""
         self.sim = sim
         self.name = name
         self.location = name
@@ -69,7 +70,18 @@ class SimNode(Endpoint):
         self.reports_recorded: dict[str, int] = {}
         self.tick_at = -1.0
         self._tick_token = 0
-        self.start()
+        # Membership: the members it was told to join (None: an initial voter), and
+        # whether it was removed and stopped for good.
+        self.join_peers: tuple[str, ...] | None = None
+        self.retired = False
+        self._spare = not start
+        if start:
+            self.start()
+
+    @property
+    def in_service(self) -> bool:
+        """An initial voter or a spare that joined, not removed and stopped since."""
+        return not self.retired and (not self._spare or self.join_peers is not None)
 
     # --------------------------------------------------------------- views
 
@@ -87,6 +99,7 @@ class SimNode(Endpoint):
 
     def start(self) -> None:
         assert not self.alive
+        assert self.in_service, f"{self.name} is a spare not joined, or was removed"
         self.generation += 1
         self.alive = True
         self.paused = False
@@ -95,7 +108,7 @@ class SimNode(Endpoint):
         rng = random.Random(f"{self.sim.seed}:node:{self.name}:{self.generation}")
         now = self.sim.now_ms()
         self.node = NodeCore(
-            self.sim.node_config(self.name),
+            self.sim.node_config(self.name, self.join_peers),
             self.storage.load(),
             rng,
             validate_args,

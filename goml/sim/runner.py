@@ -79,6 +79,12 @@ def _readable(summary: dict[str, Any]) -> str:
         f"  leader changes {summary.get('leader_changes')}",
         f"  commands per task: {commands_per_task_text(summary.get('commands_per_task'))}",
     ]
+    changes = (summary.get("timeline") or {}).get("membership") or []
+    for fired_s, ended_s, what, outcome, members in changes:
+        lines.append(
+            f"  membership {what} at {fired_s} s: {outcome} at {ended_s} s "
+            f"(members {','.join(members)})"
+        )
     if "violation" in summary:
         lines = [f"SAFETY VIOLATION: {summary['violation']}"]
     lines += [f"  {e['text']}" for e in summary.get("expectations", [])]

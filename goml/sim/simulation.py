@@ -9,6 +9,11 @@ next deadline comes; nothing polls, so idle simulated time costs nothing. Time i
 milliseconds (`env.now`; the player's clock is `now_s`). One seed decides everything:
 each node, link, agent, client and the player draw from RNGs derived from it, so the
 same seed and code give the same trace (digest printed), whatever PYTHONHASHSEED.
+
+Membership faults: a spare control node exists from the start but runs nothing until the
+player joins it (a node whose config says join, the current members as its peers); the
+changes go through the leader's node core as `goml node replace` sends them
+(`goml.sim.operator`); a removed node is stopped and stays down, also while settling.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from goml.api.types import TaskRequest
 from goml.cluster.commands import Resources
 from goml.cluster.duties import DEFAULT_DUTIES
 from goml.cluster.manifest import ApplyResult, Code, TaskState
+from goml.cluster.membership_plan import Step
 from goml.cluster.node_core import (
     REQUEST_TIMEOUT_MS_DEFAULT,
     NodeCoreConfig,
@@ -35,8 +41,10 @@ from goml.raft.replica import raft_config
 from goml.raft.types import Message, Role
 from goml.scenario.faults import Pair
 from goml.scenario.player import (
+    ChangeDone,
     FinalState,
     ScenarioPlayer,
+    StepStarted,
     SubmitDone,
     SubmitOutcome,
     client_domains,
@@ -50,6 +58,7 @@ from goml.sim.client import SimClient
 from goml.sim.cpu import Cpu
 from goml.sim.network import Network
 from goml.sim.node import SimNode
+from goml.sim.operator import SimOperator
 
 SETTLE_MS_MAX = 120_000
 # Wall clocks start here when a scenario has clock faults, so that a clock set back by up
@@ -96,11 +105,14 @@ class Simulation:
         has_clock_faults = any(isinstance(f, ClockFault) for f in scenario.faults)
         self._wall_epoch_ms = WALL_EPOCH_MS if has_clock_faults else 0
         self.control_names = tuple(n.name for n in scenario.topology.control_nodes)
+        # The initial configuration (without spares: every control node, as ever).
+        self.voter_names = tuple(n.name for n in scenario.topology.voter_nodes)
         # Before any node starts: a node that wins an election reports it to the player.
         self.player = ScenarioPlayer(scenario, seed, self)
         self.nodes: dict[str, SimNode] = {}
         for name in self.control_names:
-            self.nodes[name] = SimNode(self, name)
+            self.nodes[name] = SimNode(self, name, start=name in self.voter_names)
+        self.operator = SimOperator(self, self.voter_names[0])
         self.agents: dict[str, SimAgent] = {}
         for node in scenario.topology.agent_nodes:
             capacity = Resources(node.capacity.cpu, node.capacity.memory_mb, node.capacity.gpu)
@@ -131,21 +143,24 @@ class Simulation:
             rng = self._disk_rngs[node] = random.Random(f"{self.seed}:disk:{node}")
         return rng
 
-    def node_config(self, name: str) -> NodeCoreConfig:
+    def node_config(self, name: str, join_peers: tuple[str, ...] | None = None) -> NodeCoreConfig:
         """A node's core configuration: the scenario's Raft timing, the production node's
-        standards (duties, limits, request timeout), node names as addresses."""
+        standards (duties, limits, request timeout), node names as addresses. A node that
+        joins (`join_peers`) has no voters of its own and names the members it joins, as
+        `goml node add` writes its config."""
         timing = self.scenario.raft
+        peers = self.voter_names if join_peers is None else (*join_peers, name)
         raft = tuned_raft(
             raft_config(
                 name,
-                self.control_names,
+                self.voter_names if join_peers is None else (),
                 timing.election_timeout_ms_min,
                 timing.election_timeout_ms_max,
                 timing.heartbeat_interval_ms,
             ),
             timing,
         )
-        addresses = tuple((n, n) for n in self.control_names)
+        addresses = tuple((n, n) for n in peers)
         return standard_config(
             raft, addresses, DEFAULT_DUTIES, REQUEST_TIMEOUT_MS_DEFAULT, COMPACT_EVERY_ENTRIES
         )
@@ -238,7 +253,7 @@ class Simulation:
 
     def start_node(self, name: str) -> None:
         node = self.nodes[name]
-        if not node.alive:
+        if not node.alive and node.in_service:  # a spare starts when it joins
             node.start()
 
     def pause_node(self, name: str, duration_s: float) -> None:
@@ -293,6 +308,28 @@ class Simulation:
         if node is None or node.core is None:
             return None
         return node.name, node.core.term
+
+    def join_node(self, name: str, peers: tuple[str, ...]) -> None:
+        node = self.nodes[name]
+        assert node.join_peers is None and not node.retired, f"{name} joins once"
+        node.join_peers = peers
+        self.record("join", name, ",".join(peers))
+        if not node.alive:
+            node.start()
+
+    def member_address(self, name: str) -> str:
+        return name  # simulated nodes are reached by name
+
+    def change_membership(
+        self, steps: tuple[Step, ...], started: StepStarted, done: ChangeDone
+    ) -> None:
+        self.operator.run(steps, started, done)
+
+    def stop_node(self, name: str) -> None:
+        node = self.nodes[name]
+        node.retired = True
+        node.crash()
+        self.record("stop", name, "removed")
 
     def submit(self, client: str, request: TaskRequest, done: SubmitDone) -> None:
         started_s = self.now_s()
@@ -364,6 +401,8 @@ class Simulation:
         the logs."""
         self.player.end_faults()
         for name in self.control_names:
+            if not self.nodes[name].in_service:
+                continue  # a spare never joined, or a node removed and stopped
             self.start_node(name)
             self.nodes[name].run()
         for name in self.agents:
@@ -382,7 +421,7 @@ class Simulation:
         core = leader.core
         if core.log.term_at(core.commit) != core.term:
             return False
-        for node in self.nodes.values():
+        for node in self._replicas():
             if node.core is None or node.core.applied != core.log.last_index:
                 return False
         unfinished = sum(
@@ -390,15 +429,22 @@ class Simulation:
             for state, count in leader.manifest.counts_by_state().items()
             if state in (TaskState.PENDING, TaskState.LEASED, TaskState.RUNNING)
         )
-        return unfinished == 0 and self.player.in_flight == 0
+        return unfinished == 0 and self.player.in_flight == 0 and self.player.changes_in_flight == 0
+
+    def _replicas(self) -> list[SimNode]:
+        """The nodes whose stores count: every control node but spares never joined and
+        nodes removed and stopped (without membership faults: all of them)."""
+        return [node for node in self.nodes.values() if node.in_service]
 
     def _summary(self, wall_s: float) -> dict[str, object]:
         acknowledged = self.player.obs.acknowledged
         lost: set[str] = set()
-        for node in self.nodes.values():
+        replicas = self._replicas()
+        for node in replicas:
             for key, task_id in acknowledged.items():
                 if node.manifest.task_id_for_key(key) != task_id:
                     lost.add(task_id)
+        # Removed nodes too: a result a node recorded twice before it left is a duplicate.
         duplicate = sum(
             max(0, max((n.reports_recorded.get(t, 0) for n in self.nodes.values()), default=0) - 1)
             for t in acknowledged.values()
