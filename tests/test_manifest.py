@@ -866,3 +866,65 @@ def test_empty_manifest_snapshot() -> None:
     m = Manifest(LIMITS)
     assert Manifest.restore(m.snapshot()).snapshot() == m.snapshot()
     assert Manifest.restore(m.snapshot()).limits == LIMITS
+
+
+def reference_lease(
+    m: Manifest, agent_id: str, free: Resources, max_count: int, excluded: frozenset[str]
+) -> tuple[str, ...] | None:
+    """The lease rule as it was written before the manifest kept an index for it: every
+    open task, sorted at each call. The index must choose exactly what this chooses."""
+    agent = m.get_agent(agent_id)
+    if agent is None or agent.state is not AgentState.ALIVE:
+        return None
+    open_tasks = [t for t in m.list_tasks(limit=10_000) if t.state not in manifest_module.TERMINAL]
+    in_use = Resources(0.0, 0, 0)
+    for task in open_tasks:  # seq order
+        if task.lease is not None and task.lease.agent_id == agent_id:
+            in_use = in_use.plus(task.resources)
+    free = free.least(agent.capacity.minus(in_use))
+    count = max(1, min(max_count, m.limits.lease_tasks_max))
+    pending = sorted(
+        (t for t in open_tasks if t.state is TaskState.PENDING), key=lambda t: (-t.priority, t.seq)
+    )
+    chosen: list[str] = []
+    for task in pending:
+        if len(chosen) == count:
+            break
+        if task.id in excluded:
+            continue
+        if task.cloud is not None and task.cloud != agent.cloud:
+            continue
+        if task.region is not None and task.region != agent.region:
+            continue
+        if not task.resources.fits_in(free):
+            continue
+        chosen.append(task.id)
+        free = free.minus(task.resources)
+    return tuple(chosen)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lease_index_chooses_what_a_full_scan_chooses(seed: int) -> None:
+    """Random streams (priorities, clouds, gpu and cpu shapes, requeues, cancels, agents
+    going down); after every command, every agent's prediction with random free capacity
+    and exclusions equals the full scan's, and the lease index holds every PENDING task."""
+    rng = random.Random(1000 + seed)
+    m = Manifest(LIMITS)
+    now_ms = 0
+    compared = chosen_some = 0
+    for step in range(300):
+        now_ms += rng.randrange(0, 60)
+        m.apply(step + 1, encode_command(random_command(rng, m, now_ms)))
+        pending = [t for t in m.list_tasks(limit=10_000) if t.state is TaskState.PENDING]
+        assert [key[2] for key in m._pending_order] == [
+            t.id for t in sorted(pending, key=lambda t: (-t.priority, t.seq))
+        ]
+        for agent_id in ("a0", "a1", "a2", "a3"):
+            free = Resources(rng.choice([0.0, 0.5, 1.0, 2.0, 4.0]), 4096, rng.randrange(2))
+            excluded = frozenset(t.id for t in pending if rng.random() < 0.2)
+            max_count = rng.randrange(1, 5)
+            expected = reference_lease(m, agent_id, free, max_count, excluded)
+            assert m.leasable_tasks(agent_id, free, max_count, excluded) == expected
+            compared += 1
+            chosen_some += bool(expected)
+    assert compared == 1200 and chosen_some > 50, chosen_some

@@ -206,7 +206,7 @@ class LeaderDuties:
     def _any_lease_expired(manifest: Manifest, now_ms: int) -> bool:
         return any(
             task.lease is not None and task.lease.deadline_ms <= now_ms
-            for task in manifest.open_tasks()
+            for task in manifest.leased_tasks()
         )
 
 

@@ -291,6 +291,14 @@ def content_digest(spec: TaskSpec) -> str:
     return digest
 
 
+_Shape = tuple[Resources, str | None, str | None]
+
+
+def _shape(task: Task) -> _Shape:
+    """What the lease rule looks at to place a task: two tasks of one shape fit alike."""
+    return (task.resources, task.cloud, task.region)
+
+
 def _target(task: Task, event: TaskEvent) -> TaskState | None:
     target = TASK_TRANSITIONS.get((task.state, event))
     if target is TaskState.PENDING and task.attempts >= task.max_attempts:
@@ -315,6 +323,14 @@ class Manifest:
         # Ids of tasks not yet terminal, in seq order: leasing, expiry and requeues look
         # only here, so their cost follows the open work, not the whole history.
         self._open: dict[str, None] = {}
+        # The lease rule's view, kept by `_count` so a lease costs what it leases, not a
+        # sort of every open task (at 10,000 queued tasks that was most of each node's
+        # CPU): PENDING tasks in lease order (-priority, seq, id); how many PENDING tasks
+        # there are of each shape (resources, cloud, region); and, by agent, the open
+        # tasks that hold its leases.
+        self._pending_order: list[tuple[int, int, str]] = []
+        self._pending_shapes: dict[_Shape, int] = {}
+        self._leased_by_agent: dict[str, dict[str, None]] = {}
         self._by_key: dict[str, str] = {}  # idempotency key -> task id
         self._agents: dict[str, Agent] = {}  # iterate sorted only
         self._stale_reports_refused = 0
@@ -347,8 +363,46 @@ class Manifest:
         return self._latest_command_ms
 
     def _count(self, task: Task, delta: int) -> None:
+        assert delta in (1, -1), delta
         self._state_totals[task.state] += delta
         self._status_totals[_status_of(task)] += delta
+        if task.state is TaskState.PENDING:
+            key = (-task.priority, task.seq, task.id)
+            shape = _shape(task)
+            if delta > 0:
+                bisect.insort(self._pending_order, key)
+                self._pending_shapes[shape] = self._pending_shapes.get(shape, 0) + 1
+            else:
+                at = bisect.bisect_left(self._pending_order, key)
+                assert self._pending_order[at] == key, (key, at)
+                del self._pending_order[at]
+                left = self._pending_shapes[shape] - 1
+                if left:
+                    self._pending_shapes[shape] = left
+                else:
+                    del self._pending_shapes[shape]
+        if task.lease is not None and task.state not in TERMINAL:
+            agent_id = task.lease.agent_id
+            if delta > 0:
+                self._leased_by_agent.setdefault(agent_id, {})[task.id] = None
+            else:
+                held = self._leased_by_agent[agent_id]
+                del held[task.id]
+                if not held:
+                    del self._leased_by_agent[agent_id]
+
+    def _leased(self, agent_id: str | None = None) -> list[Task]:
+        """Open tasks holding a lease (of `agent_id`, or of any agent), in seq order:
+        the order the scans of every open task they replace went in."""
+        if agent_id is not None:
+            ids: Iterable[str] = self._leased_by_agent.get(agent_id, ())
+        else:
+            ids = itertools.chain.from_iterable(self._leased_by_agent.values())
+        return sorted((self._tasks[task_id] for task_id in ids), key=lambda t: t.seq)
+
+    def leased_tasks(self) -> list[Task]:
+        """Open tasks holding a lease, in submit order."""
+        return self._leased()
 
     def _store(self, task: Task) -> Task:
         old = self._tasks.get(task.id)
@@ -617,10 +671,10 @@ class Manifest:
         agent = self._agent(cmd.agent_id, AgentEvent.DOWN)
         self._agents[agent.id] = replace(agent, state=AgentState.DOWN)
         requeued = []
-        for task in self.open_tasks():
-            if task.lease is not None and task.lease.agent_id == agent.id:
-                self._store(self._requeue(task, cmd.now_ms, f"agent {agent.id} marked down"))
-                requeued.append(task.id)
+        for task in self._leased(agent.id):
+            assert task.lease is not None and task.lease.agent_id == agent.id, task
+            self._store(self._requeue(task, cmd.now_ms, f"agent {agent.id} marked down"))
+            requeued.append(task.id)
         return ApplyResult(
             index,
             True,
@@ -631,9 +685,8 @@ class Manifest:
 
     def _in_use(self, agent_id: str, releasing: frozenset[str] = frozenset()) -> Resources:
         total = Resources(0.0, 0, 0)
-        for task in self.open_tasks():  # seq order: float sums add up alike everywhere
-            lease = task.lease
-            if lease is not None and lease.agent_id == agent_id and task.id not in releasing:
+        for task in self._leased(agent_id):  # seq order: float sums add up alike everywhere
+            if task.id not in releasing:
                 total = total.plus(task.resources)
         return total
 
@@ -685,21 +738,31 @@ class Manifest:
             return []
         # Never trust the proposed free capacity beyond what the log itself knows is free.
         free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
-        pending = sorted(
-            (t for t in self.open_tasks() if t.state is TaskState.PENDING),
-            key=lambda t: (-t.priority, t.seq),
-        )
         chosen: list[Task] = []
-        for task in pending:
+        # Shapes found not to fit (or not to match the agent). `free` only shrinks as
+        # the walk goes on, so such a shape never fits further on: once every shape
+        # that waits is one, no task left can be chosen and the walk stops, where it
+        # went through every PENDING task (a full agent asked again and again).
+        unfit: set[_Shape] = set()
+        shapes = len(self._pending_shapes)
+        for _, _, task_id in self._pending_order:
             if len(chosen) == max_count:
                 break
-            if task.id in excluded:
+            if task_id in excluded:
                 continue
-            if task.cloud is not None and task.cloud != agent.cloud:
+            task = self._tasks[task_id]
+            assert task.state is TaskState.PENDING, task
+            shape = _shape(task)
+            if shape in unfit:
                 continue
-            if task.region is not None and task.region != agent.region:
-                continue
-            if not task.resources.fits_in(free):
+            if (
+                (task.cloud is not None and task.cloud != agent.cloud)
+                or (task.region is not None and task.region != agent.region)
+                or not task.resources.fits_in(free)
+            ):
+                unfit.add(shape)
+                if len(unfit) == shapes:
+                    break
                 continue
             chosen.append(task)
             free = free.minus(task.resources)
@@ -819,8 +882,9 @@ class Manifest:
 
     def _expire(self, index: int, cmd: ExpireLeases) -> ApplyResult:
         expired = []
-        for task in self.open_tasks():
-            if task.lease is not None and cmd.now_ms >= task.lease.deadline_ms:
+        for task in self._leased():
+            assert task.lease is not None, task
+            if cmd.now_ms >= task.lease.deadline_ms:
                 self._store(self._requeue(task, cmd.now_ms, "lease expired"))
                 expired.append(task.id)
         return ApplyResult(
