@@ -183,7 +183,12 @@ def _preflight_locked() -> dict[str, Any]:
                 raise PyinfraError(str(error)) from None
             if not membership.empty:
                 logger.info(f"goml: membership changes planned: {membership.describe()}")
-    coordinator = next((name for name in active if name not in retired), active[0])
+    # Makes the membership changes and checks the cluster: a control host if there is one.
+    staying = [name for name in active if name not in retired]
+    control_hosts = {n.host for n in plan.control}
+    coordinator = next(
+        (name for name in staying if name in control_hosts), staying[0] if staying else active[0]
+    )
     result = {
         "plan": plan,
         "wheelhouses": wheelhouses,
@@ -516,14 +521,18 @@ if ME is not None:
 
 
 # ------------------------------------------------------------------ membership
-# After every host's services are up (a new node runs, waiting to be added) and before a
-# retired host's services stop: pyinfra runs each operation on every host before the
-# next, in the order of this file.
+# After a new node runs (waiting to be added) and before a retired host's services stop.
+# pyinfra orders operations only along each host's own sequence (a DAG of them), not by
+# their place in this file: so the one membership operation is put on the coordinator,
+# which makes the changes, and on every host whose operations must come before or after
+# them (the new control hosts, the hosts that stop a service), where it does nothing.
 
 
 def change_membership() -> None:
     """The planned changes, one at a time, by goml.cluster.membership's Operator (the
     steps of `goml node add` and `goml node remove`): additions first, then removals."""
+    if host.name != PRE["coordinator"]:
+        return  # a host that only waits for the coordinator's changes (see above)
     certs: Path = PRE["certs"]
     members: Members | None = PRE["members"]
     nodes = {**(members.addresses if members else {}), **PLAN.peers()}
@@ -551,9 +560,6 @@ def _removed(node: str) -> Any:
     return lambda: node in PRE["removed"]
 
 
-if not MEMBERSHIP.empty and host.name == PRE["coordinator"]:
-    python.call(name=f"goml: membership: {MEMBERSHIP.describe()}", function=change_membership)
-
 # A retired host, once its node is no member (removed now or before): services stopped
 # and disabled. A host that is no control node any more stops its goml-node likewise.
 stop_node, stop_services = "", ()
@@ -561,6 +567,9 @@ if RETIRED is not None:
     stop_node, stop_services = RETIRED.node, ("goml-agent", "goml-node")
 elif ME is not None and not ME.is_control and ME.node in MEMBERSHIP.remove:
     stop_node, stop_services = ME.node, ("goml-node",)
+joining = ME is not None and ME in MEMBERSHIP.add
+if not MEMBERSHIP.empty and (host.name == PRE["coordinator"] or joining or stop_services):
+    python.call(name=f"goml: membership: {MEMBERSHIP.describe()}", function=change_membership)
 if stop_services:
     now: Members | None = PRE["members"]
     gone = now is not None and stop_node not in (*now.voters, *now.learners)
