@@ -324,6 +324,21 @@ def _private(name: str, src: Path, dest: str) -> Any:
     return files.put(name=name, src=str(src), dest=dest, user=USER, group=USER, mode="600")
 
 
+def _private_reread(name: str, src: Path, dest: str) -> Any:
+    """A private file a running service rereads when it changes (tokens): uploaded beside
+    it, then renamed over it, so no reader sees it half written. files.put writes in
+    place, and a node that read tokens.txt mid-upload (a new agent's token added by a
+    membership change) refused a client's valid token."""
+    staged = f"{dest}.staged"
+    put = _private(name, src, staged)
+    server.shell(
+        name=f"{name} (renamed into place)",
+        commands=[f"cp -p {staged} {dest}.tmp && mv -f {dest}.tmp {dest}"],
+        _if=put.did_change,
+    )
+    return put
+
+
 def _any_changed(ops: list[Any]) -> Any:
     return lambda: any(op.did_change() for op in ops)
 
@@ -418,7 +433,7 @@ if ME is not None:
     if ME.is_control:
         # Not an input of the node's restart: a running node rereads it when it changes, so a
         # token rotated or revoked by a new deploy takes effect with no restart.
-        _private("goml: accepted tokens", CERTS / "tokens.txt", f"{TLS}/tokens.txt")
+        _private_reread("goml: accepted tokens", CERTS / "tokens.txt", f"{TLS}/tokens.txt")
         node_inputs = [
             package,
             ca,
@@ -448,7 +463,7 @@ if ME is not None:
 
         own = identity_files(CERTS, Identity(Role.AGENT, ME.agent_id))
         assert own.token is not None
-        _private("goml: agent token", own.token, f"{TLS}/agent.token")
+        _private_reread("goml: agent token", own.token, f"{TLS}/agent.token")
         agent_inputs = [
             package,
             ca,
