@@ -129,7 +129,8 @@ def fidelity(session: nox.Session) -> None:
 def deploy_lab(session: nox.Session) -> None:
     """The real pyinfra deploy (pyinfra/deploy.py) over SSH to a local lab of five
     systemd-nspawn hosts, then its checks: health, idempotence, kill -9, reboot, a host
-    cut off, a rolling upgrade. Needs root; installs debootstrap and systemd-container
+    cut off, a rolling upgrade, a host replaced under load and a sixth one added from the
+    inventory. Needs root; installs debootstrap and systemd-container
     with apt when missing and caches the Debian root file system in /var/cache/goml-lab.
     Skipped, with the reason, where it cannot run."""
     session.install("-e", ".[dev]", "pyinfra==3.10.0")

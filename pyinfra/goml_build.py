@@ -135,14 +135,22 @@ def wheelhouse(build_dir: Path, version: str, arch: str, python: str) -> tuple[P
 
 @cache
 def credentials(
-    state_dir: Path, nodes: tuple[str, ...], hosts: tuple[str, ...], agents: tuple[str, ...] = ()
+    state_dir: Path,
+    nodes: tuple[str, ...],
+    hosts: tuple[str, ...],
+    agents: tuple[str, ...] = (),
+    node_addresses: tuple[tuple[str, str], ...] = (),
+    retired: tuple[str, ...] = (),
 ) -> Path:
     """The cluster's credentials under state_dir/certs, created once and then reused
     (the CA is never replaced silently). Each agent has its own certificate and token
     (`goml.api.auth`: an agent may act only as itself); an agent added to the inventory
-    later is issued one with the existing CA."""
+    later is issued one with the existing CA, and so is a node added later (its
+    certificate names its own address, `node_addresses`), as `goml node add` does. A
+    state directory that holds none of the inventory's nodes, `retired` ones included,
+    belongs to another cluster: refused."""
     from goml.api.auth import Identity, Role
-    from goml.cluster.certs import TOKENS_FILE, ensure_identity, init_certs
+    from goml.cluster.certs import TOKENS_FILE, ensure_identity, init_certs, issue_identity
 
     certs = state_dir / "certs"
     if not (certs / "ca.pem").exists():
@@ -153,17 +161,25 @@ def credentials(
             raise BuildError(str(error)) from None
         return certs
     missing = [n for n in nodes if not (certs / f"{n}.pem").is_file()]
-    if missing:
+    known = [n for n in (*nodes, *retired) if (certs / f"{n}.pem").is_file()]
+    if missing and not known:
         raise BuildError(
-            f"{certs} holds no certificate for node(s) {', '.join(missing)}: this state "
-            "directory belongs to another cluster (set goml_state_dir, or issue the new "
-            "certificates with the existing CA)"
+            f"{certs} holds no certificate for any node of this inventory "
+            f"({', '.join(nodes)}): this state directory belongs to another cluster "
+            "(set goml_state_dir)"
         )
     if not (certs / TOKENS_FILE).is_file():
         raise BuildError(
             f"{certs} predates per-identity credentials (no {TOKENS_FILE}): move it away "
             "to issue new ones (every host then gets new certificates)"
         )
+    address_of = dict(node_addresses)
+    for node in missing:
+        # A node new in the inventory: its certificate from the cluster's CA.
+        try:
+            issue_identity(certs, Identity(Role.NODE, node), [address_of.get(node, node)])
+        except ValueError as error:
+            raise BuildError(f"node {node}: {error}") from None
     for agent in agents:
         ensure_identity(certs, Identity(Role.AGENT, agent), certificate=True)
     return certs

@@ -14,6 +14,9 @@ Host data (per host; group data may supply any of it):
     goml_metrics_port       int   9100   Prometheus metrics (on goml_address)
     goml_capacity_cpu       float 1.0    what the agent offers
     goml_capacity_memory_mb int   1024
+    goml_retire             bool  false  take this host out: its node is removed from the
+                                         cluster, then its services are stopped and
+                                         disabled (only goml_node is needed then)
 Cluster-wide (must be equal on every host that sets them):
     goml_version, goml_cluster_id, goml_election_timeout_ms_min,
     goml_election_timeout_ms_max, goml_heartbeat_interval_ms,
@@ -24,9 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 ROLES = frozenset({"control", "agent"})
 REQUIRED = ("goml_node", "goml_cloud", "goml_region", "goml_roles", "goml_address")
@@ -78,10 +83,19 @@ class NodeSpec:
 
 
 @dataclass(frozen=True)
+class RetiredSpec:
+    """A host marked goml_retire: its node leaves the cluster, then its services stop."""
+
+    host: str
+    node: str
+
+
+@dataclass(frozen=True)
 class ClusterPlan:
-    nodes: tuple[NodeSpec, ...]
+    nodes: tuple[NodeSpec, ...]  # the hosts deployed (retired ones are not among them)
     settings: Mapping[str, Any]
     warnings: tuple[str, ...] = field(default=())
+    retired: tuple[RetiredSpec, ...] = field(default=())
 
     @property
     def control(self) -> tuple[NodeSpec, ...]:
@@ -96,6 +110,12 @@ class ClusterPlan:
             if node.host == host:
                 return node
         raise KeyError(f"host {host!r} is not in the plan")
+
+    def by_node(self, node: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.node == node)
+
+    def retired_host(self, host: str) -> RetiredSpec | None:
+        return next((r for r in self.retired if r.host == host), None)
 
     def peers(self) -> dict[str, str]:
         return {n.node: n.endpoint for n in self.control}
@@ -129,9 +149,16 @@ def plan_cluster(hosts: Sequence[tuple[str, Mapping[str, Any]]]) -> ClusterPlan:
     if not hosts:
         raise InventoryError("the inventory has no hosts")
     nodes: list[NodeSpec] = []
+    retired: list[RetiredSpec] = []
     settings: dict[str, Any] = {}
     setting_source: dict[str, str] = {}
     for host, data in hosts:
+        if _truthy(data.get("goml_retire")):
+            if data.get("goml_node") in (None, ""):
+                problems.append(f"host {host}: goml_retire needs goml_node (the node to remove)")
+            else:
+                retired.append(RetiredSpec(host, str(data["goml_node"])))
+            continue
         missing = [key for key in REQUIRED if data.get(key) in (None, "", [], ())]
         if missing:
             problems.append(f"host {host}: missing {', '.join(missing)}")
@@ -198,7 +225,7 @@ def plan_cluster(hosts: Sequence[tuple[str, Mapping[str, Any]]]) -> ClusterPlan:
                     settings[key] = data[key]
                     setting_source[key] = host
     seen: dict[str, str] = {}
-    for node in nodes:
+    for node in [*nodes, *retired]:
         if node.node in seen:
             problems.append(
                 f"duplicate node name {node.node!r} on hosts {seen[node.node]} and {node.host}"
@@ -236,7 +263,100 @@ def plan_cluster(hosts: Sequence[tuple[str, Mapping[str, Any]]]) -> ClusterPlan:
             "invalid goml inventory (nothing was changed on any host):\n  - "
             + "\n  - ".join(problems)
         )
-    return ClusterPlan(tuple(nodes), full, tuple(warnings))
+    return ClusterPlan(tuple(nodes), full, tuple(warnings), tuple(retired))
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(value)
+
+
+# ------------------------------------------------------------------ membership
+
+
+@dataclass(frozen=True)
+class MembershipPlan:
+    """What one deploy run changes in the running cluster's membership, in this order:
+    `add` (each a learner, then a voter once caught up), then `remove` (one at a time).
+    Adding first never lowers the number of failures the cluster tolerates (a replace
+    is an add plus a remove). `unmanaged`: the removed members no inventory host names,
+    so the deploy cannot stop their services."""
+
+    add: tuple[NodeSpec, ...] = ()
+    remove: tuple[str, ...] = ()
+    unmanaged: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.add and not self.remove
+
+    def describe(self) -> str:
+        parts = [f"add {n.node}" for n in self.add] + [f"remove {n}" for n in self.remove]
+        return ", ".join(parts) or "no change"
+
+
+def plan_membership(
+    plan: ClusterPlan,
+    voters: Sequence[str],
+    learners: Sequence[str],
+    limit: Collection[str] | None = None,
+) -> MembershipPlan:
+    """The changes that make the running cluster's members (`voters`, `learners`, as its
+    leader reports them) the inventory's control nodes. `limit`: the host names of a
+    --limit run (None: every host); such a run changes only its hosts, and removes no
+    member that no inventory host names (a partial run cannot tell a host left out from
+    one deleted).
+
+    Raises InventoryError when the run would remove a majority of the current voters
+    in one go (more than one of them): that is what a wrong or truncated inventory
+    looks like, and it would leave the cluster without the quorum it had."""
+    members = [*voters, *(n for n in learners if n not in voters)]
+
+    def included(host: str) -> bool:
+        return limit is None or host in limit
+
+    add = tuple(n for n in plan.control if n.node not in voters and included(n.host))
+    # Retired hosts first, then members on hosts that are no control node any more (their
+    # roles changed; goml-node keeps running there until stopped), then members no host
+    # names (deleted from the inventory).
+    retire = [r.node for r in plan.retired if r.node in members and included(r.host)]
+    control = {n.node for n in plan.control}
+    demoted = [n.node for n in plan.nodes if n.node in members and n.node not in control]
+    demoted = [m for m in demoted if included(plan.by_node(m).host)]
+    named = {n.node for n in plan.nodes} | {r.node for r in plan.retired}
+    unmanaged = [m for m in members if m not in named] if limit is None else []
+    remove = tuple([*retire, *demoted, *unmanaged])
+    removed_voters = [v for v in voters if v in remove]
+    staying = len(set(voters) - set(remove)) + len(add)
+    if len(removed_voters) > 1 and staying < len(voters) // 2 + 1:
+        raise InventoryError(
+            f"this run would remove {len(removed_voters)} of the {len(voters)} voters "
+            f"({', '.join(removed_voters)}) and keep {staying}: fewer than a majority of "
+            "the voters it has now; is the inventory complete? Remove fewer hosts per run "
+            "(one at a time is always accepted). Nothing was changed on any host"
+        )
+    return MembershipPlan(add, remove, tuple(m for m in remove if m in unmanaged))
+
+
+def kept_membership(text: str | None, node: str) -> tuple[dict[str, str], bool] | None:
+    """The `peers` and `join` of the node config a host already has (its
+    /etc/goml/node.yaml as text), when it is `node`'s: a deployed node keeps them, so an
+    inventory change rewrites no member's config and restarts no member. They matter
+    only for its first start (the bootstrap voters, or whom a joiner asks); after that
+    its configuration comes from its Raft log."""
+    if not text or not text.strip():
+        return None
+    try:
+        body = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(body, dict) or body.get("node_id") != node:
+        return None
+    peers = body.get("peers")
+    if not isinstance(peers, dict) or not peers:
+        return None
+    return {str(k): str(v) for k, v in peers.items()}, bool(body.get("join", False))
 
 
 def check_reachable(expected: Sequence[str], connected: Sequence[str]) -> None:

@@ -161,6 +161,120 @@ def test_hosts_without_systemd_are_named() -> None:
         gi.check_systemd({"a": True, "b": False})
 
 
+# ------------------------------------------------------------------ membership
+
+FIVE = ("aws-1", "aws-2", "aws-3", "gcp-1", "gcp-2")
+
+
+def test_unchanged_inventory_changes_no_membership() -> None:
+    plan = gi.plan_cluster(five())
+    change = gi.plan_membership(plan, FIVE, ())
+    assert change.empty and change.describe() == "no change"
+
+
+def test_new_host_is_added_and_a_learner_promoted() -> None:
+    hosts = [*five(), host("aws-4", goml_address="10.0.0.4")]
+    plan = gi.plan_cluster(hosts)
+    assert [n.node for n in gi.plan_membership(plan, FIVE, ()).add] == ["aws-4"]
+    # A learner left by an interrupted run is promoted (Operator.add resumes there).
+    change = gi.plan_membership(plan, FIVE, ("aws-4",))
+    assert [n.endpoint for n in change.add] == ["10.0.0.4:7000"] and change.remove == ()
+
+
+def test_replace_adds_first_then_removes_the_retired_host() -> None:
+    hosts = five()
+    hosts[2] = ("aws-3", {"goml_node": "aws-3", "goml_retire": True})  # only the name needed
+    hosts.append(host("aws-4", goml_address="10.0.0.4"))
+    plan = gi.plan_cluster(hosts)
+    assert [n.node for n in plan.control] == ["aws-1", "aws-2", "gcp-1", "gcp-2", "aws-4"]
+    assert plan.retired_host("aws-3") == gi.RetiredSpec("aws-3", "aws-3")
+    change = gi.plan_membership(plan, FIVE, ())
+    assert change.describe() == "add aws-4, remove aws-3"
+    assert change.unmanaged == ()
+    # Run again once done: nothing left to change.
+    assert gi.plan_membership(plan, ("aws-1", "aws-2", "gcp-1", "gcp-2", "aws-4"), ()).empty
+
+
+def test_a_member_no_host_names_is_removed_but_not_in_a_limited_run() -> None:
+    plan = gi.plan_cluster(five()[:4])
+    change = gi.plan_membership(plan, FIVE, ())
+    assert change.remove == ("gcp-2",) and change.unmanaged == ("gcp-2",)
+    # --limit aws-1: the run cannot tell gcp-2 left out from gcp-2 deleted.
+    assert gi.plan_membership(plan, FIVE, (), limit={"aws-1"}).empty
+
+
+def test_a_limited_run_adds_only_its_hosts() -> None:
+    plan = gi.plan_cluster([*five(), host("aws-4", goml_address="10.0.0.4")])
+    assert gi.plan_membership(plan, FIVE, (), limit={"aws-1"}).empty
+    assert gi.plan_membership(plan, FIVE, (), limit={"aws-4"}).describe() == "add aws-4"
+
+
+def test_host_no_longer_control_is_removed() -> None:
+    hosts = five()
+    hosts[4][1]["goml_roles"] = ["agent"]
+    change = gi.plan_membership(gi.plan_cluster(hosts), FIVE, ())
+    assert change.remove == ("gcp-2",) and change.unmanaged == ()
+
+
+def test_removing_a_majority_at_once_is_refused() -> None:
+    plan = gi.plan_cluster(five()[:2])  # three of five hosts gone from the inventory
+    with pytest.raises(gi.InventoryError) as error:
+        gi.plan_membership(plan, FIVE, ())
+    message = str(error.value)
+    assert "would remove 3 of the 5 voters (aws-3, gcp-1, gcp-2) and keep 2" in message
+    assert "Nothing was changed on any host" in message
+    # Two of five (keeping three), or one at a time, is accepted.
+    assert gi.plan_membership(gi.plan_cluster(five()[:3]), FIVE, ()).remove == ("gcp-1", "gcp-2")
+    assert gi.plan_membership(gi.plan_cluster(five()[:1]), ("aws-1", "aws-2"), ()).remove == (
+        "aws-2",
+    )
+
+
+def test_retired_host_needs_its_node_name() -> None:
+    hosts = [*five(), ("old-1", {"goml_retire": "yes"})]
+    with pytest.raises(gi.InventoryError, match="host old-1: goml_retire needs goml_node"):
+        gi.plan_cluster(hosts)
+    hosts = [*five(), ("old-1", {"goml_retire": True, "goml_node": "aws-1"})]
+    with pytest.raises(gi.InventoryError, match="duplicate node name 'aws-1'"):
+        gi.plan_cluster(hosts)
+
+
+def test_a_deployed_node_keeps_its_peers_and_join() -> None:
+    text = "node_id: aws-4\nlisten: 10.0.0.4:7000\npeers:\n  aws-1: 10.0.0.1:7000\n  aws-4: 10.0.0.4:7000\njoin: true\n"
+    assert gi.kept_membership(text, "aws-4") == (
+        {"aws-1": "10.0.0.1:7000", "aws-4": "10.0.0.4:7000"},
+        True,
+    )
+    assert gi.kept_membership(text.replace("join: true\n", ""), "aws-4") is not None
+    assert gi.kept_membership(text, "aws-5") is None  # another node's config: not kept
+    for nothing in (None, "", "  \n", "{not yaml", "- a list\n"):
+        assert gi.kept_membership(nothing, "aws-4") is None
+
+
+def test_a_new_nodes_certificate_comes_from_the_clusters_ca(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    goml_build = _load("goml_build")
+    certs = goml_build.credentials(tmp_path, ("aws-1", "aws-2"), ("10.0.0.1", "10.0.0.2"))
+    ca_before = (certs / "ca.pem").read_bytes()
+    goml_build.credentials(
+        tmp_path,
+        ("aws-1", "aws-4"),
+        ("10.0.0.1", "10.0.0.4"),
+        node_addresses=(("aws-1", "10.0.0.1"), ("aws-4", "10.0.0.4")),
+        retired=("aws-2",),
+    )
+    assert (certs / "ca.pem").read_bytes() == ca_before  # the same CA, not a new one
+    ca = x509.load_pem_x509_certificate(ca_before)
+    new = x509.load_pem_x509_certificate((certs / "aws-4.pem").read_bytes())
+    new.verify_directly_issued_by(ca)
+    names = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "10.0.0.4" in {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+    # A state directory that knows none of the inventory's nodes is another cluster's.
+    with pytest.raises(goml_build.BuildError, match="belongs to another cluster"):
+        goml_build.credentials(tmp_path, ("x-1",), ("10.0.9.1",))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("pyinfra.api") is None, reason="pyinfra not installed")
 def test_deploy_stops_on_a_bad_inventory_before_any_operation(tmp_path: Path) -> None:
     inventory = tmp_path / "inventory.py"

@@ -1,6 +1,7 @@
 """End to end: the real pyinfra deploy over real SSH to five systemd-nspawn hosts (systemd
 as PID 1, real sshd), then faults: kill -9, reboot, a host cut off by its veth link, a
-rolling upgrade under load.
+rolling upgrade under load; then membership changes from the inventory: one host
+replaced by a freshly provisioned one under load, a sixth host added.
 
 Runs only with GOML_LAB=1 (`nox -s deploy_lab`), as root; skipped with the reason
 otherwise. Everything the lab creates is torn down by PID and name, also on failure.
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
@@ -82,7 +83,12 @@ class Deployed:
     lab: Any
     first_run: subprocess.CompletedProcess[str]
     first_run_s: float
-    names: tuple[str, ...]  # the five deployed hosts
+    names: tuple[str, ...]  # the deployed hosts (five, until the membership tests)
+    # What every later deploy passes: the release the hosts run (after the rolling
+    # upgrade: its source and version) and the inventory's state (hosts left out).
+    source: Path | None = None
+    data: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def certs(self) -> Path:
@@ -133,7 +139,14 @@ class Deployed:
     def pyinfra(
         self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 900
     ) -> subprocess.CompletedProcess[str]:
-        return run_pyinfra(self.lab, *args, env=env, timeout_s=timeout_s)
+        source = {"GOML_SOURCE_DIR": str(self.source)} if self.source else {}
+        return run_pyinfra(
+            self.lab,
+            *self.data,
+            *args,
+            env={**source, **self.env, **(env or {})},
+            timeout_s=timeout_s,
+        )
 
     def main_pids(self) -> dict[tuple[str, str], str]:
         pids = {}
@@ -149,9 +162,8 @@ class Deployed:
         with self.client() as client:
             status = client.status()
         members_ok = all(m.reachable or m.role == "leader" for m in status.members)
-        agents_ok = len(status.agents) == len(self.names) and all(
-            a.state == "ALIVE" for a in status.agents
-        )
+        alive = {a.id for a in status.agents if a.state == "ALIVE"}
+        agents_ok = {f"{name}-agent" for name in self.names} <= alive
         return status if status.leader_id and members_ok and agents_ok else None
 
 
@@ -530,8 +542,8 @@ def test_a_blocked_pair_is_named_by_the_deploy_check(deployed: Deployed) -> None
     wait_for(deployed.healthy, 60, "the cluster to heal once the pair is unblocked")
 
 
-def test_rolling_upgrade_loses_no_task(deployed: Deployed, tmp_path: Path) -> None:
-    source = snapshot_source(tmp_path / "goml-next", version="0.1.1")
+def test_rolling_upgrade_loses_no_task(deployed: Deployed) -> None:
+    source = snapshot_source(Path(deployed.lab.dir) / "goml-next", version="0.1.1")
     acknowledged: list[str] = []
     errors: list[str] = []
     stop = threading.Event()
@@ -577,6 +589,8 @@ def test_rolling_upgrade_loses_no_task(deployed: Deployed, tmp_path: Path) -> No
         f"lab: rolling upgrade of 5 hosts in {time.monotonic() - started:.1f} s, {len(acknowledged)} tasks submitted meanwhile"
     )
     assert upgrade.returncode == 0, upgrade.stdout[-6000:]
+    # The hosts run 0.1.1 now: later deploys deploy it (not a downgrade of every host).
+    deployed.source, deployed.data = source, ("--data", "goml_version=0.1.1")
     assert upgrade.stdout.count("healthy after") == 5
     assert not errors, errors[:5]
     assert len(acknowledged) > 10
@@ -591,6 +605,176 @@ def test_rolling_upgrade_loses_no_task(deployed: Deployed, tmp_path: Path) -> No
         for task_id in acknowledged:
             task = client.wait(task_id, max(1.0, deadline - time.monotonic()))
             assert task.state == api_pb2.SUCCEEDED, task
+
+
+# ------------------------------------------------------- membership from the inventory
+
+
+class SubmitLoad:
+    """A client submitting tasks throughout (unique idempotency keys under `prefix`),
+    recording each acknowledged (key, task id) and each error."""
+
+    def __init__(self, deployed: Deployed, prefix: str) -> None:
+        self.deployed = deployed
+        self.prefix = prefix
+        self.acknowledged: dict[str, str] = {}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with self.deployed.client(call_timeout_s=1.0, retry_s=20.0) as client:
+            n = 0
+            while not self._stop.is_set():
+                key = f"{self.prefix}-{n}"
+                n += 1
+                try:
+                    self.acknowledged[key] = client.submit("matmul", {"n": 4}, idempotency_key=key)
+                except ClientError as error:
+                    self.errors.append(f"{key}: {error}")
+                self._stop.wait(0.1)  # the submit rate, not synchronisation
+
+    def __enter__(self) -> SubmitLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive()
+
+    def check(self) -> None:
+        """Every acknowledged task there and SUCCEEDED; no key became two tasks."""
+        assert not self.errors, self.errors[:5]
+        assert len(self.acknowledged) > 10, len(self.acknowledged)
+        with self.deployed.client(call_timeout_s=2.0, retry_s=30.0) as client:
+            deadline = time.monotonic() + 180
+            for task_id in self.acknowledged.values():
+                task = client.wait(task_id, max(1.0, deadline - time.monotonic()))
+                assert task.state == api_pb2.SUCCEEDED, task
+            tasks = client.list_tasks(function="matmul", limit=10_000)
+        by_key: dict[str, list[str]] = {}
+        for task in tasks:
+            if task.spec.idempotency_key.startswith(f"{self.prefix}-"):
+                by_key.setdefault(task.spec.idempotency_key, []).append(task.id)
+        twice = {key: ids for key, ids in by_key.items() if len(ids) > 1}
+        assert not twice, twice
+        lost = sorted(k for k, i in self.acknowledged.items() if by_key.get(k) != [i])
+        assert not lost, lost[:10]
+
+
+def node_pids(deployed: Deployed, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: deployed.ssh(n, "systemctl show -p MainPID --value goml-node") for n in names}
+
+
+def test_replace_a_host_under_load_from_the_inventory(deployed: Deployed) -> None:
+    """aws-3 retired in the inventory, aws-4 (a freshly booted host) added, one deploy,
+    a client submitting throughout: aws-4 is provisioned with a certificate from the
+    cluster's CA and joins (learner, then voter) before aws-3 is removed, and aws-3's
+    services stop only after its removal; no member is restarted, no acknowledged task
+    lost, no key applied twice."""
+    old, new = "aws-3", "aws-4"
+    wait_for(deployed.healthy, 60, "a healthy cluster")
+    started = time.monotonic()
+    deployed.lab.add_host(new, "aws", "us-east-1")
+    print(f"lab: {new} booted in {time.monotonic() - started:.1f} s")
+    staying = tuple(n for n in deployed.names if n != old)
+    pids = node_pids(deployed, staying)
+    started = time.monotonic()
+    with SubmitLoad(deployed, f"replace-{uuid.uuid4().hex[:8]}") as load:
+        run = deployed.pyinfra(env={"GOML_LAB_OVERRIDES": json.dumps({old: {"goml_retire": True}})})
+    print(
+        f"lab: replace {old} -> {new} deployed in {time.monotonic() - started:.1f} s, "
+        f"{len(load.acknowledged)} tasks submitted meanwhile (load avg {os.getloadavg()[0]:.1f})"
+    )
+    out = run.stdout
+    assert run.returncode == 0, out[-6000:]
+    steps = [  # the Operator's line once each step is read back committed, then the stop
+        f"add-learner {new}: done",
+        f"promote {new}: done",
+        f"remove {old}: done",
+        "goml-node stopped and disabled (no member any more)",
+    ]
+    ran = out[out.index("--> Beginning operation run") :]  # not the plan's table
+    assert all(step in ran for step in steps), out[-6000:]
+    assert [ran.index(step) for step in steps] == sorted(ran.index(step) for step in steps)
+    changed = changed_operations(out)
+    # On the coordinator, which makes the changes, and on the two hosts whose operations
+    # are ordered around them (aws-4 joins, aws-3 stops after).
+    assert changed.get(f"goml: membership: add {new}, remove {old}") == 3, changed
+    assert changed.get("goml: goml-node stopped and disabled (no member any more)") == 1
+    assert changed.get("goml: node config") == 1, changed  # the new host's only
+    assert node_pids(deployed, staying) == pids  # no member restarted
+    assert "goml: voters " in out
+
+    with deployed.client() as client:
+        status = client.status()
+    assert sorted(status.voters) == sorted((*staying, new)), status
+    assert list(status.learners) == []
+    assert old not in {m.id for m in status.members}
+    assert deployed.ssh(old, "systemctl is-active goml-node goml-agent", check=False).split() == [
+        "inactive",
+        "inactive",
+    ]
+    assert deployed.ssh(old, "systemctl is-enabled goml-node goml-agent", check=False).split() == [
+        "disabled",
+        "disabled",
+    ]
+    # Its certificate is issued by the cluster's CA (the one every host trusts).
+    ca = deployed.ssh(new, "sha256sum /etc/goml/tls/ca.pem").split()[0]
+    assert ca == deployed.ssh("aws-1", "sha256sum /etc/goml/tls/ca.pem").split()[0]
+    joined = deployed.ssh(new, "cat /etc/goml/node.yaml")
+    assert "join: true" in joined and old in joined  # the members when it joined
+    load.check()
+    # aws-3 is gone from the inventory and the lab from here on.
+    deployed.names = (*staying, new)
+    deployed.env["GOML_LAB_SKIP"] = json.dumps([old])
+    deployed.lab.stop_host(old)
+
+
+def test_a_sixth_host_from_the_inventory_becomes_a_voter(
+    deployed: Deployed, tmp_path: Path
+) -> None:
+    """gcp-3 booted and so in the lab inventory: one deploy makes it a voter (status shows
+    it), restarting no member; a second deploy changes nothing."""
+    new = "gcp-3"
+    wait_for(deployed.healthy, 60, "a healthy cluster")
+    deployed.lab.add_host(new, "gcp", "us-central1")
+    pids = node_pids(deployed, deployed.names)
+    started = time.monotonic()
+    run = deployed.pyinfra()
+    print(f"lab: {new} added in {time.monotonic() - started:.1f} s")
+    out = run.stdout
+    assert run.returncode == 0, out[-6000:]
+    assert "6 members, 6 agents alive" in out, out[-4000:]
+    assert changed_operations(out).get(f"goml: membership: add {new}") == 2
+    assert node_pids(deployed, deployed.names) == pids
+    deployed.names = (*deployed.names, new)
+    with deployed.client() as client:
+        status = client.status()
+    assert sorted(status.voters) == sorted(deployed.names), status
+    profile = tmp_path / "profile.json"
+    deployed.profile().save(profile)
+    shown = subprocess.run(
+        [sys.executable, "-m", "goml", "status", "--profile", str(profile)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    voters_line = next(line for line in shown.stdout.splitlines() if line.startswith("voters "))
+    assert new in voters_line and "learners -" in voters_line, shown.stdout
+    address = deployed.lab.hosts[new].address
+    assert any(new in line and address in line for line in shown.stdout.splitlines())
+
+    started = time.monotonic()
+    again = deployed.pyinfra()
+    print(f"lab: repeat deploy after the membership changes in {time.monotonic() - started:.1f} s")
+    assert again.returncode == 0, again.stdout[-4000:]
+    assert changed_operations(again.stdout) == {}
 
 
 def test_host_without_systemd_stops_the_deploy_before_any_change(deployed: Deployed) -> None:

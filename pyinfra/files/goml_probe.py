@@ -39,6 +39,8 @@ def cluster_status(profile_path: Path) -> dict[str, object]:
         "leader": response.leader_id,
         "term": response.term,
         "commit_index": response.commit_index,
+        "voters": list(response.voters),
+        "learners": list(response.learners),
         "members": [
             {
                 "id": m.id,

@@ -5,6 +5,9 @@ GOML_LAB_OVERRIDES (optional JSON {host: {key: value}}) changes host data, as th
 tests do to prove that one changed setting restarts only what it must.
 GOML_LAB_EXTRA (optional JSON list of {name, cloud, region, address}) adds hosts, as
 the tests do to prove that an unreachable host stops the deploy before any change.
+GOML_LAB_SKIP (optional JSON list of host names) leaves lab hosts out (a host deleted
+from the inventory). Hosts made later (`python pyinfra/lab.py add NAME`) are in it
+as soon as they exist; {"aws-3": {"goml_retire": true}} in GOML_LAB_OVERRIDES retires one.
 """
 
 import json
@@ -38,6 +41,8 @@ def _host(entry: dict) -> tuple[str, dict]:
     return entry["name"], data
 
 
-_hosts = _state["hosts"] + json.loads(os.environ.get("GOML_LAB_EXTRA") or "[]")
+_skip = set(json.loads(os.environ.get("GOML_LAB_SKIP") or "[]"))
+_hosts = [h for h in _state["hosts"] if h["name"] not in _skip]
+_hosts += json.loads(os.environ.get("GOML_LAB_EXTRA") or "[]")
 aws = [_host(h) for h in _hosts if h["cloud"] == "aws"]
 gcp = [_host(h) for h in _hosts if h["cloud"] == "gcp"]
