@@ -363,3 +363,14 @@ def test_the_rolling_replace_trace_is_independent_of_pythonhashseed(tmp_path: Pa
         assert summary["membership_changes"] == 3
         digests.add(summary["trace_digest"])
     assert len(digests) == 1
+
+
+def test_a_removal_refused_for_lagging_voters_is_retried_not_final() -> None:
+    """The core refuses to remove a voter while too few of the rest have caught up (a
+    moment under load, or a voter restoring): the plan must retry that until its
+    deadline, not give up at the first refusal (the golden file pins the core's words)."""
+    golden = Path(__file__).parent / "testdata" / "raft" / "membership_remove_caught_up.txt"
+    refusals = [line for line in golden.read_text().splitlines() if "MembershipRefused" in line]
+    assert refusals, "the golden file shows the refusal"
+    for line in refusals:
+        assert any(passing in line for passing in PASSING_REFUSALS), line

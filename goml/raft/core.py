@@ -407,8 +407,8 @@ class RaftCore:
                     raise MembershipRefused(
                         f"remove {node} would leave {len(caught)} caught-up of "
                         f"{len(voters)} voters ({', '.join(caught) or 'none'}; not caught "
-                        f"up: {', '.join(lagging)}): a quorum needs {quorum}; retry once "
-                        "they have caught up (a restoring node is repaired first)"
+                        f"up: {', '.join(lagging)}): a quorum needs {quorum}; retry shortly, "
+                        "once they have caught up (a restoring node is repaired first)"
                     )
         try:
             return Membership(
