@@ -220,6 +220,9 @@ def test_process_supervisor_restarts_with_backoff_then_gives_up(tmp_path: Path) 
         "quitter": ([sys.executable, "-c", "pass"], tmp_path / "quitter.log"),
     }
     lines: list[str] = []
+    # What the process had (default_int_handler, or SIG_IGN in a job started in the
+    # background by a non-interactive shell, as CI scripts may start it).
+    sigint_before = signal.getsignal(signal.SIGINT)
     supervisor = local.ProcessSupervisor(commands, tmp_path / "run", policy, lines.append)
     # A watchdog, so a hang fails the test instead of stalling the suite.
     watchdog = threading.Timer(DEADLINE_S, supervisor.request_stop)
@@ -243,7 +246,7 @@ def test_process_supervisor_restarts_with_backoff_then_gives_up(tmp_path: Path) 
     assert list((tmp_path / "run").glob("*.pid")) == []
     assert (tmp_path / "crasher.log").read_text().count("crasher restarted") == 2
     # The process's handlers are back as they were.
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
 
 
 # ------------------------------------------------------------------ `goml cluster up`
