@@ -27,50 +27,26 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
+
+# The figures and helpers bench_agent.py measures with (this script runs beside it).
+from bench_agent import (
+    CLK_TCK,
+    START_TIMEOUT_S,
+    TINY_ARGS,
+    group_pids,
+    wait_until,
+)
+from bench_agent import cpu_ticks as ticks
 
 from goml.client import Client
 from goml.cluster import local
 from goml.proto import api_pb2
 
-TINY_ARGS = {"n": 4, "m": 4, "k": 4, "seed": 1}
-START_TIMEOUT_S = 60.0
-POLL_S = 0.02  # as bench_agent.py: polling remote state, nothing local to wait on
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s:.0f} s: {what}")
-        time.sleep(POLL_S)
-
-
-def _stat(pid: int) -> list[str]:
-    raw = Path(f"/proc/{pid}/stat").read_text()
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def ticks(pid: int) -> int:
-    """utime + stime of one process (its threads included), in clock ticks."""
-    fields = _stat(pid)
-    return int(fields[11]) + int(fields[12])
-
 
 def group_others(pgid: int) -> list[int]:
     """The processes of group `pgid` other than its leader (an agent's workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != pgid:
-            try:
-                fields = _stat(int(entry))
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
+    return [pid for pid in group_pids(pgid) if pid != pgid]
 
 
 def snapshot(pids: dict[str, int]) -> dict[str, int]:
