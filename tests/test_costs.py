@@ -102,6 +102,31 @@ def test_dispatch_cost_delays_tasks_not_submits() -> None:
     assert charged["tasks_succeeded"] == charged["tasks_acknowledged"]
 
 
+def test_isolated_tasks_pay_their_own_dispatch_cost() -> None:
+    """`isolated: true` in the mix: each task's process start costs
+    `isolated_dispatch_ms`, warm tasks keep `dispatch_ms`."""
+    costs = "costs: {dispatch_ms: {kind: constant, value_ms: 1}, isolated_dispatch_ms: {kind: constant, value_ms: 200}}\n"
+    warm = run(costs)
+    isolated_text = SHORT.replace(
+        "matmul: {args: {n: 8}}", "matmul: {args: {n: 8}, isolated: true}"
+    )
+    assert isolated_text != SHORT
+    isolated = run_scenario(load_scenario_text(isolated_text + costs).scenario, SEED)
+    for summary in (warm, isolated):
+        assert summary["tasks_succeeded"] == summary["tasks_acknowledged"] > 50
+    succeeded = int(isolated["tasks_succeeded"])
+    assert float(isolated["cpu_busy_s"]) >= 0.2 * succeeded * 0.99
+    assert float(warm["cpu_busy_s"]) < 0.01 * int(warm["tasks_succeeded"])
+    # Unset, an isolated task costs what a warm one does.
+    same = run_scenario(
+        load_scenario_text(
+            isolated_text + "costs: {dispatch_ms: {kind: constant, value_ms: 1}}\n"
+        ).scenario,
+        SEED,
+    )
+    assert float(same["cpu_busy_s"]) < 0.01 * int(same["tasks_succeeded"])
+
+
 def test_processes_on_one_host_share_its_cores() -> None:
     costs = "costs: {{api_call_ms: {{kind: constant, value_ms: 8}}, append_ms: {{kind: constant, value_ms: 8}}, cores: {cores}}}\n"
     one = run(costs.format(cores=1))
@@ -227,6 +252,7 @@ def test_calibrate_measures_real_components_and_its_file_validates(tmp_path: Pat
         costs.api_call_ms,
         costs.api_hop_ms,
         costs.dispatch_ms,
+        costs.isolated_dispatch_ms,
     )
     for distribution in measured:
         assert distribution is not None and 0 < distribution.expected_ms() < 10_000

@@ -23,6 +23,7 @@ What is measured, and with what:
   more than a Raft message on an open stream.
 - `dispatch_ms`: one trivial task (`matmul` n=2) through the real agent task runner
   (goml.agent.runner: warm forkserver workers), from `run` to its outcome.
+- `isolated_dispatch_ms`: the same with `isolated=True`: a fresh process for the task.
 - `cores`: os.cpu_count(): a local cluster's processes all share this host.
 
 Each figure is written as a log-normal with the measured median and 99th percentile,
@@ -291,7 +292,7 @@ def measure_api_hop(samples: int) -> Measured:
 # --------------------------------------------------------------------------- dispatch
 
 
-async def _dispatch(samples: int) -> list[float]:
+async def _dispatch(samples: int, isolated: bool) -> list[float]:
     from goml.agent.runner import TaskRunner
 
     runner = TaskRunner(result_bytes_max=10_000, runs_max=1, kill_wait_ms=5000)
@@ -300,7 +301,9 @@ async def _dispatch(samples: int) -> list[float]:
         await runner.warm_up()
         for i in range(samples + 1):
             started = time.perf_counter()
-            outcome = await runner.run(f"calibrate-{i}", "matmul", '{"n": 2}', 10_000)
+            outcome = await runner.run(
+                f"calibrate-{i}", "matmul", '{"n": 2}', 10_000, isolated=isolated
+            )
             if not outcome.ok:
                 raise RuntimeError(f"the task runner failed a trivial task: {outcome}")
             if i:  # the first task also warms the worker's imports
@@ -311,7 +314,13 @@ async def _dispatch(samples: int) -> list[float]:
 
 
 def measure_dispatch(samples: int) -> Measured:
-    return Measured("dispatch_ms", asyncio.run(_dispatch(samples)), "agent task runner")
+    took = asyncio.run(_dispatch(samples, isolated=False))
+    return Measured("dispatch_ms", took, "agent task runner, warm worker")
+
+
+def measure_isolated_dispatch(samples: int) -> Measured:
+    took = asyncio.run(_dispatch(samples, isolated=True))
+    return Measured("isolated_dispatch_ms", took, "agent task runner, a fresh process")
 
 
 # --------------------------------------------------------------------------- the file
@@ -351,6 +360,8 @@ def calibrate(
     measured.append(measure_api_hop(hop_samples))
     say(f"task dispatch on an agent's runner ({dispatch_samples} tasks) ...")
     measured.append(measure_dispatch(dispatch_samples))
+    say(f"isolated task dispatch, a fresh process each ({dispatch_samples} tasks) ...")
+    measured.append(measure_isolated_dispatch(dispatch_samples))
     load = max(load, os.getloadavg()[0])
     cores = os.cpu_count() or 1
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

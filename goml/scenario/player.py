@@ -811,6 +811,7 @@ class ScenarioPlayer:
             idempotency_key=key,
             cloud="",
             region="",
+            isolated=mix.isolated,
         )
         assert key not in self._pending, key
         self._pending[key] = _Pending(client, self._locations[client], len(self._steadiness) - 1)

@@ -489,7 +489,9 @@ class Costs(_Model):
       an agent or a forwarding node and a node), in place of `hop_ms`: a unary gRPC call
       with its metadata, token check and protobuf conversion costs more than a Raft
       message on a stream that is already open. Unset, API messages cost `hop_ms`.
-    - `dispatch_ms`: an agent's work from a leased task to its process running.
+    - `dispatch_ms`: an agent's work from a leased task to its warm worker running it.
+    - `isolated_dispatch_ms`: the same for an isolated task (`isolated: true` in the
+      mix): a fresh process is started for it. Unset, isolated tasks cost `dispatch_ms`.
     - `cores`: every process shares one host of this many cores (a local cluster, as the
       chaos runner starts one); unset, each topology node is a host of its
       `capacity.cpu` cores (at least one), shared by the processes placed on it.
@@ -503,6 +505,7 @@ class Costs(_Model):
     hop_ms: Distribution | None = None
     api_hop_ms: Distribution | None = None
     dispatch_ms: Distribution | None = None
+    isolated_dispatch_ms: Distribution | None = None
     cores: int | None = Field(default=None, ge=1, le=CORES_MAX)
     # Where and when it was measured (free text, written by `goml chaos calibrate`).
     measured_on: str = Field(default="", max_length=DESCRIPTION_CHARS_MAX)
@@ -512,7 +515,13 @@ class Costs(_Model):
         """Whether any input costs processing time (else the CPU model is off)."""
         return any(
             d is not None
-            for d in (self.append_ms, self.message_ms, self.api_call_ms, self.dispatch_ms)
+            for d in (
+                self.append_ms,
+                self.message_ms,
+                self.api_call_ms,
+                self.dispatch_ms,
+                self.isolated_dispatch_ms,
+            )
         )
 
 
@@ -577,6 +586,9 @@ class TaskMix(_Model):
     resources: Resources = Field(default_factory=Resources)
     # Overrides `workload.duration_ms` for this function.
     duration_ms: Distribution | None = None
+    # Each task in a fresh process of its own (`goml submit --isolated`), not a warm
+    # worker: it costs `costs.isolated_dispatch_ms` to start instead of `dispatch_ms`.
+    isolated: bool = False
 
 
 class ScheduledSubmit(_Model):

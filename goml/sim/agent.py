@@ -136,8 +136,12 @@ class SimAgent(Endpoint):
         duration = self.sim.task_duration_ms(task.function, self.name)
         cpu, costs = self.sim.cpu, self.sim.scenario.costs
         if cpu is not None and costs is not None:
-            # The CPU model: starting the task's process costs the agent this much first.
-            duration += cpu.charge(self.name, self.location, costs.dispatch_ms, self.sim.env.now)
+            # The CPU model: handing the task to a warm worker, or starting an isolated
+            # task's own process, costs the agent this much first.
+            cost = costs.dispatch_ms
+            if task.isolated and costs.isolated_dispatch_ms is not None:
+                cost = costs.isolated_dispatch_ms
+            duration += cpu.charge(self.name, self.location, cost, self.sim.env.now)
         generation = self.generation
 
         def finish() -> None:
