@@ -651,9 +651,14 @@ def chaos_calibrate(
         help="Measure the hop through a Toxiproxy proxy, as `goml chaos run` links are "
         "(when toxiproxy-server is found; `python -m goml.chaos.server` gets it).",
     ),
+    core_only: bool = typer.Option(
+        False,
+        "--core-only",
+        help="Charge the node core's own time per input, not a real node process's CPU.",
+    ),
 ) -> None:
     """Measure what goml's real components cost on this machine (the SQLite store's
-    fsync, a Raft hop with mutual TLS, the node core per input, an agent's task
+    fsync, a Raft hop with mutual TLS, a real node process's CPU per input, an agent's task
     dispatch) and write them as a `costs:` section; a scenario uses the file with
     `costs_file: PATH` (relative to the scenario), and the simulator then charges them."""
     from goml.chaos.calibrate import calibrate
@@ -661,7 +666,14 @@ def chaos_calibrate(
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir}: not a directory", param_hint="'--data-dir'")
     calibrate(
-        out, data_dir, fsync_samples, hop_samples, dispatch_samples, typer.echo, via_toxiproxy
+        out,
+        data_dir,
+        fsync_samples,
+        hop_samples,
+        dispatch_samples,
+        typer.echo,
+        via_toxiproxy,
+        process_cpu=not core_only,
     )
     typer.echo(f"wrote {out} (use it with `costs_file: {out}` in a scenario)")
 

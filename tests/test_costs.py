@@ -4,6 +4,7 @@ absent = the simulator as it was, and each cost moving the prediction the way it
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from goml.chaos.calibrate import Measured, ProcessCpu
 from goml.cluster.config import NodeFileConfig, RaftTiming
 from goml.cluster.daemon import core_config
 from goml.raft.replica import raft_config
@@ -256,12 +258,31 @@ def test_calibrate_measures_real_components_and_its_file_validates(tmp_path: Pat
     )
     for distribution in measured:
         assert distribution is not None and 0 < distribution.expected_ms() < 10_000
-    assert "30 samples" in out.read_text()  # the raw figures ride along as comments
+    text = out.read_text()
+    assert "30 samples" in text  # the raw figures ride along as comments
+    # The core's own time, shifted to a real node process's CPU per input (the core
+    # alone stays in the comments).
+    assert "node core alone: append_ms" in text
+    assert text.count("a real node process's CPU per input") == 3
     calibrated = run_scenario(scenario, SEED)
     assert calibrated["tasks_lost"] == 0 and calibrated["settled"] is True
     assert float(calibrated["cpu_busy_s"]) > 0
     # Every message pays a hop and every input its core time: never faster than free.
     assert p50(calibrated) >= p50(run())
+
+
+def test_process_cpu_shifts_the_cores_times_to_the_real_mean() -> None:
+    """The node core's spread, moved so that its mean is the real process's CPU per input;
+    never below the core's own time."""
+    core = Measured("append_ms", [0.05, 0.1, 0.15, 0.9], "node core")
+    real = ProcessCpu(message_ms=1.0, append_ms=1.3, api_call_ms=0.01, load=0.5)
+    shifted = real.add_to(core)
+    assert shifted.name == "append_ms"
+    assert statistics.fmean(shifted.samples_ms) == pytest.approx(1.3)
+    assert shifted.samples_ms[3] - shifted.samples_ms[0] == pytest.approx(0.85)
+    assert "1.300 ms on average" in shifted.how
+    cheap = real.add_to(Measured("api_call_ms", [0.05, 0.1], "node core"))
+    assert cheap.samples_ms == [0.05, 0.1]  # the real figure is below the core's: unchanged
 
 
 # --------------------------------------------------------------------------- raft knobs

@@ -16,8 +16,12 @@ What is measured, and with what:
   (goml.cluster.node_core.NodeCore), timed around each input it takes (a Raft message
   with entries, any other message, an API call or a forwarded answer) and the
   ready/advance work that follows it, while the simulator drives a short run of the
-  reference scenario. The core's own Python time only: the gRPC and protobuf of a
-  message are in `hop_ms`, the store's in `fsync_ms`.
+  reference scenario; then shifted, kind by kind, so that the mean is what a real node
+  process spends on a CPU per input (`measure_process_cpu`: three real nodes, the CPU
+  of their threads from /proc, idle, under Status calls and under submits). The core
+  alone is a tenth of that or less: gRPC, TLS, protobuf, asyncio and SQLite take the
+  rest, and that is what makes processes on a shared host queue behind each other.
+  `--core-only` keeps the core's own time (the calibration before 2026-12-01).
 - `api_hop_ms`: half of one real API round trip (`goml.client.Client.get` of a task)
   to a real one-node cluster on loopback, mutual TLS and token: a unary gRPC call costs
   more than a Raft message on an open stream.
@@ -56,6 +60,7 @@ from goml.chaos.server import find_binary, toxiproxy_server
 from goml.chaos.toxiproxy import Toxiproxy
 from goml.client import Client
 from goml.cluster.certs import SECRET_FILE, credentials, init_certs, read_secret
+from goml.cluster.config import RaftTiming
 from goml.cluster.local import free_ports, prepare, running_cluster, wait_for_leader
 from goml.cluster.node_core import NodeCore
 from goml.proto import api_pb2
@@ -264,6 +269,108 @@ def measure_core() -> list[Measured]:
     return [Measured(name, taken, how) for name, taken in samples.items() if taken]
 
 
+# --------------------------------------------------------------------------- process CPU
+
+
+def _process_cpu_ms(pid: int) -> float:
+    """CPU time of every thread of `pid` so far, in ms: /proc/PID/task/*/schedstat's
+    first field (ns on a CPU). /proc/PID/stat counts in 10 ms ticks: too coarse here."""
+    total_ns = 0
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total_ns += int(Path(f"/proc/{pid}/task/{thread}/schedstat").read_text().split()[0])
+    return total_ns / 1e6
+
+
+@dataclass(frozen=True)
+class ProcessCpu:
+    """A real node process's CPU per input, each a mean in ms (see `measure_process_cpu`)."""
+
+    message_ms: float
+    append_ms: float
+    api_call_ms: float
+    load: float
+
+    def add_to(self, core: Measured) -> Measured:
+        """`core`'s samples (the node core's own time per input, with its spread) plus
+        what the real process spends around the core per input of that kind (the mean
+        difference): gRPC, TLS and asyncio cost about the same for every message, so
+        they shift the distribution rather than stretch it."""
+        real_ms = {"message_ms": self.message_ms, "append_ms": self.append_ms}
+        real_ms["api_call_ms"] = self.api_call_ms
+        around_ms = max(0.0, real_ms[core.name] - statistics.fmean(core.samples_ms))
+        how = (
+            f"the node core's own time + {around_ms:.3f} ms: a real node process's CPU per"
+            f" input, {real_ms[core.name]:.3f} ms on average (/proc schedstat)"
+        )
+        return Measured(core.name, [x + around_ms for x in core.samples_ms], how)
+
+
+def measure_process_cpu(calls: int, window_s: float = 3.0) -> ProcessCpu:
+    """What a real node process spends on a CPU per input, gRPC, TLS, protobuf, asyncio
+    and SQLite included (the node core alone is a tenth of it or less): three node
+    processes on loopback with mutual TLS (started here, stopped by PID), the CPU of
+    every thread of each read from /proc:
+    - `message_ms`: a follower of an idle cluster over a window, per heartbeat it gets
+      (its timers and housekeeping ride on them, as they take its core in turn);
+    - `api_call_ms`: the leader, per Status call beyond its idle rate;
+    - `append_ms`: each follower, per submit (one APPEND with the entry) beyond its idle
+      rate.
+    Means, not distributions: `ProcessCpu.add_to` gives them the core's spread."""
+    heartbeat_ms = RaftTiming().heartbeat_interval_ms
+    with tempfile.TemporaryDirectory(prefix="goml-calibrate-cpu-") as tmp:
+        layout = prepare(Path(tmp), 3, insecure=False)
+        with running_cluster(layout) as processes:
+            leader = wait_for_leader(layout.profile, CONNECT_TIMEOUT_S)
+            pids = {p.name: p.popen.pid for p in processes}
+            followers = [name for name in pids if name != leader]
+            load = os.getloadavg()[0]
+
+            def cpu() -> dict[str, float]:
+                return {name: _process_cpu_ms(pid) for name, pid in pids.items()}
+
+            with Client(layout.profile, call_timeout_s=HOP_TIMEOUT_S) as client:
+                for _ in range(20):  # channels open, leader known, start-up work done
+                    client.status()
+                # A measurement window of the idle cluster, not a synchronisation.
+                before, started = cpu(), time.perf_counter()
+                time.sleep(window_s)
+                after, idle_s = cpu(), time.perf_counter() - started
+                idle_rate = {n: (after[n] - before[n]) / idle_s for n in pids}  # ms per s
+
+                def per_call(call: Callable[[], object]) -> dict[str, float]:
+                    before, started = cpu(), time.perf_counter()
+                    for _ in range(calls):
+                        call()
+                    after, took_s = cpu(), time.perf_counter() - started
+                    return {
+                        n: max(0.0, after[n] - before[n] - idle_rate[n] * took_s) / calls
+                        for n in pids
+                    }
+
+                status = per_call(client.status)
+                submit = per_call(
+                    lambda: client.submit_specs(
+                        [api_pb2.TaskSpec(function="matmul", idempotency_key=_key())]
+                    )
+                )
+            load = max(load, os.getloadavg()[0])
+    heartbeats_per_s = 1000 / heartbeat_ms
+    return ProcessCpu(
+        message_ms=statistics.fmean(idle_rate[n] for n in followers) / heartbeats_per_s,
+        append_ms=statistics.fmean(submit[n] for n in followers),
+        api_call_ms=status[leader],
+        load=load,
+    )
+
+
+_keys = random.Random(0)  # submit keys only; nothing depends on their values
+
+
+def _key() -> str:
+    return f"calibrate-{_keys.getrandbits(64):016x}"
+
+
 # --------------------------------------------------------------------------- API hop
 
 
@@ -334,10 +441,12 @@ def calibrate(
     dispatch_samples: int = 50,
     say: Callable[[str], None] = print,
     via_toxiproxy: bool = True,
+    process_cpu: bool = True,
 ) -> dict[str, Any]:
     """Measure everything, write the calibration file `out`, return its `costs:`.
     `via_toxiproxy`: measure the hop through a Toxiproxy proxy, as the chaos runner's
-    links are, when its binary is found (never installed from here)."""
+    links are, when its binary is found (never installed from here). `process_cpu`:
+    add to the node core's times per input what a real node process spends around it."""
     load = os.getloadavg()[0]
     measured: list[Measured] = []
     notes: list[str] = []
@@ -355,7 +464,14 @@ def calibrate(
             measured.append(measure_hop(hop_samples, proxy))
         notes.append(f"without Toxiproxy: {direct.comment()}")
     say(f"node core per input ({CORE_RUN_S} simulated s of the reference scenario) ...")
-    measured += measure_core()
+    core = measure_core()
+    if process_cpu:
+        say(f"a real node process's CPU per input (3 nodes, {hop_samples} calls each way) ...")
+        real = measure_process_cpu(hop_samples)
+        load = max(load, real.load)
+        notes += [f"node core alone: {c.comment()}" for c in core]
+        core = [real.add_to(c) for c in core]
+    measured += core
     say(f"API round trip to a real node ({hop_samples} calls) ...")
     measured.append(measure_api_hop(hop_samples))
     say(f"task dispatch on an agent's runner ({dispatch_samples} tasks) ...")
