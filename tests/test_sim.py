@@ -48,6 +48,19 @@ def test_steady_run_keeps_every_promise() -> None:
     assert 0 < submit["p50"] < 500
 
 
+def test_steady_submits_are_also_split_by_client() -> None:
+    """A client far from the leader (or cut off from it) shows in its own figures, not
+    only inside everyone's p99."""
+    summary = run_scenario(load_scenario_text(short()).scenario, seed=3)
+    steady, by_client = summary["submit_ms_steady"], summary["submit_ms_steady_by_client"]
+    assert isinstance(steady, dict) and isinstance(by_client, dict)
+    assert sorted(by_client) == ["c-aws", "c-gcp"]
+    assert sum(d["count"] for d in by_client.values()) == steady["count"] > 50
+    # The leader is in aws (the first leader of this topology): the gcp client pays the
+    # cross-cloud round trip on every submit.
+    assert by_client["c-gcp"]["p50"] > by_client["c-aws"]["p50"] + 20, by_client
+
+
 def test_same_seed_same_trace_different_seed_different_trace() -> None:
     scenario = load_scenario_text(short()).scenario
     first = run_scenario(scenario, seed=11)

@@ -771,7 +771,8 @@ def prediction(scenario: Scenario, seed: int, first_leader: str | None = None) -
 
 
 KEY_FIGURES = (
-    "failover_s", "submit_ms", "submit_ms_steady", "tasks_submitted", "tasks_acknowledged",
+    "failover_s", "submit_ms", "submit_ms_steady", "submit_ms_steady_by_client",
+    "tasks_submitted", "tasks_acknowledged",
     "tasks_succeeded", "tasks_dead", "tasks_lost", "duplicate_results", "leader_changes",
     "settled", "submits_given_up", "commands_per_task", "membership_changes",
     "membership_changes_failed",
@@ -809,6 +810,10 @@ def _readable(summary: dict[str, Any]) -> str:
         row("failover s", "failover_s", stats),
         row("submit ms", "submit_ms", stats),
         row("submit ms (steady)", "submit_ms_steady", stats),
+        *(
+            row(f"  {client}", "submit_ms_steady_by_client", ("count", "p50", "p99"), client)
+            for client in sorted(summary.get("submit_ms_steady_by_client") or {})
+        ),
         row("submitted", "tasks_submitted"),
         row("acknowledged", "tasks_acknowledged"),
         row("given up", "submits_given_up"),

@@ -279,6 +279,8 @@ class Backend(Protocol):
 class Observations:
     submit_ms: list[float] = field(default_factory=list)
     submit_ms_steady: list[float] = field(default_factory=list)
+    # The same per client: one client cut off can hide in the others' p99.
+    submit_ms_steady_by_client: dict[str, list[float]] = field(default_factory=dict)
     failovers_s: list[float] = field(default_factory=list)
     leaders: list[tuple[float, str, int]] = field(default_factory=list)  # (t_s, node, term)
     faults: list[tuple[float, str]] = field(default_factory=list)  # (t_s, description)
@@ -831,6 +833,7 @@ class ScenarioPlayer:
         self.obs.submit_ms.append(latency_ms)
         if self._steady(pending, outcome.started_s):
             self.obs.submit_ms_steady.append(latency_ms)
+            self.obs.submit_ms_steady_by_client.setdefault(pending.client, []).append(latency_ms)
         assert key not in self.obs.acknowledged, key
         self.obs.acknowledged[key] = outcome.task_id
         self.backend.note("ack", key, outcome.task_id)
@@ -864,6 +867,10 @@ class ScenarioPlayer:
             "failover_s": distribution(obs.failovers_s, digits=3, with_values=True),
             "submit_ms": distribution(obs.submit_ms, digits=2),
             "submit_ms_steady": distribution(obs.submit_ms_steady, digits=2),
+            "submit_ms_steady_by_client": {
+                client: distribution(latencies, digits=2)
+                for client, latencies in sorted(obs.submit_ms_steady_by_client.items())
+            },
             "tasks_submitted": obs.submitted,
             "tasks_acknowledged": acknowledged,
             "tasks_succeeded": final.tasks_by_state.get(TaskState.SUCCEEDED.value, 0),

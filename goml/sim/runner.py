@@ -73,6 +73,10 @@ def _readable(summary: dict[str, Any]) -> str:
         f"  failovers {failover.get('count')}: p50 {failover.get('p50')} s, p99 {failover.get('p99')} s, "
         f"max {failover.get('max')} s",
         f"  submit latency: p50 {submit.get('p50')} ms, p99 {submit.get('p99')} ms, max {submit.get('max')} ms",
+        *(
+            f"    steady, {client}: p50 {d.get('p50')} ms, p99 {d.get('p99')} ms ({d.get('count')})"
+            for client, d in (summary.get("submit_ms_steady_by_client") or {}).items()
+        ),
         f"  tasks: {summary.get('tasks_submitted')} submitted, {summary.get('tasks_acknowledged')} acknowledged, "
         f"{summary.get('tasks_succeeded')} succeeded, {summary.get('tasks_lost')} lost, "
         f"{summary.get('duplicate_results')} results twice",
