@@ -419,33 +419,60 @@ class Client:
         return list(self._order)
 
     def wait(self, task_id: str, timeout_s: float) -> api_pb2.Task:
-        """Wait until the task reaches a terminal state, by watching it."""
+        """Wait until the task reaches a terminal state, by watching it. A watch starts
+        with the task's current state (the node registers it and reads the state in one
+        step), so no Get goes first: one round less, and an end between a Get and the
+        watch cannot be missed. A node that does not know the task (a wrong id, or a
+        follower behind the leader) ends the watch with NOT_FOUND; then the leader is
+        asked (a Get), which raises NOT_FOUND or finds it and the watch goes on."""
+        _check_task_id(task_id)
         deadline = time.monotonic() + timeout_s
+        known_only = True  # until the leader said it knows the task
+        task: api_pb2.Task | None = None
         while True:
-            task = self.get(task_id)
-            if task.state in TERMINAL_STATES:
-                return task
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                state = "not seen" if task is None else api_pb2.TaskState.Name(task.state)
                 raise TimeoutError(
                     f"timed out after {timeout_s:g} s waiting for task {task_id}: still "
-                    f"{api_pb2.TaskState.Name(task.state)} (is an agent running that fits it?)"
+                    f"{state} (is an agent running that fits it?)"
                 )
-            for event in self.watch([task_id], timeout_s=min(remaining, 5.0)):
-                if event.task.state in TERMINAL_STATES:
-                    return event.task
+            seen = False
+            try:
+                for event in self.watch(
+                    [task_id], timeout_s=min(remaining, 5.0), known_only=known_only
+                ):
+                    seen, task = True, event.task
+                    if task.state in TERMINAL_STATES:
+                        return task
+            except ClientError as error:
+                if error.code is not grpc.StatusCode.NOT_FOUND or not known_only:
+                    raise
+            else:
+                if seen:
+                    continue
+            # NOT_FOUND from the node watched, or a window without the task's state (a
+            # node from before `known_only` is silent about a task it does not know).
+            task = self.get(task_id)  # NOT_FOUND here is the leader's: the id is wrong
+            if task.state in TERMINAL_STATES:
+                return task
+            known_only = False  # the leader knows it: a node behind will apply it
 
-    def watch(self, task_ids: list[str], timeout_s: float) -> Iterator[api_pb2.TaskEvent]:
+    def watch(
+        self, task_ids: list[str], timeout_s: float, known_only: bool = False
+    ) -> Iterator[api_pb2.TaskEvent]:
         """Task state changes as a node applies them (any node serves a watch), until
-        `timeout_s` passes. A node that cannot be reached, or stops serving, is replaced
-        by the next one the policy names, as for any call; events applied while no node
-        streamed are not replayed. ClientError when the policy gives up (it names the
-        node and why), or at once if every node fails with the same transport cause."""
+        `timeout_s` passes; first, each named task's current state on that node. A node
+        that cannot be reached, or stops serving, is replaced by the next one the policy
+        names, as for any call (the new node starts with the current states again).
+        ClientError when the policy gives up (it names the node and why), or at once if
+        every node fails with the same transport cause. `known_only`: a task the node
+        does not know ends the watch with NOT_FOUND rather than silence."""
         if not 0 < timeout_s < math.inf:
             raise ValueError(f"timeout_s must be finite and > 0: {timeout_s!r}")
         for task_id in task_ids:
             _check_task_id(task_id)
-        request = api_pb2.WatchRequest(task_ids=task_ids)
+        request = api_pb2.WatchRequest(task_ids=task_ids, known_only=known_only)
         deadline_ms = _now_ms() + _ms(timeout_s)
         # The failures in a row since the last event, as one operation of the policy.
         attempt: Attempt | None = None

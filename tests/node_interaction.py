@@ -36,7 +36,7 @@ Request kinds and their fields (defaults in brackets):
 
     submit fn=[matmul] args=[{}] key=<key> cpu=[1] mem=[64] priority=[0]
     get task=<id> / list [state=..] [limit=..] / cancel task=<id> / status [local]
-    watch [tasks=a,b]
+    watch [tasks=a,b] [known=false]
     register agent=<id> [cpu=2] [mem=1024] [cloud=aws] [region=r1]
     heartbeat agent=<id> [cpu=2] [mem=1024] [running=a,b]
     lease agent=<id> [cpu=2] [mem=1024] [max=4] [wait=0]
@@ -265,7 +265,8 @@ class NodeEnv:
             request = StatusRequest(options.pop("local", "false") == "true")
         elif kind == "watch":
             tasks = options.pop("tasks", "")
-            request = WatchRequest(tuple(t for t in tasks.split(",") if t))
+            known_only = options.pop("known", "false") == "true"
+            request = WatchRequest(tuple(t for t in tasks.split(",") if t), known_only)
         elif kind == "register":
             request = RegisterRequest(
                 options.pop("agent"),

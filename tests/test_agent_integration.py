@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -396,6 +397,30 @@ def test_library_batch_results_match_numpy(cluster: LiveCluster) -> None:
         out = json.loads(task.result_json)
         assert out == local_result(function, args), function  # carried intact
         check(args, out)
+
+
+# Below the 5 s watch window that `Client.wait` renews: a waiter that missed the end, or
+# that learned of an unknown id only from a silent window, would take longer.
+WAIT_SEEN_AT_ONCE_S = 4.0
+
+
+def test_wait_sees_an_end_at_once_and_an_unknown_id_is_not_found(cluster: LiveCluster) -> None:
+    args = {"n": 4, "m": 4, "k": 4, "seed": 7}
+    [task_id] = cluster.client.submit_specs([spec("matmul", args)])
+    task = cluster.client.wait(task_id, timeout_s=60)
+    assert state_name(task) == "SUCCEEDED", task.error
+    assert json.loads(task.result_json) == local_result("matmul", args)
+    # Already over before the watch starts (as when it ends between a Get and a watch):
+    # the watch's first event says so; nothing is waited for.
+    started = time.monotonic()
+    again = cluster.client.wait(task_id, timeout_s=60)
+    assert (again.id, state_name(again)) == (task_id, "SUCCEEDED")
+    assert time.monotonic() - started < WAIT_SEEN_AT_ONCE_S
+    started = time.monotonic()
+    with pytest.raises(ClientError) as missing:
+        cluster.client.wait("t-no-such-task", timeout_s=60)
+    assert missing.value.code is grpc.StatusCode.NOT_FOUND, missing.value
+    assert time.monotonic() - started < WAIT_SEEN_AT_ONCE_S
 
 
 def test_failing_task_is_dead_after_max_attempts(cluster: LiveCluster) -> None:

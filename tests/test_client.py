@@ -616,6 +616,29 @@ def test_watch_refused_by_the_node_is_raised(journal: Journal) -> None:
     assert journal.events() == [Call("n1")]
 
 
+def test_wait_watches_without_a_get_first(journal: Journal) -> None:
+    """The watch's first event is the task's current state: wait makes one call, not a
+    Get then a Watch (a round less, and no gap between the two for an end to fall in)."""
+    with serving({"n1": None}, journal) as profile, make_client(profile, 10.0) as client:
+        task = client.wait("t-1", timeout_s=5.0)
+    assert (task.id, task.state) == ("t-1", api_pb2.SUCCEEDED)
+    assert journal.events() == [Call("n1")]
+
+
+def test_wait_for_a_task_the_node_does_not_know_asks_the_leader(journal: Journal) -> None:
+    """NOT_FOUND from the watch (a wrong id, or a node behind the leader) is checked
+    with a Get, whose NOT_FOUND is the answer."""
+    script = {"n1": Refuse(grpc.StatusCode.NOT_FOUND, "no task 't-1'")}
+    with (
+        serving(script, journal) as profile,
+        make_client(profile, retry_s=10.0) as client,
+        pytest.raises(ClientError) as missing,
+    ):
+        client.wait("t-1", timeout_s=5.0)
+    assert missing.value.code is grpc.StatusCode.NOT_FOUND, missing.value
+    assert journal.events() == [Call("n1"), Call("n1")]  # the watch, then the Get
+
+
 # --------------------------------------------------------------------------- reconnect
 
 

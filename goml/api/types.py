@@ -345,6 +345,9 @@ class CancelResponse:
 @dataclass(frozen=True, slots=True)
 class WatchRequest:
     task_ids: tuple[str, ...]  # empty: every task
+    # True: a task named that the node does not know ends the watch with NOT_FOUND at
+    # once, instead of a silence a waiting caller cannot tell from "not finished yet".
+    known_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

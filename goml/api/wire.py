@@ -386,7 +386,9 @@ def request_to_pb(request: ApiRequest) -> Message:
         case StatusRequest():
             return api_pb2.StatusRequest(local=request.local)
         case WatchRequest():
-            return api_pb2.WatchRequest(task_ids=list(request.task_ids))
+            return api_pb2.WatchRequest(
+                task_ids=list(request.task_ids), known_only=request.known_only
+            )
         case AckExportRequest():
             return api_pb2.AckExportRequest(through_seq=request.through_seq)
         case MembershipRequest():
@@ -446,7 +448,7 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
             return StatusRequest(bool(pb.local))
         case Method.WATCH:
             assert isinstance(pb, api_pb2.WatchRequest)
-            return WatchRequest(tuple(pb.task_ids))
+            return WatchRequest(tuple(pb.task_ids), bool(pb.known_only))
         case Method.ACK_EXPORT:
             assert isinstance(pb, api_pb2.AckExportRequest)
             return AckExportRequest(int(pb.through_seq))

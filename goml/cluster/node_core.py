@@ -997,7 +997,20 @@ class NodeCore:
         self._wait(request_id, _Pending(request, _Stage.READING, self._request_deadline()))
 
     def _watch(self, request_id: int, request: WatchRequest) -> None:
+        """Register the watch and send each known task's current state, in the same
+        step: a change applied after this step is an event, one before it is in the
+        current state, so nothing falls between (a waiter needs no Get first)."""
         wanted = frozenset(request.task_ids)
+        if request.known_only:
+            unknown = sorted(t for t in wanted if self.manifest.get_task(t) is None)
+            if unknown:
+                # Not "no such task" for sure on a follower that lags: the caller asks
+                # the leader (a Get) before it believes it.
+                names = ", ".join(quote(t) for t in unknown[:3])
+                more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+                where = f" at applied index {self.manifest.applied_index} of {self.id}"
+                self._error(request_id, ErrorCode.NOT_FOUND, f"no task {names}{more}{where}")
+                return
         self._pending[request_id] = _Pending(request, _Stage.WATCHING, 0)
         self._watches[request_id] = wanted
         applied = self.manifest.applied_index

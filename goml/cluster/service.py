@@ -379,6 +379,10 @@ class ControlPlane:
             future = self._calls.get(reply.request_id)
             if future is not None and not future.done():
                 future.set_result((outcome, reply.leader_hint))
+            elif isinstance(outcome, ApiError) and reply.request_id in self._watches:
+                # A watch refused (NOT_FOUND for known_only, or a busy node): its stream
+                # ends with the error, rather than waiting silently for events.
+                self._end_watch(reply.request_id, outcome)
             return
         queue = self._watches.get(reply.request_id)
         if queue is None:
@@ -395,6 +399,12 @@ class ControlPlane:
                     ApiError(ErrorCode.RESOURCE_EXHAUSTED, "watcher too slow: watch again")
                 )
             self._forget(reply.request_id)  # queued: no input between ready and advance
+
+    def _end_watch(self, request_id: int, error: ApiError) -> None:
+        queue = self._watches.pop(request_id)
+        if queue.full():
+            queue.get_nowait()  # room for the error, which ends the stream
+        queue.put_nowait(error)
 
     def serve_health(self, servicer: health.aio.HealthServicer) -> None:
         """The gRPC health service follows the core's `health()` from now on."""

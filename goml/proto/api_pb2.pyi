@@ -159,10 +159,12 @@ class AckExportResponse(_message.Message):
     def __init__(self, export_watermark_seq: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("task_ids",)
+    __slots__ = ("task_ids", "known_only")
     TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_ONLY_FIELD_NUMBER: _ClassVar[int]
     task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    known_only: bool
+    def __init__(self, task_ids: _Optional[_Iterable[str]] = ..., known_only: _Optional[bool] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
     __slots__ = ("task", "raft_index")
