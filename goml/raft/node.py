@@ -573,12 +573,13 @@ class NodeRuntime(Generic[R]):
                 )
             if not early:
                 self._send(ready.messages)
-            if ready.messages and ready.committed:
+            if ready.messages and ready.committed and not (early and ready.writes()):
                 # Yield once so each peer's sender task hands this Ready's messages to
                 # gRPC before `advance` applies the committed entries: a follower's
-                # append answer waited ~0.2 ms for the apply of the entry before it
-                # (bench/trace_lone_write.py --control-plane). Yielding here is as safe
-                # as the store's await above: inputs only queue until `_feed`.
+                # append answer waited ~0.3 ms for the apply of the entry before it
+                # (bench/trace_lone_write.py --control-plane). Messages sent before a
+                # store left during its await already. Yielding here is as safe as
+                # that await: inputs only queue until `_feed`.
                 await asyncio.sleep(0)
             core.advance(ready)
         raise AssertionError(f"node {self.id}: ready() never ran dry")
