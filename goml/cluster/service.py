@@ -227,6 +227,11 @@ class ControlPlane:
         except TimeoutError:
             self._forget(request_id)
             return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: no answer in time"), ""
+        except asyncio.CancelledError:
+            # The caller went away (closed connection, deadline): a parked lease poll
+            # must stop counting as its agent's heartbeat (LeaderDuties.polled).
+            self._forget(request_id)
+            raise
         finally:
             self._calls.pop(request_id, None)
             self._acting.pop(request_id, None)
