@@ -523,6 +523,41 @@ def test_kill_9_leader_while_agents_run_tasks(tmp_path: Path) -> None:
                 assert task.result_json == result_json, (name, task_id)
 
 
+def test_idle_agents_follow_a_new_leader_and_a_dead_idle_agent_is_marked_down(
+    tmp_path: Path,
+) -> None:
+    """Idle agents send no heartbeats while their lease polls are parked (issue 12): the
+    leader counts the polls. They still find a new leader when the old one dies (the
+    parked poll fails with the connection), and a SIGKILLed idle agent is still marked
+    down within agent_timeout_ms (its poll is forgotten with its connection)."""
+    timeout_s = TEST_DUTIES.agent_timeout_ms / 1000
+    with live_cluster(tmp_path) as cluster:
+        old_leader = cluster.leader()
+        cluster.kill9(old_leader)
+        new_leader = cluster.leader()
+        assert new_leader != old_leader
+        # Past the new leader's grace and two agent timeouts, both are still ALIVE: their
+        # polls reached the new leader.
+        window_end = time.monotonic() + (TEST_DUTIES.election_grace_ms / 1000) + 2 * timeout_s
+        while time.monotonic() < window_end:
+            assert cluster.alive_agents() >= {"agent-1", "agent-2"}, "an idle agent was lost"
+            time.sleep(0.1)  # sampling a remote state over a window, not a sync
+        status = cluster.client.status()
+        ages = {a.id: a.last_heartbeat_age_ms for a in status.agents}
+        assert status.leader_id == new_leader
+        assert all(0 <= ages[a] < TEST_DUTIES.agent_timeout_ms for a in ("agent-1", "agent-2"))
+        cluster.kill9("agent-2")
+        killed = time.monotonic()
+        wait_until(
+            "agent-2 marked down",
+            lambda: "agent-2" not in cluster.alive_agents(),
+            timeout_s + 10,
+        )
+        took = time.monotonic() - killed
+        assert took <= timeout_s + 3.0, took  # one timeout (+ a duties round, a commit)
+        assert "agent-1" in cluster.alive_agents()
+
+
 def test_kill_9_agent_mid_task_moves_task_to_other_agent(tmp_path: Path) -> None:
     with live_cluster(tmp_path) as cluster:
         client = cluster.client
