@@ -267,11 +267,20 @@ def test_an_idle_agent_lets_its_lease_poll_stand_in_for_heartbeats() -> None:
     hb = h.call(Method.HEARTBEAT)
     assert hb.request == HeartbeatRequest("a1", Resources(2, 4096, 0), ())
     h.respond(hb, HeartbeatResponse(known=True))
+    # A poll refused (a leader that marked us down refuses the lease): the heartbeat
+    # that learns known=false goes while the poll backs off.
+    h.run_until(h.now + 1000)
+    h.fail(h.call(Method.LEASE), ErrorKind.INVALID, detail="agent a1 is DOWN")
+    h.run_until(h.now + 1000)
+    h.respond(h.call(Method.HEARTBEAT), HeartbeatResponse(known=False))
+    assert h.core.state is AgentState.REGISTERING
+    h.respond(h.call(Method.REGISTER), RegisterResponse(0))
+    assert h.core.state is AgentState.ACTIVE
     # Holding a task, the agent heartbeats every interval again, the poll in flight or not.
     h.run_until(h.now + 50)
     h.respond(h.call(Method.LEASE), LeaseResponse((leased("A"),)))
     assert len(h.calls(Method.LEASE)) == 1
-    h.run_until(6000 + 1000)
+    h.run_until(h.now + 1000)
     hb = h.call(Method.HEARTBEAT)
     assert isinstance(hb.request, HeartbeatRequest) and hb.request.running_task_ids == ("A",)
     # A poll that stood in for longer than an interval: once it brings a task, a
