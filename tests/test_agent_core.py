@@ -275,7 +275,7 @@ def test_an_idle_agent_lets_its_lease_poll_stand_in_for_heartbeats() -> None:
     h.respond(h.call(Method.HEARTBEAT), HeartbeatResponse(known=False))
     assert h.core.state is AgentState.REGISTERING
     h.respond(h.call(Method.REGISTER), RegisterResponse(0))
-    assert h.core.state is AgentState.ACTIVE
+    assert state_of(h) is AgentState.ACTIVE
     # Holding a task, the agent heartbeats every interval again, the poll in flight or not.
     h.run_until(h.now + 50)
     h.respond(h.call(Method.LEASE), LeaseResponse((leased("A"),)))
