@@ -524,16 +524,19 @@ def test_agent_lease_report_and_epoch_fencing(shared: LocalCluster) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("via", ["leader", "follower"])
 def test_a_parked_lease_poll_keeps_an_idle_agent_alive_until_its_caller_goes(
-    shared: LocalCluster,
+    shared: LocalCluster, via: str
 ) -> None:
     """An idle agent sends no heartbeats while its lease poll is parked (goml.agent.core):
     the leader counts the poll as one for as long as it holds it. Once the caller goes
     (its call cancelled, as a dead agent's closed connection does), the agent is marked
-    DOWN within agent_timeout_ms, as if its heartbeats had stopped."""
+    DOWN within agent_timeout_ms, as if its heartbeats had stopped. Through a follower,
+    the poll is forwarded to the leader and held there: the caller's cancellation
+    cancels the forward too."""
     client = shared.client
     timeout_s = SHORT_LEASES.agent_timeout_ms / 1000
-    agent_id = "agent-parked"
+    agent_id = f"agent-parked-{via}"
     own = ensure_identity(
         shared.layout.data_dir / "certs", Identity(Role.AGENT, agent_id), certificate=True
     )
@@ -547,7 +550,11 @@ def test_a_parked_lease_poll_keeps_an_idle_agent_alive_until_its_caller_goes(
     def state() -> str:
         return {a.id: a.state for a in client.status().agents}.get(agent_id, "")
 
-    with grpc.secure_channel(shared.profile.nodes[shared.leader()], credentials) as channel:
+    leader = shared.leader()
+    node = (
+        leader if via == "leader" else next(n for n in sorted(shared.profile.nodes) if n != leader)
+    )
+    with grpc.secure_channel(shared.profile.nodes[node], credentials) as channel:
         agent = api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
         md = (("authorization", f"Bearer {own.read_token()}"),)
         agent.Register(
