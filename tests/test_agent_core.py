@@ -163,6 +163,14 @@ class Harness:
         ]
 
 
+def hold(h: Harness, task_id: str = "H") -> LeasedTask:
+    """Answer the open lease poll with one 1-cpu task: an agent holding a task
+    heartbeats every interval (an idle one lets its lease poll stand in)."""
+    task = leased(task_id)
+    h.respond(h.call(Method.LEASE), LeaseResponse((task,)))
+    return task
+
+
 def state_of(h: Harness) -> AgentState:
     return h.core.state  # a call: mypy does not narrow it across inputs
 
@@ -206,17 +214,19 @@ def test_registered_adopts_the_leaders_heartbeat_interval() -> None:
     h.register(interval_ms=300)
     assert h.core.state is AgentState.ACTIVE
     assert h.core.heartbeat_interval_ms == 300
+    hold(h)
     assert h.calls(Method.HEARTBEAT) == []
     h.tick(299)
     assert h.calls(Method.HEARTBEAT) == []
     h.tick(300)
     hb = h.call(Method.HEARTBEAT)
-    assert hb.request == HeartbeatRequest("a1", Resources(2, 4096, 0), ())
+    assert hb.request == HeartbeatRequest("a1", Resources(1, 4096 - 512, 0), ("H",))
 
 
 def test_heartbeat_cadence_every_interval() -> None:
     h = Harness()
     h.register()
+    hold(h)
     sent = []
     for t in range(0, 5001, 10):
         h.tick(t)
@@ -230,12 +240,59 @@ def test_heartbeat_cadence_every_interval() -> None:
 def test_heartbeat_unknown_registers_again() -> None:
     h = Harness()
     h.register()
+    hold(h)
     h.tick(1000)
     h.respond(h.call(Method.HEARTBEAT), HeartbeatResponse(known=False))
     assert h.core.state is AgentState.REGISTERING
     assert h.call(Method.REGISTER).node_id == "n1"
     h.respond(h.call(Method.REGISTER), RegisterResponse(0))
     assert state_of(h) is AgentState.ACTIVE
+
+
+def test_an_idle_agent_lets_its_lease_poll_stand_in_for_heartbeats() -> None:
+    h = Harness()
+    h.register()
+    lease = h.call(Method.LEASE)
+    # Holding nothing, with a poll in flight: no heartbeat, and nothing to wake for but
+    # the poll's own deadline.
+    assert h.core.next_deadline_ms() == lease.timeout_ms
+    h.tick(6000)
+    assert h.calls(Method.HEARTBEAT) == []
+    h.respond(lease, LeaseResponse(()))  # the poll's wait ended empty: poll again at once
+    assert h.calls(Method.HEARTBEAT) == []
+    lease = h.call(Method.LEASE)
+    # A failed poll backs off: heartbeats go meanwhile (the leader may have forgotten us).
+    h.fail(lease, ErrorKind.UNAVAILABLE)
+    assert h.calls(Method.LEASE) == []
+    hb = h.call(Method.HEARTBEAT)
+    assert hb.request == HeartbeatRequest("a1", Resources(2, 4096, 0), ())
+    h.respond(hb, HeartbeatResponse(known=True))
+    # A poll refused (a leader that marked us down refuses the lease): the heartbeat
+    # that learns known=false goes while the poll backs off.
+    h.run_until(h.now + 1000)
+    h.fail(h.call(Method.LEASE), ErrorKind.INVALID, detail="agent a1 is DOWN")
+    h.run_until(h.now + 1000)
+    h.respond(h.call(Method.HEARTBEAT), HeartbeatResponse(known=False))
+    assert h.core.state is AgentState.REGISTERING
+    h.respond(h.call(Method.REGISTER), RegisterResponse(0))
+    assert state_of(h) is AgentState.ACTIVE
+    # Holding a task, the agent heartbeats every interval again, the poll in flight or not.
+    h.run_until(h.now + 50)
+    h.respond(h.call(Method.LEASE), LeaseResponse((leased("A"),)))
+    assert len(h.calls(Method.LEASE)) == 1
+    h.run_until(h.now + 1000)
+    hb = h.call(Method.HEARTBEAT)
+    assert isinstance(hb.request, HeartbeatRequest) and hb.request.running_task_ids == ("A",)
+    # A poll that stood in for longer than an interval: once it brings a task, a
+    # heartbeat listing it goes at once.
+    h.respond(hb, HeartbeatResponse(known=True))
+    h.finish(leased("A"), True, "{}")
+    h.respond(h.call(Method.REPORT), ReportResponse(True, ""))
+    h.run_until(h.now + 5000)
+    assert h.calls(Method.HEARTBEAT) == []
+    h.respond(h.call(Method.LEASE), LeaseResponse((leased("B"),)))
+    hb = h.call(Method.HEARTBEAT)
+    assert isinstance(hb.request, HeartbeatRequest) and hb.request.running_task_ids == ("B",)
 
 
 # --------------------------------------------------------------------------- leases, capacity
@@ -392,6 +449,7 @@ def test_not_leader_without_hint_or_with_unknown_hint_rotates() -> None:
 def test_a_failure_on_a_node_we_no_longer_believe_in_does_not_rotate() -> None:
     h = Harness()
     h.register()
+    hold(h)
     h.tick(1000)
     hb, lease = h.call(Method.HEARTBEAT), h.call(Method.LEASE)
     h.fail(hb, ErrorKind.UNAVAILABLE)
@@ -471,6 +529,7 @@ def test_success_resets_the_backoff() -> None:
         h.fail(h.call(Method.REGISTER), ErrorKind.UNAVAILABLE)
         h.run_until(h.now + 2000)
     h.respond(h.call(Method.REGISTER), RegisterResponse(0))
+    hold(h)
     h.tick(h.now + 1000)
     h.fail(h.call(Method.HEARTBEAT), ErrorKind.UNAVAILABLE)
     assert h.core.next_deadline_ms() == h.now + 50

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import yaml
 
 from goml.agent.tasks import run_task
 from goml.client import TERMINAL_STATES, Client, ClientError
@@ -546,6 +547,51 @@ def test_kill_9_leader_while_agents_run_tasks(tmp_path: Path) -> None:
                 assert task.state.value == "SUCCEEDED", (name, task_id, task.state)
                 assert task.results_recorded == 1, (name, task_id)
                 assert task.result_json == result_json, (name, task_id)
+
+
+def test_idle_agents_follow_a_new_leader_and_a_dead_idle_agent_is_marked_down(
+    tmp_path: Path,
+) -> None:
+    """Idle agents send no heartbeats while their lease polls are parked (issue 12): the
+    leader counts the polls. They still find a new leader when the old one dies (the
+    parked poll fails with the connection), and a SIGKILLed idle agent is still marked
+    down within agent_timeout_ms (its poll is forgotten with its connection)."""
+    timeout_s = TEST_DUTIES.agent_timeout_ms / 1000
+    wait_s = 20.0  # polls held far longer than the timeout: a poll that outlived its
+    # caller (here or, forwarded, on the leader) would keep a dead agent up for ~20 s
+
+    def long_polls(path: Path) -> None:
+        config = yaml.safe_load(path.read_text())
+        config["lease_wait_ms"] = int(wait_s * 1000)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    with live_cluster(tmp_path, agent_config=long_polls) as cluster:
+        old_leader = cluster.leader()
+        cluster.kill9(old_leader)
+        new_leader = cluster.leader()
+        assert new_leader != old_leader
+        # Past the new leader's grace and two agent timeouts, both are still ALIVE: their
+        # polls reached the new leader.
+        window_end = time.monotonic() + (TEST_DUTIES.election_grace_ms / 1000) + 2 * timeout_s
+        while time.monotonic() < window_end:
+            assert cluster.alive_agents() >= {"agent-1", "agent-2"}, "an idle agent was lost"
+            time.sleep(0.1)  # sampling a remote state over a window, not a sync
+        status = cluster.client.status()
+        ages = {a.id: a.last_heartbeat_age_ms for a in status.agents}
+        assert status.leader_id == new_leader
+        assert all(0 <= ages[a] < TEST_DUTIES.agent_timeout_ms for a in ("agent-1", "agent-2"))
+        cluster.kill9("agent-2")
+        killed = time.monotonic()
+        wait_until(
+            "agent-2 marked down",
+            lambda: "agent-2" not in cluster.alive_agents(),
+            timeout_s + 10,
+        )
+        took = time.monotonic() - killed
+        # One timeout, plus a duties round and a commit (slow under load), not the
+        # poll's 20 s wait.
+        assert took < timeout_s + 8.0, took
+        assert "agent-1" in cluster.alive_agents()
 
 
 def test_kill_9_agent_mid_task_moves_task_to_other_agent(tmp_path: Path) -> None:

@@ -524,6 +524,68 @@ def test_agent_lease_report_and_epoch_fencing(shared: LocalCluster) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("via", ["leader", "follower"])
+def test_a_parked_lease_poll_keeps_an_idle_agent_alive_until_its_caller_goes(
+    shared: LocalCluster, via: str
+) -> None:
+    """An idle agent sends no heartbeats while its lease poll is parked (goml.agent.core):
+    the leader counts the poll as one for as long as it holds it. Once the caller goes
+    (its call cancelled, as a dead agent's closed connection does), the agent is marked
+    DOWN within agent_timeout_ms, as if its heartbeats had stopped. Through a follower,
+    the poll is forwarded to the leader and held there: the caller's cancellation
+    cancels the forward too."""
+    client = shared.client
+    timeout_s = SHORT_LEASES.agent_timeout_ms / 1000
+    agent_id = f"agent-parked-{via}"
+    own = ensure_identity(
+        shared.layout.data_dir / "certs", Identity(Role.AGENT, agent_id), certificate=True
+    )
+    credentials = grpc.ssl_channel_credentials(
+        (shared.layout.data_dir / "certs" / "ca.pem").read_bytes(),
+        own.key.read_bytes(),
+        own.cert.read_bytes(),
+    )
+    capacity = api_pb2.Resources(cpu=1.0, memory_mb=256, gpu=0)
+
+    def state() -> str:
+        return {a.id: a.state for a in client.status().agents}.get(agent_id, "")
+
+    leader = shared.leader()
+    node = (
+        leader if via == "leader" else next(n for n in sorted(shared.profile.nodes) if n != leader)
+    )
+    with grpc.secure_channel(shared.profile.nodes[node], credentials) as channel:
+        agent = api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        md = (("authorization", f"Bearer {own.read_token()}"),)
+        agent.Register(
+            api_pb2.RegisterRequest(
+                agent_id=agent_id, cloud="local", region="lab", arch="x86_64", capacity=capacity
+            ),
+            metadata=md,
+            timeout=CALL_TIMEOUT_S,
+        )
+        wait_until(lambda: state() == "ALIVE" or None, 10.0, f"{agent_id} ALIVE")
+        poll = agent.Lease.future(
+            api_pb2.LeaseRequest(agent_id=agent_id, free=capacity, max_tasks=1, wait_ms=30_000),
+            metadata=md,
+            timeout=60.0,
+        )
+        # Parked for twice the agent timeout with no heartbeat: still ALIVE throughout.
+        window_end = time.monotonic() + 2 * timeout_s
+        while time.monotonic() < window_end:
+            assert state() == "ALIVE", "an agent with a parked poll was marked down"
+            time.sleep(0.2)  # sampling a remote state over a window, not a sync
+        assert not poll.done(), "the poll was answered: nothing held it parked"
+        poll.cancel()
+        cancelled = time.monotonic()
+        wait_until(lambda: state() == "DOWN" or None, timeout_s + 5.0, f"{agent_id} DOWN")
+        took = time.monotonic() - cancelled
+    # Marked down one agent timeout after the poll went (plus a duties round and a
+    # commit), not after the poll's 30 s wait.
+    assert timeout_s - 0.5 <= took <= timeout_s + 3.0, took
+
+
+@pytest.mark.slow
 def test_idempotent_submit(shared: LocalCluster) -> None:
     """Same key + same content: the same task; same key + other content: ALREADY_EXISTS;
     a batch is all or nothing."""

@@ -144,6 +144,30 @@ def test_agent_is_down_once_its_timeout_passed_after_its_last_heartbeat() -> Non
     assert leader.apply_due(11_000) == [MarkAgentDown(11_000, "a2")]
 
 
+def test_a_lease_poll_counts_as_a_heartbeat_and_keeps_the_listed_tasks() -> None:
+    leader = Leader()
+    leader.register("a1")
+    (task_id,) = leader.submit(1)
+    leader.lease("a1", 0, 1, CONFIG.lease_ms)  # deadline 15 000
+    leader.start("a1", task_id, 0)
+    leader.duties.became_leader(0)
+    leader.duties.heartbeat("a1", CAPACITY, (task_id,), 1_000)
+    # A poll that went on being held: alive past the timeout after the last heartbeat.
+    leader.duties.polled("a1", CAPACITY, 4_000)
+    leader.duties.polled("a1", CAPACITY, 7_000)
+    assert leader.duties.last_seen_ms("a1") == 7_000
+    assert leader.due(7_499) == []  # 6.5 s after the heartbeat, and not down
+    # A poll lists no tasks: the task the heartbeat listed is still renewed.
+    renew_ms = 15_000 - CONFIG.renew_before_ms
+    leader.duties.polled("a1", CAPACITY, renew_ms)
+    expected = RenewLeases(renew_ms, "a1", (task_id,), renew_ms + CONFIG.lease_ms)
+    assert leader.apply_due(renew_ms) == [expected]
+    # Nothing more from it: down once the timeout passed after the last poll.
+    assert leader.apply_due(renew_ms + CONFIG.agent_timeout_ms) == [
+        MarkAgentDown(renew_ms + CONFIG.agent_timeout_ms, "a1")
+    ]
+
+
 # ------------------------------------------------------------------- task leases
 
 

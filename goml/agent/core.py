@@ -23,6 +23,8 @@ Decisions made here:
 - Heartbeats every `heartbeat_interval_ms` (the value of the latest `RegisterResponse`
   when it is non-zero) while registered. They list every task whose lease the agent
   holds and whose result is not acknowledged yet, so the leader keeps renewing them.
+  An agent holding nothing sends none while a lease poll is in flight: the leader
+  counts the poll as its heartbeat for as long as it holds it (`_poll_stands_in`).
 - Leases: one long-poll at a time, only while registered and with room (a free task
   slot, free cpu and memory, and fewer than `results_pending_max` unacknowledged
   results); at most one call start every `lease_interval_ms_min`.
@@ -523,7 +525,7 @@ class AgentCore:
         if self._state is AgentState.REGISTERING and self._register.in_flight is None:
             times.append(self._register.due_ms)
         if self._state is AgentState.ACTIVE:
-            if self._heartbeat.in_flight is None:
+            if self._heartbeat.in_flight is None and not self._poll_stands_in():
                 times.append(self._heartbeat.due_ms)
             if self._lease.in_flight is None and self._has_room():
                 times.append(self._lease.due_ms)
@@ -561,6 +563,21 @@ class AgentCore:
             and free.cpu > CPU_EPSILON
             and free.memory_mb > 0
         )
+
+    def _poll_stands_in(self) -> bool:
+        """True: no heartbeat is due, a lease poll stands in for it. An agent holding
+        nothing (no run, no unacknowledged result) sends none while its lease poll is in
+        flight or goes out now: the leader counts a poll as a heartbeat on arrival and for
+        as long as it holds it (LeaderDuties.polled). An idle agent then makes one call
+        per lease_wait_ms instead of one per heartbeat interval; that is what keeps its
+        CPU near grpc's own idle floor. An agent holding anything heartbeats as before:
+        heartbeats list its tasks, and their answers name the revoked ones."""
+        if self._running or self._results:
+            return False
+        lease = self._lease
+        if lease.in_flight is not None:
+            return True
+        return lease.due_ms <= self._now_ms and self._has_room()
 
     def _reports_in_flight(self) -> int:
         return sum(1 for r in self._results.values() if r.lane.in_flight is not None)
@@ -627,7 +644,7 @@ class AgentCore:
                 self._send(lane, Method.REGISTER, request, config.call_timeout_ms)
         if self._state is AgentState.ACTIVE:
             lane = self._heartbeat
-            if lane.in_flight is None and lane.due_ms <= now:
+            if lane.in_flight is None and lane.due_ms <= now and not self._poll_stands_in():
                 lane.due_ms = now + self._heartbeat_interval_ms
                 request_hb = HeartbeatRequest(config.agent_id, self.free, self._held_task_ids())
                 self._send(lane, Method.HEARTBEAT, request_hb, config.call_timeout_ms)

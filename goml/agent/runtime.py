@@ -27,7 +27,9 @@ tls:                            # required unless `insecure: true`
 # Optional, with their defaults:
 heartbeat_interval_ms: 1000     # until the leader's RegisterResponse says otherwise
 call_timeout_ms: 2000           # deadline of Register, Heartbeat, Report
-lease_wait_ms: 5000             # long-poll hold; the Lease deadline adds call_timeout_ms
+lease_wait_ms: 5000             # long-poll hold; the Lease deadline adds call_timeout_ms;
+                                #   an idle agent's only call: its parked poll stands in
+                                #   for heartbeats (goml.agent.core)
 lease_interval_ms_min: 50
 lease_tasks_max: 4
 tasks_running_max: 4

@@ -132,6 +132,16 @@ class LeaderDuties:
         assert self.leading_since_ms is not None, "heartbeats are handled by the leader only"
         self._seen[agent_id] = _Seen(now_ms, free, running)
 
+    def polled(self, agent_id: str, free: Resources, now_ms: int) -> None:
+        """A lease poll from the agent reached this leader, or is still held here: the
+        agent is alive now (a poll whose caller went away is forgotten, so it stops
+        counting). An idle agent sends no separate heartbeat while its poll is held
+        (goml.agent.core). The running tasks stay as the last heartbeat listed them: a
+        poll does not list them, and an agent holding any heartbeats as before."""
+        assert self.leading_since_ms is not None, "lease polls are handled by the leader only"
+        seen = self._seen.get(agent_id)
+        self._seen[agent_id] = _Seen(now_ms, free, seen.running if seen else ())
+
     def free(self, agent_id: str) -> Resources | None:
         seen = self._seen.get(agent_id)
         return seen.free if seen else None

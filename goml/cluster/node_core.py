@@ -1152,11 +1152,21 @@ class NodeCore:
     def _lease(self, request_id: int, request: LeaseRequest) -> None:
         if not self._leading_or_refuse(request_id):
             return
+        self._polled(request)
         wait_ms = min(max(request.wait_ms, 0), self.config.lease_wait_ms_max)
         pending = _Pending(
             request, _Stage.PROPOSED, self._request_deadline(), self._now_ms + wait_ms
         )
         self._try_lease(request_id, pending)
+
+    def _polled(self, request: LeaseRequest) -> None:
+        """A lease poll of a live agent counts as its heartbeat, on arrival and at each
+        duties round while it is parked (LeaderDuties.polled)."""
+        agent = self.manifest.get_agent(request.agent_id)
+        if agent is None or agent.state is not AgentState.ALIVE:
+            return  # unknown or down: its heartbeat answers known=false
+        if self.duties.leading_since_ms is not None:
+            self.duties.polled(request.agent_id, request.free, self._cluster_ms)
 
     def _try_lease(self, request_id: int, pending: _Pending) -> bool:
         """Propose a LeaseTasks if one would lease something, else park or answer
@@ -1283,6 +1293,10 @@ class NodeCore:
         return data
 
     def _run_duties(self) -> None:
+        for request_id in self._parked:  # a parked poll's agent is alive until it goes
+            pending = self._pending.get(request_id)
+            if pending is not None and isinstance(pending.request, LeaseRequest):
+                self._polled(pending.request)
         due = self.duties.due(self.manifest, self._cluster_ms)
         due += self.duties.limits_due(self.manifest, self.config.limits, self._cluster_ms)
         for command in due:

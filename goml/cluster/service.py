@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import random
@@ -133,6 +134,7 @@ class ControlPlane:
         self._health: health.aio.HealthServicer | None = None
         self._serving: bool | None = None
         self._background: set[asyncio.Future[None]] = set()
+        self._forwarding: dict[int, asyncio.Future[None]] = {}  # request id -> its forward
         runtime.on_iteration(self._observe)
         runtime.on_stop(self._fail_all)
 
@@ -227,6 +229,15 @@ class ControlPlane:
         except TimeoutError:
             self._forget(request_id)
             return ApiError(ErrorCode.UNAVAILABLE, f"{self.config.node_id}: no answer in time"), ""
+        except asyncio.CancelledError:
+            # The caller went away (closed connection, deadline): a parked lease poll
+            # must stop counting as its agent's heartbeat (LeaderDuties.polled), here
+            # and, through its cancelled forward, on the leader.
+            self._forget(request_id)
+            forward = self._forwarding.get(request_id)
+            if forward is not None:
+                forward.cancel()
+            raise
         finally:
             self._calls.pop(request_id, None)
             self._acting.pop(request_id, None)
@@ -319,6 +330,12 @@ class ControlPlane:
             task = asyncio.ensure_future(self._forward(forward))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            self._forwarding[forward.request_id] = task
+            task.add_done_callback(functools.partial(self._forward_done, forward.request_id))
+
+    def _forward_done(self, request_id: int, task: asyncio.Future[None]) -> None:
+        if self._forwarding.get(request_id) is task:
+            del self._forwarding[request_id]
 
     async def _forward(self, forward: Forward) -> None:
         """Carry a request the core forwards to the leader's API, and its answer back."""
