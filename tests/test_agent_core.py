@@ -249,6 +249,26 @@ def test_heartbeat_unknown_registers_again() -> None:
     assert state_of(h) is AgentState.ACTIVE
 
 
+def test_an_idle_agent_heartbeats_for_a_leader_that_does_not_count_polls() -> None:
+    """An older node's answers lack `lease_poll_is_heartbeat` (decoded False): it would mark
+    a silent idle agent down, so the agent heartbeats every interval while it leads; a
+    lease answer from a node that counts polls lets the poll stand in again."""
+    h = Harness()
+    h.start()
+    h.respond(h.call(Method.REGISTER), RegisterResponse(0, lease_poll_is_heartbeat=False))
+    lease = h.call(Method.LEASE)
+    for _ in range(3):  # the poll stays parked; a heartbeat goes every interval
+        h.run_until(h.now + 1000)
+        h.respond(h.call(Method.HEARTBEAT), HeartbeatResponse(known=True))
+    h.respond(lease, LeaseResponse((), lease_poll_is_heartbeat=True))
+    h.run_until(h.now + 3000)
+    assert h.calls(Method.HEARTBEAT) == []
+    # And back: the next answer comes from an older node again.
+    h.respond(h.call(Method.LEASE), LeaseResponse((), lease_poll_is_heartbeat=False))
+    h.run_until(h.now + 1000)
+    assert len(h.calls(Method.HEARTBEAT)) == 1
+
+
 def test_an_idle_agent_lets_its_lease_poll_stand_in_for_heartbeats() -> None:
     h = Harness()
     h.register()

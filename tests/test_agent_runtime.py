@@ -442,8 +442,10 @@ REQUESTS: list[tuple[Method, Request]] = [
 TASK = LeasedTask("t1", "matmul", "{}", Resources(1.0, 512, 0), 3, 30_000, 99)
 RESPONSES: list[tuple[Method, Response]] = [
     (Method.REGISTER, RegisterResponse(250)),
+    (Method.REGISTER, RegisterResponse(250, lease_poll_is_heartbeat=False)),
     (Method.HEARTBEAT, HeartbeatResponse(False)),
     (Method.LEASE, LeaseResponse((TASK,))),
+    (Method.LEASE, LeaseResponse((), lease_poll_is_heartbeat=False)),
     (Method.REPORT, ReportResponse(False, "stale")),
 ]
 
@@ -453,6 +455,14 @@ def test_requests_round_trip_through_protobuf(method: Method, request_: Request)
     pb = request_to_pb(request_)
     again = type(pb).FromString(pb.SerializeToString())
     assert request_from_pb(method, again) == request_
+
+
+def test_an_older_nodes_answers_do_not_count_polls_as_heartbeats() -> None:
+    """Answers without `lease_poll_is_heartbeat` (a node from before it) decode as False."""
+    register = api_pb2.RegisterResponse(heartbeat_interval_ms=250)
+    lease = api_pb2.LeaseResponse()
+    assert response_from_pb(Method.REGISTER, register) == RegisterResponse(250, False)
+    assert response_from_pb(Method.LEASE, lease) == LeaseResponse((), False)
 
 
 @pytest.mark.parametrize(("method", "response"), RESPONSES)

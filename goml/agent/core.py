@@ -318,6 +318,9 @@ class AgentCore:
         self._effects: list[Effect] = []
         self._next_request_id = 1
         self._heartbeat_interval_ms = config.heartbeat_interval_ms
+        # Whether the leader counts a parked lease poll as a heartbeat: its latest
+        # register or lease answer says (older nodes never do).
+        self._poll_is_heartbeat = False
         nodes = config.control_nodes
         # Agents start on different nodes so a dead first node is not everyone's first try.
         start = nodes[min(len(nodes) - 1, int(rng.random() * len(nodes)))]
@@ -571,8 +574,10 @@ class AgentCore:
         as long as it holds it (LeaderDuties.polled). An idle agent then makes one call
         per lease_wait_ms instead of one per heartbeat interval; that is what keeps its
         CPU near grpc's own idle floor. An agent holding anything heartbeats as before:
-        heartbeats list its tasks, and their answers name the revoked ones."""
-        if self._running or self._results:
+        heartbeats list its tasks, and their answers name the revoked ones. Only while
+        the leader's latest register or lease answer said it counts polls so: a node of
+        an older version does not, and would mark a silent idle agent down."""
+        if self._running or self._results or not self._poll_is_heartbeat:
             return False
         lease = self._lease
         if lease.in_flight is not None:
@@ -683,6 +688,7 @@ class AgentCore:
     # ---- answers
 
     def _registered(self, response: RegisterResponse) -> None:
+        self._poll_is_heartbeat = response.lease_poll_is_heartbeat
         if response.heartbeat_interval_ms > 0:
             self._heartbeat_interval_ms = response.heartbeat_interval_ms
         elif response.heartbeat_interval_ms < 0:
@@ -712,6 +718,7 @@ class AgentCore:
         return None
 
     def _leased(self, response: LeaseResponse) -> None:
+        self._poll_is_heartbeat = response.lease_poll_is_heartbeat
         for task in response.tasks:
             problem = self._lease_problem(task)
             if problem is not None:

@@ -170,6 +170,10 @@ class RegisterRequest:
 @dataclass(frozen=True, slots=True)
 class RegisterResponse:
     heartbeat_interval_ms: int  # 0: keep the agent's configured interval
+    # The node counts a parked lease poll as a heartbeat. This version's nodes do; the
+    # wire decodes an older node's answer, which lacks the field, as False, and the
+    # agent then heartbeats every interval, idle or not.
+    lease_poll_is_heartbeat: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +216,7 @@ class LeasedTask:
 @dataclass(frozen=True, slots=True)
 class LeaseResponse:
     tasks: tuple[LeasedTask, ...]
+    lease_poll_is_heartbeat: bool = True  # as RegisterResponse's
 
 
 @dataclass(frozen=True, slots=True)

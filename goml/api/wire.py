@@ -463,13 +463,19 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
 def response_to_pb(response: ApiResponse) -> Message:
     match response:
         case RegisterResponse():
-            return api_pb2.RegisterResponse(heartbeat_interval_ms=response.heartbeat_interval_ms)
+            return api_pb2.RegisterResponse(
+                heartbeat_interval_ms=response.heartbeat_interval_ms,
+                lease_poll_is_heartbeat=response.lease_poll_is_heartbeat,
+            )
         case HeartbeatResponse():
             return api_pb2.HeartbeatResponse(
                 known=response.known, revoked_task_ids=list(response.revoked_task_ids)
             )
         case LeaseResponse():
-            return api_pb2.LeaseResponse(tasks=[_leased_to_pb(t) for t in response.tasks])
+            return api_pb2.LeaseResponse(
+                tasks=[_leased_to_pb(t) for t in response.tasks],
+                lease_poll_is_heartbeat=response.lease_poll_is_heartbeat,
+            )
         case ReportResponse():
             return api_pb2.ReportResponse(recorded=response.recorded, reason=response.reason)
         case SubmitResponse():
@@ -506,13 +512,15 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
     match method:
         case Method.REGISTER:
             assert isinstance(pb, api_pb2.RegisterResponse)
-            return RegisterResponse(int(pb.heartbeat_interval_ms))
+            return RegisterResponse(int(pb.heartbeat_interval_ms), bool(pb.lease_poll_is_heartbeat))
         case Method.HEARTBEAT:
             assert isinstance(pb, api_pb2.HeartbeatResponse)
             return HeartbeatResponse(bool(pb.known), tuple(pb.revoked_task_ids))
         case Method.LEASE:
             assert isinstance(pb, api_pb2.LeaseResponse)
-            return LeaseResponse(tuple(_leased_from_pb(t) for t in pb.tasks))
+            return LeaseResponse(
+                tuple(_leased_from_pb(t) for t in pb.tasks), bool(pb.lease_poll_is_heartbeat)
+            )
         case Method.REPORT:
             assert isinstance(pb, api_pb2.ReportResponse)
             return ReportResponse(bool(pb.recorded), pb.reason)

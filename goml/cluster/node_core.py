@@ -1179,7 +1179,7 @@ class NodeCore:
                 self._park(request_id, pending)
             else:
                 self._pending.pop(request_id, None)
-                self._reply(request_id, LeaseResponse(()))
+                self._reply(request_id, LeaseResponse((), lease_poll_is_heartbeat=True))
             return False
         # claim is None for an unknown or down agent: the command gives the refusal.
         limits = self.config.limits
@@ -1485,9 +1485,17 @@ class NodeCore:
                 if self.duties.leading_since_ms is not None:
                     self.duties.heartbeat(request.agent_id, None, (), self._cluster_ms)
                 interval = self.config.agent_heartbeat_interval_ms
-                self._reply(request_id, RegisterResponse(heartbeat_interval_ms=interval))
+                self._reply(
+                    request_id,
+                    RegisterResponse(heartbeat_interval_ms=interval, lease_poll_is_heartbeat=True),
+                )
             case LeaseRequest():
-                self._reply(request_id, LeaseResponse(tuple(_leased(t) for t in result.tasks)))
+                self._reply(
+                    request_id,
+                    LeaseResponse(
+                        tuple(_leased(t) for t in result.tasks), lease_poll_is_heartbeat=True
+                    ),
+                )
             case AckExportRequest():
                 watermark = self.manifest.export_watermark_seq
                 self._reply(request_id, AckExportResponse(export_watermark_seq=watermark))
@@ -1601,7 +1609,7 @@ class NodeCore:
             del self._pending[request_id]
             if pending.stage is _Stage.PARKED:
                 self._parked.pop(request_id, None)
-                self._reply(request_id, LeaseResponse(()))
+                self._reply(request_id, LeaseResponse((), lease_poll_is_heartbeat=True))
                 continue
             if pending.stage is _Stage.PROMOTING:
                 change = self._promotions.pop(request_id)

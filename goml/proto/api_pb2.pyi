@@ -304,10 +304,12 @@ class RegisterRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ..., arch: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms",)
+    __slots__ = ("heartbeat_interval_ms", "lease_poll_is_heartbeat")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_POLL_IS_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+    lease_poll_is_heartbeat: bool
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., lease_poll_is_heartbeat: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("agent_id", "free", "running_task_ids")
@@ -360,10 +362,12 @@ class LeasedTask(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., function: _Optional[str] = ..., args_json: _Optional[str] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., epoch: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., lease_deadline_ms: _Optional[int] = ..., isolated: _Optional[bool] = ...) -> None: ...
 
 class LeaseResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "lease_poll_is_heartbeat")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_POLL_IS_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[LeasedTask]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ...) -> None: ...
+    lease_poll_is_heartbeat: bool
+    def __init__(self, tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ..., lease_poll_is_heartbeat: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("agent_id", "task_id", "epoch", "success", "result_json", "error")
