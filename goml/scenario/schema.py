@@ -1048,6 +1048,10 @@ NOT_COMPARABLE: dict[str, str] = {
     "commands_note": "a note of the chaos runner, not a number",
     "simulator": "the simulator's prediction inside a chaos summary, not compared",
     "expectations": "the verdicts themselves",
+    "submit_ms_steady_by_client": (
+        "one distribution per client, keyed by client names, which metric names cannot"
+        " carry: compare submit_ms_steady (over every client)"
+    ),
     PER_TASK: f"one figure per command type: {PER_TASK}.<Type> or {PER_TASK}.total",
     **{d: _DISTRIBUTION_HINT.format(name=d) for d in DISTRIBUTIONS},
     **{f"{d}.values": "the samples themselves, not a number" for d in DISTRIBUTIONS},
@@ -1062,6 +1066,8 @@ def metric_problem(metric: str) -> str | None:
     if metric in NOT_COMPARABLE:
         return f"'{metric}' cannot be compared with a number: {NOT_COMPARABLE[metric]}"
     head, _, tail = metric.partition(".")
+    if head in NOT_COMPARABLE and head not in (*DISTRIBUTIONS, PER_TASK):
+        return f"'{metric}' cannot be compared with a number: {NOT_COMPARABLE[head]}"
     if head == PER_TASK:
         close = difflib.get_close_matches(tail, [*COMMAND_TYPE_NAMES, "total"], n=1)
         hint = f" (did you mean '{PER_TASK}.{close[0]}'?)" if close else ""
