@@ -113,17 +113,6 @@ def _row(label: str, samples: list[float]) -> None:
     print(f"  {label:44}{statistics.median(samples):8.3f}{p99:8.3f}")
 
 
-def _profile(certs: Path, nodes: dict[str, str]) -> Profile:
-    token = (certs / "client.token").read_text().strip()
-    return Profile(
-        nodes=nodes,
-        token=token,
-        ca=certs / "ca.pem",
-        cert=certs / "client.pem",
-        key=certs / "client.key",
-    )
-
-
 def _stub_calls(profile: Profile, address: str) -> tuple[grpc.Channel, Any, Any]:
     credentials_ = profile.channel_credentials()
     assert credentials_ is not None
@@ -145,7 +134,7 @@ def bare(certs: Path, calls: int, hop: bool) -> None:
                     raise SystemExit("the bare server did not start")
                 time.sleep(0.05)  # polling another process's port file, with a deadline
             address = f"127.0.0.1:{port_file.read_text()}"
-            profile = _profile(certs, {"n1": address})
+            profile = local.client_profile(certs, {"n1": address})
             channel, stub, metadata = _stub_calls(profile, address)
             request = api_pb2.StatusRequest()
             tag = "hop" if hop else "bare"

@@ -38,7 +38,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from goml.api.auth import Identity, Role
 from goml.client import Client, ClientError, Profile
 from goml.cluster import local
-from goml.cluster.certs import ensure_identity, init_certs
+from goml.cluster.certs import IdentityFiles, ensure_identity, init_certs
 from goml.cluster.commands import Resources, SubmitTasks, TaskSpec, encode_command
 from goml.cluster.config import Duties, load_node_config, write_node_config
 from goml.cluster.inspect import STORE_FILE, read_store, replay_cluster, replay_store
@@ -210,6 +210,18 @@ def check_replicas(manifests: dict[str, Manifest], acknowledged: dict[str, str])
         for key, task_id in acknowledged.items():
             assert ids[task_id] == key, (name, task_id, key)
             assert manifest.task_id_for_key(key) == task_id, (name, key)
+
+
+def agent_identity(
+    cluster: LocalCluster, agent_id: str
+) -> tuple[IdentityFiles, grpc.ChannelCredentials]:
+    """A certificate and token of the agent's own, and TLS credentials that present it."""
+    certs = cluster.layout.data_dir / "certs"
+    own = ensure_identity(certs, Identity(Role.AGENT, agent_id), certificate=True)
+    credentials = grpc.ssl_channel_credentials(
+        (certs / "ca.pem").read_bytes(), own.key.read_bytes(), own.cert.read_bytes()
+    )
+    return own, credentials
 
 
 def spec(key: str, function: str = "matmul", args: object = None) -> api_pb2.TaskSpec:
@@ -423,14 +435,7 @@ def test_agent_lease_report_and_epoch_fencing(shared: LocalCluster) -> None:
     capacity = api_pb2.Resources(cpu=4.0, memory_mb=4096, gpu=0)
     agent_id = "agent-flow"
     # Its own identity: a client's credentials may not act as an agent (goml.api.auth).
-    own = ensure_identity(
-        shared.layout.data_dir / "certs", Identity(Role.AGENT, agent_id), certificate=True
-    )
-    credentials = grpc.ssl_channel_credentials(
-        (shared.layout.data_dir / "certs" / "ca.pem").read_bytes(),
-        own.key.read_bytes(),
-        own.cert.read_bytes(),
-    )
+    own, credentials = agent_identity(shared, agent_id)
     address = shared.profile.nodes[shared.leader()]
     with grpc.secure_channel(address, credentials) as channel:
         agent = api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -537,14 +542,7 @@ def test_a_parked_lease_poll_keeps_an_idle_agent_alive_until_its_caller_goes(
     client = shared.client
     timeout_s = SHORT_LEASES.agent_timeout_ms / 1000
     agent_id = f"agent-parked-{via}"
-    own = ensure_identity(
-        shared.layout.data_dir / "certs", Identity(Role.AGENT, agent_id), certificate=True
-    )
-    credentials = grpc.ssl_channel_credentials(
-        (shared.layout.data_dir / "certs" / "ca.pem").read_bytes(),
-        own.key.read_bytes(),
-        own.cert.read_bytes(),
-    )
+    own, credentials = agent_identity(shared, agent_id)
     capacity = api_pb2.Resources(cpu=1.0, memory_mb=256, gpu=0)
 
     def state() -> str:

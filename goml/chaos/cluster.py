@@ -60,7 +60,7 @@ from goml.cluster.config import (
     TlsFiles,
     write_node_config,
 )
-from goml.cluster.local import free_ports
+from goml.cluster.local import client_profile, free_ports
 from goml.cluster.membership import prepare_node
 from goml.scenario.schema import AnyLink, Scenario
 
@@ -367,7 +367,6 @@ class ChaosCluster:
         # A certificate and token per agent: each may act only as itself.
         # Spares get theirs when they join (prepare_node), as `goml node add` issues one.
         init_certs(certs, self.voters, net.cert_hosts, agents=self.agents)
-        token = (certs / "client.token").read_text().strip()
         self.addresses = {n: net.node_observed(n) for n in self.control}
         # Proxies: node->node, agent@X->N, client@X->N.
         for a in self.control:
@@ -442,20 +441,11 @@ class ChaosCluster:
                 x, ["agent", "run", "--config", str(path)], work / "logs" / f"agent-{x}.log"
             )
 
-        def profile(nodes: dict[str, str]) -> Profile:
-            return Profile(
-                nodes=nodes,
-                token=token,
-                ca=certs / "ca.pem",
-                cert=certs / "client.pem",
-                key=certs / "client.key",
-            )
-
         for x in sorted(set(client_locations)):
-            self.profiles[x] = profile(
-                {n: self.proxies[f"client@{x}->{n}"].host_listen for n in self.control}
+            self.profiles[x] = client_profile(
+                certs, {n: self.proxies[f"client@{x}->{n}"].host_listen for n in self.control}
             )
-        self.observer = profile(dict(self.addresses))
+        self.observer = client_profile(certs, dict(self.addresses))
         admin = identity_files(certs, Identity(Role.ADMIN, DEFAULT_ADMIN))
         assert admin.token is not None
         self.admin = Profile(

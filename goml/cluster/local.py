@@ -118,15 +118,7 @@ def prepare(
             write_node_config(path, config)
             configs[name] = path
         first = load_node_config(configs[names[0]])
-    token = (certs / "client.token").read_text().strip()
-    profile = Profile(
-        nodes=dict(first.peers),
-        token=token,
-        ca=None if first.insecure else certs / "ca.pem",
-        cert=None if first.insecure else certs / "client.pem",
-        key=None if first.insecure else certs / "client.key",
-        insecure=first.insecure,
-    )
+    profile = client_profile(certs, dict(first.peers), insecure=first.insecure)
     profile.save(data_dir / "profile.json")
     # The admin's (export acknowledgement and the other admin calls): `--profile` it.
     admin = certs / "admin"
@@ -137,6 +129,18 @@ def prepare(
         key=None if first.insecure else admin.with_suffix(".key"),
     ).save(data_dir / "admin-profile.json")
     return LocalLayout(data_dir, configs, profile)
+
+
+def client_profile(certs: Path, nodes: dict[str, str], insecure: bool = False) -> Profile:
+    """The client identity `goml certs init` wrote under `certs`, calling `nodes`."""
+    return Profile(
+        nodes=nodes,
+        token=(certs / "client.token").read_text().strip(),
+        ca=None if insecure else certs / "ca.pem",
+        cert=None if insecure else certs / "client.pem",
+        key=None if insecure else certs / "client.key",
+        insecure=insecure,
+    )
 
 
 def _write_secret(path: Path, value: str) -> None:
