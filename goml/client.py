@@ -247,6 +247,9 @@ class Client:
         # object, so each of its steps runs under the lock; each call has its own Attempt.
         self._policy = RetryPolicy(config, self.rng, start=self._order[0])
         self._lock = threading.Lock()
+        # The tries waiting for answers now, each woken when the policy learns that a node
+        # failed (`RetryPolicy.stranded`); guarded by _lock.
+        self._waiting: set[_Finished] = set()
         # The policy ends every operation within its budget: at most redirects_max hints
         # in a row, then a backoff of at least backoff_ms_min // 2 ms. So a call takes at
         # most this many tries; more is a bug, not a slow cluster.
@@ -544,11 +547,21 @@ class Client:
             hedge_ms = self._policy.config.hedge_after_ms
             hedge_at_ms = sent_ms[node_id] + hedge_ms if hedge_ms is not None else None
             failure: tuple[grpc.RpcError, Decision, ApiError, grpc.StatusCode] | None = None
+            with self._lock:
+                self._waiting.add(finished)
             try:
                 while out:
                     wait_ms = None if hedge_at_ms is None else max(0, hedge_at_ms - _now_ms())
                     done = finished.next(wait_ms)
-                    if done is None:  # no answer by the hedge time: a second copy
+                    if done is not None and done[0] == _Finished.WOKEN:
+                        with self._lock:  # a node failed: is it the one this try waits on?
+                            stranded = hedge_at_ms is not None and self._policy.stranded(
+                                node_id, sent_ms[node_id], _now_ms()
+                            )
+                        if not stranded:
+                            continue
+                        done = None
+                    if done is None:  # no answer by the hedge time (or stranded): a copy
                         hedge_at_ms = None
                         with self._lock:
                             target = self._policy.hedge_target(node_id, _now_ms())
@@ -568,6 +581,7 @@ class Client:
                             for other in out:  # asked first, still silent: slow or cut off
                                 if sent_ms[other] < sent_ms[answered_by]:
                                     self._policy.outpaced(other, now_ms)
+                                    self._wake_waiting()
                             self._policy.succeeded(attempt, answered_by, now_ms, served_by)
                         response = future.result()
                         return response
@@ -576,11 +590,14 @@ class Client:
                         decision = self._policy.failed(
                             attempt, answered_by, error_kind(error.code), error.leader_id, _now_ms()
                         )
+                        self._wake_waiting()
                     # A node that answered (even "not the leader") is up: it has no cause.
                     causes[answered_by] = _transport_cause(code, error.message)
                     failure = (rpc_error, decision, error, code)
                     # Another copy still out may yet succeed: wait for it first.
             finally:
+                with self._lock:
+                    self._waiting.discard(finished)
                 for future in out.values():
                     future.cancel()
             assert failure is not None
@@ -590,6 +607,11 @@ class Client:
             self._give_up_if_unreachable(causes, answered_by, code, error, rpc_error)
             self._sleep_ms(attempt, decision.delay_ms)
         raise AssertionError(f"a call took more than {self._tries_max} tries")
+
+    def _wake_waiting(self) -> None:
+        """Every waiting try rechecks whether it is stranded (the caller holds _lock)."""
+        for waiting in self._waiting:
+            waiting.wake()
 
     def _give_up_if_unreachable(
         self,
@@ -625,7 +647,10 @@ class Client:
 
 
 class _Finished:
-    """The calls of one try, in the order they end (a queue fed by gRPC's callbacks)."""
+    """The calls of one try, in the order they end (a queue fed by gRPC's callbacks),
+    and wake-ups (`WOKEN`, no future) when the policy has learnt of a failed node."""
+
+    WOKEN = ""  # not a node id: node ids are never empty
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -633,6 +658,9 @@ class _Finished:
     def start(self, node_id: str, future: Any) -> Any:
         future.add_done_callback(lambda f: self._queue.put((node_id, f)))
         return future
+
+    def wake(self) -> None:
+        self._queue.put((self.WOKEN, None))
 
     def next(self, wait_ms: int | None) -> tuple[str, Any] | None:
         """The next call to end; None if none ends within `wait_ms` (None: wait on)."""

@@ -323,6 +323,53 @@ def test_a_silent_node_is_hedged_away_from_the_callers_domain(journal: Journal) 
         assert silent.time_left_s is not None and silent.time_left_s > 2.5
 
 
+class SilentOnceThenUnavailable(Silent):
+    """Holds the first call (cut off, silent); refuses every later one at once with
+    UNAVAILABLE (the same node seen failing by another call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = threading.Event()
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    def hold(self, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self._calls += 1
+            first = self._calls == 1
+        if not first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        self.holding.set()
+        super().hold(context)
+
+
+def test_a_call_stranded_on_a_node_another_call_saw_fail_is_hedged_at_once(
+    journal: Journal,
+) -> None:
+    # Call B waits on n1 (silent); call A then finds n1 failing. B is stranded: its copy
+    # goes to n2 at once, not at B's own hedge time (3 s), and n1's hold on B is cancelled
+    # with nearly all of B's 5 s deadline left.
+    n1 = SilentOnceThenUnavailable()
+    with (
+        serving({"n1": n1, "n2": None}, journal) as profile,
+        Client(
+            profile, call_timeout_s=5.0, retry_s=10.0, rng=LowestDraw(), hedge_after_s=3.0
+        ) as client,
+    ):
+        results: list[str] = []
+        call_b = threading.Thread(target=lambda: results.append(client.get("t-b").id))
+        call_b.start()
+        try:
+            assert n1.holding.wait(SILENT_HOLD_MAX_S), "call B never reached n1"
+            assert client.get("t-a").id == "t-a"
+            assert n1.ended.wait(SILENT_HOLD_MAX_S)
+        finally:
+            call_b.join(THREAD_JOIN_TIMEOUT_S)
+        assert results == ["t-b"]
+        assert n1.time_left_s is not None and n1.time_left_s > 3.5, n1.time_left_s
+        assert sorted(journal.calls()) == ["n1", "n1", "n2", "n2"]
+
+
 def test_without_hedging_a_silent_node_costs_the_call_timeout(journal: Journal) -> None:
     silent = Silent()
     with (

@@ -10,6 +10,7 @@ orders a profile's.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -128,3 +129,30 @@ def test_the_domain_decides_before_a_failure_lately() -> None:
     gcp_client.outpaced("azure-2", now_ms=0)
     later = UNREACHABLE_MS + 5_000
     assert gcp_client.hedge_target("aws-3", now_ms=later) == "azure-1"
+
+
+def test_calls_caught_by_a_cut_are_stranded_once_one_of_them_is_outpaced() -> None:
+    # Three submits to the leader aws-2 went out at 0, 200 and 400 ms, and a cut swallows
+    # them all. The first one's hedged copy answers at 450 ms: aws-2 is outpaced, so the
+    # two still waiting are stranded (hedged now, not at 500 and 700 ms). A call sent
+    # after the lesson is not stranded (it went elsewhere), nor is one to another node,
+    # nor anything once aws-2 is no longer avoided.
+    gcp_client = policy(CLOUDS, home="gcp")
+    assert not gcp_client.stranded("aws-2", sent_ms=200, now_ms=440)  # nothing learnt yet
+    gcp_client.outpaced("aws-2", now_ms=450)
+    assert gcp_client.stranded("aws-2", sent_ms=200, now_ms=450)
+    assert gcp_client.stranded("aws-2", sent_ms=400, now_ms=450)
+    assert not gcp_client.stranded("aws-2", sent_ms=460, now_ms=470)
+    assert not gcp_client.stranded("aws-3", sent_ms=200, now_ms=450)
+    assert not gcp_client.stranded("aws-2", sent_ms=200, now_ms=450 + UNREACHABLE_MS)
+
+
+def test_a_timeout_strands_the_other_calls_to_that_node_and_no_hedging_none() -> None:
+    gcp_client = policy(CLOUDS, home="gcp")
+    gcp_client.failed(Attempt(0), "aws-2", ErrorKind.DEADLINE, "", now_ms=1000)
+    assert gcp_client.stranded("aws-2", sent_ms=600, now_ms=1000)
+    unhedged = RetryPolicy(
+        dataclasses.replace(gcp_client.config, hedge_after_ms=None), random.Random(1), "aws-2"
+    )
+    unhedged.failed(Attempt(0), "aws-2", ErrorKind.DEADLINE, "", now_ms=1000)
+    assert not unhedged.stranded("aws-2", sent_ms=600, now_ms=1000)

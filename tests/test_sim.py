@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import pytest
 
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.types import Entry
-from goml.scenario.loader import load_scenario_text
-from goml.sim.simulation import run_scenario
+from goml.scenario.loader import load_scenario, load_scenario_text
+from goml.scenario.player import CLIENT_HEDGE_AFTER_MS
+from goml.sim.simulation import Simulation, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +61,20 @@ def test_steady_submits_are_also_split_by_client() -> None:
     # The leader is in aws (the first leader of this topology): the gcp client pays the
     # cross-cloud round trip on every submit.
     assert by_client["c-gcp"]["p50"] > by_client["c-aws"]["p50"] + 20, by_client
+
+
+def test_only_the_first_submit_caught_by_a_one_way_cut_waits_its_whole_hedge_time() -> None:
+    """The cut-off client's submits in flight when the cut starts are hedged as soon as
+    the first one's copy answers (`RetryPolicy.stranded`), not each at its own hedge
+    time: one submit pays the hedge wait plus a round trip, the others less (before: the
+    three submits caught at 10.0-10.25 s took 406-409 ms each)."""
+    path = ROOT / "scenarios" / "chaos" / "one-way-partition.yaml"
+    simulation = Simulation(load_scenario(path).scenario, seed=1)
+    simulation.run()
+    latencies_ms = simulation.player.obs.submit_ms_steady_by_client["client-gcp"]
+    median_ms = statistics.median(latencies_ms)
+    waited_whole_hedge = [ms for ms in latencies_ms if ms > CLIENT_HEDGE_AFTER_MS + median_ms]
+    assert len(waited_whole_hedge) == 1, (median_ms, sorted(latencies_ms)[-5:])
 
 
 def test_same_seed_same_trace_different_seed_different_trace() -> None:

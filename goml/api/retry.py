@@ -28,7 +28,10 @@ Rules:
 - Hedging (`hedge_after_ms`, for idempotent calls only): a call with no answer after
   that long is sent again to `hedge_target`; the first answer wins, and the operation
   fails only when every copy has failed. A call in flight when its path is cut (a
-  one-way partition) no longer waits for its deadline. The copy goes to the next node
+  one-way partition) no longer waits for its deadline; nor for its hedge time once the
+  node it waits on has failed from here since it was sent (`stranded`: another call was
+  outpaced there or timed out), so the calls caught by a cut wait for the first one's
+  lesson, not each for its own. The copy goes to the next node
   not avoided, preferring by failure domain (`domains`, a node's cloud, when known):
   first a node in neither the silent node's domain nor the caller's own
   (`home_domain`), then one in the silent node's domain, then one in the caller's. A
@@ -226,6 +229,15 @@ class RetryPolicy:
         self._last_failed[node] = now_ms
         if self._leader == node:
             self._rotate(node, now_ms)
+
+    def stranded(self, node: str, sent_ms: int, now_ms: int) -> bool:
+        """Whether a call sent to `node` at `sent_ms`, still unanswered, should be hedged
+        now rather than at its hedge time: `node` has failed from here since (another
+        call timed out there or was outpaced) and is avoided."""
+        if self.config.hedge_after_ms is None:
+            return False
+        last = self._last_failed.get(node)
+        return last is not None and last >= sent_ms and self._avoided(node, now_ms)
 
     def hedge_target(self, primary: str, now_ms: int) -> str | None:
         """Where a hedged copy of a call to `primary` goes: of the nodes not avoided, in

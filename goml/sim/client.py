@@ -26,6 +26,8 @@ class _Submit:
     done: Done
     in_flight: dict[int, tuple[str, int]] = field(default_factory=dict)  # id -> (node, sent)
     finished: bool = False
+    hedge_deadlines_ms: dict[int, int] = field(default_factory=dict)  # try's id -> deadline
+    hedged: set[int] = field(default_factory=set)  # tries whose copy has gone
 
 
 class SimClient(Endpoint):
@@ -75,15 +77,29 @@ class SimClient(Endpoint):
         hedge_ms = self.policy.config.hedge_after_ms
         if node is None and hedge_ms is not None and hedge_ms < timeout_ms:
             deadline = now_ms + timeout_ms
+            op.hedge_deadlines_ms[request_id] = deadline
             self.sim.after(hedge_ms, lambda: self._hedge(op, request_id, deadline))
 
     def _hedge(self, op: _Submit, request_id: int, deadline_ms: int) -> None:
         """No answer yet: the same submit (same idempotency key) to another node too."""
-        if op.finished or request_id not in op.in_flight:
+        if op.finished or request_id not in op.in_flight or request_id in op.hedged:
             return
+        op.hedged.add(request_id)
         target = self.policy.hedge_target(op.in_flight[request_id][0], self.sim.now_ms())
         if target is not None and target not in {n for n, _ in op.in_flight.values()}:
             self._call(op, target, deadline_ms)
+
+    def _hedge_stranded(self) -> None:
+        """The policy has just learnt that a node failed: tries still waiting on it are
+        hedged now, not at their hedge time (`RetryPolicy.stranded`)."""
+        now_ms = self.sim.now_ms()
+        for request_id, op in list(self.calls.items()):
+            deadline_ms = op.hedge_deadlines_ms.get(request_id)
+            if deadline_ms is None or request_id in op.hedged or request_id not in op.in_flight:
+                continue
+            node, sent_ms = op.in_flight[request_id]
+            if self.policy.stranded(node, sent_ms, now_ms):
+                self._hedge(op, request_id, deadline_ms)
 
     def _timed_out(self, request_id: int) -> None:
         op = self.calls.pop(request_id, None)
@@ -104,6 +120,7 @@ class SimClient(Endpoint):
                     self.policy.outpaced(other, now_ms)
             self.policy.succeeded(op.attempt, node, now_ms, reply.served_by)
             self._finish(op, response.task_ids[0], "")
+            self._hedge_stranded()
             return
         error = reply.error
         self._failed(op, reply.request_id, error_kind(error.code), error.leader_id, error.message)
@@ -124,6 +141,7 @@ class SimClient(Endpoint):
         if op.finished:
             return
         decision = self.policy.failed(op.attempt, node, kind, hint, self.sim.now_ms())
+        self._hedge_stranded()
         if op.in_flight:
             return  # another copy is still under way: it may yet succeed
         if not decision.retry:
