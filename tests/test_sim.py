@@ -15,7 +15,7 @@ import pytest
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.types import Entry
 from goml.scenario.loader import load_scenario, load_scenario_text
-from goml.scenario.player import CLIENT_HEDGE_AFTER_MS
+from goml.scenario.player import CLIENT_HEDGE_AFTER_MS, SLOWEST_KEPT
 from goml.sim.simulation import Simulation, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,6 +61,13 @@ def test_steady_submits_are_also_split_by_client() -> None:
     # The leader is in aws (the first leader of this topology): the gcp client pays the
     # cross-cloud round trip on every submit.
     assert by_client["c-gcp"]["p50"] > by_client["c-aws"]["p50"] + 20, by_client
+    # And the slowest of them, slowest first, with when they started and whose they were.
+    slowest = summary["submit_ms_steady_slowest"]
+    assert isinstance(slowest, list) and len(slowest) == SLOWEST_KEPT
+    assert [s["ms"] for s in slowest] == sorted((s["ms"] for s in slowest), reverse=True)
+    assert slowest[0]["ms"] == steady["max"]
+    assert {s["client"] for s in slowest} <= {"c-aws", "c-gcp"}
+    assert all(0 <= s["started_s"] <= 7 for s in slowest)  # the workload stops at 7 s
 
 
 def test_only_the_first_submit_caught_by_a_one_way_cut_waits_its_whole_hedge_time() -> None:

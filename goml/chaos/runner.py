@@ -772,6 +772,7 @@ def prediction(scenario: Scenario, seed: int, first_leader: str | None = None) -
 
 KEY_FIGURES = (
     "failover_s", "submit_ms", "submit_ms_steady", "submit_ms_steady_by_client",
+    "submit_ms_steady_slowest",
     "tasks_submitted", "tasks_acknowledged",
     "tasks_succeeded", "tasks_dead", "tasks_lost", "duplicate_results", "leader_changes",
     "settled", "submits_given_up", "commands_per_task", "membership_changes",
@@ -783,6 +784,15 @@ def first_leader(summary: dict[str, Any]) -> str | None:
     """The node a run's timeline shows leading first, if any."""
     leaders = (summary.get("timeline") or {}).get("leaders") or []
     return str(leaders[0][1]) if leaders else None
+
+
+def _slowest(summary: dict[str, Any], shown: int = 5) -> str:
+    """The slowest steady submits as `started_s client ms`, slowest first."""
+    slowest = summary.get("submit_ms_steady_slowest") or []
+    return (
+        ", ".join(f"{s['started_s']:.2f}s {s['client']} {s['ms']:.0f}ms" for s in slowest[:shown])
+        or "-"
+    )
 
 
 def _readable(summary: dict[str, Any]) -> str:
@@ -814,6 +824,8 @@ def _readable(summary: dict[str, Any]) -> str:
             row(f"  {client}", "submit_ms_steady_by_client", ("count", "p50", "p99"), client)
             for client in sorted(summary.get("submit_ms_steady_by_client") or {})
         ),
+        f"  slowest steady         {_slowest(summary)}",
+        f"  {'':<22} sim: {_slowest(sim)}",
         row("submitted", "tasks_submitted"),
         row("acknowledged", "tasks_acknowledged"),
         row("given up", "submits_given_up"),

@@ -57,6 +57,7 @@ do so on the one thread that drives it. Time is the backend's clock, in seconds.
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 import random
 from collections.abc import Callable, Iterable, Mapping
@@ -122,6 +123,10 @@ CLIENT_HEDGE_AFTER_MS = 300
 
 SAMPLE_EVERY_S = 1.0
 SUBMIT_ERRORS_KEPT_MAX = 20  # the first ones say why; the count says how many
+# The slowest steady submits, with when they started and whose they were: a p99 over a
+# few hundred submits is the fourth or fifth slowest, and whether those came together
+# (one stall, a fault's moment) or apart (load) says where to look.
+SLOWEST_KEPT = 8
 COMMAND_TYPES = COMMAND_TYPE_NAMES  # every command type of goml.cluster.commands
 
 
@@ -281,6 +286,8 @@ class Observations:
     submit_ms_steady: list[float] = field(default_factory=list)
     # The same per client: one client cut off can hide in the others' p99.
     submit_ms_steady_by_client: dict[str, list[float]] = field(default_factory=dict)
+    # (latency ms, started s, client) of the SLOWEST_KEPT slowest steady submits: a heap
+    submit_steady_slowest: list[tuple[float, float, str]] = field(default_factory=list)
     failovers_s: list[float] = field(default_factory=list)
     leaders: list[tuple[float, str, int]] = field(default_factory=list)  # (t_s, node, term)
     faults: list[tuple[float, str]] = field(default_factory=list)  # (t_s, description)
@@ -834,6 +841,12 @@ class ScenarioPlayer:
         if self._steady(pending, outcome.started_s):
             self.obs.submit_ms_steady.append(latency_ms)
             self.obs.submit_ms_steady_by_client.setdefault(pending.client, []).append(latency_ms)
+            slowest = self.obs.submit_steady_slowest
+            item = (latency_ms, outcome.started_s, pending.client)
+            if len(slowest) < SLOWEST_KEPT:
+                heapq.heappush(slowest, item)
+            elif item > slowest[0]:
+                heapq.heapreplace(slowest, item)
         assert key not in self.obs.acknowledged, key
         self.obs.acknowledged[key] = outcome.task_id
         self.backend.note("ack", key, outcome.task_id)
@@ -871,6 +884,10 @@ class ScenarioPlayer:
                 client: distribution(latencies, digits=2)
                 for client, latencies in sorted(obs.submit_ms_steady_by_client.items())
             },
+            "submit_ms_steady_slowest": [
+                {"started_s": round(started_s, 3), "client": client, "ms": round(ms, 2)}
+                for ms, started_s, client in sorted(obs.submit_steady_slowest, reverse=True)
+            ],
             "tasks_submitted": obs.submitted,
             "tasks_acknowledged": acknowledged,
             "tasks_succeeded": final.tasks_by_state.get(TaskState.SUCCEEDED.value, 0),

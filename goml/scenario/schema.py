@@ -1052,6 +1052,7 @@ NOT_COMPARABLE: dict[str, str] = {
         "one distribution per client, keyed by client names, which metric names cannot"
         " carry: compare submit_ms_steady (over every client)"
     ),
+    "submit_ms_steady_slowest": "a list of the slowest steady submits (when, whose), not a number",
     PER_TASK: f"one figure per command type: {PER_TASK}.<Type> or {PER_TASK}.total",
     **{d: _DISTRIBUTION_HINT.format(name=d) for d in DISTRIBUTIONS},
     **{f"{d}.values": "the samples themselves, not a number" for d in DISTRIBUTIONS},

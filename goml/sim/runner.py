@@ -77,6 +77,14 @@ def _readable(summary: dict[str, Any]) -> str:
             f"    steady, {client}: p50 {d.get('p50')} ms, p99 {d.get('p99')} ms ({d.get('count')})"
             for client, d in (summary.get("submit_ms_steady_by_client") or {}).items()
         ),
+        "  slowest steady submits: "
+        + (
+            ", ".join(
+                f"{s['started_s']:.2f} s {s['client']} {s['ms']:.0f} ms"
+                for s in (summary.get("submit_ms_steady_slowest") or [])[:5]
+            )
+            or "-"
+        ),
         f"  tasks: {summary.get('tasks_submitted')} submitted, {summary.get('tasks_acknowledged')} acknowledged, "
         f"{summary.get('tasks_succeeded')} succeeded, {summary.get('tasks_lost')} lost, "
         f"{summary.get('duplicate_results')} results twice",
