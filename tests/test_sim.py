@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from goml.cluster.duties import DEFAULT_DUTIES
+from goml.cluster.manifest import ApplyResult
 from goml.raft.checker import SafetyChecker, SafetyViolation
 from goml.raft.types import Entry
 from goml.scenario.loader import load_scenario, load_scenario_text
 from goml.scenario.player import CLIENT_HEDGE_AFTER_MS, SLOWEST_KEPT
+from goml.sim.node import SimNode
 from goml.sim.simulation import Simulation, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +85,33 @@ def test_only_the_first_submit_caught_by_a_one_way_cut_waits_its_whole_hedge_tim
     median_ms = statistics.median(latencies_ms)
     waited_whole_hedge = [ms for ms in latencies_ms if ms > CLIENT_HEDGE_AFTER_MS + median_ms]
     assert len(waited_whole_hedge) == 1, (median_ms, sorted(latencies_ms)[-5:])
+
+
+def test_a_crashed_idle_agent_is_marked_down_one_timeout_later() -> None:
+    """A dead agent's connections close, so its parked lease poll is forgotten and no
+    longer counts as its heartbeat: marked down one agent timeout after the crash (plus
+    a duties round), as a real kill -9 is (test_agent_integration), not up to one lease
+    wait later (before: 9.9 s after a crash at 5 s)."""
+    text = """
+name: idle-agent-crash
+duration_s: 20
+faults:
+  - {at_s: 5, kind: agent_crash, target: aws-2}
+"""
+    simulation = Simulation(load_scenario_text(text).scenario, seed=1)
+    marked_down_s: list[float] = []
+    on_applied = simulation.on_applied
+
+    def watching(node: SimNode, result: ApplyResult) -> None:
+        if result.command == "MarkAgentDown" and node.node is not None and node.node.is_leader:
+            marked_down_s.append(simulation.now_s())
+        on_applied(node, result)
+
+    simulation.on_applied = watching  # type: ignore[method-assign]
+    simulation.run()
+    timeout_s = DEFAULT_DUTIES.agent_timeout_ms / 1000
+    assert len(marked_down_s) == 1, marked_down_s
+    assert 5 + timeout_s <= marked_down_s[0] < 5 + timeout_s + 0.5, marked_down_s
 
 
 def test_same_seed_same_trace_different_seed_different_trace() -> None:

@@ -3,6 +3,7 @@ take a modeled time instead of running."""
 
 from __future__ import annotations
 
+import functools
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +74,18 @@ class SimAgent(Endpoint):
         self.generation += 1
         self.core = None
         self.sim.record("agent-crash", self.name, "")
+        # The process is gone, so are its connections: each node learns it one link's
+        # latency later (a reset), unless the link is cut (then only from its timeouts).
+        for name in sorted(self.sim.nodes):
+            node = self.sim.nodes[name]
+            self.sim.network.send(
+                self.name,
+                self.location,
+                node.name,
+                node.location,
+                functools.partial(node.caller_gone, self),
+                api=True,
+            )
 
     def on_reply(self, reply: ApiReply) -> None:
         if not self.alive or self.core is None:

@@ -48,6 +48,15 @@ class _Forwarded:
     outcome: ApiResponse | ApiError
 
 
+@dataclass(frozen=True, slots=True)
+class _Gone:
+    """A caller's connection closed (its process died): its requests are forgotten,
+    every one (`request_id` None) or the one it names (a forward cancelled)."""
+
+    caller: Endpoint
+    request_id: int | None = None
+
+
 class SimNode(Endpoint):
     def __init__(self, sim: Simulation, name: str, start: bool = True) -> None:
         """`start`: False for a spare, which runs nothing until it joins."""
@@ -64,9 +73,10 @@ class SimNode(Endpoint):
         self.failed: str | None = None  # why the node stopped serving (a refused write)
         self.node: NodeCore | None = None
         self.was_leader = False
-        self.inbox: deque[Message | ApiCall | _Forwarded] = deque()
+        self.inbox: deque[Message | ApiCall | _Forwarded | _Gone] = deque()
         self._ids = itertools.count(1)
         self._callers: dict[int, tuple[Endpoint, int]] = {}  # our request id -> (caller, its id)
+        self._forwards: dict[int, SimNode] = {}  # our request id -> the leader it went to
         self.reports_recorded: dict[str, int] = {}
         self.tick_at = -1.0
         self._tick_token = 0
@@ -118,6 +128,7 @@ class SimNode(Endpoint):
         self.was_leader = False
         self.inbox.clear()
         self._callers = {}
+        self._forwards = {}
         self.reports_recorded = {}
         self.tick_at = -1.0
         self._tick_token += 1  # orphans the wake-ups of the previous incarnation
@@ -135,6 +146,7 @@ class SimNode(Endpoint):
         self.node = None
         self.inbox.clear()
         self._callers = {}
+        self._forwards = {}
         self.sim.record("crash", self.name, "")
 
     def wipe(self) -> None:
@@ -231,7 +243,10 @@ class SimNode(Endpoint):
             if isinstance(payload, Message):
                 node.step(payload, now, wall)
             elif isinstance(payload, _Forwarded):
+                self._forwards.pop(payload.request_id, None)
                 node.forwarded(payload.request_id, payload.outcome, now, wall)
+            elif isinstance(payload, _Gone):
+                self._forget(node, payload)
             else:
                 request_id = next(self._ids)
                 self._callers[request_id] = (payload.caller, payload.request_id)
@@ -296,7 +311,34 @@ class SimNode(Endpoint):
         checker.observe(self.name, node.replica.raft)
         self._watch_leadership(node)
 
+    def caller_gone(self, caller: Endpoint, request_id: int | None = None) -> None:
+        """`caller`'s connection to this node closed: as the real service does when a
+        call's context ends, the node core forgets its requests (a dead agent's parked
+        lease poll no longer counts as its heartbeat) and their forwards are cancelled.
+        Cheap: no CPU charged."""
+        if self.alive and self.failed is None:
+            self.inbox.append(_Gone(caller, request_id))
+            self.run()
+
+    def _forget(self, node: NodeCore, gone: _Gone) -> None:
+        for ours, (caller, theirs) in list(self._callers.items()):
+            if caller is not gone.caller or gone.request_id not in (None, theirs):
+                continue
+            del self._callers[ours]
+            node.forget(ours)
+            leader = self._forwards.pop(ours, None)
+            if leader is not None:  # the forward's own call is cancelled too
+                self.sim.network.send(
+                    self.name,
+                    self.location,
+                    leader.name,
+                    leader.location,
+                    functools.partial(leader.caller_gone, self, ours),
+                    api=True,
+                )
+
     def _forward(self, request_id: int, request: ApiRequest, leader: SimNode) -> None:
+        self._forwards[request_id] = leader
         call = ApiCall(request_id, request, self, forwarded=True)
         self.sim.network.send(
             self.name,
