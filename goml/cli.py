@@ -656,13 +656,29 @@ def chaos_calibrate(
         "--core-only",
         help="Charge the node core's own time per input, not a real node process's CPU.",
     ),
+    profile: Path | None = typer.Option(
+        None,
+        "--profile",
+        help="Measure a deployed cluster instead, through this client profile (with --metrics).",
+    ),
+    metrics: list[str] = typer.Option(
+        [],
+        "--metrics",
+        help="With --profile: a node's Prometheus endpoint, http://HOST:PORT (every node, "
+        "repeat the option).",
+    ),
 ) -> None:
     """Measure what goml's real components cost on this machine (the SQLite store's
     fsync, a Raft hop with mutual TLS, a real node process's CPU per input, an agent's task
     dispatch) and write them as a `costs:` section; a scenario uses the file with
-    `costs_file: PATH` (relative to the scenario), and the simulator then charges them."""
+    `costs_file: PATH` (relative to the scenario), and the simulator then charges them.
+    With --profile and --metrics: the same costs of a cluster deployed elsewhere, read
+    from its nodes' metrics while this command submits to it (nothing is started there)."""
     from goml.chaos.calibrate import calibrate
 
+    if profile is not None or metrics:
+        _calibrate_deployed(out, profile, metrics, hop_samples)
+        return
     if not data_dir.is_dir():
         raise typer.BadParameter(f"{data_dir}: not a directory", param_hint="'--data-dir'")
     calibrate(
@@ -675,6 +691,29 @@ def chaos_calibrate(
         via_toxiproxy,
         process_cpu=not core_only,
     )
+    typer.echo(f"wrote {out} (use it with `costs_file: {out}` in a scenario)")
+
+
+def _calibrate_deployed(
+    out: Path, profile_path: Path | None, metrics: list[str], calls: int
+) -> None:
+    from goml.chaos.calibrate_deployed import CalibrationError, calibrate_deployed
+    from goml.client import Profile
+
+    if profile_path is None or not metrics:
+        raise typer.BadParameter(
+            "a deployed cluster needs both --profile FILE and --metrics URL (one per node)",
+            param_hint="'--profile'/'--metrics'",
+        )
+    try:
+        profile = Profile.load(profile_path)
+    except (OSError, ValueError) as error:
+        raise typer.BadParameter(f"{profile_path}: {error}", param_hint="'--profile'") from error
+    try:
+        calibrate_deployed(out, profile, metrics, calls, typer.echo)
+    except CalibrationError as error:
+        typer.echo(f"goml chaos calibrate: {error}", err=True)
+        raise typer.Exit(2) from error
     typer.echo(f"wrote {out} (use it with `costs_file: {out}` in a scenario)")
 
 

@@ -4,6 +4,7 @@ absent = the simulator as it was, and each cost moving the prediction the way it
 
 from __future__ import annotations
 
+import math
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,9 @@ from typing import Any
 import pytest
 
 from goml.chaos.calibrate import Measured, ProcessCpu
-from goml.cluster.config import NodeFileConfig, RaftTiming
+from goml.chaos.calibrate_deployed import bucket_quantile
+from goml.cluster import local
+from goml.cluster.config import NodeFileConfig, RaftTiming, load_node_config
 from goml.cluster.daemon import core_config
 from goml.raft.replica import raft_config
 from goml.report.fidelity import compare
@@ -392,3 +395,92 @@ def test_the_report_draws_the_prediction_over_the_measurement(tmp_path: Path) ->
     assert "Simulator: tasks by state over time" in page
     plain = write_report(real, tmp_path / "alone").read_text()
     assert "Prediction against measurement" not in plain and "dashed)" not in plain
+
+
+def test_calibrate_measures_a_running_cluster_through_its_profile_and_metrics(
+    tmp_path: Path,
+) -> None:
+    # A real three-node cluster stands in for a deployed one: calibrate reaches it only
+    # through the client profile and the nodes' metrics endpoints, as it would reach
+    # hosts elsewhere (the lab test does that over SSH-deployed hosts).
+    layout = local.prepare(tmp_path / "cluster", 3, insecure=False)
+    metrics = [
+        f"http://{load_node_config(path).metrics_listen}"
+        for _, path in sorted(layout.node_configs.items())
+    ]
+    profile_path = tmp_path / "profile.json"
+    layout.profile.save(profile_path)
+    out = tmp_path / "deployed.yaml"
+    command = [sys.executable, "-m", "goml", "chaos", "calibrate", "--out", str(out)]
+    command += ["--profile", str(profile_path), "--hop-samples", "40"]
+    for url in metrics:
+        command += ["--metrics", url]
+    with local.running_cluster(layout):
+        local.wait_for_leader(layout.profile, CALIBRATE_TIMEOUT_S / 4)
+        popen = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            stdout, stderr = popen.communicate(timeout=CALIBRATE_TIMEOUT_S)
+        finally:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+    assert popen.returncode == 0, stderr
+    assert f"wrote {out}" in stdout
+    path = tmp_path / "s.yaml"
+    path.write_text(SHORT + "costs_file: deployed.yaml\n")
+    costs = load_scenario(path).scenario.costs
+    assert costs is not None
+    assert costs.cores is None  # a deployed cluster's hosts: their capacity says
+    assert costs.dispatch_ms is None  # agents export no metrics: not measured here
+    for distribution in (
+        costs.fsync_ms,
+        costs.hop_ms,
+        costs.append_ms,
+        costs.message_ms,
+        costs.api_call_ms,
+        costs.api_hop_ms,
+    ):
+        assert distribution is not None and 0 < distribution.expected_ms() < 10_000
+    text = out.read_text()
+    assert "fsync'd store writes" in text and "per APPEND beyond idle" in text
+    assert all(url in text for url in metrics)  # every node's figure rides along
+
+
+def test_calibrate_of_a_deployed_cluster_names_what_is_missing(tmp_path: Path) -> None:
+    def calibrate(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "goml", "chaos", "calibrate", *args]
+        return subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=CALIBRATE_TIMEOUT_S
+        )
+
+    alone = calibrate("--metrics", "http://127.0.0.1:1")
+    assert alone.returncode == 2 and "needs both --profile FILE and --metrics" in alone.stderr
+    layout = local.prepare(tmp_path / "cluster", 3, insecure=False)
+    profile_path = tmp_path / "profile.json"
+    layout.profile.save(profile_path)
+    one = calibrate("--profile", str(profile_path), "--metrics", "http://127.0.0.1:1")
+    assert one.returncode == 2 and "at least two" in one.stderr, one.stderr
+    files = ["--metrics", "file:///etc/passwd", "--metrics", "http://127.0.0.1:1"]
+    wrong = calibrate("--profile", str(profile_path), *files)
+    assert wrong.returncode == 2 and "give it as http://HOST:PORT" in wrong.stderr, wrong.stderr
+    (closed,) = local.free_ports(1)
+    args = ["--profile", str(profile_path)]
+    args += ["--metrics", f"http://127.0.0.1:{closed}"] * 2
+    with local.running_cluster(layout):
+        local.wait_for_leader(layout.profile, CALIBRATE_TIMEOUT_S / 4)
+        unreachable = calibrate(*args)
+    assert unreachable.returncode == 2, unreachable.stderr
+    assert f"metrics endpoint http://127.0.0.1:{closed}" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+
+
+def test_histogram_quantiles_interpolate_within_buckets() -> None:
+    # 100 writes: 50 under 1 ms, 40 in (1, 2] ms, 9 in (2, 5] ms, 1 beyond the last bound.
+    buckets = ((0.001, 50.0), (0.002, 90.0), (0.005, 99.0), (math.inf, 100.0))
+    assert bucket_quantile(0.5, buckets) == pytest.approx(0.001)
+    assert bucket_quantile(0.7, buckets) == pytest.approx(0.0015)
+    assert bucket_quantile(0.99, buckets) == pytest.approx(0.005)
+    assert bucket_quantile(0.995, buckets) == pytest.approx(0.005)  # +Inf: the last bound
+    assert bucket_quantile(0.25, buckets) == pytest.approx(0.0005)  # from zero

@@ -46,11 +46,11 @@ import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
@@ -482,13 +482,39 @@ def calibrate(
     cores = os.cpu_count() or 1
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     where = f"{socket.gethostname()}, {when}, {cores} cores, load avg up to {load:.2f}"
+    return write_costs_file(out, measured, notes, where, cores, say)
+
+
+class Cost(Protocol):
+    """One measured cost as the calibration file takes it."""
+
+    @property
+    def name(self) -> str: ...
+
+    def distribution(self) -> dict[str, Any]: ...
+
+    def comment(self) -> str: ...
+
+
+def write_costs_file(
+    out: Path,
+    measured: Sequence[Cost],
+    notes: Sequence[str],
+    where: str,
+    cores: int | None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write the calibration file `out` (its `costs:` and, as comments, the raw figures
+    and `notes`); return the `costs:`. `cores`: None leaves it out (each topology node is
+    then a host of its own capacity)."""
     costs: dict[str, Any] = {"measured_on": where}
     for m in measured:
         costs[m.name] = m.distribution()
-    costs["cores"] = cores
+    if cores is not None:
+        costs["cores"] = cores
     lines = [
-        "# Written by `goml chaos calibrate`: what goml's real components cost on this",
-        f"# machine ({where}).",
+        "# Written by `goml chaos calibrate`: what goml's real components cost on",
+        f"# {where}.",
         "# A scenario uses it with `costs_file: <this file>` (relative to the scenario),",
         "# or pastes the `costs:` section. Raw figures:",
         *(f"#   {m.comment()}" for m in measured),

@@ -150,6 +150,7 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | No
         seed,
         channel_credentials,
     )
+    runtime.on_durable_write(metrics.store_write_seconds.observe)
     await add_services(server, plane)
     runtime.on_iteration(_follow_members(config, secret, plane, tokens))
     if config.metrics_listen:

@@ -3,6 +3,8 @@ process in tests), served over HTTP in the Prometheus text format."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from goml.cluster.manifest import AgentState, ApplyResult, TaskState
@@ -10,6 +12,16 @@ from goml.cluster.node_core import NodeCore
 from goml.raft.types import Role
 
 SUBMIT_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# Durable writes of the store: fine below a millisecond, where an SSD's fsync lies
+# (`goml chaos calibrate --profile` reads its median and p99 from these buckets).
+STORE_WRITE_BUCKETS_S = (
+    0.0001, 0.0002, 0.0003, 0.0005, 0.0007, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.007,
+    0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)  # fmt: skip
+# The kinds of input the node core takes, as the simulator's CPU model charges them
+# (goml.scenario.schema.Costs): an APPEND or SNAPSHOT with data, any other Raft
+# message, an API call or a forwarded call's answer.
+INPUT_KINDS = ("append", "message", "api_call")
 
 
 class Metrics:
@@ -46,6 +58,21 @@ class Metrics:
             "goml_raft_store_repairs", "Peers seen with a new store (wiped or replaced)", registry=r
         )
         self.healthy = Gauge("goml_node_healthy", "1 if the node reports SERVING", registry=r)
+        # What `goml chaos calibrate --profile` needs to measure a deployed node's costs:
+        # its process's CPU (every thread, ns resolution: CLOCK_PROCESS_CPUTIME_ID, not
+        # /proc/self/stat's 10 ms ticks), its inputs by kind, its durable writes.
+        self.process_cpu_seconds = Gauge(
+            "goml_process_cpu_seconds", "CPU time of this node's process so far", registry=r
+        )
+        self.process_cpu_seconds.set_function(time.process_time)
+        inputs = Counter("goml_node_inputs", "Inputs the node core took", ["kind"], registry=r)
+        self.inputs = {kind: inputs.labels(kind=kind) for kind in INPUT_KINDS}
+        self.store_write_seconds = Histogram(
+            "goml_store_write_seconds",
+            "Durable (fsync'd) writes of the Raft store, as the node waits for them",
+            buckets=STORE_WRITE_BUCKETS_S,
+            registry=r,
+        )
         self._seen_leader: tuple[int, str] = (0, "")
         self._seen_repairs = 0
 

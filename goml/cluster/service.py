@@ -218,7 +218,7 @@ class ControlPlane:
             timeout_s += min(max(request.wait_ms, 0), PROMOTE_WAIT_MS_MAX) / 1000
         try:
             self.runtime.submit(
-                lambda now_ms, wall_ms: self.core.request(
+                lambda now_ms, wall_ms: self._request(
                     request_id, request, now_ms, wall_ms, forwarded=forwarded
                 )
             )
@@ -267,8 +267,19 @@ class ControlPlane:
 
     def _submit(self, request_id: int, request: ApiRequest) -> None:
         self.runtime.submit(
-            lambda now_ms, wall_ms: self.core.request(request_id, request, now_ms, wall_ms)
+            lambda now_ms, wall_ms: self._request(request_id, request, now_ms, wall_ms)
         )
+
+    def _request(
+        self,
+        request_id: int,
+        request: ApiRequest,
+        now_ms: int,
+        wall_ms: int,
+        forwarded: bool = False,
+    ) -> None:
+        self.metrics.inputs["api_call"].inc()
+        self.core.request(request_id, request, now_ms, wall_ms, forwarded=forwarded)
 
     def _forget(self, request_id: int) -> None:
         with contextlib.suppress(NodeStopped, ProposalDropped):
@@ -294,6 +305,8 @@ class ControlPlane:
     # ------------------------------------------------- the runtime's Driver
 
     def step(self, message: Message, now_ms: int, wall_ms: int) -> None:
+        kind = "append" if message.entries or message.snapshot is not None else "message"
+        self.metrics.inputs[kind].inc()
         self.core.step(message, now_ms, wall_ms)
 
     def tick(self, now_ms: int, wall_ms: int) -> None:
@@ -366,10 +379,16 @@ class ControlPlane:
             outcome = failure
         with contextlib.suppress(NodeStopped, ProposalDropped):
             self.runtime.submit(
-                lambda now_ms, wall_ms: self.core.forwarded(
+                lambda now_ms, wall_ms: self._forwarded(
                     forward.request_id, outcome, now_ms, wall_ms
                 )
             )
+
+    def _forwarded(
+        self, request_id: int, outcome: ApiResponse | ApiError, now_ms: int, wall_ms: int
+    ) -> None:
+        self.metrics.inputs["api_call"].inc()  # a forwarded call's answer, as the CPU model
+        self.core.forwarded(request_id, outcome, now_ms, wall_ms)
 
     def _leader_stub(self, leader: str, method: Method) -> Any:
         channel = self._forward_channels.get(leader)

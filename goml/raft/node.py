@@ -270,6 +270,7 @@ class NodeRuntime(Generic[R]):
         self._stopping = False
         self._failure: BaseException | None = None
         self._on_iteration: list[Callable[[], None]] = []
+        self._on_durable_write: list[Callable[[float], None]] = []
         self._on_stop: list[Callable[[Exception], None]] = []
         self._servicers: list[RaftPeerServicer] = []
         self._last_now_ms = 0
@@ -385,6 +386,11 @@ class NodeRuntime(Generic[R]):
     def on_stop(self, callback: Callable[[Exception], None]) -> None:
         """Called once when the node stops or fails: fail whatever still waits."""
         self._on_stop.append(callback)
+
+    def on_durable_write(self, callback: Callable[[float], None]) -> None:
+        """Called with the seconds each fsync'd write of the store took, as the loop
+        waited for it (the worker-thread hop included): the node's metrics."""
+        self._on_durable_write.append(callback)
 
     # --------------------------------------------------------------- queries
 
@@ -612,8 +618,12 @@ class NodeRuntime(Generic[R]):
         if compacted is not None:
             self.stats.compactions += 1
             log.info("node %s: compacted the log up to %d", self.id, compacted.index)
+        took_s = time.perf_counter() - started
         self.stats.persist_calls += 1
-        self.stats.persist_ms_total += (time.perf_counter() - started) * 1000
+        self.stats.persist_ms_total += took_s * 1000
+        if sync:
+            for callback in self._on_durable_write:
+                callback(took_s)
 
     def _fail_all(self, error: Exception) -> None:
         while not self._inputs.empty():
