@@ -283,6 +283,36 @@ def test_health_answers_on_every_host_address(deployed: Deployed) -> None:
     assert task.state == api_pb2.SUCCEEDED, task
 
 
+def test_calibrate_measures_the_deployed_hosts(deployed: Deployed, tmp_path: Path) -> None:
+    # Issue 14: `goml chaos calibrate` against a pyinfra-deployed cluster, through its
+    # client profile and its nodes' metrics (goml_metrics_port, 9100 by default).
+    profile_path = tmp_path / "profile.json"
+    deployed.profile().save(profile_path)
+    urls = [f"http://{deployed.lab.hosts[name].address}:9100" for name in deployed.names]
+    out = tmp_path / "lab-costs.yaml"
+    command = [sys.executable, "-m", "goml", "chaos", "calibrate", "--out", str(out)]
+    command += ["--profile", str(profile_path), "--hop-samples", "50"]
+    for url in urls:
+        command += ["--metrics", url]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    from goml.scenario.loader import load_scenario
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(
+        "name: lab\nduration_s: 5\ncosts_file: lab-costs.yaml\n"
+        "workload:\n  clients: [{name: c, node: aws-1}]\n  rate_per_s: 1\n  stop_s: 4\n"
+        "  mix: {matmul: {args: {n: 8}}}\n"
+    )
+    costs = load_scenario(scenario).scenario.costs
+    assert costs is not None and costs.cores is None
+    for distribution in (costs.fsync_ms, costs.append_ms, costs.message_ms, costs.hop_ms):
+        assert distribution is not None and 0 < distribution.expected_ms() < 10_000
+    text = out.read_text()
+    assert all(url in text for url in urls), text[:2000]
+    print(text)  # the lab's figures, in the session's log
+
+
 def test_services_active_enabled_and_secrets_private(deployed: Deployed) -> None:
     for name in deployed.names:
         assert deployed.ssh(name, "systemctl is-active goml-node goml-agent").split() == [
