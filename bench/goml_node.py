@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from goml import event_loop
 from goml.raft.demo import KeyValueStateMachine
 from goml.raft.node import ProposalLost, ProposalOutcomeUnknown, RaftNode
 from goml.raft.node_main import parse_peers
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s {args.id} %(name)s %(levelname)s %(message)s",
     )
-    return asyncio.run(run(args))
+    return event_loop.run(run(args))
 
 
 if __name__ == "__main__":
