@@ -138,7 +138,12 @@ class Control:
                     return
                 if len(line) > CONTROL_LINE_BYTES_MAX:
                     return
-                reply = await self.request(line.decode().split())
+                try:
+                    reply = await self.request(line.decode().split())
+                except _RETRYABLE as error:
+                    # e.g. the leader lost its term mid-bench on a loaded machine: say so,
+                    # rather than closing the connection without a reason
+                    reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
