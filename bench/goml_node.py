@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from goml import event_loop
 from goml.raft.demo import KeyValueStateMachine
 from goml.raft.node import ProposalLost, ProposalOutcomeUnknown, RaftNode
 from goml.raft.node_main import parse_peers
@@ -137,7 +138,12 @@ class Control:
                     return
                 if len(line) > CONTROL_LINE_BYTES_MAX:
                     return
-                reply = await self.request(line.decode().split())
+                try:
+                    reply = await self.request(line.decode().split())
+                except _RETRYABLE as error:
+                    # e.g. the leader lost its term mid-bench on a loaded machine: say so,
+                    # rather than closing the connection without a reason
+                    reply = {"ok": False, "error": f"{type(error).__name__}: {error}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s {args.id} %(name)s %(levelname)s %(message)s",
     )
-    return asyncio.run(run(args))
+    return event_loop.run(run(args))
 
 
 if __name__ == "__main__":

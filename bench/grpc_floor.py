@@ -39,6 +39,7 @@ import grpc.aio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from goml import event_loop  # noqa: E402
 from goml.client import Client, Profile  # noqa: E402
 from goml.cluster import local  # noqa: E402
 from goml.cluster.certs import credentials, init_certs  # noqa: E402
@@ -198,7 +199,7 @@ def cluster(calls: int) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        asyncio.run(_serve(Path(sys.argv[2]), Path(sys.argv[3]), "--hop" in sys.argv))
+        event_loop.run(_serve(Path(sys.argv[2]), Path(sys.argv[3]), "--hop" in sys.argv))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--calls", type=int, default=500)

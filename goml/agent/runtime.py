@@ -74,6 +74,7 @@ import grpc.aio
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from goml import event_loop
 from goml.agent.core import (
     AgentCore,
     AgentCoreConfig,
@@ -685,7 +686,7 @@ def main(config_path: str | Path) -> int:
         await run_agent(config, stop=stop)
 
     try:
-        asyncio.run(run())
+        event_loop.run(run())
     except ConfigError as exc:
         log.error("%s", exc)
         return 2

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from goml import event_loop
 from goml.api.auth import TokensError
 from goml.cluster.certs import TokensFile, node_entries, node_token, read_secret
 from goml.cluster.config import ConfigError, NodeFileConfig, load_node_config
@@ -158,7 +159,13 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | No
         metrics.serve(metrics_host, int(metrics_port))
     await server.start()
     await plane.start()
-    log.info("node %s serving on %s:%d", config.node_id, host, bound)
+    log.info(
+        "node %s serving on %s:%d (event loop %s)",
+        config.node_id,
+        host,
+        bound,
+        type(asyncio.get_running_loop()).__module__.split(".")[0],
+    )
     loop = asyncio.get_running_loop()
     # SIGHUP re-reads the tokens file (a change is also seen without it). Only the main
     # thread may set signal handlers: elsewhere (an embedding test) there is none.
@@ -202,4 +209,4 @@ def run(config_path: Path) -> int:
                 loop.add_signal_handler(signum, on_signal, signum)
         return await serve(config, stop, why)
 
-    return asyncio.run(main())
+    return event_loop.run(main())

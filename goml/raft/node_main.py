@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from goml import event_loop
 from goml.raft.demo import KeyValueStateMachine
 from goml.raft.node import NodeStopped, ProposalLost, ProposalOutcomeUnknown, RaftNode
 from goml.raft.server import LocalNode, bind_server, build_node
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s {args.id} %(name)s %(levelname)s %(message)s",
     )
-    return asyncio.run(run(args))
+    return event_loop.run(run(args))
 
 
 if __name__ == "__main__":
