@@ -28,12 +28,18 @@ EVENT_LOOPS = ("asyncio", "uvloop")
 T = TypeVar("T")
 
 
+class EventLoopError(ValueError):
+    """GOML_EVENT_LOOP names no loop, or one that is not installed: a one-line error."""
+
+
 def chosen(setting: str | None = None) -> str:
     """The loop `run` would use, "asyncio" or "uvloop" (setting defaults to the env)."""
     value = os.environ.get(EVENT_LOOP_ENV, "") if setting is None else setting
     value = value.strip().lower() or "asyncio"
     if value not in EVENT_LOOPS:
-        raise ValueError(f"{EVENT_LOOP_ENV}={value!r}: expected one of {', '.join(EVENT_LOOPS)}")
+        raise EventLoopError(
+            f"{EVENT_LOOP_ENV}={value!r}: expected one of {', '.join(EVENT_LOOPS)}"
+        )
     return value
 
 
@@ -44,7 +50,7 @@ def loop_factory(setting: str | None = None) -> Callable[[], asyncio.AbstractEve
     try:
         import uvloop
     except ImportError:
-        raise RuntimeError(f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed") from None
+        raise EventLoopError(f"{EVENT_LOOP_ENV}=uvloop but uvloop is not installed") from None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
 
@@ -53,7 +59,7 @@ def run(main: Coroutine[Any, Any, T], setting: str | None = None) -> T:
     """asyncio.run(main) on a new loop of the chosen kind."""
     try:
         factory = loop_factory(setting)
-    except (ValueError, RuntimeError):
+    except EventLoopError:
         main.close()  # never awaited: say so once, not as a second warning
         raise
     with asyncio.Runner(loop_factory=factory) as runner:

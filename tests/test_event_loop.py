@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,20 +44,20 @@ def test_the_setting_picks_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert event_loop.chosen("asyncio") == "asyncio"  # an explicit setting wins
     monkeypatch.setenv(event_loop.EVENT_LOOP_ENV, "")
     assert event_loop.chosen() == "asyncio"
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(event_loop.EventLoopError, match="expected one of"):
         event_loop.chosen("tokio")
 
 
 def test_uvloop_asked_for_but_missing_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import now fails
     assert event_loop.loop_factory("asyncio") is asyncio.new_event_loop
-    with pytest.raises(RuntimeError, match="not installed"):
+    with pytest.raises(event_loop.EventLoopError, match="not installed"):
         event_loop.loop_factory("uvloop")
 
     async def never() -> None:
         raise AssertionError("must not run")
 
-    with pytest.raises(RuntimeError, match="not installed"):
+    with pytest.raises(event_loop.EventLoopError, match="not installed"):
         event_loop.run(never(), "uvloop")
 
 
@@ -93,3 +95,16 @@ def test_a_tls_cluster_commits_under_each_loop(
                 assert process.popen.poll() is None, f"{process.name} exited"
                 assert time.monotonic() < deadline, process.log_path.read_text()[-2000:]
                 time.sleep(0.05)  # polling another process's log file, with a deadline
+
+
+def test_an_unknown_loop_is_a_one_line_error_of_the_node(tmp_path: Path) -> None:
+    layout = local.prepare(tmp_path, 1, insecure=False)
+    (config,) = layout.node_configs.values()
+    env = {**os.environ, event_loop.EVENT_LOOP_ENV: "bogus"}
+    done = subprocess.run(
+        [sys.executable, "-m", "goml", "node", "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "GOML_EVENT_LOOP='bogus': expected one of asyncio, uvloop" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -687,7 +687,7 @@ def main(config_path: str | Path) -> int:
 
     try:
         event_loop.run(run())
-    except ConfigError as exc:
+    except (ConfigError, event_loop.EventLoopError) as exc:
         log.error("%s", exc)
         return 2
     return 0

@@ -209,4 +209,8 @@ def run(config_path: Path) -> int:
                 loop.add_signal_handler(signum, on_signal, signum)
         return await serve(config, stop, why)
 
-    return event_loop.run(main())
+    try:
+        return event_loop.run(main())
+    except event_loop.EventLoopError as error:
+        log.error("node %s: %s", config.node_id, error)
+        return 2

@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format=f"%(asctime)s {args.id} %(name)s %(levelname)s %(message)s",
     )
-    return event_loop.run(run(args))
+    try:
+        return event_loop.run(run(args))
+    except event_loop.EventLoopError as error:
+        print(f"node_main {args.id}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
