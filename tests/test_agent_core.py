@@ -90,6 +90,11 @@ def leased(task_id: str, epoch: int = 1, cpu: float = 1.0, timeout_ms: int = 60_
     )
 
 
+def is_standing(call: Call) -> bool:
+    request = call.request
+    return isinstance(request, LeaseRequest) and request.max_tasks == 0
+
+
 class Harness:
     """An AgentCore with a fake clock; remembers the calls it has not answered."""
 
@@ -140,13 +145,20 @@ class Harness:
         self.core.on_task_finished(task.task_id, task.epoch, ok, text, self.now)
         return self._collect()
 
-    def calls(self, method: Method) -> list[Call]:
+    def calls(self, method: Method, standing: bool = False) -> list[Call]:
+        """Open calls of `method`; for LEASE, the room polls, or with `standing` the
+        standing polls (asking for nothing: goml.agent.core)."""
         return sorted(
-            (c for c in self.open.values() if c.method is method), key=lambda c: c.request_id
+            (
+                c
+                for c in self.open.values()
+                if c.method is method and (method is not Method.LEASE or is_standing(c) == standing)
+            ),
+            key=lambda c: c.request_id,
         )
 
-    def call(self, method: Method) -> Call:
-        found = self.calls(method)
+    def call(self, method: Method, standing: bool = False) -> Call:
+        found = self.calls(method, standing)
         assert len(found) == 1, (method, found)
         return found[0]
 
@@ -318,18 +330,22 @@ def test_an_idle_agent_lets_its_lease_poll_stand_in_for_heartbeats() -> None:
 # --------------------------------------------------------------------------- leases, capacity
 
 
-def test_lease_asked_at_once_and_only_with_free_capacity() -> None:
-    h = Harness()
+def test_lease_asked_at_once_and_a_busy_agent_keeps_a_standing_poll() -> None:
+    h = Harness(reports_inflight_max=1)
     h.register()
     lease = h.call(Method.LEASE)
     assert lease.request == LeaseRequest("a1", Resources(2, 4096, 0), 2, 2000)
     assert lease.timeout_ms == 2000 + 5000
+    assert h.calls(Method.LEASE, standing=True) == []  # holding nothing: no standing poll
     a, b = leased("A"), leased("B")
     effects = h.respond(lease, LeaseResponse((a, b)))
     assert [e for e in effects if isinstance(e, RunTask)] == [RunTask(a), RunTask(b)]
     assert h.core.free == Resources(0.0, 4096 - 1024, 0)
-    # Full: no lease goes out, however long we wait (heartbeats still do).
-    for t in range(0, 10_001, 100):
+    # Full: no room poll, however long we wait (heartbeats still go); one standing poll
+    # asking for nothing: the leader leases into the room the next reports free.
+    standing = h.call(Method.LEASE, standing=True)
+    assert standing.request == LeaseRequest("a1", Resources(0.0, 0, 0), 0, 2000)
+    for t in range(0, 6_901, 100):  # within the standing poll's deadline (7 s)
         h.tick(t)
         for hb in h.calls(Method.HEARTBEAT):
             assert isinstance(hb.request, HeartbeatRequest)
@@ -337,11 +353,19 @@ def test_lease_asked_at_once_and_only_with_free_capacity() -> None:
             assert hb.request.running_task_ids == ("A", "B")
             h.respond(hb, HeartbeatResponse(known=True))
         assert h.calls(Method.LEASE) == []
+        assert h.calls(Method.LEASE, standing=True) == [standing]
     h.finish(a, True, '{"x":1}')
-    lease2 = h.call(Method.LEASE)
-    assert isinstance(lease2.request, LeaseRequest)
-    assert lease2.request.free == Resources(1.0, 4096 - 512, 0)
-    assert lease2.request.max_tasks == 1
+    report = h.call(Method.REPORT)
+    # A's room is the standing poll's (its report goes after that poll): no room poll.
+    assert h.calls(Method.LEASE) == []
+    h.respond(report, ReportResponse(True, ""))
+    room = h.call(Method.LEASE)  # acknowledged: A's room is known free, asked for
+    assert room.request == LeaseRequest("a1", Resources(1.0, 4096 - 512, 0), 1, 2000)
+    h.finish(b, True, '{"x":2}')
+    assert h.calls(Method.LEASE, standing=True) == [standing]  # still one
+    h.respond(standing, LeaseResponse(()))  # its wait ended
+    h.run_until(h.now + 50)
+    assert is_standing(h.call(Method.LEASE, standing=True))  # B's result is still held
 
 
 def test_empty_lease_answers_poll_again_no_faster_than_the_minimum_interval() -> None:

@@ -25,9 +25,18 @@ Decisions made here:
   holds and whose result is not acknowledged yet, so the leader keeps renewing them.
   An agent holding nothing sends none while a lease poll is in flight: the leader
   counts the poll as its heartbeat for as long as it holds it (`_poll_stands_in`).
-- Leases: one long-poll at a time, only while registered and with room (a free task
-  slot, free cpu and memory, and fewer than `results_pending_max` unacknowledged
-  results); at most one call start every `lease_interval_ms_min`.
+- Leases: while registered and holding fewer than `results_pending_max` unacknowledged
+  results, at most two long-polls, each at most one call start every
+  `lease_interval_ms_min`: a room poll, only with room (a free task slot, free cpu and
+  memory), asking for that room; and, while the agent holds a run or a result, a
+  standing poll asking for nothing (`free` 0, `max_tasks` 0). The leader parks the
+  standing poll and leases into the room each report sent after it frees, in the same
+  commit as the report (`NodeCore._release_to_polls`): a freed slot is refilled one
+  report round trip after its task ends, not after the room poll in flight for another
+  slot answers and a new one makes the round trip (with tasks far shorter than a lease
+  round trip, an agent ran one task at a time). Hence the room poll's `free` and
+  `max_tasks` leave out what unacknowledged results hold: the leader gives that room to
+  the standing poll as their reports arrive.
 - Results are kept per (task id, epoch) and re-reported until acknowledged: recorded, or
   refused (stale epoch), which drops them with a log. An unreachable control plane never
   drops them. A result is reported only under the epoch its task was leased with.
@@ -286,15 +295,18 @@ class _Running:
 
 
 class _Result:
-    __slots__ = ("error", "lane", "result_json", "success")
+    __slots__ = ("error", "lane", "resources", "result_json", "success")
 
-    def __init__(self, success: bool, result_json: str, error: str, due_ms: int) -> None:
+    def __init__(
+        self, success: bool, result_json: str, error: str, due_ms: int, resources: Resources
+    ) -> None:
         assert success == (result_json != ""), "success carries a result, failure does not"
         assert success != (error != ""), "failure carries an error, success does not"
         self.success = success
         self.result_json = result_json
         self.error = error
         self.lane = _Lane(due_ms)
+        self.resources = resources  # what its run held: the leader frees it on the report
 
 
 def _truncate_utf8(text: str, limit_bytes: int) -> str:
@@ -339,7 +351,8 @@ class AgentCore:
         self._outstanding: dict[int, _Outstanding] = {}
         self._register = _Lane(0)
         self._heartbeat = _Lane(0)
-        self._lease = _Lane(0)
+        self._lease = _Lane(0)  # the room poll
+        self._standing = _Lane(0)  # the standing poll (see the module docstring)
         self._running: dict[str, _Running] = {}  # task id -> run (one run per task id)
         self._results: dict[ResultKey, _Result] = {}  # insertion order = report order
         self._used = Resources(0.0, 0, 0)
@@ -530,8 +543,10 @@ class AgentCore:
         if self._state is AgentState.ACTIVE:
             if self._heartbeat.in_flight is None and not self._poll_stands_in():
                 times.append(self._heartbeat.due_ms)
-            if self._lease.in_flight is None and self._has_room():
+            if self._lease.in_flight is None and self._room_poll_due():
                 times.append(self._lease.due_ms)
+            if self._standing.in_flight is None and self._standing_poll_due():
+                times.append(self._standing.due_ms)
         if self._reports_in_flight() < self._config.reports_inflight_max:
             times += [r.lane.due_ms for r in self._results.values() if r.lane.in_flight is None]
         return min(times) if times else None
@@ -567,6 +582,34 @@ class AgentCore:
             and free.memory_mb > 0
         )
 
+    def _room_poll_due(self) -> bool:
+        """A room poll may go out: room now that no unreported result holds."""
+        if not self._has_room():
+            return False
+        free, slots = self._lease_room()
+        return slots > 0 and free.cpu > CPU_EPSILON and free.memory_mb > 0
+
+    def _standing_poll_due(self) -> bool:
+        """A standing poll may go out: the agent holds something whose report will free
+        room (not at `results_pending_max`)."""
+        if len(self._results) >= self._config.results_pending_max:
+            return False
+        return bool(self._running or self._results)
+
+    def _lease_room(self) -> tuple[Resources, int]:
+        """`free` and task slots of a room poll sent now: what is free, less what the
+        unacknowledged results hold. Their room is the standing poll's: the leader gives
+        it to the agent's parked poll as each report arrives; asked for here too, two
+        polls would lease into it (one lease proposal leasing nothing)."""
+        held = list(self._results.values())
+        free = self.free
+        for result in held:
+            free = free.minus(result.resources)
+        slots = max(0, self._config.tasks_running_max - len(self._running) - len(held))
+        assert free.fits_in(self.free), (free, self.free)
+        assert 0 <= slots <= self._config.tasks_running_max, slots
+        return free, slots
+
     def _poll_stands_in(self) -> bool:
         """True: no heartbeat is due, a lease poll stands in for it. An agent holding
         nothing (no run, no unacknowledged result) sends none while its lease poll is in
@@ -595,6 +638,8 @@ class AgentCore:
             assert out.result_key is not None
             result = self._results.get(out.result_key)
             return None if result is None else result.lane
+        if out.method is Method.LEASE and self._standing.in_flight == out.request_id:
+            return self._standing
         return {
             Method.REGISTER: self._register,
             Method.HEARTBEAT: self._heartbeat,
@@ -606,12 +651,12 @@ class AgentCore:
         assert len(self._running) <= config.tasks_running_max, self._running
         assert len(self._results) <= config.results_pending_max + config.tasks_running_max
         assert self._reports_in_flight() <= config.reports_inflight_max
-        assert len(self._outstanding) <= 3 + config.reports_inflight_max, self._outstanding
+        assert len(self._outstanding) <= 4 + config.reports_inflight_max, self._outstanding
         assert self._used == self._used_now(), (self._used, self._used_now())
         assert self._policy.leader in config.control_nodes, self._policy.leader
         if self._state is not AgentState.STOPPED:
             in_flight = {o.request_id for o in self._outstanding.values()}
-            for lane in (self._register, self._heartbeat, self._lease):
+            for lane in (self._register, self._heartbeat, self._lease, self._standing):
                 assert lane.in_flight is None or lane.in_flight in in_flight
         else:
             assert not self._running, "stop cancels every run"
@@ -653,17 +698,20 @@ class AgentCore:
                 lane.due_ms = now + self._heartbeat_interval_ms
                 request_hb = HeartbeatRequest(config.agent_id, self.free, self._held_task_ids())
                 self._send(lane, Method.HEARTBEAT, request_hb, config.call_timeout_ms)
+            timeout_ms = config.lease_wait_ms + config.call_timeout_ms
             lane = self._lease
-            if lane.in_flight is None and lane.due_ms <= now and self._has_room():
+            if lane.in_flight is None and lane.due_ms <= now and self._room_poll_due():
                 lane.due_ms = now + config.lease_interval_ms_min
-                slots = config.tasks_running_max - len(self._running)
+                free, slots = self._lease_room()
                 request_lease = LeaseRequest(
-                    config.agent_id,
-                    self.free,
-                    min(config.lease_tasks_max, slots),
-                    config.lease_wait_ms,
+                    config.agent_id, free, min(config.lease_tasks_max, slots), config.lease_wait_ms
                 )
-                timeout_ms = config.lease_wait_ms + config.call_timeout_ms
+                self._send(lane, Method.LEASE, request_lease, timeout_ms)
+            lane = self._standing
+            if lane.in_flight is None and lane.due_ms <= now and self._standing_poll_due():
+                lane.due_ms = now + config.lease_interval_ms_min
+                nothing = Resources(0.0, 0, 0)
+                request_lease = LeaseRequest(config.agent_id, nothing, 0, config.lease_wait_ms)
                 self._send(lane, Method.LEASE, request_lease, timeout_ms)
         if self._state in (AgentState.REGISTERING, AgentState.ACTIVE):
             in_flight = self._reports_in_flight()
@@ -765,6 +813,7 @@ class AgentCore:
             self._effects.append(RunTask(task))
         if response.tasks:
             self._lease.due_ms = self._now_ms  # more may fit: poll again at once
+            self._standing.due_ms = self._now_ms
 
     def _revoke(self, task_ids: tuple[str, ...]) -> None:
         """The leader says these leases are gone (cancelled, requeued, finished): stop
@@ -839,7 +888,7 @@ class AgentCore:
             f"control plane refused the result: {detail or 'invalid report'}",
             self._config.error_bytes_max,
         )
-        self._results[out.result_key] = _Result(False, "", error, self._now_ms)
+        self._results[out.result_key] = _Result(False, "", error, self._now_ms, result.resources)
 
     # ---- tasks
 
@@ -853,4 +902,4 @@ class AgentCore:
         assert key not in self._results, key
         assert task.task_id not in self._running, "a result is added once its run is over"
         error = _truncate_utf8(error, self._config.error_bytes_max) if error else ""
-        self._results[key] = _Result(success, result_json, error, self._now_ms)
+        self._results[key] = _Result(success, result_json, error, self._now_ms, task.resources)

@@ -28,7 +28,10 @@ Decisions made here, once for both worlds:
 - Lease policy: a LeaseTasks is proposed only when the manifest, minus the tasks that
   lease proposals already in flight will take, has a task that fits the agent; otherwise
   the poll parks until work that could fit is applied or its wait ends. Wake-ups go to
-  parked polls in arrival order, only as many as there are tasks that fit them.
+  parked polls in arrival order, only as many as there are tasks that fit them. A poll's
+  room is its `free` and `max_tasks` plus what the reports of its agent that arrive while
+  it is parked free (a full agent's poll waits for them; the lease goes in the same
+  commit as the report); the manifest caps it at what the log knows is free.
 - Reports: recorded, or `recorded=false` when fenced (stale epoch, task gone, task not
   leased any more); other refusals are errors.
 - Reads (get, list) are linearizable through ReadIndex on the leader.
@@ -416,6 +419,11 @@ class _Pending:
     poll_deadline_ms: int = 0  # lease polls: when the poll ends with an empty answer
     claim: tuple[str, ...] = ()  # lease proposals: the tasks it is expected to take
     forwarded_to: str = ""  # the leader a forwarded request went to
+    # Parked lease polls: the room the reports of its agent that arrived after it free
+    # (resources, task slots), added to the poll's own `free` and `max_tasks`
+    # (`_release_to_polls`).
+    released: Resources = field(default_factory=lambda: Resources(0.0, 0, 0))
+    released_slots: int = 0
 
 
 def task_view(task: Task) -> TaskView:
@@ -490,6 +498,10 @@ class NodeCore:
         self._parked: dict[int, None] = {}  # lease polls in arrival order
         self._promotions: dict[int, MembershipChange] = {}  # waiting for a learner
         self._claimed: set[str] = set()  # tasks lease proposals in flight will take
+        # Agent -> its polls with a lease proposal in flight: an agent's next lease is
+        # predicted only once that one applied (`_lease_claim`: the log does not count a
+        # lease in flight, and two would lease into the same room, one leasing nothing).
+        self._leasing: dict[str, dict[int, None]] = {}
         # Tasks whose results are proposed and not yet applied, by agent: a lease proposed
         # behind them counts their capacity as free (applied in log order, the report
         # frees it first), so a freed slot is refilled in the same commit, not the next.
@@ -734,7 +746,7 @@ class NodeCore:
         self._parked.pop(request_id, None)
         self._promotions.pop(request_id, None)
         self._watches.pop(request_id, None)
-        self._claimed.difference_update(pending.claim)
+        self._unclaim(request_id, pending)
 
     # --------------------------------------------------------------- outputs
 
@@ -751,10 +763,15 @@ class NodeCore:
         return deadline
 
     def has_ready(self) -> bool:
+        if self._report_queue and self.is_leader:
+            return True  # ready() proposes them first
         return bool(self._replies or self._logs or self._forwards) or self.replica.has_ready()
 
     def ready(self) -> NodeReady:
         self._no_ready_outstanding()
+        # The reports the inputs since the last Ready brought: one command, in this Ready
+        # (with the lease of a parked poll their capacity wakes: `_flush_reports`).
+        self._flush_all_reports()
         replica = self.replica.ready()
         assert not replica.outcomes, "outcomes are taken as they happen (_after_input)"
         ready = NodeReady(replica, tuple(self._replies), tuple(self._logs), tuple(self._forwards))
@@ -1036,8 +1053,11 @@ class NodeCore:
         self._reply(request_id, HeartbeatResponse(known=known, revoked_task_ids=revoked))
 
     def _report(self, request_id: int, request: ReportRequest) -> None:
-        """Reports wait while one batch of them is being committed, then go together
-        as one ReportResults: a lone report on an idle cluster goes at once."""
+        """Reports queue until the runtime takes its next Ready, then go together as
+        one ReportResults (`_flush_all_reports`): the reports of one batch of inputs
+        share a command, a lone report goes at once, and none waits for the commit of
+        an earlier batch (that serialised every report behind the one before, and the
+        lease refilling its slot behind it: bench_agent's throughput run)."""
         if not self._leading_or_refuse(request_id):
             return
         report = _report_of(request)
@@ -1047,8 +1067,16 @@ class NodeCore:
             return
         self._wait(request_id, _Pending(request, _Stage.QUEUED, self._request_deadline()))
         self._report_queue.append(request_id)
-        if not self._report_batches:
+
+    def _flush_all_reports(self) -> None:
+        """Propose every queued report, as few ReportResults as the limits allow."""
+        for _ in range(len(self._report_queue)):  # bounded: each round takes >= 1 or stops
+            if not self._report_queue or not self.is_leader:
+                break
+            before = len(self._report_queue)
             self._flush_reports()
+            assert len(self._report_queue) < before, "a flush takes at least one report"
+        assert not self._report_queue or not self.is_leader, "every queued report proposed"
 
     def _flush_reports(self) -> None:
         limits = self.config.limits
@@ -1094,7 +1122,33 @@ class NodeCore:
         for agent_id, task_id in released:
             self._releasing.setdefault(agent_id, {})[task_id] = None
         if self._parked:
+            self._release_to_polls(reports)
             self._wake_parked()  # a poll waiting for this capacity goes right behind
+
+    def _release_to_polls(self, reports: list[Report]) -> None:
+        """The room these reports free goes to the first parked poll of their agent
+        (its standing poll, goml.agent.core: sent before these reports, the agent left
+        their room out of its other poll). To one poll only: two would both lease into
+        it. Only a report of the attempt that holds its lease frees anything (others
+        are fenced)."""
+        polls: dict[str, _Pending] = {}
+        for request_id in self._parked:
+            pending = self._pending.get(request_id)
+            if pending is not None and isinstance(pending.request, LeaseRequest):
+                polls.setdefault(pending.request.agent_id, pending)
+        for report in reports:
+            task = self.manifest.get_task(report.task_id)
+            if (
+                report.agent_id not in polls
+                or task is None
+                or task.lease is None
+                or task.lease.agent_id != report.agent_id
+                or task.epoch != report.epoch
+            ):
+                continue
+            pending = polls[report.agent_id]
+            pending.released = pending.released.plus(task.resources)
+            pending.released_slots += 1
 
     def _reports_outcome(self, token: int, outcome: Outcome) -> None:
         batch = self._report_batches.pop(token)
@@ -1123,8 +1177,6 @@ class NodeCore:
             else:
                 why = outcome.why if isinstance(outcome, Lost | Unknown) else "not applied"
                 self._error(request_id, ErrorCode.UNAVAILABLE, f"not committed: {why}; retry")
-        if self._report_queue and self.is_leader:
-            self._flush_reports()
 
     def _report_answer(self, request_id: int, code: Code, message: str) -> None:
         if code is Code.OK:
@@ -1173,7 +1225,7 @@ class NodeCore:
         empty. True when it proposed."""
         request = pending.request
         assert isinstance(request, LeaseRequest)
-        claim = self._lease_claim(request)
+        claim = self._lease_claim(request, pending)
         if claim == ():
             if self._now_ms < pending.poll_deadline_ms:
                 self._park(request_id, pending)
@@ -1183,12 +1235,13 @@ class NodeCore:
             return False
         # claim is None for an unknown or down agent: the command gives the refusal.
         limits = self.config.limits
+        free, max_tasks = _poll_room(request, pending)
         command = LeaseTasks(
             self._cluster_ms,
             request.agent_id,
             self.config.duties.lease_ms,
-            max(1, min(request.max_tasks, limits.lease_tasks_max)),
-            request.free,
+            max(1, min(max_tasks, limits.lease_tasks_max)),
+            free,
         )
         pending.stage = _Stage.PROPOSED
         pending.deadline_ms = self._request_deadline()
@@ -1196,22 +1249,41 @@ class NodeCore:
         if self._propose(request_id, request, command, pending) is None:
             return False
         self._claimed.update(pending.claim)
+        self._leasing.setdefault(request.agent_id, {})[request_id] = None
         return True
 
-    def _lease_claim(self, request: LeaseRequest) -> tuple[str, ...] | None:
+    def _unclaim(self, request_id: int, pending: _Pending) -> None:
+        """A lease proposal is over (applied, lost, answered, forgotten)."""
+        self._claimed.difference_update(pending.claim)
+        if isinstance(pending.request, LeaseRequest):
+            leasing = self._leasing.get(pending.request.agent_id)
+            if leasing is not None:
+                leasing.pop(request_id, None)
+                if not leasing:
+                    del self._leasing[pending.request.agent_id]
+
+    def _parked_agent(self, request_id: int) -> str:
+        pending = self._pending.get(request_id)
+        if pending is None or not isinstance(pending.request, LeaseRequest):
+            return ""
+        return pending.request.agent_id
+
+    def _lease_claim(self, request: LeaseRequest, pending: _Pending) -> tuple[str, ...] | None:
         """The tasks a LeaseTasks proposed now for `request` would take: of those that
         exist, else of those that proposed submits will create. None: the agent is
         unknown or down (the command gives the refusal)."""
+        free, max_tasks = _poll_room(request, pending)
+        if max_tasks < 1 or request.agent_id in self._leasing:  # wait: reports, that lease
+            agent = self.manifest.get_agent(request.agent_id)
+            return None if agent is None or agent.state is not AgentState.ALIVE else ()
         claimed = frozenset(self._claimed)
         releasing = frozenset(self._releasing.get(request.agent_id, ()))
-        claim = self.manifest.leasable_tasks(
-            request.agent_id, request.free, request.max_tasks, claimed, releasing
-        )
+        claim = self.manifest.leasable_tasks(request.agent_id, free, max_tasks, claimed, releasing)
         if claim == () and self._incoming:
             claim = self.manifest.leasable_incoming(
                 request.agent_id,
-                request.free,
-                request.max_tasks,
+                free,
+                max_tasks,
                 claimed,
                 releasing,
                 sorted(self._incoming.items()),
@@ -1236,7 +1308,7 @@ class NodeCore:
                 continue
             request = pending.request
             assert isinstance(request, LeaseRequest)
-            if self._lease_claim(request) == ():
+            if self._lease_claim(request, pending) == ():
                 continue
             del self._parked[request_id]
             self.stats.polls_woken += 1
@@ -1433,7 +1505,7 @@ class NodeCore:
                     self._applied(token, pending, result)
             case Lost() | Unknown():
                 if pending.stage is _Stage.PROPOSED:
-                    self._claimed.difference_update(pending.claim)
+                    self._unclaim(token, pending)
                     self._pending.pop(token)
                     self._error(
                         token, ErrorCode.UNAVAILABLE, f"not committed: {outcome.why}; retry"
@@ -1450,8 +1522,10 @@ class NodeCore:
     def _applied(self, request_id: int, pending: _Pending, result: ApplyResult) -> None:
         request = pending.request
         if isinstance(request, LeaseRequest):
-            self._claimed.difference_update(pending.claim)
+            self._unclaim(request_id, pending)
             pending.claim = ()
+            if any(self._parked_agent(r) == request.agent_id for r in self._parked):
+                self._wake_parked()  # its other poll waited for this lease to apply
             if result.ok and not result.tasks:
                 self.stats.leases_empty += 1
             if result.ok and not result.tasks and self._now_ms < pending.poll_deadline_ms:
@@ -1629,7 +1703,7 @@ class NodeCore:
                     f"forwarded to leader {pending.forwarded_to}: no answer in time; retry",
                 )
                 continue
-            self._claimed.difference_update(pending.claim)
+            self._unclaim(request_id, pending)
             self._error(
                 request_id,
                 ErrorCode.UNAVAILABLE,
@@ -1690,6 +1764,12 @@ class NodeCore:
 
     def _no_ready_outstanding(self) -> None:
         assert self._outstanding is None, "input between ready() and advance()"
+
+
+def _poll_room(request: LeaseRequest, pending: _Pending) -> tuple[Resources, int]:
+    """A lease poll's room: what it says is free plus what reports freed since it came."""
+    assert pending.released_slots >= 0, pending.released_slots
+    return request.free.plus(pending.released), request.max_tasks + pending.released_slots
 
 
 def _report_of(request: ReportRequest) -> Report:
