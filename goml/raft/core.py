@@ -92,6 +92,13 @@ class Progress:
     snapshot_acked_bytes: int = 0
     snapshot_all_sent: bool = False
     snapshot_progress_ms: int = 0  # when the acknowledged part last grew
+    # What the latest APPEND to this follower told it, so that a heartbeat that would
+    # tell it nothing new is not sent: when it went and the commit index it carried.
+    append_sent_ms: int = -1
+    append_commit: int = -1
+    # An APPEND went to it after the latest HEARTBEAT: that append is answered on its
+    # own, so a heartbeat's answer need not probe for it (see `_step_leader`).
+    append_since_heartbeat: bool = False
 
     def is_paused(self, inflight_max: int) -> bool:
         if self.state is ProgressState.PROBE:
@@ -992,7 +999,13 @@ class RaftCore:
                 # Free one slot so the next append goes out; the follower's rejection of
                 # it (a gap) sends this progress back to probing from its real match.
                 progress.inflight_last_indexes.pop(0)
-            if progress.match < self.log.last_index:
+            # Behind: probe with an append (an empty one finds an append that was lost),
+            # unless the follower was sent entries after the heartbeat this answers, so
+            # their own answer (or the next one's gap) is on its way.
+            replicating = progress.state is ProgressState.REPLICATE
+            if progress.match < self.log.last_index and not (
+                replicating and progress.append_since_heartbeat
+            ):
                 self._send_append(message.source, allow_empty=True)
             if message.context:
                 self._ack_read(message.context, message.source)
@@ -1131,6 +1144,9 @@ class RaftCore:
                 incarnation=self.incarnation,
             )
         )
+        progress.append_sent_ms = self.now_ms
+        progress.append_commit = self.commit
+        progress.append_since_heartbeat = True
         if progress.state is ProgressState.REPLICATE:
             if entries:
                 # Pipelining: assume success and move on; a rejection resets `next`.
@@ -1223,13 +1239,25 @@ class RaftCore:
                 progress.snapshot_all_sent = False
                 progress.snapshot_progress_ms = self.now_ms
                 self._send_snapshot_chunks(peer, progress, 1)
+            commit = min(progress.match, self.commit)
+            if (
+                not context
+                and self.now_ms - progress.append_sent_ms < self.config.heartbeat_interval_ms
+                and progress.append_commit >= commit
+            ):
+                # An append went within the interval and carried this commit index: the
+                # heartbeat would tell nothing new (its election timer was reset by the
+                # append, whose answer tells this leader the follower is alive). Half the
+                # heartbeats of a busy leader, with their answers.
+                continue
+            progress.append_since_heartbeat = False
             self._send(
                 Message(
                     MessageType.HEARTBEAT,
                     self.id,
                     peer,
                     self.term,
-                    commit=min(progress.match, self.commit),
+                    commit=commit,
                     context=context,
                     incarnation=self.incarnation,
                 )
