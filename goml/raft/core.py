@@ -96,9 +96,6 @@ class Progress:
     # tell it nothing new is not sent: when it went and the commit index it carried.
     append_sent_ms: int = -1
     append_commit: int = -1
-    # An APPEND went to it after the latest HEARTBEAT: that append is answered on its
-    # own, so a heartbeat's answer need not probe for it (see `_step_leader`).
-    append_since_heartbeat: bool = False
 
     def is_paused(self, inflight_max: int) -> bool:
         if self.state is ProgressState.PROBE:
@@ -999,13 +996,7 @@ class RaftCore:
                 # Free one slot so the next append goes out; the follower's rejection of
                 # it (a gap) sends this progress back to probing from its real match.
                 progress.inflight_last_indexes.pop(0)
-            # Behind: probe with an append (an empty one finds an append that was lost),
-            # unless the follower was sent entries after the heartbeat this answers, so
-            # their own answer (or the next one's gap) is on its way.
-            replicating = progress.state is ProgressState.REPLICATE
-            if progress.match < self.log.last_index and not (
-                replicating and progress.append_since_heartbeat
-            ):
+            if progress.match < self.log.last_index:
                 self._send_append(message.source, allow_empty=True)
             if message.context:
                 self._ack_read(message.context, message.source)
@@ -1146,7 +1137,6 @@ class RaftCore:
         )
         progress.append_sent_ms = self.now_ms
         progress.append_commit = self.commit
-        progress.append_since_heartbeat = True
         if progress.state is ProgressState.REPLICATE:
             if entries:
                 # Pipelining: assume success and move on; a rejection resets `next`.
@@ -1250,7 +1240,6 @@ class RaftCore:
                 # append, whose answer tells this leader the follower is alive). Half the
                 # heartbeats of a busy leader, with their answers.
                 continue
-            progress.append_since_heartbeat = False
             self._send(
                 Message(
                     MessageType.HEARTBEAT,
