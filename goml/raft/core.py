@@ -92,10 +92,6 @@ class Progress:
     snapshot_acked_bytes: int = 0
     snapshot_all_sent: bool = False
     snapshot_progress_ms: int = 0  # when the acknowledged part last grew
-    # What the latest APPEND to this follower told it, so that a heartbeat that would
-    # tell it nothing new is not sent: when it went and the commit index it carried.
-    append_sent_ms: int = -1
-    append_commit: int = -1
 
     def is_paused(self, inflight_max: int) -> bool:
         if self.state is ProgressState.PROBE:
@@ -1135,8 +1131,6 @@ class RaftCore:
                 incarnation=self.incarnation,
             )
         )
-        progress.append_sent_ms = self.now_ms
-        progress.append_commit = self.commit
         if progress.state is ProgressState.REPLICATE:
             if entries:
                 # Pipelining: assume success and move on; a rejection resets `next`.
@@ -1229,24 +1223,13 @@ class RaftCore:
                 progress.snapshot_all_sent = False
                 progress.snapshot_progress_ms = self.now_ms
                 self._send_snapshot_chunks(peer, progress, 1)
-            commit = min(progress.match, self.commit)
-            if (
-                not context
-                and self.now_ms - progress.append_sent_ms < self.config.heartbeat_interval_ms
-                and progress.append_commit >= commit
-            ):
-                # An append went within the interval and carried this commit index: the
-                # heartbeat would tell nothing new (its election timer was reset by the
-                # append, whose answer tells this leader the follower is alive). Half the
-                # heartbeats of a busy leader, with their answers.
-                continue
             self._send(
                 Message(
                     MessageType.HEARTBEAT,
                     self.id,
                     peer,
                     self.term,
-                    commit=commit,
+                    commit=min(progress.match, self.commit),
                     context=context,
                     incarnation=self.incarnation,
                 )
