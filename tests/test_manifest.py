@@ -27,6 +27,7 @@ from goml.cluster.commands import (
     StartTask,
     SubmitTasks,
     TaskSpec,
+    command_type,
     decode_command,
     encode_command,
 )
@@ -155,6 +156,23 @@ def test_codec_round_trip(command: Command) -> None:
     assert encode_command(decode_command(data)) == data
     body = json.loads(data)
     assert data == json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("command", ALL_COMMANDS, ids=lambda c: type(c).__name__)
+def test_command_type_names_the_decoded_type(command: Command) -> None:
+    # The summary counts committed commands by command_type, not by a full decode.
+    assert (
+        command_type(encode_command(command))
+        == type(decode_command(encode_command(command))).__name__
+    )
+
+
+@pytest.mark.parametrize(
+    "data", [b"\xff\xfe", b"not json", b"[]", b"{}", b'{"type":"Nope"}', b'{"type":1}']
+)
+def test_command_type_refuses_what_is_no_command(data: bytes) -> None:
+    with pytest.raises(CommandError):
+        command_type(data)
 
 
 def test_codec_canonicalises_json_payloads() -> None:

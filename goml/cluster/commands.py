@@ -560,6 +560,21 @@ def decode_command(data: bytes) -> Command:
     return command
 
 
+def command_type(data: bytes) -> str:
+    """The type name of the command in log bytes, without building it: for counting the
+    commands a run committed (every replica decoded each in full when it applied it).
+    A full decode here missed `decode_command`'s cache on every entry of a long run (a
+    run of more entries than the cache holds), most of the summary of a 240 s run."""
+    try:
+        body = loads(data.decode("utf-8"), "command")
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"command is not UTF-8: {exc}") from exc
+    kind = body.get("type") if isinstance(body, dict) else None
+    if not isinstance(kind, str) or kind not in _PARSERS:
+        raise CommandError(f"command: unknown type {kind!r}")
+    return kind
+
+
 def encode_command(command: Command) -> bytes:
     """A command to log bytes; raises CommandError if replicas would refuse to decode it."""
     assert isinstance(command, _COMMAND_TYPES), type(command)

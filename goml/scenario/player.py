@@ -66,7 +66,7 @@ from typing import NamedTuple, Protocol
 
 from goml.api.retry import UNREACHABLE_MS, RetryConfig
 from goml.api.types import Resources, TaskRequest, TaskState
-from goml.cluster.commands import COMMAND_TYPE_NAMES, decode_command, dumps
+from goml.cluster.commands import COMMAND_TYPE_NAMES, command_type, dumps
 from goml.cluster.manifest import Manifest
 from goml.cluster.membership_plan import (
     REMOVE,
@@ -916,7 +916,7 @@ def count_commands(entries: Iterable[bytes]) -> dict[str, int]:
     """Committed commands (the data of NORMAL log entries) by type name."""
     counts = dict.fromkeys(COMMAND_TYPES, 0)
     for data in entries:
-        name = type(decode_command(data)).__name__
+        name = command_type(data)
         assert name in counts, f"a command type the parity figures do not know: {name}"
         counts[name] += 1
     return counts

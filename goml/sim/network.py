@@ -46,6 +46,7 @@ class Network:
         # An API message's (`costs.api_hop_ms`), when it differs from a Raft message's.
         self._api_hop = scenario.costs.api_hop_ms if scenario.costs is not None else None
         self.sent = 0
+        self.sent_api = 0  # of `sent`, API calls and answers (the rest are Raft messages)
         self.dropped = 0
 
     def _link(self, source: str, target: str, nodes: tuple[str, str]) -> _LinkState:
@@ -87,6 +88,7 @@ class Network:
         """Carry one message from endpoint `source` (at `source_node`) to `target`
         (`api`: an API call or answer, else a Raft message)."""
         self.sent += 1
+        self.sent_api += api
         if (source_node, target_node) in self.blocked:
             self.dropped += 1
             return
