@@ -227,15 +227,11 @@ class NodeEnv:
             raise InteractionError("request <node> <id> <kind> [k=v]...")
         node_id, request_id, kind = args[0], int(args[1]), args[2]
         options = dict(a.split("=", 1) if "=" in a else (a, "true") for a in args[3:])
-        # `held`: the runtime feeds the next input before it takes a Ready (inputs that
-        # arrive together, as a runtime's loop feeds everything queued before draining).
-        held = options.pop("held", "false") == "true"
         request = self._request(kind, options)
         node = self.node(node_id)
         self.out.append(f"r{request_id} -> {node_id}: {kind}")
         self.core(node_id).request(request_id, request, node.clock_ms, node.wall_ms)
-        if not held:
-            self._drain_replies(node_id)
+        self._drain_replies(node_id)
 
     @staticmethod
     def _resources(options: dict[str, str], cpu: str, mem: str) -> Resources:

@@ -763,15 +763,10 @@ class NodeCore:
         return deadline
 
     def has_ready(self) -> bool:
-        if self._report_queue and self.is_leader:
-            return True  # ready() proposes them first
         return bool(self._replies or self._logs or self._forwards) or self.replica.has_ready()
 
     def ready(self) -> NodeReady:
         self._no_ready_outstanding()
-        # The reports the inputs since the last Ready brought: one command, in this Ready
-        # (with the lease of a parked poll their capacity wakes: `_flush_reports`).
-        self._flush_all_reports()
         replica = self.replica.ready()
         assert not replica.outcomes, "outcomes are taken as they happen (_after_input)"
         ready = NodeReady(replica, tuple(self._replies), tuple(self._logs), tuple(self._forwards))
@@ -1053,11 +1048,8 @@ class NodeCore:
         self._reply(request_id, HeartbeatResponse(known=known, revoked_task_ids=revoked))
 
     def _report(self, request_id: int, request: ReportRequest) -> None:
-        """Reports queue until the runtime takes its next Ready, then go together as
-        one ReportResults (`_flush_all_reports`): the reports of one batch of inputs
-        share a command, a lone report goes at once, and none waits for the commit of
-        an earlier batch (that serialised every report behind the one before, and the
-        lease refilling its slot behind it: bench_agent's throughput run)."""
+        """Reports wait while one batch of them is being committed, then go together
+        as one ReportResults: a lone report on an idle cluster goes at once."""
         if not self._leading_or_refuse(request_id):
             return
         report = _report_of(request)
@@ -1067,16 +1059,8 @@ class NodeCore:
             return
         self._wait(request_id, _Pending(request, _Stage.QUEUED, self._request_deadline()))
         self._report_queue.append(request_id)
-
-    def _flush_all_reports(self) -> None:
-        """Propose every queued report, as few ReportResults as the limits allow."""
-        for _ in range(len(self._report_queue)):  # bounded: each round takes >= 1 or stops
-            if not self._report_queue or not self.is_leader:
-                break
-            before = len(self._report_queue)
+        if not self._report_batches:
             self._flush_reports()
-            assert len(self._report_queue) < before, "a flush takes at least one report"
-        assert not self._report_queue or not self.is_leader, "every queued report proposed"
 
     def _flush_reports(self) -> None:
         limits = self.config.limits
@@ -1177,6 +1161,8 @@ class NodeCore:
             else:
                 why = outcome.why if isinstance(outcome, Lost | Unknown) else "not applied"
                 self._error(request_id, ErrorCode.UNAVAILABLE, f"not committed: {why}; retry")
+        if self._report_queue and self.is_leader:
+            self._flush_reports()
 
     def _report_answer(self, request_id: int, code: Code, message: str) -> None:
         if code is Code.OK:
