@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,12 +33,13 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path[:0] = [str(ROOT), str(BENCH)]
 
+import bench_control  # noqa: E402
 import peers  # noqa: E402
 
+from goml import event_loop  # noqa: E402
 from goml.client import Client  # noqa: E402
 from goml.cluster import local  # noqa: E402
 from goml.event_loop import EVENT_LOOP_ENV  # noqa: E402
-from goml.proto import api_pb2  # noqa: E402
 
 LOOPS = ("asyncio", "uvloop")
 FLOOR_ROWS = {
@@ -59,9 +59,7 @@ def cpu_s(pids: list[int]) -> float:
     return total / CLOCK_TICKS_PER_S
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+quantile = bench_control.quantile
 
 
 def raft(seconds: float, count: int) -> Figures:
@@ -90,17 +88,6 @@ def raft(seconds: float, count: int) -> Figures:
     }
 
 
-def _spec() -> api_pb2.TaskSpec:
-    return api_pb2.TaskSpec(
-        function="matmul",
-        args_json='{"n": 4, "m": 4, "k": 4}',
-        resources=api_pb2.Resources(cpu=0.1, memory_mb=16),
-        max_attempts=1,
-        timeout_ms=10_000,
-        idempotency_key=str(uuid.uuid4()),
-    )
-
-
 def control(count: int) -> Figures:
     with tempfile.TemporaryDirectory(prefix="goml-ab-control-") as tmp:
         layout = local.prepare(Path(tmp), nodes=3, insecure=False)
@@ -110,13 +97,13 @@ def control(count: int) -> Figures:
         ):
             local.wait_for_leader(layout.profile, timeout_s=30)
             for _ in range(20):  # warm up channels and the leader's caches
-                client.submit_specs([_spec()])
+                client.submit_specs([bench_control.spec()])
             pids = [p.popen.pid for p in processes]
             latencies = []
             before = cpu_s(pids)
             for _ in range(count):
                 started = time.perf_counter()
-                client.submit_specs([_spec()])
+                client.submit_specs([bench_control.spec()])
                 latencies.append((time.perf_counter() - started) * 1000)
             used_s = cpu_s(pids) - before
     return {
@@ -161,6 +148,11 @@ def main() -> int:
     unknown = set(parts) - set(runs)
     if unknown:
         parser.error(f"unknown --only parts {sorted(unknown)}")
+    try:
+        event_loop.loop_factory("uvloop")  # it compares the two loops: both must run
+    except event_loop.EventLoopError as error:
+        print(f"ab_event_loop: {error} (pip install uvloop)", file=sys.stderr)
+        return 2
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)
     loads: list[str] = []
     failures: dict[str, list[str]] = defaultdict(list)

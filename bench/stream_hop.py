@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
 import ssl
 import statistics
 import struct
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from goml import event_loop  # noqa: E402
 from goml.cluster.certs import credentials, init_certs  # noqa: E402
+from goml.cluster.local import free_ports  # noqa: E402
 
 WARMUP = 100
 PAYLOAD = b"x" * 100
@@ -188,17 +188,6 @@ def side_main(argv: list[str]) -> int:
     return 0
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def one_run(kind: str, count: int, certs: Path | None) -> list[float]:
     """Start B then A (each stopped by PID, also on failure); A's round trips."""
     port_a, port_b = free_ports(2)
@@ -231,7 +220,11 @@ def main() -> int:
     args = parser.parse_args()
     if not 1 <= args.rounds <= 50 or not 1 <= args.count <= 100_000:
         parser.error("--rounds takes 1 to 50, --count 1 to 100000")
-    event_loop.loop_factory("uvloop")  # fails clearly when uvloop is not installed
+    try:
+        event_loop.loop_factory("uvloop")  # it compares the two loops: both must run
+    except event_loop.EventLoopError as error:
+        print(f"stream_hop: {error} (pip install uvloop)", file=sys.stderr)
+        return 2
     medians: dict[str, list[float]] = defaultdict(list)
     p90s: dict[str, list[float]] = defaultdict(list)
     loads = []

@@ -228,22 +228,22 @@ def test_costs_fsync_beside_disk_fsync_warns() -> None:
 CALIBRATE_TIMEOUT_S = 240.0
 
 
+def calibrate(*args: str) -> subprocess.CompletedProcess[str]:
+    """`goml chaos calibrate ARGS` as a user runs it (killed if it overruns)."""
+    command = [sys.executable, "-m", "goml", "chaos", "calibrate", *args]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=CALIBRATE_TIMEOUT_S
+    )
+
+
 def test_calibrate_measures_real_components_and_its_file_validates(tmp_path: Path) -> None:
     out = tmp_path / "calibration.yaml"
-    command = [sys.executable, "-m", "goml", "chaos", "calibrate", "--out", str(out)]
-    command += ["--data-dir", str(tmp_path), "--fsync-samples", "30", "--hop-samples", "30"]
-    command += ["--dispatch-samples", "5"]
-    popen = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    done = calibrate(
+        *("--out", str(out), "--data-dir", str(tmp_path), "--fsync-samples", "30"),
+        *("--hop-samples", "30", "--dispatch-samples", "5"),
     )
-    try:
-        stdout, stderr = popen.communicate(timeout=CALIBRATE_TIMEOUT_S)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.wait()
-    assert popen.returncode == 0, stderr
-    assert f"wrote {out}" in stdout
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
     path = tmp_path / "s.yaml"
     path.write_text(SHORT + "costs_file: calibration.yaml\n")
     scenario = load_scenario(path).scenario  # the file validates, as a scenario reads it
@@ -411,23 +411,14 @@ def test_calibrate_measures_a_running_cluster_through_its_profile_and_metrics(
     profile_path = tmp_path / "profile.json"
     layout.profile.save(profile_path)
     out = tmp_path / "deployed.yaml"
-    command = [sys.executable, "-m", "goml", "chaos", "calibrate", "--out", str(out)]
-    command += ["--profile", str(profile_path), "--hop-samples", "40"]
+    args = ["--out", str(out), "--profile", str(profile_path), "--hop-samples", "40"]
     for url in metrics:
-        command += ["--metrics", url]
+        args += ["--metrics", url]
     with local.running_cluster(layout):
         local.wait_for_leader(layout.profile, CALIBRATE_TIMEOUT_S / 4)
-        popen = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        try:
-            stdout, stderr = popen.communicate(timeout=CALIBRATE_TIMEOUT_S)
-        finally:
-            if popen.poll() is None:
-                popen.kill()
-                popen.wait()
-    assert popen.returncode == 0, stderr
-    assert f"wrote {out}" in stdout
+        done = calibrate(*args)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
     path = tmp_path / "s.yaml"
     path.write_text(SHORT + "costs_file: deployed.yaml\n")
     costs = load_scenario(path).scenario.costs
@@ -449,12 +440,6 @@ def test_calibrate_measures_a_running_cluster_through_its_profile_and_metrics(
 
 
 def test_calibrate_of_a_deployed_cluster_names_what_is_missing(tmp_path: Path) -> None:
-    def calibrate(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "goml", "chaos", "calibrate", *args]
-        return subprocess.run(
-            command, cwd=ROOT, capture_output=True, text=True, timeout=CALIBRATE_TIMEOUT_S
-        )
-
     alone = calibrate("--metrics", "http://127.0.0.1:1")
     assert alone.returncode == 2 and "needs both --profile FILE and --metrics" in alone.stderr
     layout = local.prepare(tmp_path / "cluster", 3, insecure=False)

@@ -225,7 +225,7 @@ def _timed_core(samples: dict[str, list[float]]) -> Iterator[None]:
             return "api_call_ms"
         message = args[0]
         assert isinstance(message, Message)
-        return "append_ms" if message.entries or message.snapshot is not None else "message_ms"
+        return "append_ms" if message.carries_data else "message_ms"
 
     def timed(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(self: NodeCore, *args: Any, **kwargs: Any) -> Any:

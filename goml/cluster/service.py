@@ -305,7 +305,7 @@ class ControlPlane:
     # ------------------------------------------------- the runtime's Driver
 
     def step(self, message: Message, now_ms: int, wall_ms: int) -> None:
-        kind = "append" if message.entries or message.snapshot is not None else "message"
+        kind = "append" if message.carries_data else "message"
         self.metrics.inputs[kind].inc()
         self.core.step(message, now_ms, wall_ms)
 

@@ -255,6 +255,12 @@ class Message:
     snapshot_offset_bytes: int = 0
     snapshot_size_bytes: int = 0
 
+    @property
+    def carries_data(self) -> bool:
+        """Entries or a snapshot chunk: an input the CPU model charges as an append
+        (goml.scenario.schema.Costs.append_ms), and a node's metrics count as one."""
+        return bool(self.entries) or self.snapshot is not None
+
 
 @dataclass(frozen=True, slots=True)
 class ReadState:

@@ -202,7 +202,7 @@ class SimNode(Endpoint):
         assert costs is not None, "charged only with costs"
         if not isinstance(payload, Message):
             return costs.api_call_ms
-        if payload.entries or payload.snapshot is not None:
+        if payload.carries_data:
             return costs.append_ms
         return costs.message_ms
 
