@@ -30,6 +30,7 @@ from goml.cluster.service import ControlPlane, add_services
 from goml.raft.node import NodeRuntime, default_node_config
 from goml.raft.replica import raft_config
 from goml.raft.server import SERVER_GRACE_S, bind_server, build_store_and_transport
+from goml.stall_watch import StallWatch
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,9 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | No
         type(asyncio.get_running_loop()).__module__.split(".")[0],
     )
     loop = asyncio.get_running_loop()
+    # A blocked loop sends no heartbeats: the log then says where it was stuck.
+    stall_watch = StallWatch(loop, config.node_id, on_stall=metrics.loop_stall_seconds.observe)
+    stall_watch.start()
     # SIGHUP re-reads the tokens file (a change is also seen without it). Only the main
     # thread may set signal handlers: elsewhere (an embedding test) there is none.
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -174,6 +178,7 @@ async def serve(config: NodeFileConfig, stop: asyncio.Event, why: list[str] | No
     try:
         await stop.wait()
     finally:
+        stall_watch.stop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
         await plane.stop()

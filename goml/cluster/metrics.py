@@ -57,6 +57,12 @@ class Metrics:
         self.store_repairs = Counter(
             "goml_raft_store_repairs", "Peers seen with a new store (wiped or replaced)", registry=r
         )
+        self.loop_stall_seconds = Histogram(
+            "goml_event_loop_stall_seconds",
+            "Stalls of the node's event loop over goml.stall_watch's threshold",
+            buckets=(0.25, 0.5, 1.0, 2.0, 5.0, 10.0),
+            registry=r,
+        )
         self.healthy = Gauge("goml_node_healthy", "1 if the node reports SERVING", registry=r)
         # What `goml chaos calibrate --profile` needs to measure a deployed node's costs:
         # its process's CPU (every thread, ns resolution: CLOCK_PROCESS_CPUTIME_ID, not
