@@ -257,8 +257,19 @@ class Client:
             self._budget_ms // (BACKOFF_MS_MIN // 2) + 2
         )
         self._metadata = (("authorization", f"Bearer {self.profile.token}"),)
+        # A hedged copy exists to be fast: connect to every node now, not at its first
+        # copy, which would otherwise wait for TCP, TLS and HTTP/2 setup (measured in
+        # the one-way-partition scenario: +300 ms on the first submits after the cut).
+        # Each future ends when its channel is ready, or at close.
+        self._connecting: list[grpc.Future] = (
+            [grpc.channel_ready_future(n.channel) for n in self._nodes.values()]
+            if self.hedge_after_s is not None
+            else []
+        )
 
     def close(self) -> None:
+        for future in self._connecting:
+            future.cancel()
         for node in self._nodes.values():
             node.channel.close()
 

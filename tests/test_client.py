@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import select
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ TOKEN = "test-token"
 CALL_TIMEOUT_S = 2.0
 SERVER_STOP_TIMEOUT_S = 5.0
 THREAD_JOIN_TIMEOUT_S = 10.0
+CONNECT_DEADLINE_S = 10.0
 # The client's backoff is 20..500 ms; a draw in [d/2, d] pinned to d/2 gives these.
 SILENT_HOLD_MAX_S = 30.0  # a silent node's call ends long before this, or the test fails
 LOWEST_BACKOFFS_MS = [10, 20, 40, 80, 160, 250, 250, 250]
@@ -280,6 +282,45 @@ def test_not_leader_hint_is_followed_at_once(journal: Journal) -> None:
         # The belief moved: the next call goes straight to n2.
         assert client.get("t-2").id == "t-2"
         assert journal.events() == [Call("n1"), Call("n2"), Call("n2")]
+
+
+@contextlib.contextmanager
+def listening_ports(count: int) -> Iterator[list[socket.socket]]:
+    """Loopback sockets that listen but never speak gRPC: they show who connects."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(8)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_hedging_client_connects_to_every_node_before_its_first_call() -> None:
+    """A hedged copy must not wait for connection setup (a cross-cloud TLS handshake
+    added 300 ms to the first submits after a one-way cut); a client that does not
+    hedge connects only when it calls."""
+    with listening_ports(2) as hedged_to, listening_ports(1) as plain_to:
+
+        def profile(sockets: list[socket.socket]) -> Profile:
+            ports = [sock.getsockname()[1] for sock in sockets]
+            nodes = {f"n{i + 1}": f"127.0.0.1:{port}" for i, port in enumerate(ports)}
+            return Profile(nodes=nodes, token=TOKEN, insecure=True)
+
+        with (
+            Client(profile(hedged_to), retry_s=5.0, hedge_after_s=0.1),
+            Client(profile(plain_to), retry_s=5.0),
+        ):
+            for sock in hedged_to:
+                ready, _, _ = select.select([sock], [], [], CONNECT_DEADLINE_S)
+                assert ready, f"no connection to {sock.getsockname()} without a call"
+            # Something that must not happen, watched for a bounded while.
+            ready, _, _ = select.select(plain_to, [], [], 0.5)
+            assert not ready, "a client that does not hedge connected before any call"
 
 
 def test_a_silent_node_is_hedged_to_the_next_one(journal: Journal) -> None:

@@ -345,6 +345,7 @@ class ControlPlane:
             task.add_done_callback(self._background.discard)
             self._forwarding[forward.request_id] = task
             task.add_done_callback(functools.partial(self._forward_done, forward.request_id))
+        self._connect_to_leader()
 
     def _forward_done(self, request_id: int, task: asyncio.Future[None]) -> None:
         if self._forwarding.get(request_id) is task:
@@ -391,6 +392,21 @@ class ControlPlane:
         self.core.forwarded(request_id, outcome, now_ms, wall_ms)
 
     def _leader_stub(self, leader: str, method: Method) -> Any:
+        channel = self._forward_channel(leader)
+        if method in AGENT_METHODS:
+            return api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
+        return api_pb2_grpc.ClientStub(channel)  # type: ignore[no-untyped-call]
+
+    def _connect_to_leader(self) -> None:
+        """Open the forwarding channel to a leader as soon as it is known, not at the
+        first forward: a caller cut off from the leader (a one-way partition) hedges to
+        this node, and its call would otherwise wait for TCP, TLS and HTTP/2 setup over a
+        cross-cloud link (measured: +300 ms on the first submits after a cut)."""
+        leader = self.core.leader
+        if leader and leader != self.config.node_id and leader not in self._forward_channels:
+            self._forward_channel(leader).get_state(try_to_connect=True)
+
+    def _forward_channel(self, leader: str) -> grpc.aio.Channel:
         channel = self._forward_channels.get(leader)
         if channel is None:
             # The leader may have joined after this node's config file was written.
@@ -403,9 +419,7 @@ class ControlPlane:
                 else grpc.aio.insecure_channel(address, options=reconnect_options())
             )
             self._forward_channels[leader] = channel
-        if method in AGENT_METHODS:
-            return api_pb2_grpc.AgentServiceStub(channel)  # type: ignore[no-untyped-call]
-        return api_pb2_grpc.ClientStub(channel)  # type: ignore[no-untyped-call]
+        return channel
 
     def _deliver(self, reply: Reply) -> None:
         outcome: ApiResponse | ApiError = (
