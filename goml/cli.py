@@ -643,7 +643,12 @@ def chaos_calibrate(
         help="Directory on the disk whose fsync is measured (where nodes keep their data).",
     ),
     fsync_samples: int = typer.Option(300, min=10, max=100_000, help="Durable writes timed."),
-    hop_samples: int = typer.Option(300, min=10, max=100_000, help="Raft messages timed."),
+    hop_samples: int = typer.Option(
+        300,
+        min=10,
+        max=100_000,
+        help="Raft messages timed (with --profile: Status calls and submits made).",
+    ),
     dispatch_samples: int = typer.Option(50, min=5, max=10_000, help="Agent tasks timed."),
     via_toxiproxy: bool = typer.Option(
         True,

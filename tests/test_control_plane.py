@@ -156,6 +156,15 @@ def start_cluster(data_dir: Path, duties: Duties | None = None) -> Iterator[Loca
             yield cluster
         finally:
             client.close()
+            print_log_tails(layout.data_dir / "logs")
+
+
+def print_log_tails(logs_dir: Path, lines: int = 60) -> None:
+    """The end of every node's log, on stdout: pytest shows it when the test failed (a
+    flaky failover test is then explained by the nodes' own words), hides it otherwise."""
+    for path in sorted(logs_dir.glob("*.log")):
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- {path.name} (last {len(tail)} lines)", *tail, sep="\n")
 
 
 @pytest.fixture
