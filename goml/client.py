@@ -9,10 +9,14 @@ the bytes, reads the clock and sleeps.
 
 One rule is the client's own, because only a real channel sees it: when every node of
 the profile has failed, in one operation, with the same transport failure (connection
-refused, TLS handshake failed, host not found...), the client gives up at once with
-that cause instead of retrying for the whole budget: a wrong address or a wrong CA does
-not heal by waiting. A mix (one node refusing, another answering) retries as the
-policy says.
+refused, TLS handshake failed, host not found...), the client gives up with that cause
+instead of retrying for the whole budget: a wrong address or a wrong CA does not heal by
+waiting. It gives up once each node has failed so at least FAILURE_STALE_MS_MAX (0.7 s)
+into the operation, not at the first round: until its reconnect backoff ends, a channel
+repeats its last connection failure without trying again, so a node that started just
+after the client first tried it reads "connection refused" for up to that long (a
+client made while its cluster starts, then a failover, gave up with every node up). A
+mix (one node refusing, another answering) retries as the policy says.
 
 A profile (JSON) names a cluster: its nodes, credentials and token. `goml cluster up`
 writes one where `default_profile_path()` looks, so the CLI needs no flags locally.
@@ -35,7 +39,7 @@ from typing import Any
 
 import grpc
 
-from goml.api.channels import reconnect_options
+from goml.api.channels import FAILURE_STALE_MS_MAX, reconnect_options
 from goml.api.retry import UNREACHABLE_MS, Attempt, Decision, RetryConfig, RetryPolicy
 from goml.api.types import LEADER_ID_KEY, ApiError, ErrorKind, error_kind
 from goml.api.wire import error_from_status
@@ -97,6 +101,7 @@ class _Cause:
 
     what: str
     hint: str
+    seen_ms: int  # when the node failed so (the client's monotonic clock)
 
 
 class ClientError(Exception):
@@ -521,8 +526,10 @@ class Client:
                     decision = self._policy.failed(attempt, node_id, kind, "", now_ms)
                 if not decision.retry:
                     raise ClientError(code, _why(decision, error)) from rpc_error
-                causes[node_id] = _transport_cause(code, error.message)
-                self._give_up_if_unreachable(causes, node_id, code, error, rpc_error)
+                causes[node_id] = _transport_cause(code, error.message, _now_ms())
+                self._give_up_if_unreachable(
+                    causes, node_id, code, error, rpc_error, attempt.started_ms
+                )
                 self._sleep_ms(attempt, min(decision.delay_ms, deadline_ms - _now_ms()))
             finally:
                 stream.cancel()  # the caller stopped early, or the call ended: no-op then
@@ -603,7 +610,7 @@ class Client:
                         )
                         self._wake_waiting()
                     # A node that answered (even "not the leader") is up: it has no cause.
-                    causes[answered_by] = _transport_cause(code, error.message)
+                    causes[answered_by] = _transport_cause(code, error.message, _now_ms())
                     failure = (rpc_error, decision, error, code)
                     # Another copy still out may yet succeed: wait for it first.
             finally:
@@ -615,7 +622,9 @@ class Client:
             rpc_error, decision, error, code = failure
             if not decision.retry:
                 raise ClientError(code, _why(decision, error)) from rpc_error
-            self._give_up_if_unreachable(causes, answered_by, code, error, rpc_error)
+            self._give_up_if_unreachable(
+                causes, answered_by, code, error, rpc_error, attempt.started_ms
+            )
             self._sleep_ms(attempt, decision.delay_ms)
         raise AssertionError(f"a call took more than {self._tries_max} tries")
 
@@ -631,6 +640,7 @@ class Client:
         code: grpc.StatusCode,
         error: ApiError,
         rpc_error: grpc.RpcError,
+        started_ms: int,
     ) -> None:
         """Raise ClientError if every node's last failure in this operation (`causes`;
         `node_id`'s is the one just seen) is the same transport failure: retrying for
@@ -642,6 +652,9 @@ class Client:
             return
         if any(cause is None or cause.what != last.what for cause in causes.values()):
             return
+        fresh_ms = started_ms + FAILURE_STALE_MS_MAX
+        if any(cause is not None and cause.seen_ms < fresh_ms for cause in causes.values()):
+            return  # maybe a channel's old failure repeated (module docstring): try again
         nodes = ", ".join(f"{n} at {self._nodes[n].address}" for n in self._order)
         hint = f": {last.hint}" if last.hint else ""
         raise ClientError(
@@ -707,7 +720,7 @@ def _check_task_id(task_id: str) -> None:
         )
 
 
-def _transport_cause(code: grpc.StatusCode, details: str) -> _Cause | None:
+def _transport_cause(code: grpc.StatusCode, details: str, seen_ms: int) -> _Cause | None:
     """The transport failure an UNAVAILABLE status reports, or None (another code, or a
     node that answered UNAVAILABLE itself)."""
     if code is not grpc.StatusCode.UNAVAILABLE:
@@ -715,7 +728,7 @@ def _transport_cause(code: grpc.StatusCode, details: str) -> _Cause | None:
     lowered = details.lower()
     for patterns, what, hint in _TRANSPORT_CAUSES:
         if any(pattern in lowered for pattern in patterns):
-            return _Cause(what, hint)
+            return _Cause(what, hint, seen_ms)
     return None
 
 

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 RECONNECT_BACKOFF_MS_MIN = 100
 RECONNECT_BACKOFF_MS_MAX = 500
+# Until a channel's next reconnect attempt, its calls fail at once with its last
+# connection failure: a "connection refused" can be this old (the backoff's maximum, its
+# 20 % jitter, and a margin) while the node has been up all along.
+FAILURE_STALE_MS_MAX = RECONNECT_BACKOFF_MS_MAX * 6 // 5 + 100
 
 
 def reconnect_options() -> list[tuple[str, int]]:
