@@ -578,7 +578,7 @@ def test_a_node_up_just_after_a_refusal_is_served_not_given_up_on() -> None:
             )
             assert server.add_insecure_port(address) > 0, f"{address} was taken meanwhile"
             server.start()
-            assert client.get("t-2").id == "t-2"  # at once: the refusal it repeats is old
+            assert client.get("t-2").id == "t-2"  # served: the refusal its channel repeats is old
         assert journal.calls() == ["n1"]
     finally:
         assert server.stop(grace=None).wait(SERVER_STOP_TIMEOUT_S)
