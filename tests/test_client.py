@@ -238,19 +238,28 @@ def serving(
 
 
 @contextlib.contextmanager
-def closed_ports(count: int) -> Iterator[list[str]]:
-    """Loopback addresses that refuse connections: each port is bound (so nothing else
-    takes it while the test runs) but never listened on. Released on exit."""
+def loopback_sockets(count: int, listen: bool) -> Iterator[list[socket.socket]]:
+    """`count` TCP sockets bound to loopback ports (so nothing else takes them while the
+    test runs), listening or not; closed on exit."""
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.bind(("127.0.0.1", 0))
-        yield [f"127.0.0.1:{sock.getsockname()[1]}" for sock in sockets]
+            if listen:
+                sock.listen(8)
+        yield sockets
     finally:
         for sock in sockets:
             sock.close()
+
+
+@contextlib.contextmanager
+def closed_ports(count: int) -> Iterator[list[str]]:
+    """Loopback addresses that refuse connections: bound but never listened on."""
+    with loopback_sockets(count, listen=False) as sockets:
+        yield [f"127.0.0.1:{sock.getsockname()[1]}" for sock in sockets]
 
 
 @pytest.fixture(scope="module")
@@ -285,27 +294,15 @@ def test_not_leader_hint_is_followed_at_once(journal: Journal) -> None:
         assert journal.events() == [Call("n1"), Call("n2"), Call("n2")]
 
 
-@contextlib.contextmanager
-def listening_ports(count: int) -> Iterator[list[socket.socket]]:
-    """Loopback sockets that listen but never speak gRPC: they show who connects."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(8)
-        yield sockets
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def test_a_hedging_client_connects_to_every_node_before_its_first_call() -> None:
     """A hedged copy must not wait for connection setup (a cross-cloud TLS handshake
     added 300 ms to the first submits after a one-way cut); a client that does not
     hedge connects only when it calls."""
-    with listening_ports(2) as hedged_to, listening_ports(1) as plain_to:
+    # Sockets that listen but never speak gRPC: they show who connects.
+    with (
+        loopback_sockets(2, listen=True) as hedged_to,
+        loopback_sockets(1, listen=True) as plain_to,
+    ):
 
         def profile(sockets: list[socket.socket]) -> Profile:
             ports = [sock.getsockname()[1] for sock in sockets]
