@@ -1079,7 +1079,7 @@ class RaftCore:
         campaigns again (it is no voter by its own configuration).
 
         The hand-off goes also when that voter does not hold the whole log yet (entries
-        proposed behind the change, the usual case under load: 3 of 13 removals of a
+        proposed behind the change, common under load: 3 of 13 removals of a
         leader in the simulated chaos rolling-replace, seeds 1-10). Waiting for it to
         catch up, as `transfer_leadership` does, loses the race with the operator, who
         stops a removed node once its removal is answered; stepping down without a
