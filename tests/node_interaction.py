@@ -298,6 +298,7 @@ class NodeEnv:
                 ok,
                 '{"done":true}' if ok else "",
                 "" if ok else "it failed",
+                options.pop("into", "false") == "true",
             )
         elif kind == "membership":
             request = MembershipRequest(
@@ -536,6 +537,8 @@ def format_reply(reply: Reply) -> str:
     parts = []
     for key in fields:
         value = getattr(response, key)
+        if name == "ReportResponse" and key == "tasks" and not value:
+            continue  # most reports carry no lease: their lines stay as they were
         if key in ("task", "tasks"):
             items = value if isinstance(value, tuple) else (value,)
             value = [_task_text(t) for t in items]

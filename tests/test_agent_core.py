@@ -368,6 +368,34 @@ def test_lease_asked_at_once_and_a_busy_agent_keeps_a_standing_poll() -> None:
     assert is_standing(h.call(Method.LEASE, standing=True))  # B's result is still held
 
 
+def test_a_report_answer_carrying_leases_starts_them_and_the_standing_poll_stays() -> None:
+    h = Harness(reports_inflight_max=1)
+    h.register()
+    a, b = leased("A"), leased("B")
+    h.respond(h.call(Method.LEASE), LeaseResponse((a, b)))
+    standing = h.call(Method.LEASE, standing=True)
+    h.finish(a, True, '{"x":1}')
+    report = h.call(Method.REPORT)
+    assert isinstance(report.request, ReportRequest)
+    assert report.request.lease_into_answer  # the leader may fill A's room in the answer
+    c = leased("C")
+    effects = h.respond(report, ReportResponse(True, "", (c,)))
+    assert [e for e in effects if isinstance(e, RunTask)] == [RunTask(c)]
+    assert set(h.core.running_task_ids) == {"B", "C"}
+    assert h.core.free == Resources(0.0, 4096 - 1024, 0)
+    # Full again: no room poll; the same standing poll waits for the next reports.
+    h.run_until(h.now + 50)
+    assert h.calls(Method.LEASE) == []
+    assert h.calls(Method.LEASE, standing=True) == [standing]
+    # A refused report's answer may carry leases too (its own room was freed by another).
+    h.finish(b, True, '{"x":2}')
+    report = h.call(Method.REPORT)
+    d = leased("D")
+    h.respond(report, ReportResponse(False, "stale epoch", (d,)))
+    assert set(h.core.running_task_ids) == {"C", "D"}
+    assert h.core.pending_results == ()
+
+
 def test_empty_lease_answers_poll_again_no_faster_than_the_minimum_interval() -> None:
     h = Harness()
     h.register()
@@ -414,7 +442,7 @@ def test_result_reported_under_its_epoch_and_dropped_when_recorded() -> None:
     h.respond(h.call(Method.LEASE), LeaseResponse((a,)))
     h.finish(a, True, '{"v":2}')
     report = h.call(Method.REPORT)
-    assert report.request == ReportRequest("a1", "A", 7, True, '{"v":2}', "")
+    assert report.request == ReportRequest("a1", "A", 7, True, '{"v":2}', "", True)
     h.respond(report, ReportResponse(True, ""))
     assert h.core.pending_results == ()
 
@@ -433,7 +461,7 @@ def test_results_survive_an_outage_and_a_leader_change() -> None:
         h.tick(t)
         for call in sorted(h.open.values(), key=lambda c: c.request_id):
             if call.method is Method.REPORT:
-                assert call.request == ReportRequest("a1", "A", 4, False, "", "boom")
+                assert call.request == ReportRequest("a1", "A", 4, False, "", "boom", True)
                 report_nodes.append(call.node_id)
             kind = ErrorKind.UNAVAILABLE if call.request_id % 2 else ErrorKind.DEADLINE
             h.fail(call, kind)
@@ -606,7 +634,7 @@ def test_timeout_cancels_and_reports_failure() -> None:
     effects = h.tick(400)
     assert of_type(effects, CancelTask) == [CancelTask("A", 3)]
     report = h.call(Method.REPORT)
-    assert report.request == ReportRequest("a1", "A", 3, False, "", "timed out after 300 ms")
+    assert report.request == ReportRequest("a1", "A", 3, False, "", "timed out after 300 ms", True)
     assert h.core.running_task_ids == ()
     h.finish(a, True, "{}")  # the run's late end is ignored
     assert h.core.pending_results == (("A", 3),)
@@ -620,7 +648,7 @@ def test_task_keeps_running_past_its_lease_deadline() -> None:
     h.run_until(5000)
     assert h.core.running_task_ids == ("A",)
     h.finish(a, True, "{}")
-    assert h.call(Method.REPORT).request == ReportRequest("a1", "A", 1, True, "{}", "")
+    assert h.call(Method.REPORT).request == ReportRequest("a1", "A", 1, True, "{}", "", True)
 
 
 def test_releasing_a_running_task_restarts_it_under_the_new_epoch() -> None:
@@ -634,7 +662,7 @@ def test_releasing_a_running_task_restarts_it_under_the_new_epoch() -> None:
     h.finish(a1, True, '{"old":1}')  # ignored: that run was cancelled
     assert h.core.pending_results == ()
     h.finish(a2, True, '{"new":1}')
-    assert h.call(Method.REPORT).request == ReportRequest("a1", "A", 2, True, '{"new":1}', "")
+    assert h.call(Method.REPORT).request == ReportRequest("a1", "A", 2, True, '{"new":1}', "", True)
     # An older epoch arriving late is ignored.
     h.respond(h.call(Method.LEASE), LeaseResponse((leased("B", epoch=1),)))
     effects = h.respond(h.call(Method.LEASE), LeaseResponse((leased("B", epoch=0),)))

@@ -29,14 +29,16 @@ Decisions made here:
   results, at most two long-polls, each at most one call start every
   `lease_interval_ms_min`: a room poll, only with room (a free task slot, free cpu and
   memory), asking for that room; and, while the agent holds a run or a result, a
-  standing poll asking for nothing (`free` 0, `max_tasks` 0). The leader parks the
-  standing poll and leases into the room each report sent after it frees, in the same
-  commit as the report (`NodeCore._release_to_polls`): a freed slot is refilled one
-  report round trip after its task ends, not after the room poll in flight for another
-  slot answers and a new one makes the round trip (with tasks far shorter than a lease
-  round trip, an agent ran one task at a time). Hence the room poll's `free` and
-  `max_tasks` leave out what unacknowledged results hold: the leader gives that room to
-  the standing poll as their reports arrive.
+  standing poll asking for nothing (`free` 0, `max_tasks` 0). The room each report
+  frees is leased in the same commit as the report (`NodeCore._release_room`): into the
+  report's own answer (`lease_into_answer`) when a task fits at once, else into the
+  parked standing poll (nothing fits yet, or a leader too old to answer so). A freed
+  slot is refilled one report round trip after its task ends, not after the room poll
+  in flight for another slot answers and a new one makes the round trip (with tasks far
+  shorter than a lease round trip, an agent ran one task at a time); into the answer it
+  takes one call per task instead of three (report, poll answer, next poll). Hence the
+  room poll's `free` and `max_tasks` leave out what unacknowledged results hold: the
+  leader gives that room to the report's answer or the standing poll.
 - Results are kept per (task id, epoch) and re-reported until acknowledged: recorded, or
   refused (stale epoch), which drops them with a log. An unreachable control plane never
   drops them. A result is reported only under the epoch its task was leased with.
@@ -726,6 +728,7 @@ class AgentCore:
                         result.success,
                         result.result_json,
                         result.error,
+                        lease_into_answer=True,
                     )
                     self._send(
                         result.lane, Method.REPORT, request_report, config.call_timeout_ms, key
@@ -767,7 +770,11 @@ class AgentCore:
 
     def _leased(self, response: LeaseResponse) -> None:
         self._poll_is_heartbeat = response.lease_poll_is_heartbeat
-        for task in response.tasks:
+        self._take_leases(response.tasks)
+
+    def _take_leases(self, tasks: tuple[LeasedTask, ...]) -> None:
+        """Start tasks leased to this agent, in a lease poll's answer or a report's."""
+        for task in tasks:
             problem = self._lease_problem(task)
             if problem is not None:
                 self._log(LogLevel.ERROR, f"ignored leased task {task.task_id!r}: {problem}")
@@ -811,7 +818,7 @@ class AgentCore:
             self._running[task.task_id] = _Running(task, self._now_ms)
             self._used = self._used_now()
             self._effects.append(RunTask(task))
-        if response.tasks:
+        if tasks:
             self._lease.due_ms = self._now_ms  # more may fit: poll again at once
             self._standing.due_ms = self._now_ms
 
@@ -844,6 +851,7 @@ class AgentCore:
                 LogLevel.WARNING,
                 f"result of task {task_id} epoch {epoch} refused, dropped: {response.reason}",
             )
+        self._take_leases(response.tasks)
 
     def _failed(self, out: _Outstanding, kind: ErrorKind, hint: str, detail: str) -> None:
         lane = self._lane_of(out)

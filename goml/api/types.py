@@ -229,12 +229,16 @@ class ReportRequest:
     success: bool
     result_json: str
     error: str
+    # The agent takes leases in the answer (ReportResponse.tasks); False: an older agent,
+    # whose freed room goes to its parked standing poll.
+    lease_into_answer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class ReportResponse:
     recorded: bool  # False: refused (stale epoch, task gone); the agent drops the result
     reason: str
+    tasks: tuple[LeasedTask, ...] = ()  # leased into the room the report freed
 
 
 # ------------------------------------------------------------------------------ client API

@@ -361,6 +361,7 @@ def request_to_pb(request: ApiRequest) -> Message:
                 success=request.success,
                 result_json=request.result_json,
                 error=request.error,
+                lease_into_answer=request.lease_into_answer,
             )
         case SubmitRequest():
             return api_pb2.SubmitRequest(tasks=[_task_request_to_pb(t) for t in request.tasks])
@@ -420,7 +421,13 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
         case Method.REPORT:
             assert isinstance(pb, api_pb2.ReportRequest)
             return ReportRequest(
-                pb.agent_id, pb.task_id, int(pb.epoch), pb.success, pb.result_json, pb.error
+                pb.agent_id,
+                pb.task_id,
+                int(pb.epoch),
+                pb.success,
+                pb.result_json,
+                pb.error,
+                bool(pb.lease_into_answer),
             )
         case Method.SUBMIT:
             assert isinstance(pb, api_pb2.SubmitRequest)
@@ -477,7 +484,11 @@ def response_to_pb(response: ApiResponse) -> Message:
                 lease_poll_is_heartbeat=response.lease_poll_is_heartbeat,
             )
         case ReportResponse():
-            return api_pb2.ReportResponse(recorded=response.recorded, reason=response.reason)
+            return api_pb2.ReportResponse(
+                recorded=response.recorded,
+                reason=response.reason,
+                tasks=[_leased_to_pb(t) for t in response.tasks],
+            )
         case SubmitResponse():
             return api_pb2.SubmitResponse(
                 task_ids=list(response.task_ids), raft_index=response.raft_index
@@ -523,7 +534,9 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
             )
         case Method.REPORT:
             assert isinstance(pb, api_pb2.ReportResponse)
-            return ReportResponse(bool(pb.recorded), pb.reason)
+            return ReportResponse(
+                bool(pb.recorded), pb.reason, tuple(_leased_from_pb(t) for t in pb.tasks)
+            )
         case Method.SUBMIT:
             assert isinstance(pb, api_pb2.SubmitResponse)
             return SubmitResponse(tuple(pb.task_ids), int(pb.raft_index))

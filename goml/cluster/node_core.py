@@ -408,6 +408,7 @@ class _Stage(enum.Enum):
     PARKED = "parked"  # a lease poll waiting for work
     PROMOTING = "promoting"  # a promotion waiting for its learner to catch up
     WATCHING = "watching"  # a watch stream
+    CARRYING = "carrying"  # a report applied, its answer waiting for the lease it carries
     FORWARDED = "forwarded"  # sent on to the leader; its answer is this request's
 
 
@@ -421,9 +422,26 @@ class _Pending:
     forwarded_to: str = ""  # the leader a forwarded request went to
     # Parked lease polls: the room the reports of its agent that arrived after it free
     # (resources, task slots), added to the poll's own `free` and `max_tasks`
-    # (`_release_to_polls`).
+    # (`_release_room`).
     released: Resources = field(default_factory=lambda: Resources(0.0, 0, 0))
     released_slots: int = 0
+    # Reports with `lease_into_answer`: the LeaseTasks proposed into the room they free
+    # (token; 0 once its outcome is in), its tasks, and the report's own answer while it
+    # waits for that outcome (`_lease_into_answer`).
+    lease_token: int = 0
+    leased: tuple[LeasedTask, ...] = ()
+    answer: ReportResponse | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _AnswerLease:
+    """A LeaseTasks proposed into the answer of report `carrier`."""
+
+    carrier: int  # request id of the report whose answer carries the tasks
+    agent_id: str
+    claim: tuple[str, ...]
+    room: Resources  # what the reports freed, and their task slots
+    slots: int
 
 
 def task_view(task: Task) -> TaskView:
@@ -517,6 +535,7 @@ class NodeCore:
         self._duty_commands: dict[int, str] = {}
         self._report_queue: list[int] = []  # report requests waiting for the next batch
         self._report_batches: dict[int, tuple[int, ...]] = {}  # token -> request ids
+        self._answer_leases: dict[int, _AnswerLease] = {}  # token -> its carrier report
         self._replies: list[Reply] = []
         self._logs: list[NodeLog] = []
         self._forwards: list[Forward] = []
@@ -747,6 +766,7 @@ class NodeCore:
         self._promotions.pop(request_id, None)
         self._watches.pop(request_id, None)
         self._unclaim(request_id, pending)
+        self._hand_off_leased(pending)
 
     # --------------------------------------------------------------- outputs
 
@@ -1105,34 +1125,149 @@ class NodeCore:
         self._releasing_batches[token] = released
         for agent_id, task_id in released:
             self._releasing.setdefault(agent_id, {})[task_id] = None
+        self._release_room(batch, reports)
         if self._parked:
-            self._release_to_polls(reports)
             self._wake_parked()  # a poll waiting for this capacity goes right behind
 
-    def _release_to_polls(self, reports: list[Report]) -> None:
-        """The room these reports free goes to the first parked poll of their agent
-        (its standing poll, goml.agent.core: sent before these reports, the agent left
-        their room out of its other poll). To one poll only: two would both lease into
-        it. Only a report of the attempt that holds its lease frees anything (others
-        are fenced)."""
-        polls: dict[str, _Pending] = {}
-        for request_id in self._parked:
-            pending = self._pending.get(request_id)
-            if pending is not None and isinstance(pending.request, LeaseRequest):
-                polls.setdefault(pending.request.agent_id, pending)
-        for report in reports:
+    def _release_room(self, batch: list[int], reports: list[Report]) -> None:
+        """The room these reports free, per agent (only a report of the attempt that
+        holds its lease frees anything; others are fenced), goes to one place, since two
+        would both lease into it: leased at once into the answer of the agent's last
+        report here that asks for it (`lease_into_answer`), when a task fits; else to the
+        agent's first parked poll (its standing poll, goml.agent.core: sent before these
+        reports, the agent left their room out of its other poll). Into the answer, a
+        freed slot is refilled with one call per task (the report), not three (the
+        report, the standing poll's answer and its successor)."""
+        freed: dict[str, tuple[Resources, int, int]] = {}  # agent -> room, slots, carrier
+        for request_id, report in zip(batch, reports, strict=True):
             task = self.manifest.get_task(report.task_id)
             if (
-                report.agent_id not in polls
-                or task is None
+                task is None
                 or task.lease is None
                 or task.lease.agent_id != report.agent_id
                 or task.epoch != report.epoch
             ):
                 continue
-            pending = polls[report.agent_id]
-            pending.released = pending.released.plus(task.resources)
-            pending.released_slots += 1
+            room, slots, carrier = freed.get(report.agent_id, (Resources(0.0, 0, 0), 0, 0))
+            request = self._pending[request_id].request
+            assert isinstance(request, ReportRequest)
+            if request.lease_into_answer:
+                carrier = request_id
+            freed[report.agent_id] = (room.plus(task.resources), slots + 1, carrier)
+        if not freed:
+            return
+        polls: dict[str, _Pending] = {}
+        for request_id in self._parked:
+            pending = self._pending.get(request_id)
+            if pending is not None and isinstance(pending.request, LeaseRequest):
+                polls.setdefault(pending.request.agent_id, pending)
+        for agent_id, (room, slots, carrier) in freed.items():
+            if carrier and self._lease_into_answer(agent_id, room, slots, carrier):
+                continue
+            poll = polls.get(agent_id)
+            if poll is not None:
+                poll.released = poll.released.plus(room)
+                poll.released_slots += slots
+
+    def _lease_into_answer(self, agent_id: str, room: Resources, slots: int, carrier: int) -> bool:
+        """Propose a LeaseTasks into `room` whose tasks go in report `carrier`'s answer,
+        right behind the reports that free it (same rule and claims as a poll's lease).
+        False when nothing would be leased now (nothing fits, the agent is down, or a
+        lease of it is in flight: that one applies first) or the proposal was dropped."""
+        probe = LeaseRequest(agent_id, Resources(0.0, 0, 0), 0, 0)
+        lease = _Pending(
+            probe, _Stage.PROPOSED, self._request_deadline(), released=room, released_slots=slots
+        )
+        claim = self._lease_claim(probe, lease)
+        if not claim:
+            return False
+        free, max_tasks = _poll_room(probe, lease)
+        command = LeaseTasks(
+            self._cluster_ms,
+            agent_id,
+            self.config.duties.lease_ms,
+            max(1, min(max_tasks, self.config.limits.lease_tasks_max)),
+            free,
+        )
+        self._internal_tokens -= 1
+        token = self._internal_tokens
+        try:
+            self.replica.propose(encode_command(command), token)
+        except (NotLeader, ProposalDropped):
+            return False
+        self.stats.proposed["LeaseTasks"] = self.stats.proposed.get("LeaseTasks", 0) + 1
+        self._claimed.update(claim)
+        self._leasing.setdefault(agent_id, {})[token] = None
+        self._answer_leases[token] = _AnswerLease(carrier, agent_id, claim, room, slots)
+        self._pending[carrier].lease_token = token
+        return True
+
+    def _answer_lease_outcome(self, token: int, outcome: Outcome) -> None:
+        lease = self._answer_leases.pop(token)
+        self._claimed.difference_update(lease.claim)
+        leasing = self._leasing.get(lease.agent_id)
+        if leasing is not None:
+            leasing.pop(token, None)
+            if not leasing:
+                del self._leasing[lease.agent_id]
+        tasks: tuple[LeasedTask, ...] = ()
+        if isinstance(outcome, Applied):
+            result = outcome.result
+            assert isinstance(result, ApplyResult)
+            if result.ok:
+                tasks = tuple(_leased(t) for t in result.tasks)
+                if not tasks:
+                    self.stats.leases_empty += 1
+        # What the lease left of the room (fewer tasks fitted, or none: not applied) is
+        # the standing poll's, as if the reports had freed it for that poll.
+        room, slots = lease.room, lease.slots - len(tasks)
+        for task in tasks:
+            room = room.minus(task.resources)
+        for request_id in self._parked:
+            pending = self._pending.get(request_id)
+            if pending is not None and self._parked_agent(request_id) == lease.agent_id:
+                pending.released = pending.released.plus(room)
+                pending.released_slots += max(0, slots)
+                break
+        if any(self._parked_agent(r) == lease.agent_id for r in self._parked):
+            self._wake_parked()  # its other poll waited for this lease to apply
+        pending = self._pending.get(lease.carrier)
+        if pending is None or pending.lease_token != token:
+            self._hand_to_poll(lease.agent_id, tasks)
+            return
+        pending.lease_token = 0
+        pending.leased = tasks
+        if pending.stage is _Stage.CARRYING:
+            assert pending.answer is not None
+            del self._pending[lease.carrier]
+            self._reply(lease.carrier, replace(pending.answer, tasks=tasks))
+
+    def _hand_off_leased(self, pending: _Pending) -> None:
+        """A report answered without the tasks already leased into its answer."""
+        if pending.leased:
+            request = pending.request
+            assert isinstance(request, ReportRequest)
+            self._hand_to_poll(request.agent_id, pending.leased)
+            pending.leased = ()
+
+    def _hand_to_poll(self, agent_id: str, tasks: tuple[LeasedTask, ...]) -> None:
+        """Tasks leased into a report's answer that was given without them (its caller
+        went away, its deadline passed, or the report failed): they go in the answer of
+        the agent's first parked poll, else they wait for their lease to expire."""
+        if not tasks:
+            return
+        for request_id in self._parked:
+            if self._parked_agent(request_id) == agent_id:  # "" for one gone meanwhile
+                del self._parked[request_id]
+                del self._pending[request_id]
+                self._reply(request_id, LeaseResponse(tasks, lease_poll_is_heartbeat=True))
+                return
+        ids = ", ".join(t.task_id for t in tasks)
+        self._log(
+            LogLevel.WARNING,
+            f"tasks {ids} leased to agent {agent_id} into an answer that went without them: "
+            "they are requeued when their lease expires",
+        )
 
     def _reports_outcome(self, token: int, outcome: Outcome) -> None:
         batch = self._report_batches.pop(token)
@@ -1153,25 +1288,38 @@ class NodeCore:
             if pending is None:
                 continue  # answered meanwhile (deadline) or forgotten
             if items:
-                self._report_answer(request_id, items[position].code, items[position].message)
+                self._report_answer(
+                    request_id, pending, items[position].code, items[position].message
+                )
             elif isinstance(outcome, Applied):
                 result = outcome.result
                 assert isinstance(result, ApplyResult)
                 self._refused(request_id, result)
+                self._hand_off_leased(pending)
             else:
                 why = outcome.why if isinstance(outcome, Lost | Unknown) else "not applied"
                 self._error(request_id, ErrorCode.UNAVAILABLE, f"not committed: {why}; retry")
+                self._hand_off_leased(pending)
         if self._report_queue and self.is_leader:
             self._flush_reports()
 
-    def _report_answer(self, request_id: int, code: Code, message: str) -> None:
+    def _report_answer(self, request_id: int, pending: _Pending, code: Code, message: str) -> None:
         if code is Code.OK:
-            self._reply(request_id, ReportResponse(recorded=True, reason=""))
+            answer = ReportResponse(recorded=True, reason="", tasks=pending.leased)
         elif code in _FENCED:
             # A newer attempt owns the task (or it ended): the agent drops its result.
-            self._reply(request_id, ReportResponse(recorded=False, reason=message))
+            answer = ReportResponse(recorded=False, reason=message, tasks=pending.leased)
         else:
             self._error(request_id, _REFUSAL_CODES[code], message)
+            self._hand_off_leased(pending)
+            return
+        if pending.lease_token:
+            # The lease proposed behind it has no outcome yet: the answer waits for it.
+            pending.stage = _Stage.CARRYING
+            pending.answer = answer
+            self._wait(request_id, pending)
+            return
+        self._reply(request_id, answer)
 
     def _revoked(self, agent_id: str, task_ids: tuple[str, ...]) -> tuple[str, ...]:
         """Of the tasks an agent lists, those it holds no lease for any more. Only once
@@ -1467,6 +1615,9 @@ class NodeCore:
         if token in self._report_batches:
             self._reports_outcome(token, outcome)
             return
+        if token in self._answer_leases:
+            self._answer_lease_outcome(token, outcome)
+            return
         if token < 0:
             kind = self._duty_commands.pop(token, "duty")
             if isinstance(outcome, Applied):
@@ -1656,6 +1807,12 @@ class NodeCore:
                 self._promotions.pop(request_id)
                 if self._pending.pop(request_id, None) is not None:
                     self._not_leader(request_id)
+            for request_id, pending in list(self._pending.items()):
+                if pending.stage is _Stage.CARRYING:
+                    # Recorded; whether the lease behind it commits is for the next leader.
+                    assert pending.answer is not None
+                    del self._pending[request_id]
+                    self._reply(request_id, pending.answer)
         self._was_leader = leader
         if self._promotions and leader:
             self._promote_caught_up()
@@ -1670,6 +1827,10 @@ class NodeCore:
             if pending.stage is _Stage.PARKED:
                 self._parked.pop(request_id, None)
                 self._reply(request_id, LeaseResponse((), lease_poll_is_heartbeat=True))
+                continue
+            if pending.stage is _Stage.CARRYING:
+                assert pending.answer is not None
+                self._reply(request_id, pending.answer)  # its lease's tasks: _hand_to_poll
                 continue
             if pending.stage is _Stage.PROMOTING:
                 change = self._promotions.pop(request_id)
@@ -1696,6 +1857,7 @@ class NodeCore:
                 f"not answered within {self.config.request_timeout_ms} ms (no quorum?); "
                 "retry (with the same idempotency key, a retry is safe)",
             )
+            self._hand_off_leased(pending)
 
     def _request_deadline(self) -> int:
         return self._now_ms + self.config.request_timeout_ms

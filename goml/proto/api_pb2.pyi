@@ -370,25 +370,29 @@ class LeaseResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ..., lease_poll_is_heartbeat: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("agent_id", "task_id", "epoch", "success", "result_json", "error")
+    __slots__ = ("agent_id", "task_id", "epoch", "success", "result_json", "error", "lease_into_answer")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    LEASE_INTO_ANSWER_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     task_id: str
     epoch: int
     success: bool
     result_json: str
     error: str
-    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., success: _Optional[bool] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    lease_into_answer: bool
+    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., success: _Optional[bool] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., lease_into_answer: _Optional[bool] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
-    __slots__ = ("recorded", "reason")
+    __slots__ = ("recorded", "reason", "tasks")
     RECORDED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
     recorded: bool
     reason: str
-    def __init__(self, recorded: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    tasks: _containers.RepeatedCompositeFieldContainer[LeasedTask]
+    def __init__(self, recorded: _Optional[bool] = ..., reason: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ...) -> None: ...
