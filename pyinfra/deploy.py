@@ -279,6 +279,7 @@ def node_config() -> str:
                 "election_timeout_ms_max": SETTINGS["goml_election_timeout_ms_max"],
                 "heartbeat_interval_ms": SETTINGS["goml_heartbeat_interval_ms"],
             },
+            "agent_lease_depth_max": SETTINGS["goml_agent_lease_depth_max"],
         },
         sort_keys=False,
     )

@@ -20,7 +20,10 @@ Host data (per host; group data may supply any of it):
 Cluster-wide (must be equal on every host that sets them):
     goml_version, goml_cluster_id, goml_election_timeout_ms_min,
     goml_election_timeout_ms_max, goml_heartbeat_interval_ms,
-    goml_agent_heartbeat_interval_ms
+    goml_agent_heartbeat_interval_ms,
+    goml_agent_lease_depth_max     int 1    leases an agent may queue, in multiples of its
+                                            capacity; raise it once every host runs a
+                                            version that has it (a rolling upgrade: after)
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ CLUSTER_WIDE: dict[str, Any] = {
     "goml_election_timeout_ms_max": 600,
     "goml_heartbeat_interval_ms": 50,
     "goml_agent_heartbeat_interval_ms": 1000,
+    "goml_agent_lease_depth_max": 1,
 }
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,47}$")
 SAME_CLOUD_BOUND_MS = 5.0

@@ -49,7 +49,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from goml.api.task_args import validate_args
@@ -69,6 +69,7 @@ from goml.api.types import (
     StatusRequest,
     SubmitRequest,
     TaskRequest,
+    TaskResult,
     TaskState,
     WatchRequest,
 )
@@ -120,6 +121,7 @@ def node_config(node_id: str, voters: tuple[str, ...]) -> NodeCoreConfig:
         task_timeout_ms_default=60_000,
         requests_max=64,
         forward_requests=True,
+        agent_lease_depth_max=4,
     )
 
 
@@ -251,7 +253,12 @@ class NodeEnv:
                 cloud="",
                 region="",
             )
-            request = SubmitRequest((task,))
+            count = int(options.pop("n", "1"))  # n>1: as many tasks, keys <key>-<i>
+            tasks = (task,)
+            if count > 1:
+                key = task.idempotency_key
+                tasks = tuple(replace(task, idempotency_key=f"{key}-{i}") for i in range(count))
+            request = SubmitRequest(tasks)
         elif kind == "get":
             request = GetRequest(options.pop("task"))
         elif kind == "list":
@@ -274,13 +281,16 @@ class NodeEnv:
                 options.pop("region", "r1"),
                 "x86_64",
                 self._resources(options, "2", "1024"),
+                int(options.pop("depth", "1")),
             )
         elif kind == "heartbeat":
             running = options.pop("running", "")
+            queued = options.pop("queued", "")
             request = HeartbeatRequest(
                 options.pop("agent"),
                 self._resources(options, "2", "1024"),
                 tuple(t for t in running.split(",") if t),
+                tuple(t for t in queued.split(",") if t),
             )
         elif kind == "lease":
             request = LeaseRequest(
@@ -299,6 +309,12 @@ class NodeEnv:
                 '{"done":true}' if ok else "",
                 "" if ok else "it failed",
                 options.pop("into", "false") == "true",
+                tuple(  # more=<task>@<epoch>,...: further results of the same call, all ok
+                    TaskResult(task, int(epoch), True, '{"done":true}', "")
+                    for task, epoch in (
+                        item.split("@") for item in options.pop("more", "").split(",") if item
+                    )
+                ),
             )
         elif kind == "membership":
             request = MembershipRequest(
@@ -537,7 +553,7 @@ def format_reply(reply: Reply) -> str:
     parts = []
     for key in fields:
         value = getattr(response, key)
-        if name == "ReportResponse" and key == "tasks" and not value:
+        if name == "ReportResponse" and key in ("tasks", "more") and not value:
             continue  # most reports carry no lease: their lines stay as they were
         if key in ("task", "tasks"):
             items = value if isinstance(value, tuple) else (value,)

@@ -8,6 +8,8 @@ from dataclasses import replace
 import pytest
 
 from goml.agent.core import (
+    QUEUE_RUN_MS_MAX,
+    QUEUE_SHORT_RUNS_MIN,
     TRANSITIONS,
     AgentCore,
     AgentCoreConfig,
@@ -39,6 +41,7 @@ from goml.api.types import (
     ReportRequest,
     ReportResponse,
     Resources,
+    ResultAnswer,
 )
 
 NODES = ("n1", "n2", "n3")
@@ -58,8 +61,11 @@ def make_config(**overrides: object) -> AgentCoreConfig:
         lease_interval_ms_min=50,
         lease_tasks_max=4,
         tasks_running_max=2,
+        lease_depth=1,
         results_pending_max=8,
         reports_inflight_max=2,
+        report_results_max=32,
+        report_bytes_max=1 << 20,
         retry_backoff_ms_min=100,
         retry_backoff_ms_max=1600,
         result_bytes_max=10_000,
@@ -162,10 +168,11 @@ class Harness:
         assert len(found) == 1, (method, found)
         return found[0]
 
-    def register(self, interval_ms: int = 0) -> None:
+    def register(self, interval_ms: int = 0, lease_depth: int = 1) -> None:
         if not self.open:
             self.start()
-        self.respond(self.call(Method.REGISTER), RegisterResponse(interval_ms))
+        answer = RegisterResponse(interval_ms, lease_depth=lease_depth)
+        self.respond(self.call(Method.REGISTER), answer)
 
     def logs(self, level: LogLevel | None = None) -> list[str]:
         return [
@@ -173,6 +180,19 @@ class Harness:
             for e in self.effects
             if isinstance(e, Log) and (level is None or e.level is level)
         ]
+
+
+def warm_up(h: Harness) -> None:
+    """Short runs enough that the agent queues from now on (QUEUE_SHORT_RUNS_MIN)."""
+    for i in range(QUEUE_SHORT_RUNS_MIN):
+        task = leased(f"w{i}")
+        h.respond(h.call(Method.LEASE), LeaseResponse((task,)))
+        h.finish(task, True, "{}")
+        h.respond(h.call(Method.REPORT), ReportResponse(True, ""))
+        h.run_until(h.now + 50)  # the room poll's pacing (lease_interval_ms_min)
+    for standing in h.calls(Method.LEASE, standing=True):
+        h.respond(standing, LeaseResponse(()))
+    h.run_until(h.now + 50)
 
 
 def hold(h: Harness, task_id: str = "H") -> LeasedTask:
@@ -701,17 +721,108 @@ def test_failure_texts_are_never_empty_and_are_capped() -> None:
     assert errors["C"] == "result is 10001 bytes, over the limit of 10000 bytes"
 
 
-def test_reports_in_flight_are_capped() -> None:
-    h = Harness(tasks_running_max=4, capacity=Resources(4.0, 4096, 0))
-    h.register()
+def test_results_that_end_while_a_report_is_in_flight_go_together_in_the_next() -> None:
+    h = Harness(
+        lease_depth=4,
+        tasks_running_max=6,
+        capacity=Resources(6.0, 4096, 0),
+        report_results_max=3,
+        report_bytes_max=25,
+        results_pending_max=16,
+    )
+    h.register(lease_depth=4)
+    warm_up(h)
+    tasks = [leased(t) for t in "ABCDEF"]
+    h.respond(h.call(Method.LEASE), LeaseResponse(tuple(tasks)))
+    h.finish(tasks[0], True, "{}")
+    first = h.call(Method.REPORT)  # a lone result goes at once, alone
+    assert isinstance(first.request, ReportRequest) and first.request.more == ()
+    results = ('{"b":1}', '{"c":1}', '{"d":1}', '{"e":1}', "{}")
+    for t, result in zip(tasks[1:], results, strict=True):
+        h.finish(t, True, result)
+    assert h.calls(Method.REPORT) == [first]  # one call in flight: the rest wait for it
+    h.respond(first, ReportResponse(True, ""))
+    [second] = h.calls(Method.REPORT)
+    assert isinstance(second.request, ReportRequest)
+    # Three results at most, and 25 bytes of results (the first always goes): B, C, D.
+    assert second.request.task_id == "B"
+    assert [r.task_id for r in second.request.more] == ["C", "D"]
+    assert [r.result_json for r in second.request.more] == ['{"c":1}', '{"d":1}']
+    h.respond(
+        second,
+        ReportResponse(True, "", (), (ResultAnswer(True, ""), ResultAnswer(False, "stale"))),
+    )
+    [third] = h.calls(Method.REPORT)
+    assert isinstance(third.request, ReportRequest)
+    assert (third.request.task_id, [r.task_id for r in third.request.more]) == ("E", ["F"])
+    assert {key[0] for key in h.core.pending_results} == {"E", "F"}
+
+
+def test_an_older_leader_gets_one_result_per_call_up_to_the_in_flight_cap() -> None:
+    h = Harness(lease_depth=4, tasks_running_max=4, capacity=Resources(4.0, 4096, 0))
+    h.register(lease_depth=4)
+    warm_up(h)
     tasks = [leased(t) for t in "ABCD"]
     h.respond(h.call(Method.LEASE), LeaseResponse(tuple(tasks)))
-    for t in tasks:
+    h.finish(tasks[0], True, "{}")
+    first = h.call(Method.REPORT)
+    for t in tasks[1:]:
         h.finish(t, True, "{}")
-    assert len(h.calls(Method.REPORT)) == 2
-    h.respond(h.calls(Method.REPORT)[0], ReportResponse(True, ""))
-    assert len(h.calls(Method.REPORT)) == 2
-    assert len(h.core.pending_results) == 3
+    h.respond(first, ReportResponse(True, ""))  # alone: nothing to learn from it
+    [many] = h.calls(Method.REPORT)
+    assert isinstance(many.request, ReportRequest) and len(many.request.more) == 2
+    # An answer without `more`: an older leader, which recorded the first result only.
+    h.respond(many, ReportResponse(True, ""))
+    assert len(h.core.pending_results) == 2
+    calls = h.calls(Method.REPORT)
+    assert len(calls) == 2  # reports_inflight_max, one result each
+    assert all(isinstance(c.request, ReportRequest) and c.request.more == () for c in calls)
+    h.respond(calls[0], ReportResponse(True, ""))
+    assert h.core.pending_results == ((calls[1].request.task_id, 1),)  # type: ignore[union-attr]
+
+
+def test_a_refused_report_of_several_results_sends_each_alone() -> None:
+    h = Harness(lease_depth=4, tasks_running_max=3, capacity=Resources(3.0, 4096, 0))
+    h.register(lease_depth=4)
+    warm_up(h)
+    tasks = [leased(t) for t in "ABC"]
+    h.respond(h.call(Method.LEASE), LeaseResponse(tuple(tasks)))
+    h.finish(tasks[0], True, "{}")
+    first = h.call(Method.REPORT)
+    h.finish(tasks[1], True, "{}")
+    h.finish(tasks[2], True, "{}")
+    h.respond(first, ReportResponse(True, ""))
+    many = h.call(Method.REPORT)
+    assert isinstance(many.request, ReportRequest) and len(many.request.more) == 1
+    h.fail(many, ErrorKind.INVALID, detail="result too large")
+    alone = h.call(Method.REPORT)
+    assert isinstance(alone.request, ReportRequest)
+    assert (alone.request.task_id, alone.request.more) == ("B", ())
+    h.respond(alone, ReportResponse(True, ""))
+    alone = h.call(Method.REPORT)
+    assert isinstance(alone.request, ReportRequest)
+    assert (alone.request.task_id, alone.request.more) == ("C", ())
+
+
+def test_a_failed_report_of_several_results_retries_them_together() -> None:
+    h = Harness(lease_depth=4, tasks_running_max=3, capacity=Resources(3.0, 4096, 0))
+    h.register(lease_depth=4)
+    warm_up(h)
+    tasks = [leased(t) for t in "ABC"]
+    h.respond(h.call(Method.LEASE), LeaseResponse(tuple(tasks)))
+    h.finish(tasks[0], True, "{}")
+    first = h.call(Method.REPORT)
+    h.finish(tasks[1], True, "{}")
+    h.finish(tasks[2], True, "{}")
+    h.respond(first, ReportResponse(True, ""))
+    many = h.call(Method.REPORT)
+    h.fail(many, ErrorKind.UNAVAILABLE)
+    assert h.calls(Method.REPORT) == []  # backing off
+    h.run_until(h.now + 2000)
+    again = h.call(Method.REPORT)
+    assert isinstance(again.request, ReportRequest)
+    assert (again.request.task_id, [r.task_id for r in again.request.more]) == ("B", ["C"])
+    assert again.node_id != many.node_id  # the retry policy moved on, once
 
 
 def test_stop_cancels_running_tasks_and_sends_nothing_more() -> None:
@@ -865,6 +976,89 @@ def test_answers_in_stopped_state_change_nothing() -> None:
 
 
 # --------------------------------------------------------------------------- revocation
+
+
+def test_with_a_lease_depth_leases_beyond_the_slots_wait_in_a_queue() -> None:
+    h = Harness(lease_depth=3)
+    start = h.start()
+    register = h.call(Method.REGISTER)
+    assert isinstance(register.request, RegisterRequest) and register.request.lease_depth == 3
+    assert start
+    h.respond(register, RegisterResponse(10, lease_depth=2))  # granted: 2 (its maximum)
+    assert h.core.lease_depth == 1  # no queue before its tasks are seen to be short
+    warm_up(h)
+    assert h.core.lease_depth == 2
+    for beat in h.calls(Method.HEARTBEAT):
+        h.respond(beat, HeartbeatResponse(True))
+    h.respond(h.call(Method.LEASE), LeaseResponse(()))  # sent before the last run ended
+    h.run_until(h.now + 50)
+    poll = h.call(Method.LEASE)
+    # Twice the capacity and twice the slots: 4 cpu, 4 tasks (2 cpu, 2 slots to run).
+    assert poll.request == LeaseRequest("a1", Resources(4.0, 8192, 0), 4, 2000)
+    tasks = [leased(t) for t in "ABCD"]
+    effects = h.respond(poll, LeaseResponse(tuple(tasks)))
+    assert [e.task.task_id for e in effects if isinstance(e, RunTask)] == ["A", "B"]
+    assert h.core.running_task_ids == ("A", "B")
+    assert h.core.queued_task_ids == ("C", "D")
+    assert h.calls(Method.LEASE) == []  # full: 4 held
+    h.run_until(10)
+    beat = h.call(Method.HEARTBEAT)
+    assert isinstance(beat.request, HeartbeatRequest)
+    assert beat.request.running_task_ids == ("A", "B")  # renewed and started
+    assert beat.request.queued_task_ids == ("C", "D")  # renewed, not RUNNING
+    # A slot frees: the next queued task starts at once, no call needed.
+    effects = h.finish(tasks[0], True, "{}")
+    assert [e.task.task_id for e in effects if isinstance(e, RunTask)] == ["C"]
+    assert h.core.queued_task_ids == ("D",)
+    # Revoked while queued: dropped without a run.
+    effects = h.respond(beat, HeartbeatResponse(True, ("D",)))
+    assert of_type(effects, CancelTask) == []
+    assert h.core.queued_task_ids == ()
+    assert any("dropped from the queue" in t for t in h.logs(LogLevel.WARNING))
+
+
+def test_a_long_run_stops_the_queue_and_what_is_queued_drains_without_refills() -> None:
+    h = Harness(lease_depth=2)
+    h.register(lease_depth=2)
+    warm_up(h)
+    tasks = [leased(t) for t in "ABCD"]
+    h.respond(h.call(Method.LEASE), LeaseResponse(tuple(tasks)))
+    assert h.core.queued_task_ids == ("C", "D")
+    h.run_until(h.now + QUEUE_RUN_MS_MAX)
+    for beat in h.calls(Method.HEARTBEAT):
+        h.respond(beat, HeartbeatResponse(True))
+    for standing in h.calls(Method.LEASE, standing=True):
+        h.respond(standing, LeaseResponse(()))
+    h.finish(tasks[0], True, "{}")  # a long run: no queue from now on
+    assert h.core.lease_depth == 1
+    assert h.core.queued_task_ids == ("D",)  # C took A's slot
+    report = h.call(Method.REPORT)
+    assert isinstance(report.request, ReportRequest)
+    assert not report.request.lease_into_answer  # 3 held for 2 slots: no refill
+    h.run_until(h.now + 100)
+    assert h.calls(Method.LEASE) == [] and h.calls(Method.LEASE, standing=True) == []
+    h.respond(report, ReportResponse(True, ""))
+    h.finish(tasks[1], True, "{}")  # D starts: down to the depth of now, refills again
+    assert h.core.queued_task_ids == ()
+    report = h.call(Method.REPORT)
+    assert isinstance(report.request, ReportRequest) and report.request.lease_into_answer
+
+
+def test_a_queued_task_larger_than_what_is_free_waits_for_room() -> None:
+    h = Harness(lease_depth=2)
+    h.register(lease_depth=2)
+    warm_up(h)
+    small, big = leased("S", cpu=1.0), leased("B", cpu=2.0)
+    effects = h.respond(h.call(Method.LEASE), LeaseResponse((small, big)))
+    assert [e.task.task_id for e in effects if isinstance(e, RunTask)] == ["S"]
+    assert h.core.queued_task_ids == ("B",)  # 1 cpu free of 2: it waits, in order
+    effects = h.finish(small, True, "{}")
+    assert [e.task.task_id for e in effects if isinstance(e, RunTask)] == ["B"]
+    h.respond(h.call(Method.REPORT), ReportResponse(True, "", (leased("T"),)))
+    assert h.core.queued_task_ids == ("T",)  # B holds both cpus
+    h.core.stop(h.now)
+    assert of_type(h._collect(), CancelTask) == [CancelTask("B", 1)]  # T never started
+    assert h.core.queued_task_ids == ()
 
 
 def test_a_revoked_lease_stops_the_run_frees_its_slot_and_drops_its_result() -> None:

@@ -139,6 +139,7 @@ ALL_COMMANDS: list[Command] = [
     SubmitTasks(1, (spec("k1"), spec("k2", cloud="gcp", region="us-central1", priority=-3))),
     CancelTask(2, "t-1-0"),
     RegisterAgent(3, "a1", "aws", "us-east-1", "arm64", Resources(2.5, 1024, 1)),
+    RegisterAgent(3, "a1", "aws", "us-east-1", "arm64", Resources(2.5, 1024, 1), 4),
     MarkAgentDown(4, "a1"),
     LeaseTasks(5, "a1", 30_000, 4, Resources(1.0, 10, 0)),
     StartTask(6, "a1", "t-1-0", 1),
@@ -448,6 +449,23 @@ def test_re_register_updates_labels_and_capacity() -> None:
 
 
 # ---- leases, epochs, fencing
+
+
+def test_lease_depth_lets_an_agent_hold_leases_beyond_its_capacity_and_is_optional() -> None:
+    plain = encode_command(RegisterAgent(0, "a1", "aws", "us-east-1", "amd64", SMALL))
+    assert b"lease_depth" not in plain  # depth 1 is written as nothing: as before
+    h = Harness()
+    h.ok(RegisterAgent(0, "a1", "aws", "us-east-1", "amd64", Resources(2.0, 1024, 0), 3))
+    h.submit(*(spec(f"k{i}", resources=Resources(1.0, 64, 0)) for i in range(8)))
+    h.submit(spec("big", resources=Resources(3.0, 64, 0)))  # fits 3x capacity, not capacity
+    assert len(h.lease(max_count=8)) == 6  # 3 x 2 cpu of one-cpu tasks
+    assert h.lease(max_count=8) == []  # full, and the big one never fits this agent
+    restored = Manifest.restore(h.m.snapshot())
+    agent = restored.get_agent("a1")
+    assert agent is not None and agent.lease_depth == 3
+    assert b'"lease_depth":3' in h.m.snapshot()
+    with pytest.raises(CommandError, match="lease_depth"):
+        decode_command(plain.replace(b'"now_ms"', b'"lease_depth":99,"now_ms"'))
 
 
 def test_lease_expiry_requeues_and_bumps_epoch() -> None:

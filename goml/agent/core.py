@@ -57,7 +57,7 @@ Decisions made here:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Protocol
 
 from goml.api.retry import UNREACHABLE_MS, Attempt, RetryConfig, RetryPolicy
@@ -77,6 +77,7 @@ from goml.api.types import (
     ReportRequest,
     ReportResponse,
     Resources,
+    TaskResult,
 )
 
 __all__ = [
@@ -97,6 +98,17 @@ __all__ = [
 ]
 
 CPU_EPSILON = 1e-9  # same tolerance as Resources.fits_in
+# After a node answered a report of several results for the first only (an older node),
+# reports to it carry one result per call this long; then several are tried again (it
+# may have been upgraded): one call's worth of results is sent twice at most.
+MANY_RETRY_MS = 60_000
+# A lease queue pays only for tasks shorter than a report's round trip (it hides that
+# trip): the agent queues (asks for room beyond its slots) only after this many runs in
+# a row each shorter than QUEUE_RUN_MS_MAX; one longer run stops it. Long tasks then lease
+# as without a queue, so a few of them are never held back on one agent while another
+# idles (no work stealing here).
+QUEUE_RUN_MS_MAX = 50
+QUEUE_SHORT_RUNS_MIN = 4
 
 
 # --------------------------------------------------------------------------- state table
@@ -235,8 +247,13 @@ class AgentCoreConfig:
     lease_interval_ms_min: int  # at most one Lease call start per this long
     lease_tasks_max: int  # max_tasks of one Lease call
     tasks_running_max: int
+    # Leases to hold, in multiples of capacity and of tasks_running_max: what does not
+    # fit runs from a queue as slots free (the leader grants at most its own maximum).
+    lease_depth: int
     results_pending_max: int  # leasing pauses while this many results await acknowledgement
-    reports_inflight_max: int
+    reports_inflight_max: int  # report calls in flight, each with one result (older leaders)
+    report_results_max: int  # results one report call carries (leaders that take several)
+    report_bytes_max: int  # and their result and error bytes (the first result always goes)
     retry_backoff_ms_min: int
     retry_backoff_ms_max: int
     result_bytes_max: int
@@ -287,7 +304,8 @@ class _Outstanding:
     method: Method
     sent_ms: int
     deadline_ms: int
-    result_key: ResultKey | None  # REPORT only
+    result_key: ResultKey | None  # REPORT only: its first result
+    more_keys: tuple[ResultKey, ...] = ()  # REPORT only: the results in `more`
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +315,7 @@ class _Running:
 
 
 class _Result:
-    __slots__ = ("error", "lane", "resources", "result_json", "success")
+    __slots__ = ("alone", "error", "lane", "resources", "result_json", "success")
 
     def __init__(
         self, success: bool, result_json: str, error: str, due_ms: int, resources: Resources
@@ -309,6 +327,7 @@ class _Result:
         self.error = error
         self.lane = _Lane(due_ms)
         self.resources = resources  # what its run held: the leader frees it on the report
+        self.alone = False  # a call carrying it with others was refused: it goes alone
 
 
 def _truncate_utf8(text: str, limit_bytes: int) -> str:
@@ -356,7 +375,14 @@ class AgentCore:
         self._lease = _Lane(0)  # the room poll
         self._standing = _Lane(0)  # the standing poll (see the module docstring)
         self._running: dict[str, _Running] = {}  # task id -> run (one run per task id)
+        # Leased, waiting for a slot, in lease order (never also in _running).
+        self._queued: dict[str, LeasedTask] = {}
+        self._lease_depth = 1  # granted by the latest RegisterResponse
+        self._short_runs = 0  # runs in a row shorter than QUEUE_RUN_MS_MAX
         self._results: dict[ResultKey, _Result] = {}  # insertion order = report order
+        # Node -> when it answered a report of several results for the first only (an
+        # older node): reports to it go one result per call for a while (MANY_RETRY_MS).
+        self._many_ignored_ms: dict[str, int] = {}
         self._used = Resources(0.0, 0, 0)
 
     # ---- read-only views (tests, the simulator's checkers, logs)
@@ -381,6 +407,18 @@ class AgentCore:
     @property
     def running_task_ids(self) -> tuple[str, ...]:
         return tuple(sorted(self._running))
+
+    @property
+    def queued_task_ids(self) -> tuple[str, ...]:
+        return tuple(self._queued)
+
+    @property
+    def lease_depth(self) -> int:
+        """The depth the agent leases to now: the granted one while its tasks are short."""
+        return self._lease_depth if self._short_runs >= QUEUE_SHORT_RUNS_MIN else 1
+
+    def _queueing(self) -> bool:
+        return self.lease_depth > 1
 
     @property
     def pending_results(self) -> tuple[ResultKey, ...]:
@@ -409,6 +447,13 @@ class AgentCore:
         self._enter(AgentEvent.STOP, now_ms)
         for task_id in sorted(self._running):
             self._cancel_run(task_id)
+        if self._queued:
+            self._log(
+                LogLevel.WARNING,
+                f"stopped with {len(self._queued)} queued task(s) not started: "
+                f"{list(self._queued)} (their leases expire)",
+            )
+            self._queued.clear()
         if self._results:
             self._log(
                 LogLevel.WARNING,
@@ -518,6 +563,9 @@ class AgentCore:
             return
         del self._running[task_id]
         self._used = self._used_now()
+        short = now_ms - run.started_ms < QUEUE_RUN_MS_MAX
+        self._short_runs = min(self._short_runs + 1, QUEUE_SHORT_RUNS_MIN) if short else 0
+        self._start_queued()
         if ok and not result_json_or_error:
             ok, result_json_or_error = False, "task returned an empty result"
         if ok and len(result_json_or_error.encode("utf-8")) > self._config.result_bytes_max:
@@ -549,7 +597,7 @@ class AgentCore:
                 times.append(self._lease.due_ms)
             if self._standing.in_flight is None and self._standing_poll_due():
                 times.append(self._standing.due_ms)
-        if self._reports_in_flight() < self._config.reports_inflight_max:
+        if self._reports_in_flight() < self._report_calls_max():
             times += [r.lane.due_ms for r in self._results.values() if r.lane.in_flight is None]
         return min(times) if times else None
 
@@ -575,10 +623,23 @@ class AgentCore:
             used = used.plus(self._running[task_id].task.resources)
         return used
 
+    def _lease_free(self) -> Resources:
+        """What more may be leased: capacity times the lease depth, less what runs and
+        what is queued."""
+        capacity, depth = self._config.capacity, self.lease_depth
+        free = Resources(capacity.cpu * depth, capacity.memory_mb * depth, capacity.gpu * depth)
+        free = free.minus(self._used)
+        for task in self._queued.values():
+            free = free.minus(task.resources)
+        return free
+
+    def _slots_max(self) -> int:
+        return self._config.tasks_running_max * self.lease_depth
+
     def _has_room(self) -> bool:
-        free = self.free
+        free = self._lease_free()
         return (
-            len(self._running) < self._config.tasks_running_max
+            len(self._running) + len(self._queued) < self._slots_max()
             and len(self._results) < self._config.results_pending_max
             and free.cpu > CPU_EPSILON
             and free.memory_mb > 0
@@ -596,7 +657,14 @@ class AgentCore:
         room (not at `results_pending_max`)."""
         if len(self._results) >= self._config.results_pending_max:
             return False
-        return bool(self._running or self._results)
+        if self._draining():
+            return False  # the leader would refill what reports free: let the queue drain
+        return bool(self._running or self._queued or self._results)
+
+    def _draining(self) -> bool:
+        """Holding queued tasks beyond what the depth leased to now allows (tasks got
+        long): no refills until the queue is down to it."""
+        return len(self._running) + len(self._queued) >= self._slots_max() and bool(self._queued)
 
     def _lease_room(self) -> tuple[Resources, int]:
         """`free` and task slots of a room poll sent now: what is free, less what the
@@ -604,12 +672,13 @@ class AgentCore:
         it to the agent's parked poll as each report arrives; asked for here too, two
         polls would lease into it (one lease proposal leasing nothing)."""
         held = list(self._results.values())
-        free = self.free
+        free = self._lease_free()
         for result in held:
             free = free.minus(result.resources)
-        slots = max(0, self._config.tasks_running_max - len(self._running) - len(held))
-        assert free.fits_in(self.free), (free, self.free)
-        assert 0 <= slots <= self._config.tasks_running_max, slots
+        taken = len(self._running) + len(self._queued) + len(held)
+        slots = max(0, self._slots_max() - taken)
+        assert free.fits_in(self._lease_free()), (free, self._lease_free())
+        assert 0 <= slots <= self._slots_max(), slots
         return free, slots
 
     def _poll_stands_in(self) -> bool:
@@ -622,7 +691,7 @@ class AgentCore:
         heartbeats list its tasks, and their answers name the revoked ones. Only while
         the leader's latest register or lease answer said it counts polls so: a node of
         an older version does not, and would mark a silent idle agent down."""
-        if self._running or self._results or not self._poll_is_heartbeat:
+        if self._running or self._queued or self._results or not self._poll_is_heartbeat:
             return False
         lease = self._lease
         if lease.in_flight is not None:
@@ -630,7 +699,24 @@ class AgentCore:
         return lease.due_ms <= self._now_ms and self._has_room()
 
     def _reports_in_flight(self) -> int:
-        return sum(1 for r in self._results.values() if r.lane.in_flight is not None)
+        """Report calls in flight."""
+        return sum(1 for o in self._outstanding.values() if o.method is Method.REPORT)
+
+    def _reports_many(self) -> bool:
+        """Whether report calls to the believed leader carry several results. Then one
+        is in flight at a time and the results that end meanwhile go together in the
+        next: under load one call and one commit per batch, not per task; a lone result
+        goes at once."""
+        ignored_ms = self._many_ignored_ms.get(self._policy.leader)
+        return ignored_ms is None or self._now_ms - ignored_ms >= MANY_RETRY_MS
+
+    def _report_calls_max(self) -> int:
+        """With a lease queue, one report call in flight: results that end meanwhile go
+        together in the next (its answer refills the queue). Without one, each slot's
+        result goes at once, up to reports_inflight_max calls."""
+        if self._reports_many() and self._queueing():
+            return 1
+        return self._config.reports_inflight_max
 
     def _held_task_ids(self) -> tuple[str, ...]:
         return tuple(sorted(set(self._running) | {key[0] for key in self._results}))
@@ -651,8 +737,17 @@ class AgentCore:
     def _check(self) -> None:
         config = self._config
         assert len(self._running) <= config.tasks_running_max, self._running
-        assert len(self._results) <= config.results_pending_max + config.tasks_running_max
+        assert len(self._running) + len(self._queued) <= config.tasks_running_max * max(
+            config.lease_depth, 1
+        ), self._queued
+        assert not set(self._running) & set(self._queued), (self._running, self._queued)
+        # Leasing pauses at results_pending_max; what runs and is queued then still ends.
+        held_max = config.tasks_running_max * max(config.lease_depth, 1)
+        assert len(self._results) <= config.results_pending_max + held_max
         assert self._reports_in_flight() <= config.reports_inflight_max
+        in_flight = {o.request_id for o in self._outstanding.values() if o.method is Method.REPORT}
+        for result in self._results.values():
+            assert result.lane.in_flight is None or result.lane.in_flight in in_flight
         assert len(self._outstanding) <= 4 + config.reports_inflight_max, self._outstanding
         assert self._used == self._used_now(), (self._used, self._used_now())
         assert self._policy.leader in config.control_nodes, self._policy.leader
@@ -661,7 +756,7 @@ class AgentCore:
             for lane in (self._register, self._heartbeat, self._lease, self._standing):
                 assert lane.in_flight is None or lane.in_flight in in_flight
         else:
-            assert not self._running, "stop cancels every run"
+            assert not self._running and not self._queued, "stop cancels every run"
 
     # ---- sending
 
@@ -691,14 +786,21 @@ class AgentCore:
             lane = self._register
             if lane.in_flight is None and lane.due_ms <= now:
                 request = RegisterRequest(
-                    config.agent_id, config.cloud, config.region, config.arch, config.capacity
+                    config.agent_id,
+                    config.cloud,
+                    config.region,
+                    config.arch,
+                    config.capacity,
+                    config.lease_depth,
                 )
                 self._send(lane, Method.REGISTER, request, config.call_timeout_ms)
         if self._state is AgentState.ACTIVE:
             lane = self._heartbeat
             if lane.in_flight is None and lane.due_ms <= now and not self._poll_stands_in():
                 lane.due_ms = now + self._heartbeat_interval_ms
-                request_hb = HeartbeatRequest(config.agent_id, self.free, self._held_task_ids())
+                request_hb = HeartbeatRequest(
+                    config.agent_id, self.free, self._held_task_ids(), tuple(self._queued)
+                )
                 self._send(lane, Method.HEARTBEAT, request_hb, config.call_timeout_ms)
             timeout_ms = config.lease_wait_ms + config.call_timeout_ms
             lane = self._lease
@@ -716,30 +818,72 @@ class AgentCore:
                 request_lease = LeaseRequest(config.agent_id, nothing, 0, config.lease_wait_ms)
                 self._send(lane, Method.LEASE, request_lease, timeout_ms)
         if self._state in (AgentState.REGISTERING, AgentState.ACTIVE):
-            in_flight = self._reports_in_flight()
-            for key, result in self._results.items():
-                if in_flight >= config.reports_inflight_max:
-                    break
-                if result.lane.in_flight is None and result.lane.due_ms <= now:
-                    request_report = ReportRequest(
-                        config.agent_id,
-                        key[0],
-                        key[1],
-                        result.success,
-                        result.result_json,
-                        result.error,
-                        lease_into_answer=True,
-                    )
-                    self._send(
-                        result.lane, Method.REPORT, request_report, config.call_timeout_ms, key
-                    )
-                    in_flight += 1
+            in_flight, calls_max = self._reports_in_flight(), self._report_calls_max()
+            due = [
+                key
+                for key, result in self._results.items()
+                if result.lane.in_flight is None and result.lane.due_ms <= now
+            ]
+            while due and in_flight < calls_max:
+                keys = self._report_group(due) if self._reports_many() else [due[0]]
+                due = [key for key in due if key not in keys]
+                self._send_report(keys)
+                in_flight += 1
         self._check()
+
+    def _report_group(self, due: list[ResultKey]) -> list[ResultKey]:
+        """The results of the next report call: the first due one, and after it (unless
+        it must go alone) those that fit `report_results_max` and `report_bytes_max`."""
+        config = self._config
+        first = self._results[due[0]]
+        keys = [due[0]]
+        if first.alone:
+            return keys
+        size = len(first.result_json) + len(first.error)
+        for key in due[1:]:
+            result = self._results[key]
+            if len(keys) >= config.report_results_max:
+                break
+            if result.alone:
+                continue
+            size += len(result.result_json) + len(result.error)
+            if size > config.report_bytes_max:
+                break
+            keys.append(key)
+        return keys
+
+    def _send_report(self, keys: list[ResultKey]) -> None:
+        config = self._config
+        (task_id, epoch), first = keys[0], self._results[keys[0]]
+        more = tuple(
+            TaskResult(key[0], key[1], r.success, r.result_json, r.error)
+            for key, r in ((key, self._results[key]) for key in keys[1:])
+        )
+        request = ReportRequest(
+            config.agent_id,
+            task_id,
+            epoch,
+            first.success,
+            first.result_json,
+            first.error,
+            lease_into_answer=not self._draining(),
+            more=more,
+        )
+        self._send(first.lane, Method.REPORT, request, config.call_timeout_ms, keys[0])
+        request_id = first.lane.in_flight
+        for key in keys[1:]:
+            self._results[key].lane.in_flight = request_id
+        out = self._outstanding[request_id]  # type: ignore[index]
+        self._outstanding[out.request_id] = replace(out, more_keys=tuple(keys[1:]))
 
     # ---- answers
 
     def _registered(self, response: RegisterResponse) -> None:
         self._poll_is_heartbeat = response.lease_poll_is_heartbeat
+        depth = max(1, min(self._config.lease_depth, response.lease_depth))
+        if depth != self._lease_depth:
+            self._log(LogLevel.INFO, f"lease depth {depth} (asked {self._config.lease_depth})")
+        self._lease_depth = depth
         if response.heartbeat_interval_ms > 0:
             self._heartbeat_interval_ms = response.heartbeat_interval_ms
         elif response.heartbeat_interval_ms < 0:
@@ -786,6 +930,17 @@ class AgentCore:
             if (task.task_id, task.epoch) in self._results:
                 self._log(LogLevel.WARNING, f"task {task.task_id} epoch {task.epoch} already ran")
                 continue
+            waiting = self._queued.get(task.task_id)
+            if waiting is not None and waiting.epoch >= task.epoch:
+                self._log(
+                    LogLevel.WARNING,
+                    f"ignored lease of task {task.task_id} at epoch {task.epoch}: "
+                    f"queued at epoch {waiting.epoch}",
+                )
+                continue
+            if waiting is not None:
+                self._log(LogLevel.WARNING, f"task {task.task_id} re-leased at {task.epoch}")
+                del self._queued[task.task_id]
             if old is not None and old.task.epoch > task.epoch:
                 self._log(
                     LogLevel.WARNING,
@@ -802,12 +957,20 @@ class AgentCore:
                     f"cancelling the run of epoch {old.task.epoch}",
                 )
                 self._cancel_run(task.task_id)
-            if len(self._running) >= self._config.tasks_running_max:
+            held_max = self._config.tasks_running_max * self._lease_depth  # what may come
+            if len(self._running) + len(self._queued) >= held_max:
                 self._log(
                     LogLevel.ERROR,
-                    f"ignored leased task {task.task_id}: all "
-                    f"{self._config.tasks_running_max} task slots are busy",
+                    f"ignored leased task {task.task_id}: all {self._config.tasks_running_max} "
+                    f"task slots are busy and {len(self._queued)} tasks queued",
                 )
+                continue
+            # With a lease depth, leases beyond what is free are the point: they wait.
+            # Without one, a task the leader leased into room the agent thinks taken
+            # runs anyway (the leader's view of capacity is the log's).
+            beyond = self._lease_depth > 1 and not task.resources.fits_in(self.free)
+            if self._queued or len(self._running) >= self._config.tasks_running_max or beyond:
+                self._queued[task.task_id] = task  # runs when a slot frees (_start_queued)
                 continue
             if not task.resources.fits_in(self.free):
                 self._log(
@@ -815,18 +978,39 @@ class AgentCore:
                     f"task {task.task_id} needs {task.resources}, free is {self.free}: "
                     "running it anyway",
                 )
-            self._running[task.task_id] = _Running(task, self._now_ms)
-            self._used = self._used_now()
-            self._effects.append(RunTask(task))
+            self._start(task)
+        self._start_queued()
         if tasks:
             self._lease.due_ms = self._now_ms  # more may fit: poll again at once
             self._standing.due_ms = self._now_ms
+
+    def _start(self, task: LeasedTask) -> None:
+        self._running[task.task_id] = _Running(task, self._now_ms)
+        self._used = self._used_now()
+        self._effects.append(RunTask(task))
+
+    def _start_queued(self) -> None:
+        """Start queued tasks in lease order while a slot is free and the next one
+        fits what is free (or nothing runs: a task larger than the agent runs alone)."""
+        while self._queued and len(self._running) < self._config.tasks_running_max:
+            task = next(iter(self._queued.values()))
+            if self._running and not task.resources.fits_in(self.free):
+                return
+            del self._queued[task.task_id]
+            self._start(task)
 
     def _revoke(self, task_ids: tuple[str, ...]) -> None:
         """The leader says these leases are gone (cancelled, requeued, finished): stop
         the runs at once, freeing their slots, and drop results it would refuse (a
         report already in flight gets its own answer)."""
         for task_id in task_ids:
+            queued = self._queued.pop(task_id, None)
+            if queued is not None:
+                self._log(
+                    LogLevel.WARNING,
+                    f"task {task_id} epoch {queued.epoch}: lease revoked by the leader; "
+                    "dropped from the queue",
+                )
             if task_id in self._running:
                 epoch = self._running[task_id].task.epoch
                 self._log(
@@ -841,16 +1025,34 @@ class AgentCore:
 
     def _reported(self, out: _Outstanding, response: ReportResponse) -> None:
         assert out.result_key is not None
-        result = self._results.pop(out.result_key, None)
-        assert result is not None, "a result leaves only when its report is answered"
-        task_id, epoch = out.result_key
-        if response.recorded:
-            self._log(LogLevel.INFO, f"result of task {task_id} epoch {epoch} recorded")
-        else:
-            self._log(
-                LogLevel.WARNING,
-                f"result of task {task_id} epoch {epoch} refused, dropped: {response.reason}",
+        answers: tuple[tuple[ResultKey, bool, str], ...] = (
+            (out.result_key, response.recorded, response.reason),
+        )
+        if len(response.more) == len(out.more_keys):
+            answers += tuple(
+                (key, a.recorded, a.reason)
+                for key, a in zip(out.more_keys, response.more, strict=True)
             )
+        else:
+            # An older node: it took the first result only. The rest go again, one per call.
+            self._many_ignored_ms[out.node_id] = self._now_ms
+            self._log(LogLevel.INFO, f"{out.node_id} takes one result per report call")
+            for key in out.more_keys:
+                lane = self._results[key].lane
+                assert lane.in_flight == out.request_id, (lane.in_flight, out.request_id)
+                lane.in_flight = None
+                lane.due_ms = self._now_ms
+        for key, recorded, reason in answers:
+            result = self._results.pop(key, None)
+            assert result is not None, "a result leaves only when its report is answered"
+            task_id, epoch = key
+            if recorded:
+                self._log(LogLevel.INFO, f"result of task {task_id} epoch {epoch} recorded")
+            else:
+                self._log(
+                    LogLevel.WARNING,
+                    f"result of task {task_id} epoch {epoch} refused, dropped: {reason}",
+                )
         self._take_leases(response.tasks)
 
     def _failed(self, out: _Outstanding, kind: ErrorKind, hint: str, detail: str) -> None:
@@ -858,6 +1060,9 @@ class AgentCore:
         assert lane is not None, "a report in flight keeps its result"
         assert lane.in_flight == out.request_id, (lane.in_flight, out.request_id)
         lane.in_flight = None
+        if out.more_keys:
+            self._failed_many(out, lane, kind, hint, detail)
+            return
         what = f"{out.method} to {out.node_id} failed ({kind})"
         if detail:
             what += f": {detail}"
@@ -883,6 +1088,30 @@ class AgentCore:
         # A periodic call (register, heartbeat, lease) refused: the agent keeps trying.
         lane.due_ms = self._now_ms + self._policy.backoff_ms(lane.attempt)
 
+    def _failed_many(
+        self, out: _Outstanding, lane: _Lane, kind: ErrorKind, hint: str, detail: str
+    ) -> None:
+        """A report call of several results failed: one retry decision (the first
+        result's lane), which every result of the call follows. Refused as invalid, each
+        goes alone, so that the one at fault is refused alone (`_refused_report`)."""
+        assert out.result_key is not None
+        keys = (out.result_key, *out.more_keys)
+        for key in out.more_keys:
+            other = self._results[key].lane
+            assert other.in_flight == out.request_id, (other.in_flight, out.request_id)
+            other.in_flight = None
+        if kind is ErrorKind.INVALID:
+            self._log(LogLevel.WARNING, f"report of {len(keys)} results refused: {detail}")
+            for key in keys:
+                self._results[key].alone = True
+                self._results[key].lane.due_ms = self._now_ms
+            return
+        self._log(LogLevel.INFO, f"report of {len(keys)} results to {out.node_id} failed ({kind})")
+        decision = self._policy.failed(lane.attempt, out.node_id, kind, hint, self._now_ms)
+        delay_ms = decision.delay_ms if decision.retry else self._policy.backoff_ms(lane.attempt)
+        for key in keys:
+            self._results[key].lane.due_ms = self._now_ms + delay_ms
+
     def _refused_report(self, out: _Outstanding, detail: str) -> None:
         """The control plane refused the report itself (e.g. over its size limit)."""
         assert out.result_key is not None
@@ -904,6 +1133,8 @@ class AgentCore:
         run = self._running.pop(task_id)
         self._used = self._used_now()
         self._effects.append(CancelTask(task_id, run.task.epoch))
+        if self._state is not AgentState.STOPPED:
+            self._start_queued()
 
     def _add_result(self, task: LeasedTask, success: bool, result_json: str, error: str) -> None:
         key = (task.task_id, task.epoch)

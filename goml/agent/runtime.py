@@ -33,8 +33,13 @@ lease_wait_ms: 5000             # long-poll hold; the Lease deadline adds call_t
 lease_interval_ms_min: 50
 lease_tasks_max: 4
 tasks_running_max: 4
+lease_depth: 8                  # leases held, in multiples of capacity and of
+                                #   tasks_running_max: the rest wait in a queue for a slot
+                                #   (the leader grants at most its agent_lease_depth_max)
 results_pending_max: 256
-reports_inflight_max: 4
+reports_inflight_max: 4         # report calls in flight to a leader that takes one result each
+report_results_max: 32          # results one report call carries (leaders that take several:
+report_bytes_max: 1048576       #   then one call in flight), and their bytes (the first always)
 retry_backoff_ms_min: 50
 retry_backoff_ms_max: 2000
 result_bytes_max: 1048576
@@ -89,6 +94,7 @@ from goml.agent.runner import TaskRunner
 from goml.api.channels import reconnect_options
 from goml.api.types import (
     LEADER_ID_KEY,
+    LEASE_DEPTH_MAX,
     AgentRequest,
     AgentResponse,
     ErrorKind,
@@ -179,8 +185,11 @@ class AgentConfig(_Model):
     lease_interval_ms_min: int = Field(default=50, ge=1)
     lease_tasks_max: int = Field(default=4, ge=1)
     tasks_running_max: int = Field(default=4, ge=1)
+    lease_depth: int = Field(default=8, ge=1, le=LEASE_DEPTH_MAX)
     results_pending_max: int = Field(default=256, ge=1)
     reports_inflight_max: int = Field(default=4, ge=1)
+    report_results_max: int = Field(default=32, ge=1, le=1000)
+    report_bytes_max: int = Field(default=1 << 20, ge=1)
     retry_backoff_ms_min: int = Field(default=50, ge=1)
     retry_backoff_ms_max: int = Field(default=2000, ge=1)
     result_bytes_max: int = Field(default=1 << 20, ge=1)
@@ -215,8 +224,11 @@ class AgentConfig(_Model):
             lease_interval_ms_min=self.lease_interval_ms_min,
             lease_tasks_max=self.lease_tasks_max,
             tasks_running_max=self.tasks_running_max,
+            lease_depth=self.lease_depth,
             results_pending_max=self.results_pending_max,
             reports_inflight_max=self.reports_inflight_max,
+            report_results_max=self.report_results_max,
+            report_bytes_max=self.report_bytes_max,
             retry_backoff_ms_min=self.retry_backoff_ms_min,
             retry_backoff_ms_max=self.retry_backoff_ms_max,
             result_bytes_max=self.result_bytes_max,

@@ -29,6 +29,10 @@ class TaskState(enum.StrEnum):
 TERMINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.DEAD, TaskState.CANCELLED})
 
 
+# The most lease depth an agent may ask or a node grant (RegisterRequest.lease_depth).
+LEASE_DEPTH_MAX = 64
+
+
 @dataclass(frozen=True, slots=True)
 class Resources:
     cpu: float  # cores
@@ -165,6 +169,7 @@ class RegisterRequest:
     region: str
     arch: str
     capacity: Resources
+    lease_depth: int = 1  # leases it would hold, in multiples of capacity (1: no queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +179,7 @@ class RegisterResponse:
     # wire decodes an older node's answer, which lacks the field, as False, and the
     # agent then heartbeats every interval, idle or not.
     lease_poll_is_heartbeat: bool = True
+    lease_depth: int = 1  # granted; an older node's answer decodes as 1 (no queue)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +189,8 @@ class HeartbeatRequest:
     # Every task the agent holds a lease for and has not had acknowledged: running ones
     # and finished ones whose report is still pending (so the leader keeps renewing them).
     running_task_ids: tuple[str, ...]
+    # Leased tasks in the agent's queue, not started yet: renewed, not marked RUNNING.
+    queued_task_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +228,23 @@ class LeaseResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskResult:
+    """A further result of a ReportRequest (`more`): as its first one's fields."""
+
+    task_id: str
+    epoch: int
+    success: bool
+    result_json: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultAnswer:
+    recorded: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReportRequest:
     """`result_json` is set (non-empty) on success, `error` (non-empty) on failure."""
 
@@ -232,6 +257,9 @@ class ReportRequest:
     # The agent takes leases in the answer (ReportResponse.tasks); False: an older agent,
     # whose freed room goes to its parked standing poll.
     lease_into_answer: bool = False
+    # Further results in the same call; an older node ignores them (its answer has no
+    # `more`: only the first result is acknowledged).
+    more: tuple[TaskResult, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +267,7 @@ class ReportResponse:
     recorded: bool  # False: refused (stale epoch, task gone); the agent drops the result
     reason: str
     tasks: tuple[LeasedTask, ...] = ()  # leased into the room the report freed
+    more: tuple[ResultAnswer, ...] = ()  # one per ReportRequest.more, same order
 
 
 # ------------------------------------------------------------------------------ client API

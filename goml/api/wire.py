@@ -40,12 +40,14 @@ from goml.api.types import (
     ReportRequest,
     ReportResponse,
     Resources,
+    ResultAnswer,
     StatusRequest,
     StatusResponse,
     SubmitRequest,
     SubmitResponse,
     TaskEvent,
     TaskRequest,
+    TaskResult,
     TaskState,
     TaskView,
     WatchRequest,
@@ -339,12 +341,14 @@ def request_to_pb(request: ApiRequest) -> Message:
                 region=request.region,
                 arch=request.arch,
                 capacity=resources_to_pb(request.capacity),
+                lease_depth=request.lease_depth,
             )
         case HeartbeatRequest():
             return api_pb2.HeartbeatRequest(
                 agent_id=request.agent_id,
                 free=resources_to_pb(request.free),
                 running_task_ids=list(request.running_task_ids),
+                queued_task_ids=list(request.queued_task_ids),
             )
         case LeaseRequest():
             return api_pb2.LeaseRequest(
@@ -362,6 +366,16 @@ def request_to_pb(request: ApiRequest) -> Message:
                 result_json=request.result_json,
                 error=request.error,
                 lease_into_answer=request.lease_into_answer,
+                more=[
+                    api_pb2.TaskResult(
+                        task_id=r.task_id,
+                        epoch=r.epoch,
+                        success=r.success,
+                        result_json=r.result_json,
+                        error=r.error,
+                    )
+                    for r in request.more
+                ],
             )
         case SubmitRequest():
             return api_pb2.SubmitRequest(tasks=[_task_request_to_pb(t) for t in request.tasks])
@@ -406,12 +420,20 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
         case Method.REGISTER:
             assert isinstance(pb, api_pb2.RegisterRequest)
             return RegisterRequest(
-                pb.agent_id, pb.cloud, pb.region, pb.arch, resources_from_pb(pb.capacity)
+                pb.agent_id,
+                pb.cloud,
+                pb.region,
+                pb.arch,
+                resources_from_pb(pb.capacity),
+                max(1, int(pb.lease_depth)),
             )
         case Method.HEARTBEAT:
             assert isinstance(pb, api_pb2.HeartbeatRequest)
             return HeartbeatRequest(
-                pb.agent_id, resources_from_pb(pb.free), tuple(pb.running_task_ids)
+                pb.agent_id,
+                resources_from_pb(pb.free),
+                tuple(pb.running_task_ids),
+                tuple(pb.queued_task_ids),
             )
         case Method.LEASE:
             assert isinstance(pb, api_pb2.LeaseRequest)
@@ -428,6 +450,10 @@ def request_from_pb(method: Method, pb: Message) -> ApiRequest:
                 pb.result_json,
                 pb.error,
                 bool(pb.lease_into_answer),
+                tuple(
+                    TaskResult(r.task_id, int(r.epoch), r.success, r.result_json, r.error)
+                    for r in pb.more
+                ),
             )
         case Method.SUBMIT:
             assert isinstance(pb, api_pb2.SubmitRequest)
@@ -473,6 +499,7 @@ def response_to_pb(response: ApiResponse) -> Message:
             return api_pb2.RegisterResponse(
                 heartbeat_interval_ms=response.heartbeat_interval_ms,
                 lease_poll_is_heartbeat=response.lease_poll_is_heartbeat,
+                lease_depth=response.lease_depth,
             )
         case HeartbeatResponse():
             return api_pb2.HeartbeatResponse(
@@ -488,6 +515,10 @@ def response_to_pb(response: ApiResponse) -> Message:
                 recorded=response.recorded,
                 reason=response.reason,
                 tasks=[_leased_to_pb(t) for t in response.tasks],
+                more=[
+                    api_pb2.ResultAnswer(recorded=a.recorded, reason=a.reason)
+                    for a in response.more
+                ],
             )
         case SubmitResponse():
             return api_pb2.SubmitResponse(
@@ -523,7 +554,11 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
     match method:
         case Method.REGISTER:
             assert isinstance(pb, api_pb2.RegisterResponse)
-            return RegisterResponse(int(pb.heartbeat_interval_ms), bool(pb.lease_poll_is_heartbeat))
+            return RegisterResponse(
+                int(pb.heartbeat_interval_ms),
+                bool(pb.lease_poll_is_heartbeat),
+                max(1, int(pb.lease_depth)),
+            )
         case Method.HEARTBEAT:
             assert isinstance(pb, api_pb2.HeartbeatResponse)
             return HeartbeatResponse(bool(pb.known), tuple(pb.revoked_task_ids))
@@ -535,7 +570,10 @@ def response_from_pb(method: Method, pb: Message) -> ApiResponse:
         case Method.REPORT:
             assert isinstance(pb, api_pb2.ReportResponse)
             return ReportResponse(
-                bool(pb.recorded), pb.reason, tuple(_leased_from_pb(t) for t in pb.tasks)
+                bool(pb.recorded),
+                pb.reason,
+                tuple(_leased_from_pb(t) for t in pb.tasks),
+                tuple(ResultAnswer(bool(a.recorded), a.reason) for a in pb.more),
             )
         case Method.SUBMIT:
             assert isinstance(pb, api_pb2.SubmitResponse)

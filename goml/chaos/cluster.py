@@ -62,6 +62,7 @@ from goml.cluster.config import (
 )
 from goml.cluster.local import client_profile, free_ports
 from goml.cluster.membership import prepare_node
+from goml.cluster.node_core import AGENT_LEASE_DEPTH_NEW_CLUSTER
 from goml.scenario.schema import AnyLink, Scenario
 
 STOP_TIMEOUT_S = 10.0
@@ -411,6 +412,7 @@ class ChaosCluster:
                 tokens_file=certs / TOKENS_FILE,
                 raft=RaftTiming(**raft.model_dump()),  # the same fields, every knob
                 duties=self.duties,
+                agent_lease_depth_max=AGENT_LEASE_DEPTH_NEW_CLUSTER,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             write_node_config(path, config)

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 # Re-exported: commands carry the API's resource value.
+from goml.api.types import LEASE_DEPTH_MAX as LEASE_DEPTH_MAX
 from goml.api.types import Resources as Resources
 
 # protobuf int64: the gRPC layer must be able to carry every integer we accept.
@@ -252,6 +253,12 @@ class RegisterAgent:
     region: str
     arch: str
     capacity: Resources
+    # The agent may hold leases of up to this many times its capacity: what does not
+    # fit runs from its queue as slots free. Written only when not 1, so commands of
+    # agents without a queue read byte for byte as before (and replicas of an earlier
+    # version, which would refuse the field, never see it: the leader grants a depth
+    # only when its node config allows one, `agent_lease_depth_max`).
+    lease_depth: int = field(default=1, metadata={OMITTED_AT_DEFAULT: True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +494,15 @@ def _prune(f: Fields) -> PruneTasks:
     return command
 
 
+def _lease_depth(f: Fields) -> int:
+    if not f.has("lease_depth"):
+        return 1
+    depth = f.integer("lease_depth", 2)  # 1 is written as nothing
+    if depth > LEASE_DEPTH_MAX:
+        raise CommandError(f"RegisterAgent: lease_depth {depth} > {LEASE_DEPTH_MAX}")
+    return depth
+
+
 _PARSERS: dict[str, Any] = {
     "SubmitTasks": _submit,
     "CancelTask": lambda f: CancelTask(f.integer("now_ms"), f.text("task_id")),
@@ -497,6 +513,7 @@ _PARSERS: dict[str, Any] = {
         f.text("region"),
         f.text("arch"),
         read_resources(f.sub("capacity")),
+        _lease_depth(f),
     ),
     "MarkAgentDown": lambda f: MarkAgentDown(f.integer("now_ms"), f.text("agent_id")),
     "LeaseTasks": lambda f: LeaseTasks(

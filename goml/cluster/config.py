@@ -16,6 +16,10 @@ Example:
     raft: {election_timeout_ms_min: 300, election_timeout_ms_max: 600, heartbeat_interval_ms: 50}
     retention: {retention_ms: 604800000, finished_tasks_max: 50000, require_export: false}
     limits: {tasks_max: 200000}         # every node the same (the leader's are applied)
+    agent_lease_depth_max: 8            # agents may hold leases of up to this many times
+                                        # their capacity, queued behind their runs (default
+                                        # 1: none); raise it only once every node runs a
+                                        # version that has it (earlier ones refuse it)
     # join: true                        # joins a running cluster (`goml node add`): the
                                         # peers are whom to reach; the node learns its
                                         # configuration from the leader
@@ -31,6 +35,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from goml.cluster.commands import LEASE_DEPTH_MAX
 from goml.cluster.duties import DEFAULT_DUTIES, DEFAULT_RETENTION
 from goml.cluster.manifest import DEFAULT_LIMITS
 from goml.cluster.node_core import REQUEST_TIMEOUT_MS_DEFAULT
@@ -140,6 +145,7 @@ class NodeFileConfig(_Strict):
     retention: Retention = Retention()
     limits: Limits = Limits()
     request_timeout_s: float = Field(REQUEST_TIMEOUT_MS_DEFAULT / 1000, gt=0)
+    agent_lease_depth_max: int = Field(1, ge=1, le=LEASE_DEPTH_MAX)
     # False: `peers` are the bootstrap voters of a new cluster. True: this node joins a
     # running one (added by `goml node add`); it has no configuration of its own until
     # the leader sends it one, so it never campaigns by a list that may be stale.

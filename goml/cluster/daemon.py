@@ -107,6 +107,7 @@ def core_config(config: NodeFileConfig) -> NodeCoreConfig:
         duties,
         request_timeout_ms=int(config.request_timeout_s * 1000),
         compact_every_entries=default_node_config(raft).replica.compact_every_entries,
+        agent_lease_depth_max=config.agent_lease_depth_max,
     )
     # The limits this node's leader duties make the manifest's (SetLimits).
     return replace(standard, limits=ManifestLimits(**config.limits.model_dump()))

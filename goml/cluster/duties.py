@@ -108,6 +108,7 @@ class _Seen:
     at_ms: int
     free: Resources | None
     running: tuple[str, ...]
+    queued: tuple[str, ...] = ()  # leased, waiting in the agent's queue: renewed only
 
 
 class LeaderDuties:
@@ -127,10 +128,15 @@ class LeaderDuties:
         self._seen = {}
 
     def heartbeat(
-        self, agent_id: str, free: Resources | None, running: tuple[str, ...], now_ms: int
+        self,
+        agent_id: str,
+        free: Resources | None,
+        running: tuple[str, ...],
+        now_ms: int,
+        queued: tuple[str, ...] = (),
     ) -> None:
         assert self.leading_since_ms is not None, "heartbeats are handled by the leader only"
-        self._seen[agent_id] = _Seen(now_ms, free, running)
+        self._seen[agent_id] = _Seen(now_ms, free, running, queued)
 
     def polled(self, agent_id: str, free: Resources, now_ms: int) -> None:
         """A lease poll from the agent reached this leader, or is still held here: the
@@ -140,7 +146,9 @@ class LeaderDuties:
         poll does not list them, and an agent holding any heartbeats as before."""
         assert self.leading_since_ms is not None, "lease polls are handled by the leader only"
         seen = self._seen.get(agent_id)
-        self._seen[agent_id] = _Seen(now_ms, free, seen.running if seen else ())
+        self._seen[agent_id] = _Seen(
+            now_ms, free, seen.running if seen else (), seen.queued if seen else ()
+        )
 
     def free(self, agent_id: str) -> Resources | None:
         seen = self._seen.get(agent_id)
@@ -168,11 +176,12 @@ class LeaderDuties:
                 continue
             started: list[tuple[str, int]] = []
             renew: list[str] = []
-            for task_id in seen.running:
+            queued = frozenset(seen.queued)
+            for task_id in (*seen.running, *seen.queued):
                 task = manifest.get_task(task_id)
                 if task is None or task.lease is None or task.lease.agent_id != agent.id:
                     continue
-                if task.state is TaskState.LEASED:
+                if task.state is TaskState.LEASED and task_id not in queued:
                     started.append((task_id, task.epoch))
                 if task.lease.deadline_ms - now_ms <= self.config.renew_before_ms:
                     renew.append(task_id)

@@ -32,6 +32,7 @@ from goml.cluster.config import (
     load_node_config,
     write_node_config,
 )
+from goml.cluster.node_core import AGENT_LEASE_DEPTH_NEW_CLUSTER
 from goml.cluster.supervise import ProcessExit, RestartPolicy, State, Supervisor
 
 STOP_TIMEOUT_S = 10.0
@@ -113,6 +114,7 @@ def prepare(
                 secret_file=certs / "cluster.secret",
                 tokens_file=certs / TOKENS_FILE,
                 duties=duties if duties is not None else Duties(),
+                agent_lease_depth_max=AGENT_LEASE_DEPTH_NEW_CLUSTER,
             )
             path = config_dir / f"{name}.yaml"
             write_node_config(path, config)

@@ -20,12 +20,13 @@ import enum
 import hashlib
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from goml.api.types import TaskState as TaskState  # re-exported: the API's task states
 from goml.cluster.commands import (
     INT_MAX,
+    OMITTED_AT_DEFAULT,
     AckExport,
     CancelTask,
     Command,
@@ -239,6 +240,9 @@ class Agent:
     capacity: Resources
     state: AgentState
     registered_ms: int  # latest registration
+    # Leases it may hold, in multiples of its capacity (RegisterAgent.lease_depth); left
+    # out of snapshots while 1, so earlier snapshots read back byte for byte.
+    lease_depth: int = field(default=1, metadata={OMITTED_AT_DEFAULT: True})
 
 
 @dataclass(frozen=True, slots=True)
@@ -650,7 +654,14 @@ class Manifest:
         # Tasks still leased to a re-registering agent keep their leases: they either
         # get reported or expire. Only MarkAgentDown takes them away.
         self._agents[cmd.agent_id] = Agent(
-            cmd.agent_id, cmd.cloud, cmd.region, cmd.arch, cmd.capacity, state, cmd.now_ms
+            cmd.agent_id,
+            cmd.cloud,
+            cmd.region,
+            cmd.arch,
+            cmd.capacity,
+            state,
+            cmd.now_ms,
+            cmd.lease_depth,
         )
         verb = "registered" if old is None else "re-registered"
         return ApplyResult(index, True, Code.OK, f"agent {cmd.agent_id} {verb}")
@@ -682,6 +693,17 @@ class Manifest:
             f"agent {agent.id} down, {len(requeued)} task(s) requeued",
             task_ids=tuple(requeued),
         )
+
+    def _lease_room(self, agent: Agent, releasing: frozenset[str]) -> Resources:
+        """What an agent may still lease: its capacity times its lease depth (the
+        leases it runs, and those queued behind them), less what it holds."""
+        cap, depth = agent.capacity, agent.lease_depth
+        limit = (
+            cap
+            if depth == 1
+            else Resources(cap.cpu * depth, cap.memory_mb * depth, cap.gpu * depth)
+        )
+        return limit.minus(self._in_use(agent.id, releasing))
 
     def _in_use(self, agent_id: str, releasing: frozenset[str] = frozenset()) -> Resources:
         total = Resources(0.0, 0, 0)
@@ -737,7 +759,7 @@ class Manifest:
             # parked poll on every apply), answered without the capacity sums below.
             return []
         # Never trust the proposed free capacity beyond what the log itself knows is free.
-        free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
+        free = free.least(self._lease_room(agent, releasing))
         chosen: list[Task] = []
         # Shapes found not to fit (or not to match the agent). `free` only shrinks as
         # the walk goes on, so such a shape never fits further on: once every shape
@@ -759,6 +781,7 @@ class Manifest:
                 (task.cloud is not None and task.cloud != agent.cloud)
                 or (task.region is not None and task.region != agent.region)
                 or not task.resources.fits_in(free)
+                or not task.resources.fits_in(agent.capacity)  # with a lease queue
             ):
                 unfit.add(shape)
                 if len(unfit) == shapes:
@@ -1201,7 +1224,7 @@ class Manifest:
         agent = self._agents.get(agent_id)
         if agent is None or agent.state is not AgentState.ALIVE:
             return ()
-        free = free.least(agent.capacity.minus(self._in_use(agent.id, releasing)))
+        free = free.least(self._lease_room(agent, releasing))
         count = max(1, min(max_count, self._limits.lease_tasks_max))
         chosen: list[str] = []
         for index, specs in incoming:
@@ -1215,7 +1238,7 @@ class Manifest:
                     continue
                 if spec.region is not None and spec.region != agent.region:
                     continue
-                if spec.resources.fits_in(free):
+                if spec.resources.fits_in(free) and spec.resources.fits_in(agent.capacity):
                     chosen.append(task_id)
                     free = free.minus(spec.resources)
         return tuple(chosen)
@@ -1427,6 +1450,7 @@ def _read_agent(f: Fields) -> Agent:
         capacity=read_resources(f.sub("capacity")),
         state=_enum(AgentState, f, "state"),
         registered_ms=f.integer("registered_ms"),
+        lease_depth=f.integer("lease_depth", 2) if f.has("lease_depth") else 1,
     )
     f.close()
     return agent

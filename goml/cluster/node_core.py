@@ -74,17 +74,20 @@ from goml.api.types import (
     ReportRequest,
     ReportResponse,
     Resources,
+    ResultAnswer,
     StatusRequest,
     StatusResponse,
     SubmitRequest,
     SubmitResponse,
     TaskEvent,
+    TaskResult,
     TaskState,
     TaskView,
     WatchRequest,
 )
 from goml.cluster.clock import ClusterClock
 from goml.cluster.commands import (
+    LEASE_DEPTH_MAX,
     AckExport,
     CancelTask,
     Command,
@@ -205,6 +208,10 @@ class NodeCoreConfig:
     # does) instead of answering NOT_LEADER: a client that reaches this node but not
     # the leader (a one-way partition) is still served.
     forward_requests: bool
+    # The most lease depth this node, as leader, grants an agent (RegisterAgent): 1 keeps
+    # every RegisterAgent as an earlier version writes it. More only once every node of
+    # the cluster runs a version that reads lease_depth (earlier replicas refuse it).
+    agent_lease_depth_max: int
 
     def __post_init__(self) -> None:
         names = [name for name, _ in self.addresses]
@@ -223,6 +230,7 @@ class NodeCoreConfig:
             assert getattr(self, name) >= 1, name
         assert self.lease_wait_ms_max >= 0
         assert self.list_limit_default <= self.list_limit_max
+        assert 1 <= self.agent_lease_depth_max <= LEASE_DEPTH_MAX, self.agent_lease_depth_max
 
 
 class RaftKnobs(Protocol):
@@ -257,12 +265,19 @@ def tuned_raft(raft: Config, knobs: RaftKnobs) -> Config:
     )
 
 
+# The agent lease depth the node configs this version writes for a new cluster allow
+# (`goml cluster local`, the chaos runner's clusters, the simulator): every node of such a
+# cluster reads lease_depth. A hand-written or older config has 1 (agent_lease_depth_max).
+AGENT_LEASE_DEPTH_NEW_CLUSTER = 8
+
+
 def standard_config(
     raft: Config,
     addresses: tuple[tuple[str, str], ...],
     duties: DutiesConfig,
     request_timeout_ms: int,
     compact_every_entries: int,
+    agent_lease_depth_max: int,
 ) -> NodeCoreConfig:
     """The node core configuration of a goml node: the settings an operator chooses,
     the rest standard. Agents heartbeat five times per `agent_timeout_ms`."""
@@ -286,6 +301,7 @@ def standard_config(
         task_timeout_ms_default=TASK_TIMEOUT_MS_DEFAULT,
         requests_max=REQUESTS_MAX,
         forward_requests=True,
+        agent_lease_depth_max=agent_lease_depth_max,
     )
 
 
@@ -534,7 +550,8 @@ class NodeCore:
         self._internal_tokens = 0
         self._duty_commands: dict[int, str] = {}
         self._report_queue: list[int] = []  # report requests waiting for the next batch
-        self._report_batches: dict[int, tuple[int, ...]] = {}  # token -> request ids
+        # token -> (request id, how many of the batch's reports are its own)
+        self._report_batches: dict[int, tuple[tuple[int, int], ...]] = {}
         self._answer_leases: dict[int, _AnswerLease] = {}  # token -> its carrier report
         self._replies: list[Reply] = []
         self._logs: list[NodeLog] = []
@@ -745,6 +762,7 @@ class NodeCore:
                         request.region,
                         request.arch,
                         request.capacity,
+                        max(1, min(request.lease_depth, self.config.agent_lease_depth_max)),
                     )
                     self._propose(request_id, request, command)
             case HeartbeatRequest():
@@ -1063,8 +1081,11 @@ class NodeCore:
                 request.free,
                 tuple(sorted(request.running_task_ids)),
                 self._cluster_ms,
+                tuple(sorted(request.queued_task_ids)),
             )
-            revoked = self._revoked(request.agent_id, request.running_task_ids)
+            revoked = self._revoked(
+                request.agent_id, (*request.running_task_ids, *request.queued_task_ids)
+            )
         self._reply(request_id, HeartbeatResponse(known=known, revoked_task_ids=revoked))
 
     def _report(self, request_id: int, request: ReportRequest) -> None:
@@ -1072,10 +1093,9 @@ class NodeCore:
         as one ReportResults: a lone report on an idle cluster goes at once."""
         if not self._leading_or_refuse(request_id):
             return
-        report = _report_of(request)
-        # Checked alone (as every replica checks it), so one bad report cannot sink a
+        # Checked alone (as every replica checks it), so one bad request cannot sink a
         # batch of good ones.
-        if self._encode(request_id, ReportResults(self._cluster_ms, (report,))) is None:
+        if self._encode(request_id, ReportResults(self._cluster_ms, _reports_of(request))) is None:
             return
         self._wait(request_id, _Pending(request, _Stage.QUEUED, self._request_deadline()))
         self._report_queue.append(request_id)
@@ -1085,7 +1105,7 @@ class NodeCore:
     def _flush_reports(self) -> None:
         limits = self.config.limits
         budget = min(self.config.replica.proposal_bytes_max, limits.command_bytes_max) // 2
-        batch: list[int] = []
+        batch: list[tuple[int, int]] = []
         reports: list[Report] = []
         queue, self._report_queue = self._report_queue, []
         for position, request_id in enumerate(queue):
@@ -1094,13 +1114,14 @@ class NodeCore:
                 continue  # answered meanwhile (deadline) or forgotten
             request = pending.request
             assert isinstance(request, ReportRequest)
-            size = len(request.result_json) + len(request.error) + 256
-            if reports and (len(reports) >= limits.batch_tasks_max or size > budget):
+            mine = _reports_of(request)
+            size = sum(len(r.result_json or "") + len(r.error or "") + 256 for r in mine)
+            if reports and (len(reports) + len(mine) > limits.batch_tasks_max or size > budget):
                 self._report_queue = queue[position:]  # the next batch
                 break
             budget -= size
-            batch.append(request_id)
-            reports.append(_report_of(request))
+            batch.append((request_id, len(mine)))
+            reports.extend(mine)
         if not batch:
             return
         self._internal_tokens -= 1
@@ -1110,7 +1131,7 @@ class NodeCore:
                 encode_command(ReportResults(self._cluster_ms, tuple(reports))), token
             )
         except (NotLeader, ProposalDropped) as error:
-            for request_id in batch:
+            for request_id, _ in batch:
                 self._pending.pop(request_id)
                 if isinstance(error, NotLeader):
                     self._not_leader(request_id)
@@ -1118,7 +1139,7 @@ class NodeCore:
                     self._error(request_id, ErrorCode.UNAVAILABLE, f"not proposed: {error}; retry")
             return
         self.stats.proposed["ReportResults"] = self.stats.proposed.get("ReportResults", 0) + 1
-        for request_id in batch:
+        for request_id, _ in batch:
             self._pending[request_id].stage = _Stage.PROPOSED
         self._report_batches[token] = tuple(batch)
         released = tuple((report.agent_id, report.task_id) for report in reports)
@@ -1129,7 +1150,7 @@ class NodeCore:
         if self._parked:
             self._wake_parked()  # a poll waiting for this capacity goes right behind
 
-    def _release_room(self, batch: list[int], reports: list[Report]) -> None:
+    def _release_room(self, batch: list[tuple[int, int]], reports: list[Report]) -> None:
         """The room these reports free, per agent (only a report of the attempt that
         holds its lease frees anything; others are fenced), goes to one place, since two
         would both lease into it: leased at once into the answer of the agent's last
@@ -1139,7 +1160,8 @@ class NodeCore:
         freed slot is refilled with one call per task (the report), not three (the
         report, the standing poll's answer and its successor)."""
         freed: dict[str, tuple[Resources, int, int]] = {}  # agent -> room, slots, carrier
-        for request_id, report in zip(batch, reports, strict=True):
+        owners = [request_id for request_id, count in batch for _ in range(count)]
+        for request_id, report in zip(owners, reports, strict=True):
             task = self.manifest.get_task(report.task_id)
             if (
                 task is None
@@ -1282,15 +1304,15 @@ class NodeCore:
             assert isinstance(result, ApplyResult)
             if result.ok:
                 items = result.items
-                assert len(items) == len(batch), (items, batch)
-        for position, request_id in enumerate(batch):
+                assert len(items) == sum(count for _, count in batch), (items, batch)
+        offset = 0
+        for request_id, count in batch:
+            mine, offset = items[offset : offset + count], offset + count
             pending = self._pending.pop(request_id, None)
             if pending is None:
                 continue  # answered meanwhile (deadline) or forgotten
             if items:
-                self._report_answer(
-                    request_id, pending, items[position].code, items[position].message
-                )
+                self._report_answer(request_id, pending, mine)
             elif isinstance(outcome, Applied):
                 result = outcome.result
                 assert isinstance(result, ApplyResult)
@@ -1303,16 +1325,23 @@ class NodeCore:
         if self._report_queue and self.is_leader:
             self._flush_reports()
 
-    def _report_answer(self, request_id: int, pending: _Pending, code: Code, message: str) -> None:
-        if code is Code.OK:
-            answer = ReportResponse(recorded=True, reason="", tasks=pending.leased)
-        elif code in _FENCED:
-            # A newer attempt owns the task (or it ended): the agent drops its result.
-            answer = ReportResponse(recorded=False, reason=message, tasks=pending.leased)
-        else:
-            self._error(request_id, _REFUSAL_CODES[code], message)
-            self._hand_off_leased(pending)
-            return
+    def _report_answer(
+        self, request_id: int, pending: _Pending, items: tuple[ItemResult, ...]
+    ) -> None:
+        answers = []
+        for item in items:
+            if item.code is Code.OK:
+                answers.append(ResultAnswer(recorded=True, reason=""))
+            elif item.code in _FENCED:
+                # A newer attempt owns the task (or it ended): the agent drops its result.
+                answers.append(ResultAnswer(recorded=False, reason=item.message))
+            else:
+                # The whole call is refused; its recorded results come back fenced if sent again.
+                self._error(request_id, _REFUSAL_CODES[item.code], item.message)
+                self._hand_off_leased(pending)
+                return
+        first, more = answers[0], tuple(answers[1:])
+        answer = ReportResponse(first.recorded, first.reason, pending.leased, more)
         if pending.lease_token:
             # The lease proposed behind it has no outcome yet: the answer waits for it.
             pending.stage = _Stage.CARRYING
@@ -1696,9 +1725,15 @@ class NodeCore:
                 if self.duties.leading_since_ms is not None:
                     self.duties.heartbeat(request.agent_id, None, (), self._cluster_ms)
                 interval = self.config.agent_heartbeat_interval_ms
+                agent = self.manifest.get_agent(request.agent_id)
+                depth = agent.lease_depth if agent is not None else 1
                 self._reply(
                     request_id,
-                    RegisterResponse(heartbeat_interval_ms=interval, lease_poll_is_heartbeat=True),
+                    RegisterResponse(
+                        heartbeat_interval_ms=interval,
+                        lease_poll_is_heartbeat=True,
+                        lease_depth=depth,
+                    ),
                 )
             case LeaseRequest():
                 self._reply(
@@ -1920,12 +1955,22 @@ def _poll_room(request: LeaseRequest, pending: _Pending) -> tuple[Resources, int
     return request.free.plus(pending.released), request.max_tasks + pending.released_slots
 
 
-def _report_of(request: ReportRequest) -> Report:
-    return Report(
-        request.agent_id,
-        request.task_id,
-        request.epoch,
-        request.success,
-        request.result_json if request.success else None,
-        None if request.success else (request.error or "failed"),
+def _reports_of(request: ReportRequest) -> tuple[Report, ...]:
+    """A report request's results (its first, then `more`), as ReportResults has them."""
+    results = (
+        TaskResult(
+            request.task_id, request.epoch, request.success, request.result_json, request.error
+        ),
+        *request.more,
+    )
+    return tuple(
+        Report(
+            request.agent_id,
+            r.task_id,
+            r.epoch,
+            r.success,
+            r.result_json if r.success else None,
+            None if r.success else (r.error or "failed"),
+        )
+        for r in results
     )

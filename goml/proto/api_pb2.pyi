@@ -290,36 +290,42 @@ class MembershipChangeResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., voters: _Optional[_Iterable[str]] = ..., learners: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("agent_id", "cloud", "region", "arch", "capacity")
+    __slots__ = ("agent_id", "cloud", "region", "arch", "capacity", "lease_depth")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     CLOUD_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     cloud: str
     region: str
     arch: str
     capacity: Resources
-    def __init__(self, agent_id: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ..., arch: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ...) -> None: ...
+    lease_depth: int
+    def __init__(self, agent_id: _Optional[str] = ..., cloud: _Optional[str] = ..., region: _Optional[str] = ..., arch: _Optional[str] = ..., capacity: _Optional[_Union[Resources, _Mapping]] = ..., lease_depth: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("heartbeat_interval_ms", "lease_poll_is_heartbeat")
+    __slots__ = ("heartbeat_interval_ms", "lease_poll_is_heartbeat", "lease_depth")
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_POLL_IS_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     heartbeat_interval_ms: int
     lease_poll_is_heartbeat: bool
-    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., lease_poll_is_heartbeat: _Optional[bool] = ...) -> None: ...
+    lease_depth: int
+    def __init__(self, heartbeat_interval_ms: _Optional[int] = ..., lease_poll_is_heartbeat: _Optional[bool] = ..., lease_depth: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_id", "free", "running_task_ids")
+    __slots__ = ("agent_id", "free", "running_task_ids", "queued_task_ids")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     free: Resources
     running_task_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, agent_id: _Optional[str] = ..., free: _Optional[_Union[Resources, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    queued_task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, agent_id: _Optional[str] = ..., free: _Optional[_Union[Resources, _Mapping]] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., queued_task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known", "revoked_task_ids")
@@ -370,7 +376,7 @@ class LeaseResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ..., lease_poll_is_heartbeat: _Optional[bool] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
-    __slots__ = ("agent_id", "task_id", "epoch", "success", "result_json", "error", "lease_into_answer")
+    __slots__ = ("agent_id", "task_id", "epoch", "success", "result_json", "error", "lease_into_answer", "more")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -378,6 +384,7 @@ class ReportRequest(_message.Message):
     RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     LEASE_INTO_ANSWER_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     task_id: str
     epoch: int
@@ -385,14 +392,39 @@ class ReportRequest(_message.Message):
     result_json: str
     error: str
     lease_into_answer: bool
-    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., success: _Optional[bool] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., lease_into_answer: _Optional[bool] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[TaskResult]
+    def __init__(self, agent_id: _Optional[str] = ..., task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., success: _Optional[bool] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., lease_into_answer: _Optional[bool] = ..., more: _Optional[_Iterable[_Union[TaskResult, _Mapping]]] = ...) -> None: ...
+
+class TaskResult(_message.Message):
+    __slots__ = ("task_id", "epoch", "success", "result_json", "error")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    epoch: int
+    success: bool
+    result_json: str
+    error: str
+    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., success: _Optional[bool] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ResultAnswer(_message.Message):
+    __slots__ = ("recorded", "reason")
+    RECORDED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    recorded: bool
+    reason: str
+    def __init__(self, recorded: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportResponse(_message.Message):
-    __slots__ = ("recorded", "reason", "tasks")
+    __slots__ = ("recorded", "reason", "tasks", "more")
     RECORDED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     recorded: bool
     reason: str
     tasks: _containers.RepeatedCompositeFieldContainer[LeasedTask]
-    def __init__(self, recorded: _Optional[bool] = ..., reason: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ...) -> None: ...
+    more: _containers.RepeatedCompositeFieldContainer[ResultAnswer]
+    def __init__(self, recorded: _Optional[bool] = ..., reason: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[LeasedTask, _Mapping]]] = ..., more: _Optional[_Iterable[_Union[ResultAnswer, _Mapping]]] = ...) -> None: ...

@@ -31,6 +31,7 @@ from goml.cluster.duties import DEFAULT_DUTIES
 from goml.cluster.manifest import ApplyResult, Code, TaskState
 from goml.cluster.membership_plan import Step
 from goml.cluster.node_core import (
+    AGENT_LEASE_DEPTH_NEW_CLUSTER,
     REQUEST_TIMEOUT_MS_DEFAULT,
     NodeCoreConfig,
     standard_config,
@@ -162,7 +163,12 @@ class Simulation:
         )
         addresses = tuple((n, n) for n in peers)
         return standard_config(
-            raft, addresses, DEFAULT_DUTIES, REQUEST_TIMEOUT_MS_DEFAULT, COMPACT_EVERY_ENTRIES
+            raft,
+            addresses,
+            DEFAULT_DUTIES,
+            REQUEST_TIMEOUT_MS_DEFAULT,
+            COMPACT_EVERY_ENTRIES,
+            AGENT_LEASE_DEPTH_NEW_CLUSTER,
         )
 
     def wall_ms(self, node: str) -> int:
