@@ -978,6 +978,12 @@ def test_answers_in_stopped_state_change_nothing() -> None:
 # --------------------------------------------------------------------------- revocation
 
 
+@pytest.mark.parametrize("depth", [0, -1, 65, 2.0])
+def test_a_lease_depth_out_of_range_is_a_clear_config_error(depth: object) -> None:
+    with pytest.raises(ValueError, match=r"lease_depth must be an integer in 1\.\.64"):
+        make_config(lease_depth=depth)
+
+
 def test_with_a_lease_depth_leases_beyond_the_slots_wait_in_a_queue() -> None:
     h = Harness(lease_depth=3)
     start = h.start()

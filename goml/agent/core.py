@@ -62,6 +62,7 @@ from typing import Protocol
 
 from goml.api.retry import UNREACHABLE_MS, Attempt, RetryConfig, RetryPolicy
 from goml.api.types import (
+    LEASE_DEPTH_MAX,
     RESPONSE_TYPES,
     AgentRequest,
     AgentResponse,
@@ -279,6 +280,11 @@ class AgentCoreConfig:
                 raise ValueError(f"agent config: {f.name} must be an integer >= 1, got {value!r}")
         if self.retry_backoff_ms_min > self.retry_backoff_ms_max:
             raise ValueError("agent config: retry_backoff_ms_min > retry_backoff_ms_max")
+        if type(self.lease_depth) is not int or not 1 <= self.lease_depth <= LEASE_DEPTH_MAX:
+            raise ValueError(
+                f"agent config: lease_depth must be an integer in 1..{LEASE_DEPTH_MAX}, "
+                f"got {self.lease_depth!r}"
+            )
 
 
 # --------------------------------------------------------------------------- internals
