@@ -36,6 +36,8 @@ def test_a_rolling_replace_on_real_processes_loses_nothing(
         # joining process starts slowly on 2 loaded cores): they are judged by `nox -s
         # chaos` and reported, not asserted here; everything else is.
         assert process.returncode in (0, 1), stdout[-4000:]
+    # An uncaught exception exits 1 too, before any summary is written: show its output.
+    assert (out / "summary.json").is_file(), stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     failed = [e for e in summary["expectations"] if not e["passed"]]
     assert all(e["metric"].startswith("submit_ms") for e in failed), failed
