@@ -781,8 +781,8 @@ def test_an_older_leader_gets_one_result_per_call_up_to_the_in_flight_cap() -> N
     assert h.core.pending_results == ((calls[1].request.task_id, 1),)  # type: ignore[union-attr]
 
 
-def test_a_refused_report_of_several_results_sends_each_alone() -> None:
-    h = Harness(lease_depth=4, tasks_running_max=3, capacity=Resources(3.0, 4096, 0))
+def report_of_b_and_c(h: Harness) -> Call:
+    """A queueing agent's report call carrying B and C, which ended while A's was in flight."""
     h.register(lease_depth=4)
     warm_up(h)
     tasks = [leased(t) for t in "ABC"]
@@ -794,6 +794,12 @@ def test_a_refused_report_of_several_results_sends_each_alone() -> None:
     h.respond(first, ReportResponse(True, ""))
     many = h.call(Method.REPORT)
     assert isinstance(many.request, ReportRequest) and len(many.request.more) == 1
+    return many
+
+
+def test_a_refused_report_of_several_results_sends_each_alone() -> None:
+    h = Harness(lease_depth=4, tasks_running_max=3, capacity=Resources(3.0, 4096, 0))
+    many = report_of_b_and_c(h)
     h.fail(many, ErrorKind.INVALID, detail="result too large")
     alone = h.call(Method.REPORT)
     assert isinstance(alone.request, ReportRequest)
@@ -806,16 +812,7 @@ def test_a_refused_report_of_several_results_sends_each_alone() -> None:
 
 def test_a_failed_report_of_several_results_retries_them_together() -> None:
     h = Harness(lease_depth=4, tasks_running_max=3, capacity=Resources(3.0, 4096, 0))
-    h.register(lease_depth=4)
-    warm_up(h)
-    tasks = [leased(t) for t in "ABC"]
-    h.respond(h.call(Method.LEASE), LeaseResponse(tuple(tasks)))
-    h.finish(tasks[0], True, "{}")
-    first = h.call(Method.REPORT)
-    h.finish(tasks[1], True, "{}")
-    h.finish(tasks[2], True, "{}")
-    h.respond(first, ReportResponse(True, ""))
-    many = h.call(Method.REPORT)
+    many = report_of_b_and_c(h)
     h.fail(many, ErrorKind.UNAVAILABLE)
     assert h.calls(Method.REPORT) == []  # backing off
     h.run_until(h.now + 2000)

@@ -57,7 +57,7 @@ Decisions made here:
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from goml.api.retry import UNREACHABLE_MS, Attempt, RetryConfig, RetryPolicy
@@ -743,12 +743,10 @@ class AgentCore:
     def _check(self) -> None:
         config = self._config
         assert len(self._running) <= config.tasks_running_max, self._running
-        assert len(self._running) + len(self._queued) <= config.tasks_running_max * max(
-            config.lease_depth, 1
-        ), self._queued
+        held_max = config.tasks_running_max * config.lease_depth
+        assert len(self._running) + len(self._queued) <= held_max, self._queued
         assert not set(self._running) & set(self._queued), (self._running, self._queued)
         # Leasing pauses at results_pending_max; what runs and is queued then still ends.
-        held_max = config.tasks_running_max * max(config.lease_depth, 1)
         assert len(self._results) <= config.results_pending_max + held_max
         assert self._reports_in_flight() <= config.reports_inflight_max
         in_flight = {o.request_id for o in self._outstanding.values() if o.method is Method.REPORT}
@@ -773,6 +771,7 @@ class AgentCore:
         request: AgentRequest,
         timeout_ms: int,
         result_key: ResultKey | None = None,
+        more_keys: tuple[ResultKey, ...] = (),
     ) -> None:
         assert lane.in_flight is None, method
         assert timeout_ms >= 1, timeout_ms
@@ -781,7 +780,7 @@ class AgentCore:
         lane.in_flight = request_id
         now = self._now_ms
         self._outstanding[request_id] = _Outstanding(
-            request_id, self._policy.leader, method, now, now + timeout_ms, result_key
+            request_id, self._policy.leader, method, now, now + timeout_ms, result_key, more_keys
         )
         self._effects.append(Call(request_id, self._policy.leader, method, request, timeout_ms))
 
@@ -875,12 +874,10 @@ class AgentCore:
             lease_into_answer=not self._draining(),
             more=more,
         )
-        self._send(first.lane, Method.REPORT, request, config.call_timeout_ms, keys[0])
-        request_id = first.lane.in_flight
-        for key in keys[1:]:
-            self._results[key].lane.in_flight = request_id
-        out = self._outstanding[request_id]  # type: ignore[index]
-        self._outstanding[out.request_id] = replace(out, more_keys=tuple(keys[1:]))
+        more_keys = tuple(keys[1:])
+        self._send(first.lane, Method.REPORT, request, config.call_timeout_ms, keys[0], more_keys)
+        for key in more_keys:
+            self._results[key].lane.in_flight = first.lane.in_flight
 
     # ---- answers
 

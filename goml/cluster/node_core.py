@@ -1245,14 +1245,12 @@ class NodeCore:
         room, slots = lease.room, lease.slots - len(tasks)
         for task in tasks:
             room = room.minus(task.resources)
-        for request_id in self._parked:
-            pending = self._pending.get(request_id)
-            if pending is not None and self._parked_agent(request_id) == lease.agent_id:
-                pending.released = pending.released.plus(room)
-                pending.released_slots += max(0, slots)
-                break
-        if any(self._parked_agent(r) == lease.agent_id for r in self._parked):
-            self._wake_parked()  # its other poll waited for this lease to apply
+        poll = self._first_parked_poll(lease.agent_id)
+        if poll is not None:
+            standing = self._pending[poll]
+            standing.released = standing.released.plus(room)
+            standing.released_slots += max(0, slots)
+            self._wake_parked()  # it waited for this lease to apply
         pending = self._pending.get(lease.carrier)
         if pending is None or pending.lease_token != token:
             self._hand_to_poll(lease.agent_id, tasks)
@@ -1278,12 +1276,12 @@ class NodeCore:
         the agent's first parked poll, else they wait for their lease to expire."""
         if not tasks:
             return
-        for request_id in self._parked:
-            if self._parked_agent(request_id) == agent_id:  # "" for one gone meanwhile
-                del self._parked[request_id]
-                del self._pending[request_id]
-                self._reply(request_id, LeaseResponse(tasks, lease_poll_is_heartbeat=True))
-                return
+        poll = self._first_parked_poll(agent_id)
+        if poll is not None:
+            del self._parked[poll]
+            del self._pending[poll]
+            self._reply(poll, LeaseResponse(tasks, lease_poll_is_heartbeat=True))
+            return
         ids = ", ".join(t.task_id for t in tasks)
         self._log(
             LogLevel.WARNING,
@@ -1424,6 +1422,13 @@ class NodeCore:
                 leasing.pop(request_id, None)
                 if not leasing:
                     del self._leasing[pending.request.agent_id]
+
+    def _first_parked_poll(self, agent_id: str) -> int | None:
+        """The agent's longest-parked lease poll still waiting here, if any."""
+        for request_id in self._parked:
+            if self._parked_agent(request_id) == agent_id:  # "" for one gone meanwhile
+                return request_id
+        return None
 
     def _parked_agent(self, request_id: int) -> str:
         pending = self._pending.get(request_id)
