@@ -807,7 +807,13 @@ class NodeCore:
         self._no_ready_outstanding()
         replica = self.replica.ready()
         assert not replica.outcomes, "outcomes are taken as they happen (_after_input)"
-        ready = NodeReady(replica, tuple(self._replies), tuple(self._logs), tuple(self._forwards))
+        # Answers that hand tasks to agents leave first: a runtime resumes its callers in
+        # this order, and one commit often answers a submit and the poll that leased its
+        # task. The agent's start is on the task's path; the client's acknowledgement is
+        # not (bench/bench_agent.py's lone task: ~0.2 ms). Stable: the rest keep their
+        # order, and a watch's events never overtake each other.
+        replies = sorted(self._replies, key=_hands_out_no_tasks)
+        ready = NodeReady(replica, tuple(replies), tuple(self._logs), tuple(self._forwards))
         self._replies.clear()
         self._logs.clear()
         self._forwards.clear()
@@ -1952,6 +1958,11 @@ class NodeCore:
 
     def _no_ready_outstanding(self) -> None:
         assert self._outstanding is None, "input between ready() and advance()"
+
+
+def _hands_out_no_tasks(reply: Reply) -> bool:
+    """The sort key of NodeCore.ready: False for answers that carry leased tasks."""
+    return not (isinstance(reply.response, LeaseResponse | ReportResponse) and reply.response.tasks)
 
 
 def _poll_room(request: LeaseRequest, pending: _Pending) -> tuple[Resources, int]:
